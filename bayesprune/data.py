@@ -1,0 +1,307 @@
+"""Datasets and deterministic splits.
+
+Two real datasets, both available offline:
+
+* **Fashion-MNIST** read from the IDX files of the Debian package ``dataset-fashion-mnist``
+  (``/usr/share/datasets/fashion-mnist``), or from a directory given as ``root=`` or in the
+  ``BAYESPRUNE_DATA`` environment variable. Nothing is ever downloaded.
+* **scikit-learn's 8x8 digits** (1,797 images bundled with scikit-learn), small enough for tests.
+
+Every loader returns a :class:`Splits` of four disjoint :class:`torch.utils.data.TensorDataset`
+objects: ``train``, ``val``, ``cal`` (calibration, for the conformal layer: training never sees it)
+and ``test``. The split is a pure function of the seed.
+
+Example
+-------
+>>> from bayesprune.data import load_digits, loader
+>>> splits = load_digits(seed=0)
+>>> len(splits.train) + len(splits.val) + len(splits.cal) + len(splits.test)
+1797
+>>> xb, yb = next(iter(loader(splits.train, batch_size=32)))
+>>> tuple(xb.shape)
+(32, 1, 8, 8)
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+__all__ = [
+    "DEFAULT_FASHION_MNIST_ROOT",
+    "FASHION_MNIST_CLASSES",
+    "DatasetNotFoundError",
+    "Splits",
+    "fashion_mnist_root",
+    "load_digits",
+    "load_fashion_mnist",
+    "loader",
+    "read_idx",
+    "split_indices",
+]
+
+DEFAULT_FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
+ENV_VAR = "BAYESPRUNE_DATA"
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)  # fmt: skip
+_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+# Normalisation constants of the Fashion-MNIST training images (pixel values in [0, 1]).
+_FMNIST_MEAN, _FMNIST_STD = 0.2860, 0.3530
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """A dataset is not where it was looked for. The message says how to install or point to it."""
+
+
+@dataclass(frozen=True)
+class Splits:
+    """Four disjoint splits of one dataset.
+
+    ``cal`` is the calibration split of the conformal layer; training must never see it.
+    """
+
+    train: TensorDataset
+    val: TensorDataset
+    cal: TensorDataset
+    test: TensorDataset
+    num_classes: int
+
+    def sizes(self) -> dict[str, int]:
+        return {k: len(getattr(self, k)) for k in ("train", "val", "cal", "test")}
+
+
+def fashion_mnist_root(root: str | os.PathLike | None = None) -> Path:
+    """Return the directory holding the Fashion-MNIST IDX files.
+
+    Looked up in this order: the ``root`` argument, the ``BAYESPRUNE_DATA`` environment variable,
+    then the Debian package's ``/usr/share/datasets/fashion-mnist``.
+
+    Raises
+    ------
+    DatasetNotFoundError
+        When the directory or one of its four files is missing.
+    """
+    source = "argument root"
+    if root is None and os.environ.get(ENV_VAR):
+        root, source = os.environ[ENV_VAR], f"environment variable {ENV_VAR}"
+    if root is None:
+        root, source = DEFAULT_FASHION_MNIST_ROOT, "the default location"
+    path = Path(root)
+    missing = [n for pair in _FILES.values() for n in pair if _find(path, n) is None]
+    if missing:
+        raise DatasetNotFoundError(
+            f"Fashion-MNIST not found in {path} ({source}): missing {', '.join(missing)}. "
+            "Install it with `apt-get install dataset-fashion-mnist` (files go to "
+            f"{DEFAULT_FASHION_MNIST_ROOT}), or set {ENV_VAR} / pass root= to a directory "
+            "holding the four IDX files (optionally .gz). bayesprune never downloads data."
+        )
+    return path
+
+
+def _find(root: Path, stem: str) -> Path | None:
+    for name in (stem + ".gz", stem):
+        if (root / name).is_file():
+            return root / name
+    return None
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Read one IDX file (optionally gzip-compressed) into a NumPy array.
+
+    The IDX format is a 4-byte magic number ``0x0000TTDD`` (T: element type, D: number of
+    dimensions), D big-endian uint32 sizes, then the data.
+
+    Raises
+    ------
+    ValueError
+        When the file is truncated, has a bad magic number, or its size does not match its header.
+    """
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as exc:  # gzip raises BadGzipFile (an OSError) or EOFError
+        raise ValueError(
+            f"{path} is not a readable IDX file ({exc}); re-install the dataset."
+        ) from exc
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
+        raise ValueError(f"{path} is not an IDX file (bad magic number); re-install the dataset.")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise ValueError(f"{path} is truncated inside its header; re-install the dataset.")
+    shape = struct.unpack(f">{ndim}I", raw[4:header])
+    dtype = np.dtype(_IDX_DTYPES[raw[2]])
+    expected = int(np.prod(shape)) * dtype.itemsize
+    if len(raw) - header != expected:
+        raise ValueError(
+            f"{path} is corrupted: its header promises {shape} ({expected} bytes of data) but it "
+            f"holds {len(raw) - header} bytes; re-install the dataset."
+        )
+    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
+
+
+def split_indices(n: int, fractions: tuple[float, ...], seed: int = 0) -> list[np.ndarray]:
+    """Split ``range(n)`` into disjoint random index arrays with the given fractions.
+
+    The last part takes the remainder. The result depends only on ``n``, ``fractions`` and ``seed``.
+    """
+    if any(f < 0 for f in fractions) or sum(fractions) > 1 + 1e-9:
+        raise ValueError(f"fractions must be non-negative and sum to at most 1, got {fractions}")
+    perm = np.random.default_rng(seed).permutation(n)
+    bounds = np.cumsum([round(f * n) for f in fractions[:-1]])
+    return np.split(perm[: round(sum(fractions) * n)], bounds)
+
+
+def _tensor_dataset(x: np.ndarray, y: np.ndarray) -> TensorDataset:
+    return TensorDataset(
+        torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=torch.long)
+    )
+
+
+def load_fashion_mnist(
+    root: str | os.PathLike | None = None,
+    *,
+    seed: int = 0,
+    val_size: int = 5000,
+    cal_size: int = 5000,
+    subset: int | None = None,
+    flatten: bool = False,
+    normalize: bool = True,
+) -> Splits:
+    """Load Fashion-MNIST as deterministic train / val / cal / test splits.
+
+    The official 60,000 training images are split into ``train``, ``val`` (``val_size``) and
+    ``cal`` (``cal_size``) by ``seed``; ``test`` is the official 10,000-image test set.
+
+    Parameters
+    ----------
+    root
+        Directory of the IDX files; defaults to ``$BAYESPRUNE_DATA`` then the Debian package path.
+    seed
+        Seed of the train/val/cal split.
+    val_size, cal_size
+        Sizes of the validation and calibration splits taken from the official training set.
+    subset
+        Keep only this many training images (after the split) and as many test images, for quick runs.
+    flatten
+        Return images as 784-vectors instead of ``[1, 28, 28]``.
+    normalize
+        Standardise pixels with the training-set mean and standard deviation.
+
+    Example
+    -------
+    >>> splits = load_fashion_mnist(subset=1000)  # doctest: +SKIP
+    >>> splits.sizes()  # doctest: +SKIP
+    {'train': 1000, 'val': 5000, 'cal': 5000, 'test': 1000}
+    """
+    path = fashion_mnist_root(root)
+    arrays = {}
+    for split, (img_name, lbl_name) in _FILES.items():
+        images = read_idx(_find(path, img_name))
+        labels = read_idx(_find(path, lbl_name))
+        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+            raise ValueError(
+                f"Fashion-MNIST {split} files in {path} disagree: images {images.shape}, labels "
+                f"{labels.shape}; re-install the dataset."
+            )
+        x = images.astype(np.float32) / 255.0
+        if normalize:
+            x = (x - _FMNIST_MEAN) / _FMNIST_STD
+        x = x.reshape(len(x), -1) if flatten else x[:, None]
+        arrays[split] = (x, labels.astype(np.int64))
+    x_all, y_all = arrays["train"]
+    n = len(x_all)
+    if val_size + cal_size >= n:
+        raise ValueError(
+            f"val_size + cal_size must leave training data (< {n}), got {val_size + cal_size}"
+        )
+    val_idx, cal_idx, train_idx = split_indices(
+        n, (val_size / n, cal_size / n, 1 - (val_size + cal_size) / n), seed
+    )
+    x_test, y_test = arrays["test"]
+    if subset is not None:
+        train_idx = train_idx[:subset]
+        x_test, y_test = x_test[:subset], y_test[:subset]
+    return Splits(
+        train=_tensor_dataset(x_all[train_idx], y_all[train_idx]),
+        val=_tensor_dataset(x_all[val_idx], y_all[val_idx]),
+        cal=_tensor_dataset(x_all[cal_idx], y_all[cal_idx]),
+        test=_tensor_dataset(x_test, y_test),
+        num_classes=10,
+    )
+
+
+def load_digits(
+    *,
+    seed: int = 0,
+    fractions: tuple[float, float, float, float] = (0.5, 0.1, 0.2, 0.2),
+    flatten: bool = False,
+) -> Splits:
+    """Load scikit-learn's bundled 8x8 digits as deterministic train / val / cal / test splits.
+
+    Pixels (0..16) are scaled to [0, 1] and standardised; images are ``[1, 8, 8]`` (or 64-vectors
+    with ``flatten=True``). Requires scikit-learn (``pip install bayesprune[sklearn]``).
+
+    Example
+    -------
+    >>> load_digits(seed=1).sizes()
+    {'train': 898, 'val': 180, 'cal': 359, 'test': 360}
+    """
+    try:
+        from sklearn.datasets import load_digits as _sk_load_digits
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "load_digits needs scikit-learn: `pip install bayesprune[sklearn]`."
+        ) from exc
+    if len(fractions) != 4 or abs(sum(fractions) - 1) > 1e-9:
+        raise ValueError(
+            f"fractions must be four numbers summing to 1 (train, val, cal, test), got {fractions}"
+        )
+    bunch = _sk_load_digits()
+    x = bunch.data.astype(np.float32) / 16.0
+    x = (x - x.mean()) / x.std()
+    x = x if flatten else x.reshape(-1, 1, 8, 8)
+    y = bunch.target.astype(np.int64)
+    train, val, cal, test = (
+        _tensor_dataset(x[i], y[i]) for i in split_indices(len(x), fractions, seed)
+    )
+    return Splits(train=train, val=val, cal=cal, test=test, num_classes=10)
+
+
+def loader(
+    dataset: Dataset,
+    batch_size: int = 128,
+    *,
+    shuffle: bool | None = None,
+    seed: int = 0,
+    drop_last: bool = False,
+) -> DataLoader:
+    """A :class:`~torch.utils.data.DataLoader` with a seeded shuffle.
+
+    ``shuffle`` defaults to ``True`` for a dataset used in training; pass ``False`` for evaluation.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=True if shuffle is None else shuffle,
+        generator=generator,
+        drop_last=drop_last,
+    )

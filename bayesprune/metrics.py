@@ -1,0 +1,137 @@
+"""Size and speed of a network: parameters, FLOPs and wall-clock latency.
+
+FLOPs are counted as multiply-accumulate operations (MACs) per input example, the convention of the
+pruning literature (e.g. "158K FLOPs" for a pruned LeNet-5). Counted layers:
+
+=====================  ==============================================================
+layer                  MACs per example
+=====================  ==============================================================
+``nn.Linear``          ``in * out`` (+ ``out`` for the bias)
+``nn.Conv1d/2d``       ``out_elements * in_channels / groups * prod(kernel)`` (+ ``out_elements`` for the bias)
+``nn.BatchNorm1d/2d``  ``elements`` (one fused multiply-add per element at inference)
+=====================  ==============================================================
+
+Activations, pooling and additions are not counted (they are cheap and the same before and
+after pruning up to the width change).
+
+Example
+-------
+>>> import torch
+>>> from torch import nn
+>>> net = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2, bias=False))
+>>> count_params(net), count_flops(net, torch.zeros(1, 4))
+(21, 21)
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+__all__ = ["count_flops", "count_nonzero", "count_params", "flops_by_layer", "measure_latency"]
+
+_COUNTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+def count_params(module: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameter elements (BatchNorm running statistics are buffers and not counted)."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+def count_nonzero(module: nn.Module) -> int:
+    """Number of non-zero parameter elements: the size of an unstructured (masked) pruning result."""
+    return sum(int(torch.count_nonzero(p.detach())) for p in module.parameters())
+
+
+def _layer_macs(layer: nn.Module, out: torch.Tensor) -> int:
+    per_example = out[0].numel() if out.dim() > 1 else out.numel()
+    if isinstance(layer, nn.Linear):
+        return per_example * layer.in_features + (per_example if layer.bias is not None else 0)
+    if isinstance(layer, nn.Conv1d | nn.Conv2d):
+        kernel = 1
+        for k in layer.kernel_size:
+            kernel *= k
+        macs = per_example * (layer.in_channels // layer.groups) * kernel
+        return macs + (per_example if layer.bias is not None else 0)
+    return per_example  # BatchNorm
+
+
+def flops_by_layer(module: nn.Module, example_input: torch.Tensor) -> dict[str, int]:
+    """MACs per example of each counted layer, keyed by module name, from one forward pass.
+
+    ``example_input`` is one batch (its batch size does not matter). The module is run in eval mode
+    without gradients and restored to its previous mode.
+    """
+    counts: dict[str, int] = {}
+    hooks = []
+
+    def make_hook(name: str) -> Callable:
+        def hook(layer: nn.Module, _inp, out) -> None:
+            counts[name] = counts.get(name, 0) + _layer_macs(layer, out)
+
+        return hook
+
+    for name, layer in module.named_modules():
+        if isinstance(layer, _COUNTED):
+            hooks.append(layer.register_forward_hook(make_hook(name)))
+    was_training = module.training
+    try:
+        module.eval()
+        with torch.no_grad():
+            module(example_input)
+    finally:
+        module.train(was_training)
+        for h in hooks:
+            h.remove()
+    return counts
+
+
+def count_flops(module: nn.Module, example_input: torch.Tensor) -> int:
+    """Total MACs per example of the counted layers (see the module docstring)."""
+    return sum(flops_by_layer(module, example_input).values())
+
+
+def measure_latency(
+    module: nn.Module,
+    example_input: torch.Tensor,
+    *,
+    device: str | torch.device = "cpu",
+    repeats: int = 50,
+    warmup: int = 10,
+) -> float:
+    """Median wall-clock seconds of one forward pass of ``example_input`` (its batch size included).
+
+    The module is copied to ``device`` in eval mode; ``warmup`` passes are discarded, then the median
+    of ``repeats`` timed passes is returned (CUDA is synchronised around each pass).
+    """
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats} and {warmup}")
+    device = torch.device(device)
+    was_training = module.training
+    module.eval()
+    x = example_input.to(device)
+    original_device = next(module.parameters()).device
+    module.to(device)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    times = []
+    try:
+        with torch.inference_mode():
+            for i in range(warmup + repeats):
+                sync()
+                start = time.perf_counter()
+                module(x)
+                sync()
+                if i >= warmup:
+                    times.append(time.perf_counter() - start)
+    finally:
+        module.to(original_device)
+        module.train(was_training)
+    return statistics.median(times)

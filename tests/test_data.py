@@ -1,0 +1,138 @@
+import gzip
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from bayesprune.data import (
+    DatasetNotFoundError,
+    fashion_mnist_root,
+    load_digits,
+    load_fashion_mnist,
+    loader,
+    read_idx,
+    split_indices,
+)
+
+
+def _write_idx(path, array: np.ndarray, compress: bool = True) -> None:
+    codes = {np.uint8: 0x08, np.int32: 0x0C}
+    header = bytes([0, 0, codes[array.dtype.type], array.ndim]) + struct.pack(
+        f">{array.ndim}I", *array.shape
+    )
+    data = header + array.astype(array.dtype.newbyteorder(">")).tobytes()
+    if compress:
+        with gzip.open(path, "wb") as f:
+            f.write(data)
+    else:
+        path.write_bytes(data)
+
+
+def _fake_fmnist(root, n_train=40, n_test=10) -> None:
+    rng = np.random.default_rng(0)
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        _write_idx(
+            root / f"{split}-images-idx3-ubyte.gz",
+            rng.integers(0, 256, (n, 28, 28), dtype=np.uint8),
+        )
+        _write_idx(root / f"{split}-labels-idx1-ubyte.gz", rng.integers(0, 10, n).astype(np.uint8))
+
+
+def test_read_idx_roundtrip(tmp_path):
+    a = np.arange(24, dtype=np.uint8).reshape(2, 3, 4)
+    _write_idx(tmp_path / "a.gz", a)
+    _write_idx(tmp_path / "b", a, compress=False)
+    np.testing.assert_array_equal(read_idx(tmp_path / "a.gz"), a)
+    np.testing.assert_array_equal(read_idx(tmp_path / "b"), a)
+    b = np.arange(6, dtype=np.int32).reshape(2, 3) - 3
+    _write_idx(tmp_path / "c", b, compress=False)
+    np.testing.assert_array_equal(read_idx(tmp_path / "c"), b)
+
+
+def test_corrupted_idx_files_give_clear_errors(tmp_path):
+    a = np.zeros((2, 3), dtype=np.uint8)
+    _write_idx(tmp_path / "ok", a, compress=False)
+    raw = (tmp_path / "ok").read_bytes()
+    (tmp_path / "truncated").write_bytes(raw[:-2])
+    with pytest.raises(ValueError, match="corrupted"):
+        read_idx(tmp_path / "truncated")
+    (tmp_path / "magic").write_bytes(b"\x01\x02" + raw[2:])
+    with pytest.raises(ValueError, match="magic"):
+        read_idx(tmp_path / "magic")
+    (tmp_path / "bad.gz").write_bytes(b"this is not gzip data")
+    with pytest.raises(ValueError, match="not a readable IDX"):
+        read_idx(tmp_path / "bad.gz")
+
+
+def test_missing_dataset_names_package_and_variable(tmp_path, monkeypatch):
+    monkeypatch.delenv("BAYESPRUNE_DATA", raising=False)
+    with pytest.raises(DatasetNotFoundError, match="apt-get install dataset-fashion-mnist") as err:
+        fashion_mnist_root(tmp_path / "nowhere")
+    assert "BAYESPRUNE_DATA" in str(err.value)
+    monkeypatch.setenv("BAYESPRUNE_DATA", str(tmp_path / "wrong-root"))
+    with pytest.raises(DatasetNotFoundError, match="environment variable BAYESPRUNE_DATA"):
+        load_fashion_mnist()
+
+
+def test_fashion_mnist_from_user_root_and_env(tmp_path, monkeypatch):
+    _fake_fmnist(tmp_path)
+    splits = load_fashion_mnist(tmp_path, val_size=5, cal_size=5)
+    assert splits.sizes() == {"train": 30, "val": 5, "cal": 5, "test": 10}
+    assert splits.train.tensors[0].shape[1:] == (1, 28, 28)
+    monkeypatch.setenv("BAYESPRUNE_DATA", str(tmp_path))
+    flat = load_fashion_mnist(val_size=5, cal_size=5, flatten=True)
+    assert flat.train.tensors[0].shape[1:] == (784,)
+    torch.testing.assert_close(flat.train.tensors[0], splits.train.tensors[0].flatten(1))
+
+
+def test_corrupted_fashion_mnist_file(tmp_path):
+    _fake_fmnist(tmp_path)
+    path = tmp_path / "train-labels-idx1-ubyte.gz"
+    with gzip.open(path, "rb") as f:
+        raw = f.read()
+    with gzip.open(path, "wb") as f:
+        f.write(raw[:-3])
+    with pytest.raises(ValueError, match=r"train-labels-idx1-ubyte\.gz is corrupted"):
+        load_fashion_mnist(tmp_path, val_size=5, cal_size=5)
+
+
+def test_splits_are_disjoint_deterministic_and_seeded():
+    parts = split_indices(100, (0.2, 0.3, 0.5), seed=3)
+    assert [len(p) for p in parts] == [20, 30, 50]
+    assert len(np.unique(np.concatenate(parts))) == 100
+    again = split_indices(100, (0.2, 0.3, 0.5), seed=3)
+    other = split_indices(100, (0.2, 0.3, 0.5), seed=4)
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again, strict=True))
+    assert not np.array_equal(parts[0], other[0])
+    with pytest.raises(ValueError, match="sum to at most 1"):
+        split_indices(10, (0.6, 0.6))
+
+
+def test_digits_splits():
+    s = load_digits(seed=0)
+    assert sum(s.sizes().values()) == 1797
+    x = torch.cat([s.train.tensors[0], s.val.tensors[0], s.cal.tensors[0], s.test.tensors[0]])
+    assert x.shape[1:] == (1, 8, 8)
+    # disjoint: no image appears in two splits (digits has a few exact duplicates, so compare rows)
+    assert len(torch.unique(x.flatten(1), dim=0)) >= 1797 - 5
+    xb, yb = next(iter(loader(s.train, batch_size=16)))
+    assert xb.shape == (16, 1, 8, 8) and yb.dtype == torch.long
+    with pytest.raises(ValueError, match="four numbers"):
+        load_digits(fractions=(0.5, 0.5))
+    with pytest.raises(ValueError, match="batch_size"):
+        loader(s.train, batch_size=0)
+
+
+@pytest.mark.fmnist
+def test_real_fashion_mnist(fmnist_available):
+    s = load_fashion_mnist(seed=0)
+    assert s.sizes() == {"train": 50000, "val": 5000, "cal": 5000, "test": 10000}
+    x, y = s.train.tensors
+    assert x.shape[1:] == (1, 28, 28) and int(y.min()) == 0 and int(y.max()) == 9
+    assert abs(float(x.mean())) < 0.05 and abs(float(x.std()) - 1) < 0.05
+    # the calibration split is disjoint from training
+    cal = s.cal.tensors[0].flatten(1)[:200]
+    train = x.flatten(1)
+    dup = (torch.cdist(cal, train[:20000]) < 1e-6).any()
+    assert not dup

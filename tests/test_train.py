@@ -1,0 +1,54 @@
+import pytest
+import torch
+from torch import nn
+
+from bayesprune.data import load_digits, loader
+from bayesprune.train import evaluate, resolve_device, train
+from models import lenet_300_100
+
+
+def test_train_learns_digits():
+    s = load_digits(seed=0)
+    net = lenet_300_100(in_features=64)
+    hist = train(
+        net,
+        loader(s.train, 64),
+        epochs=5,
+        lr=3e-3,
+        val_loader=loader(s.val, 256, shuffle=False),
+        progress=False,
+        seed=0,
+    )
+    assert len(hist.loss) == 5 * len(loader(s.train, 64)) and len(hist.val_accuracy) == 5
+    assert hist.epoch_loss[-1] < hist.epoch_loss[0]
+    assert evaluate(net, loader(s.test, 256, shuffle=False)) > 0.9
+
+
+def test_train_rejects_bad_input():
+    net = nn.Linear(2, 2)
+    data = [(torch.zeros(4, 2), torch.zeros(4, dtype=torch.long))]
+    with pytest.raises(ValueError, match="epochs"):
+        train(net, data, epochs=0)
+    with pytest.raises(ValueError, match="lr"):
+        train(net, data, lr=-1)
+    with pytest.raises(TypeError, match="DataLoader"):
+        train(net, 3)
+    with pytest.raises(ValueError, match="empty"):
+        evaluate(net, [])
+
+
+def test_nan_loss_stops_with_clear_error():
+    net = nn.Linear(2, 2)
+    data = [(torch.full((4, 2), float("nan")), torch.zeros(4, dtype=torch.long))]
+    with pytest.raises(FloatingPointError, match="epoch 1, step 1"):
+        train(net, data, epochs=1, progress=False)
+
+
+def test_resolve_device():
+    assert resolve_device(None).type == "cpu"
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="unknown device"):
+        resolve_device("tpu-ish")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CUDA is not available"):
+            resolve_device("cuda")
