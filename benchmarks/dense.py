@@ -61,15 +61,24 @@ def main(argv: list[str] | None = None) -> list[dict]:
         seconds = time.perf_counter() - start
         acc = evaluate(net, test_loader, device=device)
         net.cpu()
-        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, args.out / f"{name}.safetensors")
+        save_file(
+            {k: v.contiguous() for k, v in net.state_dict().items()},
+            args.out / f"{name}.safetensors",
+        )
         rows.append(
             dict(model=name, epochs=cfg["epochs"], test_acc=acc, params=count_params(net),
                  flops=count_flops(net, x1), train_s=seconds)
         )  # fmt: skip
         print(f"{name}: test accuracy {acc:.4f}", flush=True)
 
-    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU"
-    print(f"\nDense baselines on Fashion-MNIST ({dev_name}, torch {torch.__version__}, seed {args.seed})\n")
+    dev_name = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or "CPU"
+    )
+    print(
+        f"\nDense baselines on Fashion-MNIST ({dev_name}, torch {torch.__version__}, seed {args.seed})\n"
+    )
     print("| model | epochs | test acc | params | FLOPs (MACs) | train time |")
     print("|---|---:|---:|---:|---:|---:|")
     for r in rows:
