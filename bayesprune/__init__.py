@@ -19,20 +19,68 @@ from .metrics import count_flops, count_nonzero, count_params, measure_latency
 from .train import evaluate, train
 
 # -- core (issue 3) --
+# isort: split
+from . import priors
+from .bayesianize import BayesianModule, bayesianize, load
+from .inference import FitResult, fit
+
 # -- pruning (issue 4) --
+# isort: split
+from .prune import (
+    CompressionReport,
+    compression_report,
+    dependency_groups,
+    finetune,
+    load_pruned,
+    plan_pruning,
+    prune,
+    prune_module,
+    save_pruned,
+    zero_masked,
+)
+
 # -- conformal (issue 5) --
+# isort: split
+from . import conformal
+
 # -- baselines (issue 6) --
+# isort: split
+from . import baselines
+
 # -- user path (issue 7) --
+# isort: split
+from . import plots
+from .interop import to_arviz
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BayesianModule",
+    "CompressionReport",
+    "FitResult",
+    "baselines",
+    "bayesianize",
+    "compression_report",
+    "conformal",
     "count_flops",
     "count_nonzero",
     "count_params",
     "data",
+    "dependency_groups",
     "evaluate",
+    "finetune",
+    "fit",
+    "load",
+    "load_pruned",
     "measure_latency",
     "metrics",
+    "plan_pruning",
+    "plots",
+    "priors",
+    "prune",
+    "prune_module",
+    "save_pruned",
+    "to_arviz",
     "train",
+    "zero_masked",
 ]

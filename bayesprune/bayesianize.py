@@ -1,0 +1,730 @@
+r"""Turning a plain ``nn.Module`` into a Bayesian one: :func:`bayesianize`, :class:`BayesianModule`, :func:`load`.
+
+:func:`bayesianize` deep-copies the user's network (the original is never mutated), swaps its
+supported layers for the Bayesian layers of :mod:`bayesprune.layers` (posterior means initialised
+from the trained weights), and wraps the result in a :class:`BayesianModule`, which holds
+
+* the fast training path (``bnet(x)``: one local-reparameterization forward pass, and ``bnet.kl()``,
+  used by :func:`bayesprune.fit`),
+* a genuine Pyro model and guide (``bnet.model(x, y)``, ``bnet.guide(x, y)``) whose sample sites are
+  named after the module paths (``"1.weight"``, ``"1.gate"``, ``"layer1.0.conv1.lambda_a"``...),
+  with the likelihood inside ``pyro.plate("data", N, subsample_size=B)``, so that
+  :class:`pyro.infer.Predictive`, :func:`pyro.poutine.trace`, ``Trace_ELBO`` and ArviZ work,
+* the posterior summaries the rest of the package consumes (``inclusion_probs``, ``mean_module``,
+  ``predict``), see ``ARCHITECTURE.md``.
+
+Layer coverage
+--------------
+=====================================================  ==============================================
+layer type                                             treatment
+=====================================================  ==============================================
+``nn.Linear``                                          Bayesian (node = output feature)
+``nn.Conv1d``                                          Bayesian (node = output channel)
+``nn.Conv2d``                                          Bayesian (node = filter); any stride, padding,
+                                                       dilation, groups, padding mode
+``nn.BatchNorm1d/2d/3d``, ``LayerNorm``, ``GroupNorm``  deterministic, parameters learned as point
+                                                       estimates; a gate acts after a BatchNorm that
+                                                       directly follows its layer (and after a
+                                                       ``nn.ReLU``/``LeakyReLU`` used only there)
+activations, pooling, ``Flatten``, ``Dropout``         deterministic, no parameters
+other layers with parameters (``Conv3d``,              stay deterministic (point estimates) with a
+``ConvTranspose*``, ``Embedding``, RNNs,               warning naming them; naming one in ``layers=``
+``MultiheadAttention``, subclasses of Linear/Conv...)  is an error
+=====================================================  ==============================================
+
+Each row is exercised by a test in ``tests/test_bayesianize.py``.
+
+Example
+-------
+>>> import torch
+>>> import bayesprune as bp
+>>> from models import lenet_300_100
+>>> bnet = bp.bayesianize(lenet_300_100(in_features=64), prior=bp.priors.SpikeAndSlab(level="node"))
+>>> sorted(bnet.inclusion_probs())
+['1', '3', '5']
+>>> bnet.predict(torch.randn(2, 64), num_samples=4).shape
+torch.Size([2, 10])
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import warnings
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+import pyro
+import pyro.distributions as dist
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layers import INIT_SCALE, BayesianLayer, _set_mode, bayesian_layer_for
+from .priors import Prior, SpikeAndSlab, prior_from_dict
+
+__all__ = ["BayesianModule", "RegressionPrediction", "bayesianize", "load"]
+
+_FORMAT = "bayesprune.BayesianModule/1"
+_NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm)
+_BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_LIKELIHOODS = ("categorical", "gaussian")
+
+
+class RegressionPrediction(NamedTuple):
+    r"""Posterior predictive of a Gaussian-likelihood model.
+
+    ``variance = epistemic + aleatoric``: ``epistemic`` is the variance of the network's output
+    over posterior draws, :math:`\mathrm{Var}_q[f(x)]`; ``aleatoric`` is the noise variance
+    :math:`\sigma_n^2`.
+    """
+
+    mean: torch.Tensor
+    variance: torch.Tensor
+    epistemic: torch.Tensor
+    aleatoric: torch.Tensor
+
+
+class _GateAfter:
+    """BatchNorm forward hook: multiply the BatchNorm's output by the preceding layer's node multiplier."""
+
+    def __init__(self, layer: BayesianLayer) -> None:
+        self.layer = layer
+
+    def __call__(self, module: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
+        mult = self.layer._mult
+        return output if mult is None else self.layer.apply_multiplier(output, mult)
+
+
+def _param_effect(name: str, p: torch.Tensor) -> None:
+    """Emit a ``param`` site for an ``nn.Parameter`` without touching Pyro's global param store.
+
+    ``pyro.infer.SVI`` collects the parameters to optimise from these sites, so the guide can be run
+    with ``SVI`` and ``pyro.optim`` while the module keeps owning its parameters.
+    """
+    import weakref
+
+    p.unconstrained = weakref.ref(p)  # what the param store attaches to its values
+    pyro.poutine.runtime.effectful(type="param")(lambda *_, **__: p)(
+        name, p, constraint=torch.distributions.constraints.real, name=name
+    )
+
+
+def _gate_points(
+    net: nn.Module, paths: Iterable[str]
+) -> tuple[dict[str, str], dict[str, str], bool]:
+    r"""Where each layer's node multiplier acts, found with :mod:`torch.fx`.
+
+    Returns ``(bn, act, traced)``: layer path -> a BatchNorm that alone consumes its output, and
+    layer path -> a ReLU / LeakyReLU module that alone consumes the output of the layer (or of
+    that BatchNorm) and is called nowhere else. The multiplier acts after the last of these. For
+    a multiplier :math:`m \ge 0` and a positively homogeneous activation,
+    :math:`\mathrm{relu}(m a) = m\,\mathrm{relu}(a)`, so the forward value is the same, but a gate
+    after the ReLU gets a gradient when it is 0 (before the ReLU it would sit on the kink, where the
+    derivative is 0 and a dropped node could never tell the loss it is needed).
+    """
+    paths = set(paths)
+    try:
+        gm = torch.fx.symbolic_trace(net)
+    except Exception:  # any tracing failure: fall back to gating at the layer output
+        return {}, {}, False
+    modules = dict(net.named_modules())
+    calls: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+
+    def sole_module_user(node, types):
+        users = list(node.users)
+        if len(users) == 1 and users[0].op == "call_module":
+            if isinstance(modules.get(users[0].target), types) and calls[users[0].target] == 1:
+                return users[0]
+        return None
+
+    bn: dict[str, str] = {}
+    act: dict[str, str] = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or node.target not in paths:
+            continue
+        cur = node
+        user = sole_module_user(cur, _BN_TYPES)
+        if user is not None:
+            bn[node.target] = user.target
+            cur = user
+        user = sole_module_user(cur, (nn.ReLU, nn.LeakyReLU))
+        if user is not None:
+            act[node.target] = user.target
+    return bn, act, True
+
+
+def _unsupported_with_params(module: nn.Module) -> bool:
+    """A non-container module holding parameters of its own that we cannot make Bayesian."""
+    if isinstance(module, _NORM_TYPES) or bayesian_layer_for(module) is not None:
+        return False
+    return any(True for _ in module.parameters(recurse=False))
+
+
+class BayesianModule(nn.Module):
+    """A network with Bayesian layers, its Pyro model and guide, and posterior summaries.
+
+    Build it with :func:`bayesianize`. ``bnet(x)`` is one stochastic forward pass of the fast
+    training path (``mode="sample"``) or the posterior-mean network (``mode="mean"``).
+
+    Attributes
+    ----------
+    net
+        The copied network with Bayesian layers swapped in (module paths unchanged).
+    likelihood
+        ``"categorical"`` or ``"gaussian"``.
+    num_classes
+        Output width of the network (classes for ``"categorical"``).
+    num_data
+        Training-set size :math:`N` of the ELBO's data plate (set by :func:`bayesprune.fit`).
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        template: nn.Module,
+        priors: Mapping[str, Prior],
+        likelihood: str,
+        num_classes: int | None,
+        noise_scale: float | None,
+        gate_after: Mapping[str, str],
+    ) -> None:
+        super().__init__()
+        self.net = net
+        #: plain copy of the user's architecture, the skeleton of :meth:`mean_module`
+        self._template = [template]  # a list hides it from nn.Module (no params, no state_dict)
+        self.priors = dict(priors)
+        self.likelihood = likelihood
+        self.num_classes = num_classes
+        self.num_data: int | None = None
+        self.fixed_noise = noise_scale
+        self.gate_after = dict(gate_after)
+        if likelihood == "gaussian" and noise_scale is None:
+            self.log_noise = nn.Parameter(torch.zeros(()))
+        else:
+            self.log_noise = None
+        self._kl_scale = 1.0
+
+    # -- structure ----------------------------------------------------------------------------
+    @property
+    def bayesian_layers(self) -> dict[str, BayesianLayer]:
+        """Layer path -> Bayesian layer, in module order."""
+        return {p: m for p, m in self.net.named_modules() if isinstance(m, BayesianLayer)}
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def noise_scale(self) -> torch.Tensor | None:
+        """Observation noise sd of the Gaussian likelihood (learned or fixed), else ``None``."""
+        if self.likelihood != "gaussian":
+            return None
+        if self.log_noise is not None:
+            return torch.exp(self.log_noise)
+        return torch.tensor(self.fixed_noise, device=self.device)
+
+    @contextlib.contextmanager
+    def mode(self, mode: Literal["sample", "mean", "fixed"]) -> Iterator[BayesianModule]:
+        """Context manager switching every Bayesian layer to ``mode``."""
+        old = {p: m.mode for p, m in self.bayesian_layers.items()}
+        _set_mode(self.net, mode)
+        try:
+            yield self
+        finally:
+            for p, m in self.bayesian_layers.items():
+                m.mode = old[p]
+
+    def forward(
+        self, x: torch.Tensor, mode: Literal["sample", "mean"] | None = None
+    ) -> torch.Tensor:
+        """Network output: one posterior draw (``"sample"``, default) or the posterior mean (``"mean"``)."""
+        if mode is None:
+            return self.net(x)
+        with self.mode(mode):
+            return self.net(x)
+
+    @property
+    def reparam(self) -> str:
+        """Training-path estimator: ``"local"`` or ``"shared"`` (see :func:`bayesianize`)."""
+        return self._reparam
+
+    def set_reparam(self, reparam: Literal["local", "shared"]) -> None:
+        """Switch the training-path estimator of every Bayesian layer."""
+        if reparam not in ("local", "shared"):
+            raise ValueError(f"reparam must be 'local' or 'shared', got {reparam!r}")
+        self._reparam = reparam
+        for layer in self.bayesian_layers.values():
+            layer.local_reparam = reparam == "local"
+
+    def structure_parameters(self) -> list[nn.Parameter]:
+        """Gate logits and shrinkage-scale parameters (the variables that decide which nodes stay).
+
+        :func:`bayesprune.fit` gives them their own, larger learning rate: they must travel several
+        units in logit / log space, whereas weights move little from their pretrained values.
+        """
+        return [
+            p
+            for layer in self.bayesian_layers.values()
+            for n, p in layer.named_parameters(recurse=False)
+            if not n.startswith(("weight_", "bias_"))
+        ]
+
+    def kl(self) -> torch.Tensor:
+        """Sum of the analytic KL terms of all Bayesian layers."""
+        return sum(layer.kl() for layer in self.bayesian_layers.values())
+
+    # -- likelihood ---------------------------------------------------------------------------
+    def _output_and_target(
+        self, out: torch.Tensor, y: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.likelihood == "gaussian" and out.dim() == 2 and out.shape[-1] == 1:
+            if y is None or y.dim() == 1:
+                out = out.squeeze(-1)
+        return out, y
+
+    def log_likelihood(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Per-example log-likelihood of targets ``y`` given network outputs ``out``."""
+        out, y = self._output_and_target(out, y)
+        if self.likelihood == "categorical":
+            return -F.cross_entropy(out, y, reduction="none")
+        if y.shape != out.shape:
+            raise ValueError(
+                f"regression targets of shape {tuple(y.shape)} do not match the network output "
+                f"{tuple(out.shape)}; give y as [batch] for one output or [batch, outputs]"
+            )
+        ll = dist.Normal(out, self.noise_scale).log_prob(y.to(out.dtype))
+        return ll.reshape(ll.shape[0], -1).sum(1)
+
+    # -- Pyro model and guide -----------------------------------------------------------------
+    def model(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """Generative model: weights from the prior, ``y`` observed in the subsampled data plate.
+
+        The plate's size is ``self.num_data`` (the training-set size, set by :func:`bayesprune.fit`,
+        or the batch size when unset), so the minibatch log-likelihood is scaled by ``N / B``.
+        """
+        with pyro.poutine.scale(scale=self._kl_scale):
+            for path, layer in self.bayesian_layers.items():
+                layer._fixed = layer.prior.model_sites(layer, path)
+        out = self._run_fixed(x)
+        batch = x.shape[0]
+        n = self.num_data or batch
+        out, y_ = self._output_and_target(out, y)
+        with pyro.plate("data", n, subsample_size=batch, device=out.device):
+            if self.likelihood == "categorical":
+                pyro.sample("obs", dist.Categorical(logits=out), obs=y_)
+            else:
+                d = dist.Normal(out, self.noise_scale)
+                if out.dim() > 1:
+                    d = d.to_event(out.dim() - 1)
+                pyro.sample("obs", d, obs=None if y_ is None else y_.to(out.dtype))
+        return out
+
+    def guide(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
+        """Variational posterior over the same sites (and the ``param`` sites of every parameter)."""
+        for name, p in self.named_parameters():
+            _param_effect(f"bnet.{name}", p)
+        with pyro.poutine.scale(scale=self._kl_scale):
+            for path, layer in self.bayesian_layers.items():
+                layer._fixed = layer.prior.guide_sites(layer, path)
+
+    def _run_fixed(self, x: torch.Tensor) -> torch.Tensor:
+        with self.mode("fixed"):
+            try:
+                return self.net(x)
+            finally:
+                for layer in self.bayesian_layers.values():
+                    layer._fixed = None
+
+    # -- posterior summaries --------------------------------------------------------------------
+    @torch.no_grad()
+    def inclusion_probs(self) -> dict[str, torch.Tensor]:
+        """Layer path -> posterior inclusion probability per output node (CPU, in [0, 1]).
+
+        Only layers whose prior has node-level inclusion appear: a Gaussian or weight-level
+        spike-and-slab prior gives an empty dict (see :meth:`weight_inclusion_probs`).
+        """
+        out = {}
+        for path, layer in self.bayesian_layers.items():
+            p = layer.inclusion_probs()
+            if p is not None:
+                out[path] = p.detach().float().cpu().clamp(0, 1)
+        return out
+
+    @torch.no_grad()
+    def weight_inclusion_probs(self) -> dict[str, torch.Tensor]:
+        """Layer path -> inclusion probability per weight (weight-level spike-and-slab only)."""
+        out = {}
+        for path, layer in self.bayesian_layers.items():
+            p = layer.prior.weight_inclusion_probs(layer)
+            if p is not None:
+                out[path] = p.detach().float().cpu()
+        return out
+
+    @torch.no_grad()
+    def mean_module(self, masks: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
+        """A plain copy of the original architecture holding posterior-mean weights.
+
+        For a layer with spike-and-slab gates the weights are the slab means :math:`\\mu` (the
+        posterior mean *given inclusion*: the median-probability model keeps a node with its slab
+        mean and drops it otherwise); horseshoe node scales are folded in as
+        :math:`\\mathbb E_q[\\tilde s_j]\\,\\mu_j` (into the following BatchNorm's affine parameters when
+        the gate acts after it). With ``masks`` (layer path -> bool keep vector), masked nodes get
+        zero weight rows and bias entries, and zero ``weight``/``bias`` in a directly following
+        BatchNorm, so they are identically zero (ARCHITECTURE.md).
+        """
+        plain = copy.deepcopy(self._template[0]).to(self.device)
+        plain.train(self.training)
+        layers = self.bayesian_layers
+        masks = dict(masks or {})
+        unknown = sorted(set(masks) - set(layers))
+        if unknown:
+            raise KeyError(
+                f"masks name layers that are not Bayesian layers of this model: {unknown}; "
+                f"valid names: {sorted(layers)}"
+            )
+        # deterministic parameters and buffers (BatchNorm, skipped layers) by their shared names
+        own = self.net.state_dict()
+        target = plain.state_dict()
+        for k in target:
+            if k in own:
+                target[k] = own[k].detach().clone()
+        plain.load_state_dict(target)
+        modules = dict(plain.named_modules())
+        for path, layer in layers.items():
+            w, b, mult = layer.mean_weights()
+            dst = modules[path]
+            bn = modules[self.gate_after[path]] if path in self.gate_after else None
+            if mult is not None:
+                if bn is not None:
+                    if bn.weight is not None:
+                        bn.weight.mul_(mult)
+                        bn.bias.mul_(mult)
+                else:
+                    w = w * mult.view(-1, *([1] * (w.dim() - 1)))
+                    b = None if b is None else b * mult
+            dst.weight.copy_(w)
+            if b is not None:
+                dst.bias.copy_(b)
+            if path in masks:
+                keep = torch.as_tensor(masks[path], dtype=torch.bool, device=w.device)
+                if keep.shape != (w.shape[0],):
+                    raise ValueError(
+                        f"mask of layer {path!r} has shape {tuple(keep.shape)}; it needs one entry per "
+                        f"output node, shape ({w.shape[0]},)"
+                    )
+                dst.weight[~keep] = 0
+                if dst.bias is not None:
+                    dst.bias[~keep] = 0
+                if bn is not None and bn.weight is not None:
+                    bn.weight[~keep] = 0
+                    bn.bias[~keep] = 0
+        return plain
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor, num_samples: int = 32) -> torch.Tensor:
+        """Posterior predictive: mean class probabilities (categorical) or mean output (gaussian).
+
+        Each of the ``num_samples`` passes draws the gates/scales once and the weights by local
+        reparameterization (so each example sees an exact draw of its pre-activations); BatchNorm uses
+        its running statistics (eval mode, restored afterwards).
+        """
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be a positive integer, got {num_samples}")
+        outs = self._sample_outputs(x, num_samples)
+        if self.likelihood == "categorical":
+            return torch.softmax(outs, -1).mean(0)
+        return self._output_and_target(outs.mean(0), None)[0]
+
+    @torch.no_grad()
+    def predict_regression(self, x: torch.Tensor, num_samples: int = 32) -> RegressionPrediction:
+        """Predictive mean and variance of a Gaussian-likelihood model, epistemic part separated."""
+        if self.likelihood != "gaussian":
+            raise ValueError(
+                "predict_regression needs likelihood='gaussian'; use predict() for class probabilities"
+            )
+        if num_samples < 2:
+            raise ValueError("num_samples must be at least 2 to estimate the epistemic variance")
+        outs = self._sample_outputs(x, num_samples)
+        outs = torch.stack([self._output_and_target(o, None)[0] for o in outs])
+        mean, epi = outs.mean(0), outs.var(0)
+        alea = self.noise_scale.detach() ** 2 * torch.ones_like(mean)
+        return RegressionPrediction(mean, epi + alea, epi, alea)
+
+    def _sample_outputs(self, x: torch.Tensor, num_samples: int) -> torch.Tensor:
+        was_training = self.training
+        self.eval()
+        try:
+            x = x.to(self.device)
+            with self.mode("sample"):
+                return torch.stack([self.net(x) for _ in range(num_samples)])
+        finally:
+            self.train(was_training)
+
+    # -- persistence ----------------------------------------------------------------------------
+    def config(self) -> dict[str, Any]:
+        """What :func:`load` needs, besides the plain architecture, to rebuild this module."""
+        return {
+            "format": _FORMAT,
+            "priors": {p: prior.to_dict() for p, prior in self.priors.items()},
+            "likelihood": self.likelihood,
+            "num_classes": self.num_classes,
+            "num_data": self.num_data,
+            "noise_scale": self.fixed_noise,
+            "reparam": self.reparam,
+        }
+
+    def save(self, path: str | Path) -> None:
+        """Save the variational parameters and config to a ``.safetensors`` file (no pickle).
+
+        Rebuild with ``bp.load(path, net)`` where ``net`` is a plain network of the same
+        architecture (e.g. ``lenet_300_100()``); its weights are not used.
+        """
+        from safetensors.torch import save_file
+
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(state, str(path), metadata={"bayesprune": json.dumps(self.config())})
+
+    def extra_repr(self) -> str:
+        return f"likelihood={self.likelihood!r}, num_data={self.num_data}"
+
+
+def load(
+    path: str | Path, net: nn.Module, device: str | torch.device | None = None
+) -> BayesianModule:
+    """Load a :class:`BayesianModule` saved by :meth:`BayesianModule.save`.
+
+    Parameters
+    ----------
+    path
+        The ``.safetensors`` file.
+    net
+        A plain network of the same architecture (the file holds parameters, not code), e.g. the
+        builder call that made the original: ``bp.load("bnet.safetensors", lenet_300_100())``.
+    device
+        Where to put the result (default CPU).
+
+    Example
+    -------
+    >>> import tempfile, os, torch
+    >>> import bayesprune as bp
+    >>> from torch import nn
+    >>> net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    >>> bnet = bp.bayesianize(net)
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     bnet.save(os.path.join(d, "b.safetensors"))
+    ...     back = bp.load(os.path.join(d, "b.safetensors"), net)
+    >>> torch.equal(back.net[0].weight_loc, bnet.net[0].weight_loc)
+    True
+    """
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from .train import resolve_device
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no saved BayesianModule at {path}")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if "bayesprune" not in meta:
+        raise ValueError(
+            f"{path} is not a bayesprune BayesianModule file (no 'bayesprune' metadata)"
+        )
+    cfg = json.loads(meta["bayesprune"])
+    if cfg.get("format") != _FORMAT:
+        raise ValueError(f"{path} has format {cfg.get('format')!r}; this version reads {_FORMAT!r}")
+    priors = {p: prior_from_dict(spec) for p, spec in cfg["priors"].items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bnet = bayesianize(
+            net,
+            prior=priors,
+            likelihood=cfg["likelihood"],
+            noise_scale=cfg["noise_scale"],
+            num_classes=cfg["num_classes"],
+            reparam=cfg.get("reparam", "local"),
+        )
+    state = load_file(str(path))
+    try:
+        bnet.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ValueError(
+            f"the network passed to load does not match the architecture saved in {path}: {exc}"
+        ) from None
+    bnet.num_data = cfg["num_data"]
+    return bnet.to(resolve_device(device))
+
+
+def _infer_num_classes(net: nn.Module) -> int | None:
+    last = None
+    for m in net.modules():
+        if isinstance(m, nn.Linear):
+            last = m.out_features
+        elif isinstance(m, (nn.Conv1d, nn.Conv2d)):
+            last = m.out_channels
+    return last
+
+
+def bayesianize(
+    net: nn.Module,
+    prior: Prior | Mapping[str, Prior] | None = None,
+    layers: Iterable[str] | None = None,
+    skip: Iterable[str] | None = None,
+    likelihood: Literal["categorical", "gaussian"] = "categorical",
+    *,
+    noise_scale: float | None = None,
+    init_scale: float = INIT_SCALE,
+    num_classes: int | None = None,
+    reparam: Literal["local", "shared"] = "local",
+) -> BayesianModule:
+    """Make the ``Linear`` / ``Conv1d`` / ``Conv2d`` layers of ``net`` Bayesian.
+
+    Parameters
+    ----------
+    net
+        Any ``nn.Module`` (Sequential or not, residual nets included). It is deep-copied and never
+        modified; posterior means start at its weights (so a pretrained net starts near its accuracy).
+    prior
+        A :mod:`bayesprune.priors` object for every Bayesian layer (default
+        ``SpikeAndSlab(level="node")``), or a dict layer path -> prior (its keys are then the
+        Bayesian layers unless ``layers`` is given).
+    layers
+        Paths (``net.named_modules()`` names) of the layers to make Bayesian; default all supported.
+    skip
+        Paths to leave deterministic.
+    likelihood
+        ``"categorical"`` (outputs are logits) or ``"gaussian"`` (regression).
+    noise_scale
+        Fixed observation-noise sd of the Gaussian likelihood; ``None`` learns it (point estimate).
+    init_scale
+        Initial posterior sd relative to the layer's weight RMS.
+    num_classes
+        Output width; inferred from the last Linear/Conv layer when omitted.
+    reparam
+        Training-path estimator of the expected log-likelihood: ``"local"`` (local
+        reparameterization, lowest variance, two matmuls per layer) or ``"shared"`` (one weight
+        draw per minibatch, Bayes by Backprop: the deterministic net's matmul cost). Both are
+        unbiased for the same ELBO; switch later with :meth:`BayesianModule.set_reparam`.
+
+    Raises
+    ------
+    KeyError
+        A name in ``layers`` / ``skip`` / the prior dict is not a module of ``net``.
+    TypeError
+        ``net`` is not a module, a prior is not a prior, or a requested layer has an unsupported type.
+    ValueError
+        No supported layer is left to make Bayesian, or the likelihood is unknown.
+    """
+    if not isinstance(net, nn.Module):
+        raise TypeError(f"bayesianize expects a torch.nn.Module, got {type(net).__name__}")
+    if likelihood not in _LIKELIHOODS:
+        raise ValueError(f"likelihood must be one of {_LIKELIHOODS}, got {likelihood!r}")
+    if noise_scale is not None and not (isinstance(noise_scale, (int, float)) and noise_scale > 0):
+        raise ValueError(f"noise_scale must be a positive number or None, got {noise_scale!r}")
+    if reparam not in ("local", "shared"):
+        raise ValueError(f"reparam must be 'local' or 'shared', got {reparam!r}")
+    if init_scale <= 0:
+        raise ValueError(f"init_scale must be positive, got {init_scale}")
+    if prior is None:
+        prior = SpikeAndSlab(level="node")
+    per_layer = dict(prior) if isinstance(prior, Mapping) else None
+    for p in per_layer.values() if per_layer is not None else [prior]:
+        if not isinstance(p, Prior):
+            raise TypeError(
+                f"prior must be a bayesprune.priors object such as bp.priors.SpikeAndSlab(), got {p!r}"
+            )
+    modules = dict(net.named_modules())
+    if any(isinstance(m, BayesianLayer) for m in modules.values()):
+        raise TypeError("net already contains Bayesian layers; pass the plain network")
+
+    def check_names(names: Iterable[str], what: str) -> list[str]:
+        names = [names] if isinstance(names, str) else list(names)
+        bad = [n for n in names if n not in modules]
+        if bad:
+            supported = [n for n, m in modules.items() if bayesian_layer_for(m) is not None]
+            raise KeyError(
+                f"{what} names modules that are not in the network: {bad}; "
+                f"layers that can be made Bayesian: {supported}"
+            )
+        return names
+
+    skip_set = set(check_names(skip, "skip")) if skip is not None else set()
+    if layers is None and per_layer is not None:
+        layers = list(per_layer)
+    if layers is not None:
+        requested = check_names(layers, "layers")
+        for n in requested:
+            if bayesian_layer_for(modules[n]) is None:
+                raise TypeError(
+                    f"layer {n!r} is a {type(modules[n]).__name__}; bayesprune makes only nn.Linear, "
+                    "nn.Conv1d and nn.Conv2d Bayesian. Leave it out of layers= (it then stays "
+                    "deterministic)"
+                )
+        chosen = [n for n in requested if n not in skip_set]
+    else:
+        chosen = [
+            n for n, m in modules.items() if bayesian_layer_for(m) is not None and n not in skip_set
+        ]
+        inside_chosen = set()
+        for n, m in modules.items():
+            if n and _unsupported_with_params(m) and n not in skip_set:
+                if not any(n.startswith(c + ".") for c in inside_chosen):
+                    warnings.warn(
+                        f"layer {n!r} ({type(m).__name__}) is not supported by bayesianize and stays "
+                        "deterministic (its parameters are learned as point estimates); pass "
+                        f"skip=[{n!r}] to silence this warning",
+                        UserWarning,
+                        stacklevel=2,
+                    )
+                    inside_chosen.add(n)
+    if per_layer is not None:
+        check_names(per_layer, "prior")
+        missing = [n for n in chosen if n not in per_layer]
+        if missing:
+            raise KeyError(f"the prior dict has no prior for Bayesian layers {missing}")
+    if not chosen:
+        raise ValueError(
+            "no layer to make Bayesian: bayesianize supports nn.Linear, nn.Conv1d and nn.Conv2d "
+            f"and found none{' outside skip=' if skip_set else ''} in {type(net).__name__}"
+        )
+    if num_classes is None:
+        num_classes = _infer_num_classes(net)
+
+    template = copy.deepcopy(net)
+    work = copy.deepcopy(net)
+    work_modules = dict(work.named_modules())
+    followers, activations, traced = _gate_points(work, chosen)
+    if not traced and any(isinstance(m, _BN_TYPES) for m in work_modules.values()):
+        warnings.warn(
+            f"{type(net).__name__} could not be traced with torch.fx, so node gates act at each "
+            "layer's output even when a BatchNorm follows it (gated-off channels are then not "
+            "exactly zero after the BatchNorm)",
+            UserWarning,
+            stacklevel=2,
+        )
+    priors: dict[str, Prior] = {}
+    for n in chosen:
+        priors[n] = per_layer[n] if per_layer is not None else prior
+        old = work_modules[n]
+        new = bayesian_layer_for(old).from_module(old, priors[n], init_scale)
+        if n == "":  # the network is a single supported layer
+            work = new
+        else:
+            parent_name, _, child = n.rpartition(".")
+            setattr(work_modules[parent_name] if parent_name else work, child, new)
+        new.gate_after = activations.get(n, followers.get(n))
+    work_modules = dict(work.named_modules())
+    for n in chosen:
+        layer = work_modules[n]
+        if layer.gate_after is not None:
+            work_modules[layer.gate_after].register_forward_hook(_GateAfter(layer))
+    bnet = BayesianModule(work, template, priors, likelihood, num_classes, noise_scale, followers)
+    bnet.set_reparam(reparam)
+    dev = next((p.device for p in net.parameters()), torch.device("cpu"))
+    return bnet.to(dev)

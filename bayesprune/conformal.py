@@ -1,0 +1,1015 @@
+"""Distribution-free guarantees for pruned networks: Learn then Test and conformal prediction sets.
+
+Two tools, both built on plain arrays first (losses, scores) with models entering through one
+adapter each. The array-level statistics (p-values, :func:`learn_then_test`,
+:func:`conformal_risk_control`) live in :mod:`bayesprune.risk` and are re-exported here.
+
+1. **Certified pruning** (:func:`learn_then_test`, :func:`certify`, :func:`certify_candidates`).
+   Candidates :math:`f_1, \\dots, f_K` are ordered from least to most pruned. On each calibration
+   point :math:`i` a loss :math:`L_{ji} \\in [0, 1]` is measured (e.g. ``accuracy_drop``: the
+   pruned net is wrong where the dense net is right). For each null :math:`H_j: R(f_j) > \\alpha`,
+   with :math:`R` the expected loss on new data, a valid p-value :math:`p_j` is computed from the
+   empirical risk :math:`\\hat R_j`; fixed-sequence testing rejects :math:`H_1, H_2, \\dots` while
+   :math:`p_j \\le \\delta` and stops at the first null it cannot reject. The chosen candidate is
+   the last one rejected. Learn then Test (Angelopoulos, Bates, Candès, Jordan and Lei, 2021):
+
+   .. math:: \\Pr_{\\text{cal}}\\big(R(f_{\\hat\\jmath}) \\le \\alpha\\big) \\ge 1 - \\delta.
+
+   Fixed-sequence testing controls the family-wise error rate for any order fixed before seeing
+   the calibration data, so a non-monotone risk curve (pruning is not monotone per example) is fine.
+
+2. **Conformal prediction sets** (:class:`ConformalClassifier`): split conformal with the
+   finite-sample quantile, scores ``lac`` (:math:`1 - p_y`), ``aps`` (Romano, Sesia and Candès,
+   2020) and ``raps`` (Angelopoulos, Bates, Malik and Jordan, 2021), and conformal risk control
+   (:func:`conformal_risk_control`, Angelopoulos, Bates, Fisch, Lei and Schuster, 2022).
+
+**Calibration data must be disjoint from the training data** (and from anything used to choose the
+candidates or the score): the guarantees rest on calibration and test points being exchangeable
+given the model. :func:`certify` and :meth:`ConformalClassifier.calibrate` refuse the training
+loader when it is passed as ``train_loader=``; :func:`bayesprune.data.load_fashion_mnist` gives a
+``cal`` split that training never sees.
+
+Example
+-------
+>>> import numpy as np
+>>> from bayesprune.conformal import learn_then_test
+>>> rng = np.random.default_rng(0)
+>>> u = rng.random(2000)
+>>> losses = np.stack([u < r for r in (0.0, 0.005, 0.01, 0.05, 0.2)]).astype(float)
+>>> res = learn_then_test(losses, alpha=0.02, delta=0.1)
+>>> res.index  # the third candidate (true risk 0.01) is the most pruned one certified
+2
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .metrics import count_nonzero
+from .risk import (
+    METHODS,
+    PVALUES,
+    RISKS,
+    LTTResult,
+    RiskControlResult,
+    _check_level,
+    bentkus_pvalue,
+    binomial_pvalue,
+    conformal_risk_control,
+    hoeffding_bentkus_pvalue,
+    hoeffding_pvalue,
+    learn_then_test,
+    min_calibration_size,
+    risk_losses,
+)
+
+__all__ = [
+    "METHODS",
+    "PVALUES",
+    "RISKS",
+    "Certificate",
+    "ConformalClassifier",
+    "LTTResult",
+    "RiskControlResult",
+    "aps_scores",
+    "bentkus_pvalue",
+    "binomial_pvalue",
+    "certify",
+    "certify_candidates",
+    "conformal_quantile",
+    "conformal_risk_control",
+    "default_levels",
+    "hoeffding_bentkus_pvalue",
+    "hoeffding_pvalue",
+    "lac_scores",
+    "learn_then_test",
+    "min_calibration_size",
+    "pip_candidates",
+    "prediction_sets",
+    "raps_scores",
+    "risk_losses",
+]
+
+_SCORES = ("lac", "aps", "raps")
+
+
+# --------------------------------------------------------------------------------------------------
+# model adapters: predictions of candidate networks on a calibration loader
+# --------------------------------------------------------------------------------------------------
+
+
+def _device_of(model: Any) -> torch.device:
+    dev = getattr(model, "device", None)
+    if isinstance(dev, torch.device | str):
+        return torch.device(dev)
+    if isinstance(model, nn.Module):
+        p = next(model.parameters(), None)
+        if p is None:
+            p = next(model.buffers(), None)
+        return p.device if p is not None else torch.device("cpu")
+    return torch.device("cpu")
+
+
+def _is_bayesian(model: Any) -> bool:
+    return callable(getattr(model, "inclusion_probs", None)) and callable(
+        getattr(model, "mean_module", None)
+    )
+
+
+def _check_cal_loader(cal_loader: Any, train_loader: Any) -> None:
+    if not isinstance(cal_loader, Iterable):
+        raise TypeError(
+            "cal_loader must be an iterable of (inputs, labels) batches such as a DataLoader, got "
+            f"{type(cal_loader).__name__}"
+        )
+    if train_loader is not None and (
+        cal_loader is train_loader
+        or (
+            getattr(cal_loader, "dataset", None) is not None
+            and getattr(cal_loader, "dataset", None) is getattr(train_loader, "dataset", object())
+        )
+    ):
+        raise ValueError(
+            "cal_loader is the training loader (or reads the same dataset): conformal guarantees "
+            "need calibration data disjoint from the training data. Use a held-out split, e.g. "
+            "loader(splits.cal, shuffle=False) from bayesprune.data."
+        )
+
+
+def _check_outputs(out: torch.Tensor, num_classes: int | None, who: str) -> int:
+    if out.ndim != 2:
+        raise ValueError(
+            f"{who} returned shape {tuple(out.shape)}; expected [batch, num_classes] class scores"
+        )
+    if num_classes is not None and out.shape[1] != num_classes:
+        raise ValueError(
+            f"{who} returned {out.shape[1]} class scores but the task has {num_classes} classes; "
+            "check that the model matches the data"
+        )
+    return int(out.shape[1])
+
+
+def _check_labels(y: torch.Tensor, num_classes: int) -> None:
+    if y.ndim != 1:
+        raise ValueError(
+            f"labels must be a 1-D tensor of class indices, got shape {tuple(y.shape)}"
+        )
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        raise ValueError(
+            f"labels must be in [0, {num_classes}) but the loader holds labels in "
+            f"[{int(y.min())}, {int(y.max())}]; check the dataset or the model's number of classes"
+        )
+
+
+@torch.no_grad()
+def _predict_labels(
+    fns: Sequence[Callable[[torch.Tensor], torch.Tensor]],
+    devices: Sequence[torch.device],
+    cal_loader: Iterable,
+    num_classes: int | None,
+    names: Sequence[str],
+    progress: bool,
+) -> tuple[np.ndarray, np.ndarray]:
+    """argmax predictions ``[len(fns), n]`` and labels ``[n]`` over one pass of the loader."""
+    preds: list[list[np.ndarray]] = [[] for _ in fns]
+    labels: list[np.ndarray] = []
+    for batch in tqdm(cal_loader, desc="calibrate", disable=not progress, leave=False):
+        x, y = batch[0], torch.as_tensor(batch[1])
+        for j, (fn, dev) in enumerate(zip(fns, devices, strict=True)):
+            out = fn(x.to(dev))
+            num_classes = _check_outputs(out, num_classes, names[j])
+            if out.shape[0] != y.shape[0]:
+                raise ValueError(f"{names[j]} returned {out.shape[0]} rows for {y.shape[0]} labels")
+            preds[j].append(out.argmax(-1).cpu().numpy())
+        _check_labels(y, num_classes)
+        labels.append(y.cpu().numpy())
+    if not labels or sum(len(v) for v in labels) == 0:
+        raise ValueError("cal_loader is empty: calibration needs at least one labelled point")
+    return np.stack([np.concatenate(p) for p in preds]), np.concatenate(labels)
+
+
+def _as_fn(model: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+    if isinstance(model, nn.Module):
+        model.eval()
+        return model
+    if callable(model):
+        return model
+    raise TypeError(
+        f"expected an nn.Module or a callable x -> class scores, got {type(model).__name__}"
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# certificates
+# --------------------------------------------------------------------------------------------------
+
+
+def _json_float(v: Any) -> float | None:
+    return None if v is None or not np.isfinite(v) else float(v)
+
+
+@dataclass
+class Certificate:
+    """A Learn-then-Test certificate for a pruned network.
+
+    With probability at least ``1 - delta`` over the draw of the ``n`` calibration points, the
+    ``risk`` of ``model`` on new data from the same distribution is at most ``alpha``. When no
+    candidate passed (``passed`` is False), ``model`` is the dense model and nothing pruned is
+    certified.
+
+    Attributes
+    ----------
+    index, level
+        The chosen candidate's position and level (PIP threshold, keep fraction, ...), or ``None``.
+    risk_hat, p_value, params_kept
+        The chosen candidate's empirical risk, p-value and fraction of (non-zero) parameters kept.
+    curve
+        One dict per candidate: ``level``, ``params_kept``, ``risk_hat``, ``p_value``, ``rejected``.
+    model
+        The chosen network (not serialised by :meth:`save`; save it with
+        :func:`bayesprune.save_pruned`).
+    """
+
+    alpha: float
+    delta: float
+    n: int
+    risk: str
+    method: str
+    pvalue: str
+    index: int | None
+    level: Any
+    risk_hat: float | None
+    p_value: float | None
+    params_kept: float | None
+    curve: list[dict[str, Any]]
+    level_name: str = "level"
+    model: nn.Module | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def passed(self) -> bool:
+        return self.index is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary (everything but the model)."""
+        return {
+            "alpha": self.alpha,
+            "delta": self.delta,
+            "n": self.n,
+            "risk": self.risk,
+            "method": self.method,
+            "pvalue": self.pvalue,
+            "passed": self.passed,
+            "index": self.index,
+            "level_name": self.level_name,
+            "level": _json_level(self.level),
+            "risk_hat": _json_float(self.risk_hat),
+            "p_value": _json_float(self.p_value),
+            "params_kept": _json_float(self.params_kept),
+            "guarantee": self.guarantee,
+            "curve": [
+                {k: _json_level(v) if k == "level" else v for k, v in row.items()}
+                for row in self.curve
+            ],
+        }
+
+    def save(self, path: str | Path) -> None:
+        """Write :meth:`to_dict` as JSON."""
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> Certificate:
+        """Read a certificate written by :meth:`save` (``model`` is ``None``)."""
+        d = json.loads(Path(path).read_text())
+        return cls(
+            alpha=d["alpha"], delta=d["delta"], n=d["n"], risk=d["risk"], method=d["method"],
+            pvalue=d["pvalue"], index=d["index"], level=d["level"], risk_hat=d["risk_hat"],
+            p_value=d["p_value"], params_kept=d["params_kept"], curve=d["curve"],
+            level_name=d.get("level_name", "level"),
+        )  # fmt: skip
+
+    @property
+    def guarantee(self) -> str:
+        if not self.passed:
+            return (
+                f"no candidate could be certified to have {self.risk} <= {self.alpha} at "
+                f"delta={self.delta}; the dense model is returned"
+            )
+        return (
+            f"with probability >= {1 - self.delta:.4g} over the {self.n} calibration points, the "
+            f"{self.risk} of the chosen model on new data is <= {self.alpha}"
+        )
+
+    def __str__(self) -> str:
+        lines = [
+            f"Learn-then-Test certificate: risk={self.risk}, alpha={self.alpha}, "
+            f"delta={self.delta}, n={self.n}, {self.method.replace('_', '-')} testing, "
+            f"{self.pvalue} p-values",
+            f"  {self.guarantee}",
+        ]
+        shown = _fmt_levels([row["level"] for row in self.curve])
+        if self.passed:
+            kept = "?" if self.params_kept is None else f"{100 * self.params_kept:.2f}%"
+            lines.append(
+                f"  chosen: {self.level_name} {shown[self.index]} (candidate {self.index + 1} of "
+                f"{len(self.curve)}), empirical risk {self.risk_hat:.4f}, p-value "
+                f"{self.p_value:.3g}, params kept {kept}"
+            )
+        w = max(10, len(self.level_name))
+        lines.append(f"  {self.level_name:>{w}} {'params':>8} {'risk':>8} {'p-value':>9}  rejected")
+        for row, level in zip(self.curve, shown, strict=True):
+            kept = row["params_kept"]
+            lines.append(
+                f"  {level:>{w}} "
+                f"{'?' if kept is None else f'{100 * kept:.2f}%':>8} {row['risk_hat']:>8.4f} "
+                f"{row['p_value']:>9.3g}  {'yes' if row['rejected'] else 'no'}"
+            )
+        return "\n".join(lines)
+
+
+def _json_level(v: Any) -> Any:
+    if isinstance(v, np.generic):
+        return v.item()
+    return v
+
+
+def _fmt_levels(levels: Sequence[Any]) -> list[str]:
+    """Levels as short strings, with as many digits as it takes to tell neighbours apart."""
+    for digits in range(4, 13):
+        out = [f"{v:.{digits}g}" if isinstance(v, float | np.floating) else str(v) for v in levels]
+        if len(set(out)) == len(set(map(str, levels))):
+            return out
+    return [str(v) for v in levels]
+
+
+def certify_candidates(
+    candidates: Sequence[nn.Module | Callable[[torch.Tensor], torch.Tensor]],
+    reference: nn.Module | Callable[[torch.Tensor], torch.Tensor],
+    cal_loader: Iterable,
+    *,
+    risk: str = "accuracy_drop",
+    alpha: float = 0.02,
+    delta: float = 0.1,
+    levels: Sequence[Any] | None = None,
+    level_name: str = "level",
+    method: Literal["fixed_sequence", "bonferroni"] = "fixed_sequence",
+    pvalue: Literal["hb", "hoeffding", "bentkus", "binomial", "auto"] = "auto",
+    dense: nn.Module | None = None,
+    params_kept: Sequence[float] | None = None,
+    num_classes: int | None = None,
+    train_loader: Iterable | None = None,
+    progress: bool = True,
+) -> Certificate:
+    """Certify the most pruned of a sequence of candidate networks (the form every method uses).
+
+    Parameters
+    ----------
+    candidates
+        Networks (or callables ``x -> class scores``) ordered from least to most pruned; the order
+        must be fixed before looking at the calibration data.
+    reference
+        The dense (or Bayesian) model that ``accuracy_drop`` and ``disagreement`` compare with; any
+        callable returning class scores or probabilities (only the argmax is used).
+    cal_loader
+        ``(inputs, labels)`` batches of calibration data, disjoint from the training data.
+    risk
+        ``"accuracy_drop"``, ``"disagreement"`` or ``"error"`` (see :func:`risk_losses`).
+    alpha, delta, method, pvalue
+        As in :func:`learn_then_test`.
+    levels
+        The candidates' levels (thresholds, keep fractions, ...), for the certificate only.
+    dense
+        The model returned when no candidate passes, and the denominator of ``params_kept``;
+        defaults to ``reference`` when it is an ``nn.Module``.
+    params_kept
+        Fraction of parameters kept per candidate; by default non-zero parameters of each candidate
+        over those of ``dense`` (right for physically pruned and for masked networks).
+    num_classes
+        Expected number of classes; by default the width of the reference's output.
+    train_loader
+        The training loader, so that a calibration loader equal to it is refused.
+
+    Example
+    -------
+    >>> import torch
+    >>> from torch import nn
+    >>> from torch.utils.data import DataLoader, TensorDataset
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <torch._C.Generator object at ...>
+    >>> dense = nn.Linear(5, 3)
+    >>> x = torch.randn(400, 5)
+    >>> cal = DataLoader(TensorDataset(x, dense(x).argmax(-1).detach()), batch_size=100)
+    >>> cert = certify_candidates([dense, dense], dense, cal, alpha=0.05, progress=False)
+    >>> cert.index, cert.risk_hat
+    (1, 0.0)
+    """
+    alpha, delta = _check_level(alpha, "alpha"), _check_level(delta, "delta")
+    if risk not in RISKS:
+        raise ValueError(f"risk must be one of {RISKS}, got {risk!r}")
+    candidates = list(candidates)
+    if not candidates:
+        raise ValueError("candidates is empty: give at least one pruned network")
+    if levels is not None and len(levels) != len(candidates):
+        raise ValueError(f"got {len(levels)} levels for {len(candidates)} candidates")
+    levels = list(range(len(candidates))) if levels is None else list(levels)
+    _check_cal_loader(cal_loader, train_loader)
+    if dense is None and isinstance(reference, nn.Module):
+        dense = reference
+    modules = [m for m in [reference, *candidates] if isinstance(m, nn.Module)]
+    modes = [m.training for m in modules]
+    fns = [_as_fn(reference)] + [_as_fn(c) for c in candidates]
+    devices = [_device_of(m) for m in [reference, *candidates]]
+    names = ["the reference model"] + [f"candidate {j} ({levels[j]})" for j in range(len(levels))]
+    try:
+        preds, labels = _predict_labels(fns, devices, cal_loader, num_classes, names, progress)
+    finally:  # evaluation switched the networks to eval mode; give them back as they were
+        for m, mode in zip(modules, modes, strict=True):
+            m.train(mode)
+    losses = risk_losses(preds[1:], preds[0], labels, risk)
+    res = learn_then_test(losses, alpha, delta, method=method, pvalue=pvalue)
+    if params_kept is None:
+        if isinstance(dense, nn.Module):
+            total = count_nonzero(dense)
+            params_kept = [
+                count_nonzero(c) / total if isinstance(c, nn.Module) else None for c in candidates
+            ]
+        else:
+            params_kept = [None] * len(candidates)
+    curve = [
+        {
+            "level": levels[j],
+            "params_kept": None if params_kept[j] is None else float(params_kept[j]),
+            "risk_hat": float(res.risks[j]),
+            "p_value": float(res.p_values[j]),
+            "rejected": bool(res.rejected[j]),
+        }
+        for j in range(len(candidates))
+    ]
+    j = res.index
+    return Certificate(
+        alpha=alpha, delta=delta, n=res.n, risk=risk, method=method, pvalue=res.pvalue,
+        index=j, level=None if j is None else levels[j],
+        risk_hat=None if j is None else float(res.risks[j]),
+        p_value=None if j is None else float(res.p_values[j]),
+        params_kept=(1.0 if dense is not None else None) if j is None else curve[j]["params_kept"],
+        curve=curve, level_name=level_name,
+        model=dense if j is None else candidates[j],
+    )  # fmt: skip
+
+
+def default_levels(pips: Mapping[str, Any], max_levels: int = 20) -> list[float]:
+    """PIP thresholds from least to most pruned: up to ``max_levels`` PIP quantiles.
+
+    Each threshold :math:`t` keeps the nodes with :math:`\\mathrm{PIP} \\ge t`. The thresholds are
+    snapped to observed PIP values, so each one prunes strictly more nodes than the previous, and
+    the smallest PIP (which would prune nothing) is left out.
+
+    >>> default_levels({"0": [0.1, 0.2, 0.9, 0.95]}, max_levels=10)
+    [0.2, 0.9, 0.95]
+    """
+    if max_levels < 1:
+        raise ValueError(f"max_levels must be at least 1, got {max_levels}")
+    values = [
+        (
+            v.detach().double().cpu().numpy() if torch.is_tensor(v) else np.asarray(v, np.float64)
+        ).ravel()
+        for v in pips.values()
+    ]
+    flat = np.concatenate(values) if values else np.zeros(0)
+    if flat.size == 0:
+        raise ValueError(
+            "the model has no node inclusion probabilities; bayesianize it with a node-level prior "
+            "(e.g. SpikeAndSlab(level='node')) or pass levels="
+        )
+    uniq = np.unique(flat)
+    if uniq.size < 2:
+        raise ValueError(
+            "every node has the same PIP, so no threshold prunes some nodes but not all"
+        )
+    qs = np.quantile(flat, np.linspace(0.0, 1.0, max_levels + 1)[1:])
+    snapped = uniq[np.minimum(np.searchsorted(uniq, qs, side="left"), uniq.size - 1)]
+    return [float(t) for t in np.unique(snapped) if t > uniq[0]]
+
+
+def _prunable_pips(pips: Mapping[str, Any], groups: Sequence[Any]) -> dict[str, torch.Tensor]:
+    """PIPs of the layers whose nodes can be physically removed.
+
+    A frozen channel group (the network's output, a concatenation, ...) is kept whole by the
+    pruner but its masked nodes would still be zeroed: for the output layer that deletes classes.
+    Such a candidate is never smaller, only worse, so certify does not generate it.
+    """
+    prunable = {p for g in groups if not g.frozen for p in g.producers}
+    out = {k: torch.as_tensor(v).detach().double().cpu() for k, v in pips.items() if k in prunable}
+    if not out:
+        raise ValueError(
+            "no layer with node inclusion probabilities can be pruned (only frozen layers, such "
+            "as the output layer, carry PIPs); bayesianize with a node-level prior on hidden layers"
+        )
+    return out
+
+
+def _masks_at(pips: Mapping[str, torch.Tensor], level: float, by: str) -> dict[str, torch.Tensor]:
+    """Node decisions at one level: PIP >= threshold, or the top ``keep`` fraction (global)."""
+    if by == "threshold":
+        return {k: v >= level for k, v in pips.items()}
+    flat = torch.cat(list(pips.values()))
+    chosen = torch.zeros(flat.numel(), dtype=torch.bool)
+    chosen[torch.argsort(-flat, stable=True)[: max(1, round(level * flat.numel()))]] = True
+    return dict(zip(pips, torch.split(chosen, [v.numel() for v in pips.values()]), strict=True))
+
+
+class _Predictive:
+    """The posterior predictive of a BayesianModule as a callable that knows its device."""
+
+    def __init__(self, model: Any, num_samples: int, device: torch.device) -> None:
+        self.model, self.num_samples, self.device = model, num_samples, device
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.predict(x, num_samples=self.num_samples)
+
+
+def pip_candidates(
+    model: Any,
+    levels: Sequence[float] | None = None,
+    *,
+    by: Literal["threshold", "keep"] = "threshold",
+    example_input: Any = None,
+    max_levels: int = 20,
+    prune_kwargs: Mapping[str, Any] | None = None,
+    progress: bool = False,
+) -> tuple[list[float], list[nn.Module]]:
+    """The candidates of :func:`certify`: pruned plain networks from least to most pruned.
+
+    Candidate :math:`j` keeps the nodes with :math:`\\mathrm{PIP} \\ge t_j` for increasing
+    thresholds (or the top fraction :math:`f_j` of nodes by PIP for decreasing fractions with
+    ``by="keep"``), built by :func:`bayesprune.prune` with those masks. Only layers the pruner can
+    shrink take part: a frozen layer such as the output layer is kept whole (zeroing its nodes
+    would delete classes without making the network smaller).
+
+    Returns
+    -------
+    levels, candidates
+    """
+    # prune.py imports nothing from here; its example-input inference is reused, not copied
+    from .prune import _infer_example_input, dependency_groups
+    from .prune import prune as prune_network
+
+    if not _is_bayesian(model):
+        raise TypeError(
+            f"expected a bayesprune BayesianModule, got {type(model).__name__}; for a plain "
+            "network's sequence of pruned candidates use certify_candidates(candidates, dense, "
+            "cal_loader)"
+        )
+    if by not in ("threshold", "keep"):
+        raise ValueError(f"by must be 'threshold' or 'keep', got {by!r}")
+    dense = model.mean_module()
+    x = _infer_example_input(model, dense) if example_input is None else example_input
+    x = x.to(_device_of(dense)) if torch.is_tensor(x) else x
+    pips = _prunable_pips(model.inclusion_probs(), dependency_groups(dense, x))
+    if levels is None:
+        levels = (
+            default_levels(pips, max_levels)
+            if by == "threshold"
+            else [round(f, 4) for f in np.linspace(0.95, 0.05, 19)]
+        )
+    levels = [float(v) for v in levels]
+    if not levels:
+        raise ValueError("levels is empty")
+    steps = np.diff(levels)
+    if (by == "threshold" and np.any(steps <= 0)) or (by == "keep" and np.any(steps >= 0)):
+        order = "increasing PIP thresholds" if by == "threshold" else "decreasing keep fractions"
+        raise ValueError(f"levels must be {order} (least pruned first), got {levels}")
+    if by == "keep" and not all(0 < f <= 1 for f in levels):
+        raise ValueError(f"keep fractions must be in (0, 1], got {levels}")
+    kwargs = dict(prune_kwargs or {})
+    with warnings.catch_warnings():
+        # high thresholds empty layers and the pruner's floor keeps a node there; the curve's
+        # params_kept shows the real size, so one warning per candidate would only be noise
+        warnings.filterwarnings("ignore", message="the node decisions keep 0")
+        candidates = [
+            prune_network(model, masks=_masks_at(pips, t, by), example_input=x, **kwargs)
+            for t in tqdm(levels, desc="prune candidates", disable=not progress, leave=False)
+        ]
+    return levels, candidates
+
+
+def certify(
+    model: Any,
+    cal_loader: Iterable,
+    *,
+    risk: str = "accuracy_drop",
+    alpha: float = 0.02,
+    delta: float = 0.1,
+    levels: Sequence[float] | None = None,
+    by: Literal["threshold", "keep"] = "threshold",
+    method: Literal["fixed_sequence", "bonferroni"] = "fixed_sequence",
+    pvalue: Literal["hb", "hoeffding", "bentkus", "binomial", "auto"] = "auto",
+    reference: Literal["predictive", "mean"] = "predictive",
+    train_loader: Iterable | None = None,
+    example_input: Any = None,
+    num_samples: int = 32,
+    max_levels: int = 20,
+    prune_kwargs: Mapping[str, Any] | None = None,
+    progress: bool = True,
+) -> Certificate:
+    """Certified pruning of a :class:`bayesprune.BayesianModule` by Learn then Test.
+
+    The candidates come from :func:`pip_candidates` (increasing PIP thresholds, or decreasing keep
+    fractions with ``by="keep"``: least to most pruned); :func:`certify_candidates` then picks the
+    most pruned one whose risk is certified to be at most ``alpha`` with probability
+    ``1 - delta`` over the calibration set.
+
+    Parameters
+    ----------
+    model
+        A fitted ``BayesianModule`` (``inclusion_probs``, ``mean_module``, ``predict``).
+    cal_loader
+        Calibration batches, disjoint from the training data (see the module docstring).
+    risk
+        ``"accuracy_drop"`` (default; relative to the reference), ``"disagreement"`` or ``"error"``.
+    alpha, delta, method, pvalue
+        As in :func:`learn_then_test`.
+    levels
+        PIP thresholds, increasing (default :func:`default_levels`), or keep fractions, decreasing.
+    reference
+        ``"predictive"``: the posterior predictive (``model.predict`` with ``num_samples`` draws);
+        ``"mean"``: the dense posterior-mean network. When no candidate passes, the returned model
+        is the posterior-mean network ``model.mean_module()``.
+    train_loader
+        The training loader, so that a calibration loader equal to it is refused.
+    example_input, max_levels, prune_kwargs
+        Passed to :func:`pip_candidates` (and on to :func:`bayesprune.prune`).
+
+    Example
+    -------
+    >>> cert = certify(bnet, loader(splits.cal, shuffle=False), alpha=0.02)  # doctest: +SKIP
+    >>> small = cert.model; print(cert); cert.save("certificate.json")  # doctest: +SKIP
+    """
+    if reference not in ("predictive", "mean"):
+        raise ValueError(f"reference must be 'predictive' or 'mean', got {reference!r}")
+    _check_level(alpha, "alpha"), _check_level(delta, "delta")
+    if _is_bayesian(model):
+        _check_cal_loader(cal_loader, train_loader)
+    levels, candidates = pip_candidates(
+        model, levels, by=by, example_input=example_input, max_levels=max_levels,
+        prune_kwargs=prune_kwargs, progress=progress,
+    )  # fmt: skip
+    dense = model.mean_module()
+    dev = _device_of(model)
+    dense.to(dev)
+    for c in candidates:
+        c.to(dev)
+    ref = _Predictive(model, num_samples, dev) if reference == "predictive" else dense
+    return certify_candidates(
+        candidates, ref, cal_loader, risk=risk, alpha=alpha, delta=delta, levels=levels,
+        level_name="PIP threshold" if by == "threshold" else "keep fraction", method=method,
+        pvalue=pvalue, dense=dense, num_classes=getattr(model, "num_classes", None),
+        train_loader=train_loader, progress=progress,
+    )  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------------
+# split-conformal prediction sets
+# --------------------------------------------------------------------------------------------------
+
+
+def _to_torch(a: Any, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, bool]:
+    """A tensor, and whether the input was NumPy (so results go back as NumPy)."""
+    if torch.is_tensor(a):
+        return (a if dtype is None else a.to(dtype)), False
+    return torch.as_tensor(np.asarray(a), dtype=dtype), True
+
+
+def _back(t: torch.Tensor, numpy: bool) -> Any:
+    return t.detach().cpu().numpy() if numpy else t
+
+
+def _check_probs(probs: torch.Tensor) -> None:
+    if probs.ndim != 2:
+        raise ValueError(f"probs must be [n, num_classes], got shape {tuple(probs.shape)}")
+
+
+def _uniforms(n: int, u: Any, seed: int | None, device: torch.device) -> torch.Tensor:
+    if u is not None:
+        u_t = torch.as_tensor(np.asarray(u) if not torch.is_tensor(u) else u).to(
+            device, torch.float64
+        )
+        if u_t.shape != (n,):
+            raise ValueError(f"u must hold one uniform per row ({n}), got shape {tuple(u_t.shape)}")
+        return u_t
+    gen = torch.Generator(device=device)
+    if seed is None:
+        gen.seed()
+    else:
+        gen.manual_seed(seed)
+    return torch.rand(n, generator=gen, device=device, dtype=torch.float64)
+
+
+def _aps_all(probs: torch.Tensor, u: torch.Tensor, lam: float, k_reg: int) -> torch.Tensor:
+    """(R)APS score of every label ``[n, C]``: mass of the labels ranked above, plus ``u`` times its
+    own probability, plus the RAPS penalty :math:`\\lambda (o - k_{reg})^+` at 1-based rank ``o``."""
+    p = probs.to(torch.float64)
+    order = torch.argsort(-p, dim=1, stable=True)
+    p_sorted = torch.gather(p, 1, order)
+    rank = torch.arange(1, p.shape[1] + 1, device=p.device, dtype=torch.float64)
+    sorted_scores = (
+        torch.cumsum(p_sorted, 1) - p_sorted + u[:, None] * p_sorted
+        + lam * torch.clamp(rank - k_reg, min=0.0)
+    )  # fmt: skip
+    return torch.empty_like(sorted_scores).scatter_(1, order, sorted_scores)
+
+
+def _all_scores(
+    probs: torch.Tensor, score: str, u: torch.Tensor | None, lam: float, k_reg: int
+) -> torch.Tensor:
+    if score == "lac":
+        return 1.0 - probs.to(torch.float64)
+    if score not in ("aps", "raps"):
+        raise ValueError(f"score must be one of {_SCORES}, got {score!r}")
+    if u is None:
+        u = torch.ones(probs.shape[0], dtype=torch.float64, device=probs.device)
+    return _aps_all(probs, u, lam if score == "raps" else 0.0, k_reg if score == "raps" else 0)
+
+
+def _label_scores(probs: Any, labels: Any, score: str, u: Any, lam: float, k_reg: int) -> Any:
+    p, numpy = _to_torch(probs)
+    _check_probs(p)
+    y = torch.as_tensor(np.asarray(labels) if not torch.is_tensor(labels) else labels)
+    y = y.to(p.device, torch.long)
+    if y.shape != (p.shape[0],):
+        raise ValueError(f"labels must have shape ({p.shape[0]},), got {tuple(y.shape)}")
+    _check_labels(y, p.shape[1])
+    s = _all_scores(p, score, u, lam, k_reg)
+    return _back(s.gather(1, y[:, None])[:, 0], numpy)
+
+
+def lac_scores(probs: Any, labels: Any) -> Any:
+    """LAC (least ambiguous set) scores :math:`s(x, y) = 1 - \\hat p_y(x)` (Sadinle et al. 2019).
+
+    NumPy in, NumPy out; tensor in, tensor out.
+
+    >>> lac_scores(np.array([[0.7, 0.2, 0.1]]), np.array([1]))
+    array([0.8])
+    """
+    return _label_scores(probs, labels, "lac", None, 0.0, 0)
+
+
+def aps_scores(
+    probs: Any, labels: Any, *, randomized: bool = True, u: Any = None, seed: int | None = None
+) -> Any:
+    """Adaptive prediction set scores (Romano, Sesia and Candès 2020).
+
+    With labels sorted by decreasing probability and :math:`o(x, y)` the 1-based rank of :math:`y`,
+
+    .. math:: s(x, y, u) = \\sum_{j < o(x,y)} \\hat p_{(j)}(x) + u\\, \\hat p_{(o(x,y))}(x),
+
+    :math:`u \\sim \\mathrm{U}(0, 1)` when ``randomized`` (exact coverage), :math:`u = 1` otherwise.
+
+    >>> aps_scores(np.array([[0.7, 0.2, 0.1]]), np.array([1]), randomized=False)
+    array([0.9])
+    """
+    return raps_scores(probs, labels, lam=0.0, k_reg=0, randomized=randomized, u=u, seed=seed)
+
+
+def raps_scores(
+    probs: Any,
+    labels: Any,
+    *,
+    lam: float = 0.01,
+    k_reg: int = 5,
+    randomized: bool = True,
+    u: Any = None,
+    seed: int | None = None,
+) -> Any:
+    """Regularized APS scores (Angelopoulos, Bates, Malik and Jordan 2021):
+    :math:`s_{\\mathrm{APS}}(x, y, u) + \\lambda\\, (o(x, y) - k_{reg})^+`.
+
+    >>> raps_scores(np.array([[0.7, 0.2, 0.1]]), np.array([2]), lam=0.5, k_reg=1, randomized=False)
+    array([2.])
+    """
+    p, _ = _to_torch(probs)
+    uu = _uniforms(p.shape[0], u, seed, p.device) if randomized else None
+    return _label_scores(probs, labels, "raps", uu, float(lam), int(k_reg))
+
+
+def conformal_quantile(scores: Any, alpha: float) -> float:
+    """The split-conformal threshold: the :math:`\\lceil (n+1)(1-\\alpha) \\rceil`-th smallest score.
+
+    Returns ``inf`` when that rank exceeds ``n`` (too few calibration points for ``alpha``: every
+    label enters the set). With exchangeable scores, a new score is at most this threshold with
+    probability in :math:`[1-\\alpha, 1-\\alpha + 1/(n+1))` (the upper end when there are no ties).
+
+    >>> conformal_quantile(np.arange(1, 10), 0.1)  # n = 9: rank ceil(10 * 0.9) = 9
+    9.0
+    >>> conformal_quantile(np.arange(1, 9), 0.1)  # n = 8: rank 9 > 8
+    inf
+    """
+    alpha = _check_level(alpha, "alpha")
+    s, _ = _to_torch(scores, torch.float64)
+    s = s.detach().cpu().ravel()
+    n = s.numel()
+    if n == 0:
+        raise ValueError("scores is empty: calibration needs at least one point")
+    # round() guards (n + 1) * (1 - alpha) against float error, e.g. 20 * 0.95 = 19.000000000000004
+    k = math.ceil(round((n + 1) * (1 - alpha), 9))
+    if k > n:
+        return math.inf
+    return float(torch.kthvalue(s, k).values)
+
+
+def prediction_sets(
+    probs: Any,
+    qhat: float,
+    *,
+    score: str = "lac",
+    lam: float = 0.01,
+    k_reg: int = 5,
+    randomized: bool = True,
+    u: Any = None,
+    seed: int | None = None,
+) -> Any:
+    """Boolean prediction sets ``[n, C]``: label ``y`` is in the set iff its score is <= ``qhat``.
+
+    For ``aps`` / ``raps`` one uniform ``u`` per row is shared by all labels (Romano et al.), so each
+    set is a prefix of the labels sorted by probability.
+
+    >>> prediction_sets(np.array([[0.7, 0.2, 0.1]]), 0.85).tolist()
+    [[True, True, False]]
+    """
+    p, numpy = _to_torch(probs)
+    _check_probs(p)
+    uu = _uniforms(p.shape[0], u, seed, p.device) if randomized and score != "lac" else None
+    return _back(_all_scores(p, score, uu, float(lam), int(k_reg)) <= qhat, numpy)
+
+
+class ConformalClassifier:
+    """Split-conformal prediction sets for a classifier or a :class:`bayesprune.BayesianModule`.
+
+    Probabilities come from ``model.predict(x, num_samples)`` (posterior predictive, Monte Carlo
+    averaged) for a Bayesian model and from ``softmax(model(x))`` for a plain network. Calibrated on
+    ``n`` held-out points at level ``alpha``, the sets satisfy
+    :math:`1 - \\alpha \\le \\Pr(y \\in C(x)) < 1 - \\alpha + 1/(n+1)` (randomized scores; the upper
+    bound needs continuous scores).
+
+    Parameters
+    ----------
+    model
+        ``BayesianModule`` or ``nn.Module`` returning logits ``[batch, num_classes]``.
+    score
+        ``"lac"`` (:math:`1 - p_y`), ``"aps"`` or ``"raps"`` (see :func:`raps_scores`).
+    num_samples
+        Posterior draws per batch for a Bayesian model.
+    lam, k_reg
+        RAPS penalty and the rank after which it applies.
+    randomized
+        Randomized APS / RAPS (exact coverage; sets may be empty) or not (conservative).
+    seed
+        Seed of the uniforms of the randomized scores.
+    num_classes
+        Number of classes (default: ``model.num_classes`` or the width of the first output).
+
+    Example
+    -------
+    >>> from bayesprune.data import load_digits, loader
+    >>> from models import lenet_300_100
+    >>> splits = load_digits(seed=0)
+    >>> net = lenet_300_100(in_features=64)  # untrained: sets are large, but coverage holds
+    >>> cp = ConformalClassifier(net, score="aps").calibrate(loader(splits.cal, shuffle=False), 0.1)
+    >>> cp.evaluate(loader(splits.test, shuffle=False))["coverage"] > 0.8
+    True
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        score: Literal["lac", "aps", "raps"] = "lac",
+        *,
+        num_samples: int = 32,
+        lam: float = 0.01,
+        k_reg: int = 5,
+        randomized: bool = True,
+        seed: int | None = 0,
+        num_classes: int | None = None,
+    ) -> None:
+        if score not in _SCORES:
+            raise ValueError(f"score must be one of {_SCORES}, got {score!r}")
+        if lam < 0 or k_reg < 0:
+            raise ValueError(f"lam and k_reg must be non-negative, got lam={lam}, k_reg={k_reg}")
+        # a BayesianModule gives posterior predictive probabilities; anything else is a plain net
+        self.bayesian = _is_bayesian(model) or (
+            callable(getattr(model, "predict", None)) and not isinstance(model, nn.Module)
+        )
+        if not self.bayesian and not isinstance(model, nn.Module):
+            raise TypeError(
+                f"model must be a BayesianModule or an nn.Module, got {type(model).__name__}"
+            )
+        self.model, self.score, self.num_samples = model, score, int(num_samples)
+        self.lam, self.k_reg, self.randomized = float(lam), int(k_reg), bool(randomized)
+        self.device = _device_of(model)
+        self.num_classes = num_classes or getattr(model, "num_classes", None)
+        self._gen = torch.Generator(device=self.device)
+        if seed is not None:
+            self._gen.manual_seed(seed)
+        else:
+            self._gen.seed()
+        self.qhat: float | None = None
+        self.alpha: float | None = None
+        self.n: int | None = None
+
+    @torch.no_grad()
+    def probs(self, x: torch.Tensor) -> torch.Tensor:
+        """Class probabilities ``[batch, C]`` on the model's device."""
+        x = x.to(self.device)
+        if self.bayesian:
+            p = self.model.predict(x, num_samples=self.num_samples)
+        else:
+            was = self.model.training
+            self.model.eval()
+            try:
+                p = torch.softmax(self.model(x), dim=-1)
+            finally:
+                self.model.train(was)
+        self.num_classes = _check_outputs(p, self.num_classes, "the model")
+        return p
+
+    def _u(self, n: int) -> torch.Tensor | None:
+        if self.score == "lac" or not self.randomized:
+            return None
+        return torch.rand(n, generator=self._gen, device=self.device, dtype=torch.float64)
+
+    def _batches(self, data: Iterable, what: str) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+        if not isinstance(data, Iterable):
+            raise TypeError(f"{what} must be an iterable of (inputs, labels) batches")
+        seen = False
+        for batch in data:
+            seen = True
+            yield batch[0], torch.as_tensor(batch[1])
+        if not seen:
+            raise ValueError(f"{what} is empty")
+
+    def calibrate(
+        self, cal_loader: Iterable, alpha: float = 0.1, *, train_loader: Iterable | None = None
+    ) -> ConformalClassifier:
+        """Compute the conformal threshold from held-out ``(inputs, labels)`` batches."""
+        alpha = _check_level(alpha, "alpha")
+        _check_cal_loader(cal_loader, train_loader)
+        scores = []
+        for x, y in self._batches(cal_loader, "cal_loader"):
+            p = self.probs(x)
+            y = y.to(p.device, torch.long)
+            _check_labels(y, p.shape[1])
+            s = _all_scores(p, self.score, self._u(len(y)), self.lam, self.k_reg)
+            scores.append(s.gather(1, y[:, None])[:, 0].cpu())
+        all_scores = torch.cat(scores)
+        if all_scores.numel() == 0:
+            raise ValueError("cal_loader is empty")
+        self.qhat, self.alpha, self.n = (
+            conformal_quantile(all_scores, alpha),
+            alpha,
+            all_scores.numel(),
+        )
+        return self
+
+    def predict_sets(self, x: torch.Tensor) -> torch.Tensor:
+        """Boolean mask ``[batch, C]`` of the labels in each prediction set."""
+        if self.qhat is None:
+            raise RuntimeError("call calibrate(cal_loader, alpha) before predict_sets")
+        p = self.probs(x)
+        return _all_scores(p, self.score, self._u(p.shape[0]), self.lam, self.k_reg) <= self.qhat
+
+    def evaluate(self, test_loader: Iterable) -> dict[str, Any]:
+        """Coverage, mean set size, and coverage stratified by set size, on labelled batches."""
+        if self.qhat is None:
+            raise RuntimeError("call calibrate(cal_loader, alpha) before evaluate")
+        covered, sizes = [], []
+        for x, y in self._batches(test_loader, "test_loader"):
+            sets = self.predict_sets(x)
+            y = y.to(sets.device, torch.long)
+            _check_labels(y, sets.shape[1])
+            covered.append(sets.gather(1, y[:, None])[:, 0].cpu())
+            sizes.append(sets.sum(1).cpu())
+        cov, size = torch.cat(covered).double(), torch.cat(sizes)
+        strata = {
+            int(k): {"count": int((size == k).sum()), "coverage": float(cov[size == k].mean())}
+            for k in torch.unique(size).tolist()
+        }
+        return {
+            "coverage": float(cov.mean()),
+            "mean_size": float(size.double().mean()),
+            "empty_fraction": float((size == 0).double().mean()),
+            "size_stratified": strata,
+            "n": int(cov.numel()),
+            "alpha": self.alpha,
+            "qhat": self.qhat,
+            "score": self.score,
+        }

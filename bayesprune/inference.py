@@ -1,0 +1,374 @@
+r"""Stochastic variational inference: :func:`fit`, the fast :class:`LocalReparamELBO`, :class:`FitResult`.
+
+The objective is the evidence lower bound of the model of :class:`bayesprune.BayesianModule`,
+
+.. math::
+    \mathcal L(q) = \sum_{n=1}^{N} \mathbb E_q[\log p(y_n \mid x_n, w)] - \mathrm{KL}(q(w) \,\|\, p(w)),
+
+estimated on a minibatch :math:`B` as
+
+.. math::
+    \hat{\mathcal L} = \frac{N}{|B|} \sum_{n \in B} \log p(y_n \mid x_n, \hat w_n) - \mathrm{KL},
+
+with one local-reparameterization forward pass (:math:`\hat w_n` is implicit: each example's
+pre-activations are an exact draw from their marginal under :math:`q`) and the KL in closed form.
+:math:`N` is the training-set size (``len(train_loader.dataset)`` or ``num_data``), never the batch
+size: this is what makes the minibatch ELBO unbiased. It is the same objective that
+``pyro.infer.Trace_ELBO`` estimates on ``bnet.model`` / ``bnet.guide`` (tested), with much lower
+variance and cost; ``fit(..., elbo=pyro.infer.Trace_ELBO())`` runs the genuine ``pyro.infer.SVI``.
+
+Example
+-------
+>>> import torch
+>>> import bayesprune as bp
+>>> from torch.utils.data import DataLoader, TensorDataset
+>>> x, y = torch.randn(64, 5), torch.randint(0, 3, (64,))
+>>> net = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+>>> bnet = bp.bayesianize(net)
+>>> result = bp.fit(bnet, DataLoader(TensorDataset(x, y), batch_size=16), epochs=2, progress=False)
+>>> len(result.loss), result.num_data
+(8, 64)
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyro
+import pyro.infer
+import torch
+from tqdm.auto import tqdm
+
+from .bayesianize import BayesianModule, _param_effect
+from .train import resolve_device
+
+__all__ = ["FitResult", "LocalReparamELBO", "fit"]
+
+
+@dataclass
+class FitResult:
+    """History of :func:`fit`.
+
+    Attributes
+    ----------
+    loss
+        Negative ELBO estimate (nats, full-data scale) per step.
+    epoch_loss
+        Mean of ``loss`` per epoch.
+    kl
+        KL term per step (fast ELBO only; empty with a custom ``elbo``).
+    val_accuracy
+        Posterior-predictive accuracy on ``val_loader`` after each epoch (categorical only).
+    num_data
+        :math:`N` used for the ELBO scaling.
+    seconds
+        Wall-clock time of the whole fit.
+    """
+
+    loss: list[float] = field(default_factory=list)
+    epoch_loss: list[float] = field(default_factory=list)
+    kl: list[float] = field(default_factory=list)
+    val_accuracy: list[float] = field(default_factory=list)
+    num_data: int = 0
+    seconds: float = 0.0
+
+    @property
+    def elbo(self) -> list[float]:
+        """ELBO estimate per step (``-loss``)."""
+        return [-v for v in self.loss]
+
+
+def _bnet_of(model) -> BayesianModule:
+    bnet = getattr(model, "__self__", None)
+    if not isinstance(bnet, BayesianModule):
+        raise TypeError(
+            "LocalReparamELBO works with the model of a BayesianModule: pass bnet.model and bnet.guide"
+        )
+    return bnet
+
+
+class LocalReparamELBO(pyro.infer.ELBO):
+    r"""Fast ELBO of a :class:`~bayesprune.BayesianModule`: ``(N / B) * NLL + KL``.
+
+    One local-reparameterization forward pass estimates the expected log-likelihood; the KL is
+    analytic. Gates use the binary-Concrete straight-through estimator. The loss equals in
+    expectation that of ``pyro.infer.Trace_ELBO`` on ``(bnet.model, bnet.guide)``.
+    It follows :class:`pyro.infer.ELBO`'s interface, so ``pyro.infer.SVI(bnet.model, bnet.guide,
+    optim, loss=LocalReparamELBO())`` works; :func:`fit` calls :meth:`differentiable_loss` directly
+    with a plain ``torch.optim.Adam``.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(num_particles=1)
+        self.kl_scale = 1.0
+        self.last_kl: torch.Tensor | None = None
+
+    def differentiable_loss(self, model, guide, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        bnet = _bnet_of(model)
+        if pyro.poutine.runtime.am_i_wrapped():
+            # make the parameters visible to pyro.infer.SVI's param capture
+            for name, p in bnet.named_parameters():
+                _param_effect(f"bnet.{name}", p)
+        out = bnet(x)
+        n = bnet.num_data or x.shape[0]
+        nll = -bnet.log_likelihood(out, y).sum() * (n / x.shape[0])
+        kl = bnet.kl()
+        self.last_kl = kl.detach()
+        return nll + self.kl_scale * kl
+
+    def _get_trace(self, model, guide, args, kwargs):  # pragma: no cover - not trace based
+        raise NotImplementedError("LocalReparamELBO does not use traces")
+
+    def loss(self, model, guide, *args, **kwargs) -> float:
+        with torch.no_grad():
+            return self.differentiable_loss(model, guide, *args, **kwargs).item()
+
+    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
+        loss = self.differentiable_loss(model, guide, *args, **kwargs)
+        loss.backward()
+        return loss.item()
+
+
+def make_adam(params: Iterable, lr: float) -> torch.optim.Adam:
+    """``torch.optim.Adam`` with the fused kernel where this torch has it (5-7x faster on a CPU)."""
+    params = list(params)
+    try:
+        return torch.optim.Adam(params, lr=lr, fused=True)
+    except (RuntimeError, TypeError, ValueError):  # old torch or unsupported device / dtype
+        return torch.optim.Adam(params, lr=lr)
+
+
+def _lr_factor(schedule: str, total: int | None, delay: float):
+    """Learning-rate multiplier per step: 0 during the first ``delay`` fraction, then cosine / flat."""
+    start = int(delay * total) if total else 0
+
+    def factor(step: int) -> float:
+        if step < start:
+            return 0.0
+        if schedule == "constant" or not total:
+            return 1.0
+        return 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+
+    return factor
+
+
+def _num_data(train_loader: Iterable, num_data: int | None) -> int:
+    if num_data is not None:
+        if isinstance(num_data, bool) or not isinstance(num_data, int) or num_data < 1:
+            raise ValueError(f"num_data must be a positive integer, got {num_data!r}")
+        return num_data
+    dataset = getattr(train_loader, "dataset", None)
+    try:
+        return len(dataset)  # type: ignore[arg-type]
+    except TypeError:
+        raise ValueError(
+            "cannot tell the training-set size N from train_loader (it has no sized .dataset); "
+            "pass num_data=N so the minibatch ELBO is scaled by N / batch size"
+        ) from None
+
+
+@torch.no_grad()
+def _val_accuracy(bnet: BayesianModule, loader: Iterable, dev: torch.device, samples: int) -> float:
+    correct = total = 0
+    for x, y in loader:
+        probs = bnet.predict(x.to(dev), num_samples=samples)
+        correct += int((probs.argmax(-1) == y.to(dev)).sum())
+        total += len(y)
+    if total == 0:
+        raise ValueError("val_loader is empty")
+    return correct / total
+
+
+def fit(
+    bnet: BayesianModule,
+    train_loader: Iterable,
+    epochs: int = 10,
+    lr: float = 1e-3,
+    device: str | torch.device | None = None,
+    num_data: int | None = None,
+    val_loader: Iterable | None = None,
+    progress: bool = True,
+    kl_warmup: float = 0,
+    seed: int | None = None,
+    *,
+    elbo: pyro.infer.ELBO | None = None,
+    structure_lr: float | None = None,
+    structure_delay: float = 0.1,
+    lr_schedule: str = "cosine",
+    val_samples: int = 8,
+    checkpoint: str | Path | None = None,
+) -> FitResult:
+    """Fit the variational posterior of ``bnet`` by stochastic variational inference.
+
+    Parameters
+    ----------
+    bnet
+        A :class:`~bayesprune.BayesianModule` from :func:`~bayesprune.bayesianize`; trained in place.
+    train_loader
+        Iterable of ``(x, y)`` minibatches (a ``DataLoader``).
+    epochs, lr
+        Passes over the data; Adam learning rate.
+    device
+        ``"cpu"``, ``"cuda"``, ``"cuda:N"``, a ``torch.device`` or ``None`` (the module's device).
+    num_data
+        Training-set size :math:`N` (default ``len(train_loader.dataset)``).
+    val_loader
+        Posterior-predictive accuracy on it after every epoch (``val_samples`` draws).
+    progress
+        tqdm progress bar.
+    kl_warmup
+        Epochs over which the KL weight grows linearly from 0 to 1 (0 = no warm-up).
+    seed
+        Seeds torch and Pyro.
+    elbo
+        ``None`` (default): :class:`LocalReparamELBO` with ``torch.optim.Adam`` over
+        ``bnet.parameters()``. Any other ``pyro.infer.ELBO`` (e.g. ``Trace_ELBO()``) runs
+        ``pyro.infer.SVI(bnet.model, bnet.guide, pyro.optim.Adam, loss=elbo)``.
+    structure_lr
+        Learning rate of the gate logits and shrinkage-scale parameters
+        (:meth:`~bayesprune.BayesianModule.structure_parameters`); default ``10 * lr`` (fast ELBO
+        only).
+    structure_delay
+        Fraction of the steps during which the structure parameters are frozen, so that the
+        weights first settle under the variational noise. The straight-through gate gradient at
+        :math:`z = 1` is the derivative of the loss along the node's scale, which is far from zero
+        until the weights have adapted and would otherwise push useful gates off (fast ELBO only).
+    lr_schedule
+        ``"cosine"`` (decay to 0 over all steps) or ``"constant"``.
+    checkpoint
+        Save ``bnet`` there (``bnet.save``) after every epoch.
+
+    Raises
+    ------
+    FloatingPointError
+        The loss became NaN or infinite; the message names the epoch and step.
+    """
+    if not isinstance(bnet, BayesianModule):
+        raise TypeError(
+            f"fit expects a BayesianModule from bp.bayesianize(net), got {type(bnet).__name__}"
+        )
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
+    if not lr > 0:
+        raise ValueError(f"lr must be positive, got {lr}")
+    if structure_lr is not None and not structure_lr > 0:
+        raise ValueError(f"structure_lr must be positive, got {structure_lr}")
+    if not 0 <= structure_delay < 1:
+        raise ValueError(f"structure_delay must be in [0, 1), got {structure_delay}")
+    if kl_warmup < 0:
+        raise ValueError(f"kl_warmup must be >= 0 epochs, got {kl_warmup}")
+    if lr_schedule not in ("cosine", "constant"):
+        raise ValueError(f"lr_schedule must be 'cosine' or 'constant', got {lr_schedule!r}")
+    if not isinstance(train_loader, Iterable):
+        raise TypeError(
+            f"train_loader must be an iterable of (x, y) batches such as a DataLoader, got {type(train_loader).__name__}"
+        )
+    if elbo is not None and not isinstance(elbo, pyro.infer.ELBO):
+        raise TypeError(f"elbo must be a pyro.infer.ELBO such as Trace_ELBO(), got {elbo!r}")
+    n = _num_data(train_loader, num_data)
+    if seed is not None:
+        torch.manual_seed(seed)
+        pyro.set_rng_seed(seed)
+    dev = resolve_device(device) if device is not None else bnet.device
+    bnet.to(dev)
+    bnet.num_data = n
+    steps_per_epoch = len(train_loader) if hasattr(train_loader, "__len__") else None
+    if steps_per_epoch == 0:
+        raise ValueError("train_loader is empty")
+    total_steps = epochs * steps_per_epoch if steps_per_epoch else None
+    warmup_steps = kl_warmup * steps_per_epoch if steps_per_epoch else 0
+    if kl_warmup and not steps_per_epoch:
+        raise ValueError("kl_warmup needs a train_loader with a length")
+
+    fast = elbo is None
+    if fast:
+        elbo_obj = LocalReparamELBO()
+        structure = bnet.structure_parameters()
+        ids = {id(p) for p in structure}
+        rest = [p for p in bnet.parameters() if id(p) not in ids]
+        groups = [{"params": rest, "lr": lr}]
+        if structure:
+            groups.append({"params": structure, "lr": structure_lr or 10 * lr})
+        opt = make_adam(groups, lr)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt,
+            [_lr_factor(lr_schedule, total_steps, 0.0)]
+            + ([_lr_factor(lr_schedule, total_steps, structure_delay)] if structure else []),
+        )
+    else:
+        elbo_obj = elbo
+        if lr_schedule == "cosine" and total_steps:
+            optim = pyro.optim.CosineAnnealingLR(
+                {"optimizer": torch.optim.Adam, "optim_args": {"lr": lr}, "T_max": total_steps}
+            )
+        else:
+            optim = pyro.optim.Adam({"lr": lr})
+        svi = pyro.infer.SVI(bnet.model, bnet.guide, optim, loss=elbo_obj)
+
+    result = FitResult(num_data=n)
+    bar = tqdm(total=total_steps, disable=not progress, desc="fit (SVI)", leave=False)
+    start = time.perf_counter()
+    step = 0
+    bnet.train()
+    try:
+        for epoch in range(epochs):
+            epoch_sum, epoch_count = 0.0, 0
+            for batch in train_loader:
+                try:
+                    x, y = batch
+                except (TypeError, ValueError):
+                    raise TypeError(
+                        "train_loader must yield (x, y) pairs; got a batch of type "
+                        f"{type(batch).__name__}"
+                    ) from None
+                x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+                beta = min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
+                if fast:
+                    elbo_obj.kl_scale = beta
+                    loss = elbo_obj.differentiable_loss(bnet.model, bnet.guide, x, y)
+                    if not torch.isfinite(loss):
+                        _raise_nonfinite(loss.item(), epoch, step)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    sched.step()
+                    value = loss.item()
+                    result.kl.append(elbo_obj.last_kl.item())
+                else:
+                    bnet._kl_scale = beta
+                    value = svi.step(x, y)
+                    if not math.isfinite(value):
+                        _raise_nonfinite(value, epoch, step)
+                    if lr_schedule == "cosine" and total_steps:
+                        optim.step()
+                step += 1
+                result.loss.append(value)
+                epoch_sum += value
+                epoch_count += 1
+                bar.update()
+                if progress:
+                    bar.set_postfix(epoch=epoch + 1, loss=f"{value:.4g}")
+            if epoch_count == 0:
+                raise ValueError("train_loader is empty")
+            result.epoch_loss.append(epoch_sum / epoch_count)
+            if val_loader is not None and bnet.likelihood == "categorical":
+                result.val_accuracy.append(_val_accuracy(bnet, val_loader, dev, val_samples))
+                bnet.train()
+            if checkpoint is not None:
+                bnet.save(checkpoint)
+    finally:
+        bnet._kl_scale = 1.0
+        bar.close()
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _raise_nonfinite(value: float, epoch: int, step: int) -> None:
+    raise FloatingPointError(
+        f"the ELBO loss became {value} at epoch {epoch + 1}, step {step + 1}; lower the learning "
+        "rate, check the inputs for NaN/inf, or use a broader prior"
+    )

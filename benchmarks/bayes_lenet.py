@@ -1,0 +1,121 @@
+"""Acceptance run of the Bayesian core: dense LeNet-300-100 on Fashion-MNIST, then node spike-and-slab.
+
+Trains the dense net, bayesianizes it (posterior means = trained weights), fits the variational
+posterior by SVI, and prints test accuracy of the dense net, of the posterior predictive, and of the
+median-probability model (nodes with PIP >= 0.5 kept, posterior-mean weights), plus the fraction of
+hidden nodes with PIP < 0.5. Acceptance: Bayesian accuracy within 1 point of dense, >= 50% of hidden
+nodes below 0.5::
+
+    python benchmarks/bayes_lenet.py --device cuda                       # the recorded run
+    python benchmarks/bayes_lenet.py --device cpu --subset 6000 --dense-epochs 3 --epochs 3   # smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+import bayesprune as bp
+from bayesprune.data import load_fashion_mnist, loader
+from bayesprune.train import evaluate, resolve_device, train
+from models import lenet_300_100
+
+
+@torch.no_grad()
+def _predictive_accuracy(bnet: bp.BayesianModule, data, num_samples: int) -> float:
+    correct = total = 0
+    for x, y in data:
+        probs = bnet.predict(x, num_samples=num_samples)
+        correct += int((probs.argmax(-1).cpu() == y).sum())
+        total += len(y)
+    return correct / total
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--subset", type=int, default=None, help="use this many images (smoke runs)"
+    )
+    parser.add_argument("--dense-epochs", type=int, default=20)
+    parser.add_argument("--epochs", type=int, default=10, help="SVI epochs")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--structure-lr", type=float, default=None)
+    parser.add_argument("--prior-inclusion", default="0.1", help="a probability or 'theory'")
+    parser.add_argument(
+        "--slab", default="gaussian", choices=["gaussian", "group_lasso", "horseshoe"]
+    )
+    parser.add_argument("--reparam", default="local", choices=["local", "shared"])
+    parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--init-scale", type=float, default=0.3, help="initial sd / weight RMS")
+    parser.add_argument("--kl-warmup", type=float, default=0.0, help="epochs of KL warm-up")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dev = resolve_device(args.device)
+    splits = load_fashion_mnist(seed=args.seed, subset=args.subset)
+    train_loader = loader(splits.train, 128, seed=args.seed)
+    test_loader = loader(splits.test, 1000, shuffle=False)
+
+    t0 = time.perf_counter()
+    dense = lenet_300_100()
+    train(dense, train_loader, epochs=args.dense_epochs, device=dev, progress=False, seed=args.seed)
+    acc_dense = evaluate(dense, test_loader, device=dev)
+    t_dense = time.perf_counter() - t0
+
+    pi = args.prior_inclusion if args.prior_inclusion == "theory" else float(args.prior_inclusion)
+    prior = bp.priors.SpikeAndSlab(level="node", prior_inclusion=pi, slab=args.slab)
+    bnet = bp.bayesianize(dense, prior=prior, reparam=args.reparam, init_scale=args.init_scale)
+    t0 = time.perf_counter()
+    result = bp.fit(
+        bnet,
+        train_loader,
+        epochs=args.epochs,
+        lr=args.lr,
+        structure_lr=args.structure_lr,
+        kl_warmup=args.kl_warmup,
+        device=dev,
+        progress=False,
+        seed=args.seed,
+    )
+    t_fit = time.perf_counter() - t0
+    acc_bayes = _predictive_accuracy(bnet, test_loader, args.samples)
+    pips = bnet.inclusion_probs()
+    masks = {k: v >= 0.5 for k, v in pips.items()}
+    hidden = [k for k in pips if k != "5"]  # the output layer's nodes are the classes
+    n_hidden = sum(pips[k].numel() for k in hidden)
+    below = sum(int((pips[k] < 0.5).sum()) for k in hidden)
+    median_model = bnet.mean_module({k: masks[k] for k in hidden})
+    acc_median = evaluate(median_model, test_loader, device=dev)
+    row = dict(
+        device=str(dev),
+        dense_acc=acc_dense,
+        bayes_acc=acc_bayes,
+        median_model_acc=acc_median,
+        hidden_below_half=below / n_hidden,
+        per_layer_below_half={k: float((pips[k] < 0.5).float().mean()) for k in hidden},
+        final_loss=result.loss[-1],
+        dense_seconds=t_dense,
+        fit_seconds=t_fit,
+    )
+    print(
+        f"device {dev}; subset {args.subset}; dense epochs {args.dense_epochs}; SVI epochs {args.epochs}"
+    )
+    print(
+        "| dense acc | Bayes predictive acc | median-model acc | hidden nodes PIP<0.5 | per layer | fit s |"
+    )
+    print("|---:|---:|---:|---:|---|---:|")
+    per = ", ".join(f"{k}: {v:.0%}" for k, v in row["per_layer_below_half"].items())
+    print(
+        f"| {acc_dense:.4f} | {acc_bayes:.4f} | {acc_median:.4f} | {below}/{n_hidden} = "
+        f"{below / n_hidden:.0%} | {per} | {t_fit:.0f} |"
+    )
+    return row
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,297 @@
+"""bayesianize / BayesianModule: coverage table rows, errors, PIPs, mean_module, Pyro model, save/load."""
+
+from __future__ import annotations
+
+import warnings
+
+import pyro
+import pytest
+import torch
+from pyro import poutine
+from torch import nn
+
+import bayesprune as bp
+from bayesprune.layers import BayesianConv1d, BayesianConv2d, BayesianLinear
+from models import lenet5_caffe, lenet_300_100, resnet20
+
+
+def _small_resnet() -> nn.Module:
+    return resnet20(widths=(4, 8, 8))
+
+
+# -- layer coverage table (one test per row) -----------------------------------------------------
+def test_row_linear_becomes_bayesian() -> None:
+    bnet = bp.bayesianize(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)))
+    assert isinstance(bnet.net[0], BayesianLinear) and isinstance(bnet.net[2], BayesianLinear)
+
+
+def test_row_conv1d_becomes_bayesian() -> None:
+    net = nn.Sequential(nn.Conv1d(2, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 6, 2))
+    bnet = bp.bayesianize(net)
+    assert isinstance(bnet.net[0], BayesianConv1d)
+    assert bnet(torch.randn(4, 2, 8)).shape == (4, 2)
+
+
+def test_row_conv2d_becomes_bayesian() -> None:
+    bnet = bp.bayesianize(lenet5_caffe())
+    assert isinstance(bnet.net[0], BayesianConv2d) and isinstance(bnet.net[3], BayesianConv2d)
+
+
+def test_row_batchnorm_stays_deterministic_and_the_gate_acts_after_it() -> None:
+    bnet = bp.bayesianize(_small_resnet(), prior=bp.priors.SpikeAndSlab())
+    assert type(bnet.net.bn1) is nn.BatchNorm2d
+    assert bnet.gate_after["conv1"] == "bn1"
+    assert bnet.gate_after["layer2.0.shortcut.0"] == "layer2.0.shortcut.1"
+    with torch.no_grad():
+        bnet.net.conv1.gate_logit[2] = -60.0
+    bnet.train()
+    # conv1 -> bn1 -> relu (used once): the gate acts after the ReLU, which follows the BatchNorm
+    assert bnet.net.conv1.gate_after == "relu"
+    assert bnet.net.layer1[0].conv2.gate_after == "layer1.0.bn2"  # its ReLU follows the addition
+    h = {}
+    bnet.net.relu.register_forward_hook(lambda m, i, o: h.setdefault("relu", o))
+    bnet(torch.randn(8, 1, 28, 28))
+    assert torch.equal(h["relu"][:, 2], torch.zeros_like(h["relu"][:, 2]))  # exactly zero
+    assert bnet.net.bn1.weight.requires_grad  # a point estimate in the same optimizer
+
+
+def test_row_activations_pooling_flatten_dropout_are_deterministic() -> None:
+    net = nn.Sequential(
+        nn.Conv2d(1, 4, 3),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Dropout(0.1),
+        nn.Flatten(),
+        nn.Linear(4 * 13 * 13, 3),
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # none of these may warn
+        bnet = bp.bayesianize(net)
+    assert [type(m) for m in bnet.net][1:5] == [nn.ReLU, nn.MaxPool2d, nn.Dropout, nn.Flatten]
+
+
+@pytest.mark.parametrize(
+    "layer",
+    [nn.Conv3d(1, 1, 1), nn.Embedding(5, 4), nn.LSTM(4, 4), nn.ConvTranspose2d(1, 1, 1)],
+    ids=["conv3d", "embedding", "lstm", "convtranspose2d"],
+)
+def test_row_unsupported_layer_stays_deterministic_with_a_warning(layer: nn.Module) -> None:
+    net = nn.ModuleDict({"odd": layer, "head": nn.Linear(4, 2)})
+    with pytest.warns(UserWarning, match=rf"'odd' \({type(layer).__name__}\) is not supported"):
+        bnet = bp.bayesianize(net, layers=None)
+    assert bnet.net["odd"] is not layer and type(bnet.net["odd"]) is type(layer)
+    assert isinstance(bnet.net["head"], BayesianLinear)
+
+
+def test_row_subclass_of_linear_is_not_assumed_compatible() -> None:
+    class MyLinear(nn.Linear):
+        pass
+
+    net = nn.Sequential(MyLinear(3, 3), nn.Linear(3, 2))
+    with pytest.warns(UserWarning, match="MyLinear"):
+        bnet = bp.bayesianize(net)
+    assert type(bnet.net[0]) is MyLinear
+
+
+# -- errors ----------------------------------------------------------------------------------------
+def test_unsupported_layer_requested_explicitly_is_an_error() -> None:
+    net = nn.Sequential(nn.Conv3d(1, 1, 1), nn.Flatten(), nn.Linear(1, 2))
+    with pytest.raises(
+        TypeError, match=r"layer '0' is a Conv3d.*only nn.Linear, nn.Conv1d and nn.Conv2d"
+    ):
+        bp.bayesianize(net, layers=["0"])
+
+
+def test_bad_layer_names_are_an_error_listing_valid_names() -> None:
+    with pytest.raises(
+        KeyError, match=r"layers names modules that are not in the network: \['9'\]"
+    ):
+        bp.bayesianize(lenet_300_100(), layers=["9"])
+    with pytest.raises(KeyError, match="skip names modules"):
+        bp.bayesianize(lenet_300_100(), skip=["fc9"])
+
+
+def test_no_supported_layer_is_an_error() -> None:
+    with pytest.raises(ValueError, match="no layer to make Bayesian"):
+        bp.bayesianize(nn.Sequential(nn.ReLU()))
+    with pytest.raises(ValueError, match="no layer to make Bayesian"):
+        bp.bayesianize(nn.Sequential(nn.Linear(2, 2)), skip=["0"])
+
+
+def test_bad_arguments_are_errors() -> None:
+    with pytest.raises(TypeError, match=r"expects a torch\.nn\.Module"):
+        bp.bayesianize("lenet")
+    with pytest.raises(TypeError, match=r"bp\.priors\.SpikeAndSlab"):
+        bp.bayesianize(lenet_300_100(), prior="spike")
+    with pytest.raises(ValueError, match="likelihood must be one of"):
+        bp.bayesianize(lenet_300_100(), likelihood="poisson")
+    with pytest.raises(ValueError, match="reparam must be"):
+        bp.bayesianize(lenet_300_100(), reparam="flipout")
+    with pytest.raises(KeyError, match="no prior for Bayesian layers"):
+        bp.bayesianize(lenet_300_100(), prior={"1": bp.priors.Gaussian()}, layers=["1", "3"])
+    bnet = bp.bayesianize(lenet_300_100())
+    with pytest.raises(TypeError, match="already contains Bayesian layers"):
+        bp.bayesianize(bnet.net)
+
+
+# -- structure and posterior summaries --------------------------------------------------------------
+def test_net_is_not_mutated_and_posterior_means_start_at_its_weights() -> None:
+    net = lenet_300_100(in_features=64)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    bnet = bp.bayesianize(net, prior=bp.priors.SpikeAndSlab())
+    assert all(type(m) is not BayesianLinear for m in net.modules())
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    torch.testing.assert_close(bnet.net[1].weight_loc, net[1].weight)
+    x = torch.randn(5, 64)
+    torch.testing.assert_close(bnet(x, mode="mean"), net(x))
+
+
+def test_inclusion_probs_names_shapes_ranges_linear_and_conv() -> None:
+    bnet = bp.bayesianize(lenet5_caffe(), prior=bp.priors.SpikeAndSlab(level="node"))
+    pips = bnet.inclusion_probs()
+    assert list(pips) == ["0", "3", "7", "9"]
+    assert [tuple(p.shape) for p in pips.values()] == [(20,), (50,), (500,), (10,)]
+    for p in pips.values():
+        assert p.device.type == "cpu" and ((p >= 0) & (p <= 1)).all()
+    names = dict(lenet5_caffe().named_modules())
+    assert all(isinstance(names[k], (nn.Linear, nn.Conv2d)) for k in pips)
+    ghs = bp.bayesianize(lenet5_caffe(), prior=bp.priors.GroupHorseshoe()).inclusion_probs()
+    assert [tuple(p.shape) for p in ghs.values()] == [(20,), (50,), (500,), (10,)]
+    assert bp.bayesianize(lenet5_caffe(), prior=bp.priors.Gaussian()).inclusion_probs() == {}
+    w = bp.bayesianize(lenet5_caffe(), prior=bp.priors.SpikeAndSlab(level="weight"))
+    assert w.inclusion_probs() == {} and w.weight_inclusion_probs()["0"].shape == (20, 1, 5, 5)
+
+
+@pytest.mark.parametrize(
+    "prior",
+    [
+        bp.priors.SpikeAndSlab(),
+        bp.priors.GroupHorseshoe(),
+        bp.priors.SpikeAndSlab(slab="horseshoe"),
+    ],
+    ids=["ss", "ghs", "ss-ghs"],
+)
+def test_mean_module_equals_the_bayesian_net_in_mean_mode(prior) -> None:
+    bnet = bp.bayesianize(_small_resnet(), prior=prior)
+    with torch.no_grad():  # move the posterior away from its initial state
+        for layer in bnet.bayesian_layers.values():
+            layer.weight_loc.mul_(1.1)
+            for n, p in layer.named_parameters(recurse=False):
+                if n.endswith("_loc") and not n.startswith(("weight", "bias")):
+                    p.add_(0.3)
+    bnet.eval()
+    plain = bnet.mean_module().eval()
+    assert not any(isinstance(m, pyro.nn.PyroModule) for m in plain.modules())
+    assert type(plain) is type(_small_resnet())
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), bnet(x, mode="mean"), atol=1e-4, rtol=1e-4)
+
+
+def test_mean_module_masks_zero_rows_biases_and_following_batchnorm() -> None:
+    bnet = bp.bayesianize(_small_resnet(), prior=bp.priors.SpikeAndSlab())
+    keep = torch.ones(4, dtype=torch.bool)
+    keep[1] = False
+    m = bnet.mean_module({"conv1": keep, "fc": torch.tensor([True] * 9 + [False])})
+    assert m.conv1.weight[1].abs().sum() == 0
+    assert m.bn1.weight[1] == 0 and m.bn1.bias[1] == 0
+    assert m.fc.weight[9].abs().sum() == 0 and m.fc.bias[9] == 0
+    assert m.conv1.weight[0].abs().sum() > 0
+    with pytest.raises(KeyError, match="not Bayesian layers"):
+        bnet.mean_module({"nope": keep})
+    with pytest.raises(ValueError, match="one entry per output node"):
+        bnet.mean_module({"conv1": torch.ones(3, dtype=torch.bool)})
+
+
+def test_predict_gives_probabilities() -> None:
+    bnet = bp.bayesianize(lenet_300_100(in_features=64))
+    p = bnet.predict(torch.randn(7, 64), num_samples=5)
+    assert p.shape == (7, 10)
+    torch.testing.assert_close(p.sum(-1), torch.ones(7))
+    assert bnet.training  # restored
+    with pytest.raises(ValueError, match="num_samples"):
+        bnet.predict(torch.randn(2, 64), num_samples=0)
+
+
+def test_regression_prediction_separates_epistemic_and_aleatoric() -> None:
+    net = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 1))
+    bnet = bp.bayesianize(net, prior=bp.priors.Gaussian(), likelihood="gaussian", noise_scale=0.5)
+    with torch.no_grad():
+        for layer in bnet.bayesian_layers.values():
+            layer.weight_log_scale.fill_(-1.0)
+    pred = bnet.predict_regression(torch.randn(6, 3), num_samples=50)
+    assert pred.mean.shape == (6,)
+    torch.testing.assert_close(pred.aleatoric, torch.full((6,), 0.25))
+    assert (pred.epistemic > 0).all()
+    torch.testing.assert_close(pred.variance, pred.epistemic + pred.aleatoric)
+    with pytest.raises(ValueError, match="likelihood='gaussian'"):
+        bp.bayesianize(lenet_300_100()).predict_regression(torch.randn(2, 784))
+
+
+# -- the genuine Pyro model --------------------------------------------------------------------------
+def test_trace_site_names_are_module_paths_and_the_plate_scales_by_n_over_b() -> None:
+    bnet = bp.bayesianize(_small_resnet(), prior=bp.priors.SpikeAndSlab())
+    bnet.num_data = 1000
+    x, y = torch.randn(4, 1, 28, 28), torch.randint(0, 10, (4,))
+    tr = poutine.trace(bnet.model).get_trace(x, y)
+    layers = set(bnet.bayesian_layers)
+    sites = [n for n, s in tr.nodes.items() if s["type"] == "sample" and n not in ("obs", "data")]
+    assert {n.rsplit(".", 1)[0] for n in sites} == layers
+    assert {"conv1.gate", "conv1.weight", "layer2.0.shortcut.0.gate", "fc.bias"} <= set(sites)
+    assert set(bnet.inclusion_probs()) == layers
+    obs = tr.nodes["obs"]
+    assert obs["scale"] == pytest.approx(1000 / 4)
+    assert tr.nodes["data"]["value"].shape == (4,)
+
+
+def test_predictive_and_guide_trace_work() -> None:
+    pyro.clear_param_store()
+    bnet = bp.bayesianize(lenet_300_100(in_features=16), prior=bp.priors.GroupHorseshoe())
+    x = torch.randn(3, 16)
+    samples = pyro.infer.Predictive(bnet.model, guide=bnet.guide, num_samples=4)(x)
+    assert samples["obs"].shape == (4, 3)
+    assert samples["1.scale"].reshape(4, -1).shape == (4, 300)
+    gtr = poutine.trace(bnet.guide).get_trace(x)
+    params = [n for n, s in gtr.nodes.items() if s["type"] == "param"]
+    assert "bnet.net.1.weight_loc" in params
+    assert len(pyro.get_param_store()) == 0  # the module owns its parameters
+
+
+# -- persistence -------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "prior", [bp.priors.SpikeAndSlab(prior_inclusion="theory"), bp.priors.GroupHorseshoe(0.3)]
+)
+def test_save_load_round_trip(tmp_path, prior) -> None:
+    bnet = bp.bayesianize(_small_resnet(), prior=prior, reparam="shared")
+    with torch.no_grad():
+        for p in bnet.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    bnet.num_data = 123
+    path = tmp_path / "b.safetensors"
+    bnet.save(path)
+    back = bp.load(path, _small_resnet())
+    assert back.num_data == 123 and back.priors == bnet.priors and back.reparam == "shared"
+    for (k, a), (k2, b) in zip(bnet.state_dict().items(), back.state_dict().items(), strict=True):
+        assert k == k2 and torch.equal(a, b)
+    bnet.eval()
+    back.eval()
+    x = torch.randn(2, 1, 28, 28)
+    torch.manual_seed(5)
+    a = bnet.predict(x, num_samples=3)
+    torch.manual_seed(5)
+    torch.testing.assert_close(back.predict(x, num_samples=3), a)
+
+
+def test_load_errors(tmp_path) -> None:
+    bnet = bp.bayesianize(lenet_300_100(in_features=16))
+    path = tmp_path / "b.safetensors"
+    bnet.save(path)
+    with pytest.raises(ValueError, match="does not match the architecture"):
+        bp.load(path, lenet_300_100(in_features=32))
+    with pytest.raises(FileNotFoundError):
+        bp.load(tmp_path / "missing.safetensors", lenet_300_100())
+    from safetensors.torch import save_file
+
+    save_file({"a": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="not a bayesprune BayesianModule file"):
+        bp.load(tmp_path / "other.safetensors", lenet_300_100())

@@ -1,0 +1,403 @@
+"""Tests of bayesprune/conformal.py: certificates, certify, prediction sets (statistical and unit)."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import bayesprune as bp
+from bayesprune.conformal import (
+    Certificate,
+    ConformalClassifier,
+    aps_scores,
+    certify,
+    certify_candidates,
+    conformal_quantile,
+    default_levels,
+    lac_scores,
+    pip_candidates,
+    prediction_sets,
+    raps_scores,
+)
+from bayesprune.data import load_digits, loader
+from bayesprune.train import train
+from models import lenet_300_100
+
+# ------------------------------------------------------------------------------------------------
+# fixtures: a small MLP trained on sklearn digits, and masked / pruned candidates of it
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_digits(seed=0)
+
+
+@pytest.fixture(scope="module")
+def net(digits) -> nn.Module:
+    torch.manual_seed(0)
+    model = lenet_300_100(in_features=64)
+    train(model, loader(digits.train, 64), epochs=8, lr=2e-3, progress=False, seed=0)
+    return model.eval()
+
+
+def _node_scores(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {"1": model[1].weight.detach().norm(dim=1), "3": model[3].weight.detach().norm(dim=1)}
+
+
+KEEP = [0.9, 0.6, 0.3, 0.1, 0.04]
+
+
+@pytest.fixture(scope="module")
+def candidates(net) -> list[nn.Module]:
+    with warnings.catch_warnings():  # the smallest keep fractions empty layer 1 (floored)
+        warnings.filterwarnings("ignore", message="the node decisions keep 0")
+        return [bp.prune(net, keep=f, scores=_node_scores(net)) for f in KEEP]
+
+
+class FakeBayesianModule:
+    """Implements ARCHITECTURE.md's BayesianModule contract around a plain net (for certify)."""
+
+    def __init__(self, model: nn.Module, pips: dict[str, torch.Tensor]) -> None:
+        self.model, self.pips, self.num_classes, self.device = model, pips, 10, torch.device("cpu")
+
+    def inclusion_probs(self) -> dict[str, torch.Tensor]:
+        return {k: v.clone() for k, v in self.pips.items()}
+
+    def mean_module(self, masks=None) -> nn.Module:
+        return bp.zero_masked(self.model, masks) if masks else copy.deepcopy(self.model)
+
+    def predict(self, x: torch.Tensor, num_samples: int = 32) -> torch.Tensor:
+        return torch.softmax(self.model(x), -1)
+
+
+def _cal(digits, batch_size: int = 128) -> DataLoader:
+    return loader(digits.cal, batch_size, shuffle=False)
+
+
+# ------------------------------------------------------------------------------------------------
+# certify_candidates / certify
+# ------------------------------------------------------------------------------------------------
+
+
+def test_certify_candidates_on_digits(net, candidates, digits, tmp_path) -> None:
+    cert = certify_candidates(
+        candidates, net, _cal(digits), risk="accuracy_drop", alpha=0.05, delta=0.1,
+        levels=KEEP, level_name="keep", progress=False,
+    )  # fmt: skip
+    assert cert.n == len(digits.cal) and cert.pvalue == "binomial"
+    assert len(cert.curve) == len(KEEP)
+    kept = [row["params_kept"] for row in cert.curve]
+    assert all(a > b for a, b in itertools.pairwise(kept))
+    # the curve is what learn_then_test sees: recompute the risks by hand
+    x, y = digits.cal.tensors
+    with torch.no_grad():
+        ref = net(x).argmax(-1)
+        for row, cand in zip(cert.curve, candidates, strict=True):
+            pred = cand(x).argmax(-1)
+            assert row["risk_hat"] == pytest.approx(
+                float(((pred != y) & (ref == y)).double().mean())
+            )
+    assert cert.passed, str(cert)  # keeping 90% of nodes of a trained MLP loses (almost) nothing
+    rejected = [row["rejected"] for row in cert.curve]
+    assert rejected[: cert.index + 1] == [True] * (cert.index + 1)
+    assert cert.index == len(KEEP) - 1 or not rejected[cert.index + 1]
+    assert cert.model is candidates[cert.index] and cert.level == KEEP[cert.index]
+    text = str(cert)
+    assert "alpha=0.05" in text and "delta=0.1" in text and "params kept" in text
+    cert.save(tmp_path / "cert.json")
+    d = json.loads((tmp_path / "cert.json").read_text())
+    assert d["index"] == cert.index and d["passed"] and d["n"] == cert.n
+    back = Certificate.load(tmp_path / "cert.json")
+    assert back.to_dict() == cert.to_dict() and back.model is None
+
+
+def test_certify_candidates_none_pass_returns_dense(net, digits) -> None:
+    torch.manual_seed(1)
+    junk = lenet_300_100(in_features=64)  # untrained: disagrees with the dense net everywhere
+    cert = certify_candidates([junk, junk], net, _cal(digits), alpha=0.05, progress=False)
+    assert not cert.passed and cert.index is None and cert.model is net
+    assert cert.params_kept == 1.0 and "dense model is returned" in str(cert)
+    assert cert.to_dict()["passed"] is False
+
+
+def test_certify_candidates_bonferroni_and_error_risk(net, candidates, digits) -> None:
+    cert = certify_candidates(
+        candidates, net, _cal(digits), risk="error", alpha=0.2, delta=0.1,
+        method="bonferroni", pvalue="hb", progress=False,
+    )  # fmt: skip
+    assert cert.method == "bonferroni" and cert.pvalue == "hb"
+    if cert.passed:
+        assert cert.curve[cert.index]["p_value"] <= 0.1 / len(candidates)
+
+
+def test_certify_candidates_refuses_training_loader(net, candidates, digits) -> None:
+    train_loader = loader(digits.train, 64)
+    with pytest.raises(ValueError, match="disjoint"):
+        certify_candidates(candidates, net, train_loader, train_loader=train_loader)
+    with pytest.raises(ValueError, match="disjoint"):  # a second loader over the same dataset
+        certify_candidates(
+            candidates, net, loader(digits.train, 32), train_loader=train_loader, progress=False
+        )
+
+
+def test_certify_candidates_bad_input(net, candidates, digits) -> None:
+    cal = _cal(digits)
+    for kwargs, match in [
+        (dict(alpha=0.0), "alpha"),
+        (dict(alpha=1.2), "alpha"),
+        (dict(delta=1.0), "delta"),
+        (dict(risk="loss"), "risk must be one of"),
+        (dict(levels=[1, 2]), "levels"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            certify_candidates(candidates, net, cal, progress=False, **kwargs)
+    # alpha = 0.01, delta = 0.1 needs n >= 230: the 359 calibration points pass, 200 cannot
+    small = loader(TensorDataset(*(t[:200] for t in digits.cal.tensors)), 64, shuffle=False)
+    with pytest.raises(ValueError, match="at least n = 230"):
+        certify_candidates(candidates, net, small, alpha=0.01, progress=False)
+    certify_candidates(candidates, net, cal, alpha=0.01, progress=False)
+    empty = DataLoader(TensorDataset(torch.zeros(0, 1, 8, 8), torch.zeros(0, dtype=torch.long)))
+    with pytest.raises(ValueError, match="empty"):
+        certify_candidates(candidates, net, empty, progress=False)
+    bad_labels = loader(TensorDataset(digits.cal.tensors[0], digits.cal.tensors[1] + 5), 64)
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 10\)"):
+        certify_candidates(candidates, net, bad_labels, progress=False)
+    five = nn.Sequential(nn.Flatten(), nn.Linear(64, 5))
+    with pytest.raises(ValueError, match="5 class scores but the task has 10"):
+        certify_candidates([five], net, cal, progress=False)
+    with pytest.raises(ValueError, match="10 class scores but the task has 12"):
+        certify_candidates(candidates, net, cal, num_classes=12, progress=False)
+    with pytest.raises(ValueError, match="candidates is empty"):
+        certify_candidates([], net, cal)
+    with pytest.raises(TypeError, match="iterable"):
+        certify_candidates(candidates, net, 3)
+
+
+def test_default_levels() -> None:
+    pips = {"a": torch.tensor([0.01, 0.01, 0.5, 0.9]), "b": torch.tensor([0.3, 0.99])}
+    levels = default_levels(pips, max_levels=20)
+    flat = torch.cat(list(pips.values()))
+    kept = [int((flat >= t).sum()) for t in levels]
+    assert levels == sorted(levels) and kept == sorted(kept, reverse=True)
+    assert len(set(kept)) == len(kept) and kept[0] < len(
+        flat
+    )  # each prunes more, first prunes some
+    assert len(default_levels({"a": torch.rand(1000)}, max_levels=7)) <= 7
+    with pytest.raises(ValueError, match="node-level prior"):
+        default_levels({})
+    with pytest.raises(ValueError, match="same PIP"):
+        default_levels({"a": torch.ones(3)})
+
+
+@pytest.mark.filterwarnings("ignore:the node decisions keep 0")
+def test_certify_bayesian_module_contract(net, digits, tmp_path) -> None:
+    # PIPs: node scores rescaled to [0, 1], so that low-norm nodes have low inclusion probability
+    scores = _node_scores(net)
+    top = max(float(v.max()) for v in scores.values())
+    bnet = FakeBayesianModule(net, {k: v / top for k, v in scores.items()})
+    cert = certify(bnet, _cal(digits), alpha=0.05, delta=0.1, max_levels=6, progress=False)
+    assert cert.level_name == "PIP threshold" and len(cert.curve) <= 6
+    assert [r["level"] for r in cert.curve] == sorted(r["level"] for r in cert.curve)
+    assert cert.passed, str(cert)
+    small = cert.model
+    assert isinstance(small, nn.Module) and bp.count_params(small) < bp.count_params(net)
+    assert cert.params_kept == pytest.approx(bp.count_nonzero(small) / bp.count_nonzero(net))
+    cert.save(tmp_path / "c.json")
+    keep = certify(
+        bnet, _cal(digits), by="keep", levels=[0.8, 0.4], reference="mean", progress=False
+    )
+    assert keep.level_name == "keep fraction" and len(keep.curve) == 2
+    with pytest.raises(ValueError, match="increasing PIP thresholds"):
+        certify(bnet, _cal(digits), levels=[0.5, 0.2], progress=False)
+    with pytest.raises(TypeError, match="certify_candidates"):
+        certify(net, _cal(digits))
+    tl = loader(digits.train, 64)
+    with pytest.raises(ValueError, match="disjoint"):
+        certify(bnet, tl, train_loader=tl)
+
+
+# ------------------------------------------------------------------------------------------------
+# scores and the conformal quantile
+# ------------------------------------------------------------------------------------------------
+
+
+def test_conformal_quantile_off_by_one() -> None:
+    # rank ceil((n + 1)(1 - alpha)): n = 9, alpha = 0.1 -> 9 (the largest); n = 8 -> 9 > 8 -> inf
+    assert conformal_quantile(np.arange(1.0, 10.0), 0.1) == 9.0
+    assert conformal_quantile(np.arange(1.0, 9.0), 0.1) == math.inf
+    # n = 19, alpha = 0.05: (n + 1)(1 - alpha) = 19 exactly (not 19.000000000000004 -> 20)
+    assert conformal_quantile(np.arange(1.0, 20.0), 0.05) == 19.0
+    # n = 100, alpha = 0.1: ceil(90.9) = 91st smallest; scores are shuffled
+    scores = np.random.default_rng(0).permutation(np.arange(100.0))
+    assert conformal_quantile(scores, 0.1) == 90.0
+    assert conformal_quantile(torch.tensor([0.3, 0.1, 0.2]), 0.2) == math.inf
+    with pytest.raises(ValueError, match="alpha"):
+        conformal_quantile(scores, 1.0)
+    with pytest.raises(ValueError, match="empty"):
+        conformal_quantile(np.array([]), 0.1)
+
+
+def test_scores_hand_computed() -> None:
+    probs = np.array([[0.5, 0.3, 0.2], [0.1, 0.6, 0.3]])
+    y = np.array([1, 0])
+    np.testing.assert_allclose(lac_scores(probs, y), [0.7, 0.9])
+    # APS, u = 1: mass up to and including y in decreasing order
+    np.testing.assert_allclose(aps_scores(probs, y, randomized=False), [0.8, 1.0])
+    # randomized: mass strictly above y plus u * p_y
+    np.testing.assert_allclose(aps_scores(probs, y, u=np.array([0.5, 0.25])), [0.65, 0.925])
+    # RAPS: + lam * (rank - k_reg)^+, ranks 2 and 3
+    np.testing.assert_allclose(
+        raps_scores(probs, y, lam=0.1, k_reg=1, randomized=False), [0.9, 1.2]
+    )
+    t = aps_scores(torch.tensor(probs), torch.tensor(y), randomized=False)
+    assert torch.is_tensor(t)
+    with pytest.raises(ValueError, match="labels must be in"):
+        lac_scores(probs, np.array([0, 3]))
+    with pytest.raises(ValueError, match="num_classes"):
+        lac_scores(probs[0], y)
+
+
+def test_prediction_sets_structure() -> None:
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.ones(6), size=200)
+    order = np.argsort(-probs, axis=1)
+    for score in ("aps", "raps"):
+        sets = prediction_sets(probs, 0.7, score=score, seed=1)
+        sorted_sets = np.take_along_axis(sets, order, axis=1)
+        # with one uniform per row the set is a prefix of the labels sorted by probability
+        assert np.all(np.diff(sorted_sets.astype(int), axis=1) <= 0)
+    full = prediction_sets(probs, math.inf, score="aps")
+    assert full.all()
+    # larger RAPS penalty -> smaller sets
+    small = prediction_sets(probs, 0.9, score="raps", lam=1.0, k_reg=1, u=np.full(200, 0.5))
+    big = prediction_sets(probs, 0.9, score="raps", lam=0.0, k_reg=1, u=np.full(200, 0.5))
+    assert small.sum() < big.sum() and np.all(small <= big)
+
+
+# ------------------------------------------------------------------------------------------------
+# statistical test: split-conformal coverage over 500 random calibration/test splits
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("score", ["lac", "aps", "raps"])
+def test_split_conformal_coverage(score) -> None:
+    alpha, n_pool, n_cal, trials, c = 0.1, 3000, 100, 500, 10
+    rng = np.random.default_rng(11)
+    logits = rng.normal(0, 2.0, size=(n_pool, c))
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    # labels from a tempered version of the probabilities: the model is miscalibrated on purpose
+    true = np.exp(0.5 * logits) / np.exp(0.5 * logits).sum(1, keepdims=True)
+    y = (true.cumsum(1) > rng.random((n_pool, 1))).argmax(1)
+    u = rng.random(n_pool)  # the randomization is part of each point, so it is exchangeable too
+    if score == "lac":
+        s = lac_scores(probs, y)
+    else:
+        s = raps_scores(probs, y, lam=0.05 if score == "raps" else 0.0, k_reg=2, u=u)
+    cov = np.empty(trials)
+    for t in range(trials):
+        perm = rng.permutation(n_pool)
+        cal, test = perm[:n_cal], perm[n_cal:]
+        cov[t] = (s[test] <= conformal_quantile(s[cal], alpha)).mean()
+    se = cov.std(ddof=1) / math.sqrt(trials)
+    lo, hi = 1 - alpha, 1 - alpha + 1 / (n_cal + 1)
+    assert lo - 3 * se <= cov.mean() <= hi + 3 * se, (cov.mean(), se)
+    # prediction_sets agrees with the scores: y is in the set iff its score is <= qhat
+    qhat = conformal_quantile(s[:n_cal], alpha)
+    sets = prediction_sets(probs, qhat, score=score, lam=0.05, k_reg=2, u=u)
+    np.testing.assert_array_equal(sets[np.arange(n_pool), y], s <= qhat)
+
+
+# ------------------------------------------------------------------------------------------------
+# ConformalClassifier on a network
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("score", ["lac", "aps", "raps"])
+def test_conformal_classifier_plain_net(net, digits, score) -> None:
+    cp = ConformalClassifier(net, score=score, k_reg=1, seed=0)
+    cp.calibrate(_cal(digits), alpha=0.1)
+    assert cp.n == len(digits.cal) and math.isfinite(cp.qhat)
+    x = digits.test.tensors[0][:7]
+    sets = cp.predict_sets(x)
+    assert sets.dtype == torch.bool and sets.shape == (7, 10)
+    res = cp.evaluate(loader(digits.test, 100, shuffle=False))
+    assert res["n"] == len(digits.test)
+    # a single test set of 360 points: coverage 0.9 up to about 3 standard errors (0.016 each)
+    assert res["coverage"] >= 0.9 - 3 * math.sqrt(0.09 / 360)
+    assert 0 < res["mean_size"] < 10
+    assert sum(v["count"] for v in res["size_stratified"].values()) == res["n"]
+
+
+def test_conformal_classifier_bayesian_and_errors(net, digits) -> None:
+    bnet = FakeBayesianModule(net, {})
+    cp = ConformalClassifier(bnet, score="aps", num_samples=4)
+    assert cp.bayesian
+    with pytest.raises(RuntimeError, match="calibrate"):
+        cp.predict_sets(digits.test.tensors[0][:2])
+    with pytest.raises(ValueError, match="alpha"):
+        cp.calibrate(_cal(digits), alpha=0.0)
+    tl = loader(digits.train, 64)
+    with pytest.raises(ValueError, match="disjoint"):
+        cp.calibrate(tl, 0.1, train_loader=tl)
+    empty = DataLoader(TensorDataset(torch.zeros(0, 1, 8, 8), torch.zeros(0, dtype=torch.long)))
+    with pytest.raises(ValueError, match="empty"):
+        cp.calibrate(empty, 0.1)
+    bad_labels = loader(TensorDataset(digits.cal.tensors[0], digits.cal.tensors[1] + 5), 64)
+    with pytest.raises(ValueError, match="labels must be in"):
+        cp.calibrate(bad_labels, 0.1)
+    with pytest.raises(ValueError, match="but the task has 12"):
+        ConformalClassifier(net, num_classes=12).calibrate(_cal(digits), 0.1)
+    with pytest.raises(ValueError, match="score must be one of"):
+        ConformalClassifier(net, score="thr")
+    with pytest.raises(TypeError, match=r"nn\.Module"):
+        ConformalClassifier(object())
+    cp.calibrate(_cal(digits), 0.1)
+    assert cp.evaluate(_cal(digits))["coverage"] >= 0.9  # in-sample: at least 1 - alpha by design
+    # too few calibration points for alpha: every label is in every set
+    tiny = loader(TensorDataset(*(t[:5] for t in digits.cal.tensors)), 5, shuffle=False)
+    cp.calibrate(tiny, 0.1)
+    assert cp.qhat == math.inf and cp.predict_sets(digits.test.tensors[0][:3]).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# with the real Bayesian core (bayesianize + fit)
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fitted_bnet(net, digits):
+    bnet = bp.bayesianize(net, bp.priors.SpikeAndSlab(level="node"))
+    bp.fit(bnet, loader(digits.train, 64), epochs=2, lr=1e-3, progress=False, seed=0)
+    return bnet
+
+
+def test_certify_and_sets_with_a_fitted_bayesian_module(fitted_bnet, net, digits) -> None:
+    cal = _cal(digits)
+    cert = certify(fitted_bnet, cal, alpha=0.05, delta=0.1, max_levels=5, progress=False)
+    assert 1 <= len(cert.curve) <= 5 and cert.n == len(digits.cal)
+    assert isinstance(cert.model, nn.Module)
+    assert "Pyro" not in type(cert.model).__name__ and not any(
+        "pyro" in type(m).__module__ for m in cert.model.modules()
+    )
+    # the certified (or, failing that, the dense posterior-mean) network predicts 10 classes
+    assert cert.model(digits.test.tensors[0][:3]).shape == (3, 10)
+    # the output layer carries PIPs but is never pruned: every candidate keeps all 10 logits alive
+    _, cands = pip_candidates(fitted_bnet, [0.0, 2.0])  # keep all / floor of 1 node per layer
+    assert "5" in fitted_bnet.inclusion_probs()
+    for c in cands:
+        assert (c[5].weight.abs().sum(1) > 0).all() and c[5].out_features == 10
+    assert cands[1][1].out_features == 1 and cands[1][3].out_features == 1
+    cp = ConformalClassifier(fitted_bnet, score="aps", num_samples=4).calibrate(cal, 0.1)
+    assert cp.bayesian
+    res = cp.evaluate(loader(digits.test, 128, shuffle=False))
+    assert res["coverage"] >= 0.9 - 3 * math.sqrt(0.09 / 360)

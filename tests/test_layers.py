@@ -1,0 +1,166 @@
+"""Bayesian layers: mean mode, local-reparameterization moments, gates, parameters, Pyro isolation."""
+
+from __future__ import annotations
+
+import math
+
+import pyro
+import pytest
+import torch
+from pyro.nn import PyroModule
+from torch import nn
+
+from bayesprune.layers import (
+    INIT_SCALE,
+    BayesianConv1d,
+    BayesianConv2d,
+    BayesianLayer,
+    BayesianLinear,
+    bayesian_layer_for,
+)
+from bayesprune.priors import Gaussian, GroupHorseshoe, SpikeAndSlab, _hard_concrete
+
+PLAIN = {
+    "linear": (lambda: nn.Linear(6, 4), lambda: torch.randn(16, 6)),
+    "conv1d": (lambda: nn.Conv1d(3, 4, 3, padding=1), lambda: torch.randn(16, 3, 10)),
+    "conv2d": (
+        lambda: nn.Conv2d(3, 4, 3, stride=2, padding=1, padding_mode="circular"),
+        lambda: torch.randn(16, 3, 8, 8),
+    ),
+    "conv2d-grouped": (
+        lambda: nn.Conv2d(4, 4, 3, groups=2, bias=False),
+        lambda: torch.randn(16, 4, 7, 7),
+    ),
+}
+
+
+def _make(kind: str, prior=None) -> tuple[nn.Module, BayesianLayer, torch.Tensor]:
+    torch.manual_seed(0)
+    make_layer, make_x = PLAIN[kind]
+    plain = make_layer()
+    layer = bayesian_layer_for(plain).from_module(plain, prior or SpikeAndSlab())
+    return plain, layer, make_x()
+
+
+@pytest.mark.parametrize("kind", list(PLAIN))
+def test_mean_mode_reproduces_the_plain_layer(kind: str) -> None:
+    plain, layer, x = _make(kind, GroupHorseshoe())
+    layer.mode = "mean"
+    torch.testing.assert_close(layer(x), plain(x), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", list(PLAIN))
+def test_local_reparameterization_has_the_right_moments(kind: str) -> None:
+    """Sample-mode outputs have mean op(x, mu) and variance op(x^2, sigma^2) (gates fixed on)."""
+    _, layer, x = _make(kind, Gaussian())
+    with torch.no_grad():
+        layer.weight_log_scale.fill_(math.log(0.2))
+        if layer.bias_log_scale is not None:
+            layer.bias_log_scale.fill_(math.log(0.1))
+    x = x[:1]
+    with torch.no_grad():
+        # local reparameterization draws independently per example: one batch of 4000 copies
+        draws = layer(x.expand(4000, *x.shape[1:]))
+        mean = layer._op(x, layer.weight_loc, layer.bias_loc)[0]
+        bvar = None if layer.bias_scale is None else layer.bias_scale**2
+        var = layer._op(x * x, layer.weight_scale**2, bvar)[0]
+    se = torch.sqrt(var / 4000)
+    assert ((draws.mean(0) - mean).abs() < 5 * se + 1e-4).all()
+    rel = draws.var(0) / var
+    assert ((rel - 1).abs() < 0.15).all()
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv2d"])
+def test_shared_draw_matches_local_reparameterization_in_distribution(kind: str) -> None:
+    _, layer, x = _make(kind, Gaussian())
+    with torch.no_grad():
+        layer.weight_log_scale.fill_(math.log(0.2))
+    x = x[:1]
+    with torch.no_grad():
+        local = layer(x.expand(1500, *x.shape[1:]))
+        layer.local_reparam = False
+        shared = torch.stack([layer(x)[0] for _ in range(1500)])
+    sd = local.std(0)
+    assert (
+        (local.mean(0) - shared.mean(0)).abs() < 6 * sd / math.sqrt(1500) * math.sqrt(2) + 1e-4
+    ).all()
+    assert ((local.var(0) / shared.var(0) - 1).abs() < 0.2).all()
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d", "conv2d"])
+def test_gate_switches_whole_nodes_off(kind: str) -> None:
+    _, layer, x = _make(kind, SpikeAndSlab())
+    with torch.no_grad():
+        layer.gate_logit[1] = -50.0
+        layer.gate_logit[[0, 2, 3]] = 50.0
+    out = layer(x)
+    node_axis = -1 if kind == "linear" else 1
+    off = out.select(node_axis, 1)
+    assert torch.equal(off, torch.zeros_like(off))
+    assert (out.select(node_axis, 0) != 0).any()
+
+
+def test_hard_concrete_is_an_exact_bernoulli_draw_with_a_gradient() -> None:
+    torch.manual_seed(0)
+    logit = torch.tensor([-2.0, 0.0, 1.5], requires_grad=True)
+    n = 20000
+    z = _hard_concrete(logit, 0.5, batch=n)
+    assert set(z.detach().unique().tolist()) <= {0.0, 1.0}
+    p = torch.sigmoid(logit.detach())
+    freq = z.detach().mean(0)
+    assert ((freq - p).abs() < 4 * torch.sqrt(p * (1 - p) / n)).all()
+    z.sum().backward()
+    assert (logit.grad > 0).all()
+
+
+def test_inclusion_probs_shapes_per_layer_type() -> None:
+    for kind in ("linear", "conv1d", "conv2d"):
+        _, layer, _ = _make(kind, SpikeAndSlab())
+        pip = layer.inclusion_probs()
+        assert pip.shape == (4,)
+        assert ((pip >= 0) & (pip <= 1)).all()
+        _, layer, _ = _make(kind, GroupHorseshoe())
+        assert layer.inclusion_probs().shape == (4,)
+
+
+def test_weight_level_gates_and_gaussian_have_no_node_pip() -> None:
+    _, layer, _ = _make("linear", SpikeAndSlab(level="weight"))
+    assert layer.inclusion_probs() is None
+    assert layer.prior.weight_inclusion_probs(layer).shape == layer.weight_loc.shape
+    _, layer, _ = _make("linear", Gaussian())
+    assert layer.inclusion_probs() is None
+
+
+def test_posterior_loc_and_scale_exposed_and_initialised_from_weights() -> None:
+    plain, layer, _ = _make("linear", Gaussian())
+    torch.testing.assert_close(layer.weight_loc, plain.weight)
+    rms = torch.cat([plain.weight.flatten(), plain.bias]).pow(2).mean().sqrt()
+    torch.testing.assert_close(
+        layer.weight_scale, torch.full_like(plain.weight, INIT_SCALE * rms.item())
+    )
+    snr = layer.weight_loc.abs() / layer.weight_scale  # what the self-compression baseline reads
+    assert snr.shape == plain.weight.shape
+
+
+def test_layers_are_pyro_modules_but_the_fast_path_skips_the_param_store() -> None:
+    pyro.clear_param_store()
+    _, layer, x = _make("linear", SpikeAndSlab())
+    assert isinstance(layer, PyroModule)
+    layer(x).sum().backward()
+    assert len(pyro.get_param_store()) == 0
+    assert layer.weight_loc.grad is not None and layer.gate_logit.grad is not None
+
+
+def test_fixed_mode_needs_sampled_weights() -> None:
+    _, layer, x = _make("linear")
+    layer.mode = "fixed"
+    with pytest.raises(RuntimeError, match=r"bnet\.model"):
+        layer(x)
+
+
+def test_unsupported_types_are_not_mapped() -> None:
+    assert bayesian_layer_for(nn.Linear(2, 2)) is BayesianLinear
+    assert bayesian_layer_for(nn.Conv1d(2, 2, 1)) is BayesianConv1d
+    assert bayesian_layer_for(nn.Conv2d(2, 2, 1)) is BayesianConv2d
+    assert bayesian_layer_for(nn.Conv3d(2, 2, 1)) is None
+    assert bayesian_layer_for(nn.Bilinear(2, 2, 2)) is None

@@ -1,0 +1,227 @@
+"""Priors: closed-form KL terms against Monte Carlo, the half-Cauchy construction, PIPs, validation."""
+
+from __future__ import annotations
+
+import math
+
+import pyro.distributions as dist
+import pytest
+import torch
+from scipy import stats
+from torch import nn
+
+from bayesprune import priors
+from bayesprune.layers import BayesianLinear
+from bayesprune.priors import (
+    Gaussian,
+    GroupHorseshoe,
+    SpikeAndSlab,
+    _kl_bernoulli,
+    _kl_lognormal_gamma,
+    _kl_lognormal_invgamma,
+    _kl_normal,
+    _kl_rows,
+    prior_from_dict,
+    theory_inclusion,
+)
+
+
+def _mc_kl(q: dist.Distribution, p: dist.Distribution, n: int = 400_000) -> tuple[float, float]:
+    """Monte Carlo estimate of KL(q || p) and its standard error."""
+    x = q.sample((n,))
+    d = (q.log_prob(x) - p.log_prob(x)).double()
+    return d.mean().item(), d.std().item() / math.sqrt(n)
+
+
+def test_kl_normal_matches_torch() -> None:
+    loc, log_scale = torch.randn(50), torch.randn(50) * 0.5
+    ours = _kl_normal(loc, log_scale, 0.7)
+    ref = torch.distributions.kl_divergence(
+        torch.distributions.Normal(loc, log_scale.exp()), torch.distributions.Normal(0.0, 0.7)
+    )
+    torch.testing.assert_close(ours, ref)
+
+
+def test_kl_rows_value_and_gradients_match_autograd() -> None:
+    """The hand-written backward of the fused per-node KL equals autograd of the plain formula."""
+    loc = torch.randn(6, 5, requires_grad=True)
+    log_scale = (torch.randn(6, 5) * 0.3 - 1).requires_grad_()
+    scale = (torch.rand(6) + 0.5).requires_grad_()
+    fused = _kl_rows(loc, log_scale, scale)
+    plain = _kl_normal(loc, log_scale, scale[:, None]).sum(1)
+    torch.testing.assert_close(fused, plain)
+    w = torch.randn(6)
+    g1 = torch.autograd.grad((fused * w).sum(), (loc, log_scale, scale))
+    g2 = torch.autograd.grad((plain * w).sum(), (loc, log_scale, scale))
+    for a, b in zip(g1, g2, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_kl_bernoulli_matches_torch() -> None:
+    logit = torch.linspace(-8, 8, 33)
+    ref = torch.distributions.kl_divergence(
+        torch.distributions.Bernoulli(logits=logit), torch.distributions.Bernoulli(probs=0.03)
+    )
+    torch.testing.assert_close(_kl_bernoulli(logit, 0.03), ref, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["gamma", "invgamma"])
+def test_lognormal_kls_match_monte_carlo(family: str) -> None:
+    torch.manual_seed(1)
+    loc, log_scale = torch.tensor(-0.4), torch.tensor(math.log(0.6))
+    q = dist.LogNormal(loc, log_scale.exp())
+    if family == "gamma":
+        shape, rate = 1.7, 2.5
+        p = dist.Gamma(shape, rate)
+        ours = _kl_lognormal_gamma(loc, log_scale, shape, rate).item()
+    else:
+        shape, rate = 0.5, 1.0
+        p = dist.InverseGamma(shape, rate)
+        ours = _kl_lognormal_invgamma(loc, log_scale, shape, rate).item()
+    mc, se = _mc_kl(q, p)
+    assert abs(ours - mc) < 5 * se + 1e-3, (ours, mc, se)
+
+
+def test_sqrt_of_gamma_times_invgamma_is_half_cauchy() -> None:
+    """sqrt(a b), a ~ Gamma(1/2, rate 1/A^2), b ~ InvGamma(1/2, 1) is HalfCauchy(A) (KS test)."""
+    torch.manual_seed(0)
+    scale = 0.3
+    a = dist.Gamma(0.5, scale**-2).sample((20000,))
+    b = dist.InverseGamma(0.5, 1.0).sample((20000,))
+    s = torch.sqrt(a * b).double().numpy()
+    assert stats.kstest(s, stats.halfcauchy(scale=scale).cdf).pvalue > 1e-3
+
+
+def test_theory_inclusion_formula() -> None:
+    assert theory_inclusion(400, 785) == pytest.approx(
+        math.exp(-(math.log(400) + 0.1 * math.log(785)))
+    )
+    assert 0.001 < theory_inclusion(400, 785) < 0.003
+    with pytest.raises(ValueError):
+        theory_inclusion(0, 3)
+
+
+def _layer(prior: priors.Prior, out: int = 5, inp: int = 7) -> BayesianLinear:
+    torch.manual_seed(0)
+    return BayesianLinear.from_module(nn.Linear(inp, out), prior)
+
+
+@pytest.mark.parametrize(
+    "prior",
+    [
+        Gaussian(0.5),
+        SpikeAndSlab(level="node", prior_inclusion=0.2),
+        SpikeAndSlab(level="node", slab="group_lasso"),
+        SpikeAndSlab(level="weight"),
+    ],
+    ids=["gaussian", "ss-node", "ss-group-lasso", "ss-weight"],
+)
+def test_analytic_kl_matches_pyro_guide_and_model(prior: priors.Prior) -> None:
+    """E_guide[log q - log p] over the Pyro sites equals the analytic KL of the fast path."""
+    import pyro
+    from pyro import poutine
+
+    layer = _layer(prior)
+    with torch.no_grad():  # make q broad enough that the MC estimate is informative
+        layer.weight_log_scale.fill_(math.log(0.3))
+        layer.bias_log_scale.fill_(math.log(0.3))
+        if hasattr(layer, "gate_logit"):
+            layer.gate_logit.uniform_(-1, 2)
+    draws = []
+    for _ in range(200):
+        gtr = poutine.trace(lambda: prior.guide_sites(layer, "l")).get_trace()
+        mtr = poutine.trace(
+            poutine.replay(lambda: prior.model_sites(layer, "l"), trace=gtr)
+        ).get_trace()
+        draws.append((gtr.log_prob_sum() - mtr.log_prob_sum()).item())
+    draws = torch.tensor(draws, dtype=torch.float64)
+    mc, se = draws.mean().item(), draws.std().item() / math.sqrt(len(draws))
+    analytic = prior.kl(layer).item()
+    assert abs(analytic - mc) < 5 * se + 1e-2, (analytic, mc, se)
+    pyro.clear_param_store()
+
+
+@pytest.mark.parametrize(
+    "prior",
+    [GroupHorseshoe(global_scale=0.5), SpikeAndSlab(slab="horseshoe")],
+    ids=["ghs", "ss-ghs"],
+)
+def test_horseshoe_kl_matches_pyro_guide_and_model(prior: priors.Prior) -> None:
+    from pyro import poutine
+
+    layer = _layer(prior)
+    draws = []
+    for _ in range(200):
+        gtr = poutine.trace(lambda: prior.guide_sites(layer, "l")).get_trace()
+        mtr = poutine.trace(
+            poutine.replay(lambda: prior.model_sites(layer, "l"), trace=gtr)
+        ).get_trace()
+        draws.append((gtr.log_prob_sum() - mtr.log_prob_sum()).item())
+    draws = torch.tensor(draws, dtype=torch.float64)
+    mc, se = draws.mean().item(), draws.std().item() / math.sqrt(len(draws))
+    assert abs(prior.kl(layer).item() - mc) < 5 * se + 1e-2
+
+
+def test_group_horseshoe_pip_closed_form_matches_samples() -> None:
+    """PIP_j = P(kappa_j < 1/2), kappa_j = 1 / (1 + m_j s~_j^2), from guide samples vs closed form."""
+
+    prior = GroupHorseshoe(global_scale=0.3, slab_scale=2.0)
+    layer = _layer(prior, out=6, inp=9)
+    with torch.no_grad():
+        layer.lambda_a_loc.copy_(torch.linspace(-3, 2, 6))
+        layer.lambda_a_log_scale.fill_(math.log(0.8))
+    hits = torch.zeros(6)
+    n = 600
+    for _ in range(n):
+        _, _, s = prior.guide_sites(layer, "l")  # the regularised node scale s~ drawn from q
+        hits += (1 / (1 + 9 * s**2) < 0.5).float()
+    empirical = hits / n
+    closed = layer.inclusion_probs()
+    assert torch.all((empirical - closed).abs() < 4 * torch.sqrt(closed * (1 - closed) / n) + 0.01)
+    assert closed[0] < 0.2 and closed[-1] > 0.8  # the loc sweep spans excluded to included
+
+
+def test_spike_and_slab_pip_is_sigmoid_of_gate_logit() -> None:
+    layer = _layer(SpikeAndSlab(init_inclusion=0.9))
+    torch.testing.assert_close(layer.inclusion_probs(), torch.full((5,), 0.9))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(level="layer"), "level must be 'node' or 'weight'"),
+        (dict(slab="laplace"), "slab must be"),
+        (dict(level="weight", slab="group_lasso"), "needs level='node'"),
+        (dict(prior_inclusion=1.5), "prior_inclusion must be a probability"),
+        (dict(prior_inclusion="auto"), "prior_inclusion must be a probability"),
+        (dict(slab_scale=-1.0), "slab_scale must be a positive number"),
+        (dict(init_inclusion=1.0), "init_inclusion must be in"),
+    ],
+)
+def test_spike_and_slab_rejects_bad_settings(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        SpikeAndSlab(**kwargs)
+
+
+def test_other_priors_reject_bad_settings() -> None:
+    with pytest.raises(ValueError, match="scale must be a positive number"):
+        Gaussian(scale=0)
+    with pytest.raises(ValueError, match="global_scale must be a positive number"):
+        GroupHorseshoe(global_scale=-1)
+
+
+@pytest.mark.parametrize(
+    "prior",
+    [
+        Gaussian(0.3),
+        SpikeAndSlab(level="weight", prior_inclusion="theory"),
+        GroupHorseshoe(0.2, False),
+    ],
+)
+def test_prior_dict_round_trip(prior: priors.Prior) -> None:
+    assert prior_from_dict(prior.to_dict()) == prior
+
+
+def test_prior_from_dict_rejects_unknown_type() -> None:
+    with pytest.raises(ValueError, match="unknown prior type"):
+        prior_from_dict({"type": "Laplace"})
