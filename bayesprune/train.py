@@ -148,9 +148,14 @@ def train(
 def evaluate(
     net: nn.Module, loader: Iterable, *, device: str | torch.device | None = None
 ) -> float:
-    """Top-1 accuracy of ``net`` on ``loader`` (eval mode, restored afterwards)."""
+    """Top-1 accuracy of ``net`` on ``loader`` (eval mode, restored afterwards).
+
+    With ``device`` the net is moved there (as :func:`train` does); without it, the batches go to the
+    net's own device.
+    """
     _check_loader(loader, "loader")
     dev = resolve_device(device) if device is not None else next(net.parameters()).device
+    net.to(dev)
     was_training = net.training
     net.eval()
     correct = total = 0
