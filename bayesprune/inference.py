@@ -195,6 +195,7 @@ def fit(
     kl_warmup: float = 0,
     seed: int | None = None,
     *,
+    kl_weight: float = 1.0,
     elbo: pyro.infer.ELBO | None = None,
     structure_lr: float | None = None,
     structure_delay: float = 0.1,
@@ -202,7 +203,7 @@ def fit(
     val_samples: int = 8,
     checkpoint: str | Path | None = None,
 ) -> FitResult:
-    """Fit the variational posterior of ``bnet`` by stochastic variational inference.
+    r"""Fit the variational posterior of ``bnet`` by stochastic variational inference.
 
     Parameters
     ----------
@@ -224,6 +225,12 @@ def fit(
         Epochs over which the KL weight grows linearly from 0 to 1 (0 = no warm-up).
     seed
         Seeds torch and Pyro.
+    kl_weight
+        :math:`\beta` of the tempered objective :math:`\mathbb E_q[\log p(y \mid x, w)] - \beta\,
+        \mathrm{KL}(q \| p)`. 1 (default) is the ELBO, i.e. Bayesian inference. :math:`\beta < 1` is
+        a tempered ("cold") posterior that trusts the data more than the prior: less weight noise,
+        fewer nodes pruned. Its PIPs are then those of the tempered posterior, not of the Bayesian one;
+        report :math:`\beta` with any result.
     elbo
         ``None`` (default): :class:`LocalReparamELBO` with ``torch.optim.Adam`` over
         ``bnet.parameters()``. Any other ``pyro.infer.ELBO`` (e.g. ``Trace_ELBO()``) runs
@@ -259,6 +266,8 @@ def fit(
         raise ValueError(f"structure_lr must be positive, got {structure_lr}")
     if not 0 <= structure_delay < 1:
         raise ValueError(f"structure_delay must be in [0, 1), got {structure_delay}")
+    if isinstance(kl_weight, bool) or not isinstance(kl_weight, (int, float)) or not kl_weight > 0:
+        raise ValueError(f"kl_weight must be a positive number (1 = the ELBO), got {kl_weight!r}")
     if kl_warmup < 0:
         raise ValueError(f"kl_warmup must be >= 0 epochs, got {kl_warmup}")
     if lr_schedule not in ("cosine", "constant"):
@@ -326,7 +335,7 @@ def fit(
                         f"{type(batch).__name__}"
                     ) from None
                 x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-                beta = min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
+                beta = kl_weight * (min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0)
                 if fast:
                     elbo_obj.kl_scale = beta
                     loss = elbo_obj.differentiable_loss(bnet.model, bnet.guide, x, y)

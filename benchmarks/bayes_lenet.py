@@ -6,16 +6,25 @@ median-probability model (nodes with PIP >= 0.5 kept, posterior-mean weights), p
 hidden nodes with PIP < 0.5. Acceptance: Bayesian accuracy within 1 point of dense, >= 50% of hidden
 nodes below 0.5::
 
-    python benchmarks/bayes_lenet.py --device cuda                       # the recorded run
+    python benchmarks/bayes_lenet.py --device cuda                       # Bayesian (beta = 1) only
+    python benchmarks/bayes_lenet.py --dense-weights runs/dense/lenet_300_100.safetensors \
+        --kl-weight 1 0.5 0.3 0.1                                        # the recorded trade-off (CPU)
     python benchmarks/bayes_lenet.py --device cpu --subset 6000 --dense-epochs 3 --epochs 3   # smoke
+
+``--kl-weight`` beta < 1 fits the tempered objective E[log p(y | x, w)] - beta KL(q || p) (see
+``bp.fit``): one row per beta, so the table shows what the Bayesian answer (beta = 1) costs in
+accuracy and what tempering buys. ``--dense-weights`` loads the dense net that
+``benchmarks/dense.py`` saved (same seed and splits) instead of training it again.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 import bayesprune as bp
 from bayesprune.data import load_fashion_mnist, loader
@@ -33,7 +42,7 @@ def _predictive_accuracy(bnet: bp.BayesianModule, data, num_samples: int) -> flo
     return correct / total
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
@@ -51,6 +60,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--init-scale", type=float, default=0.3, help="initial sd / weight RMS")
     parser.add_argument("--kl-warmup", type=float, default=0.0, help="epochs of KL warm-up")
+    parser.add_argument(
+        "--kl-weight", type=float, nargs="+", default=[1.0], help="beta values (1 = the ELBO)"
+    )
+    parser.add_argument("--dense-weights", type=Path, default=None, help="safetensors of the net")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
@@ -63,58 +76,82 @@ def main(argv: list[str] | None = None) -> dict:
 
     t0 = time.perf_counter()
     dense = lenet_300_100()
-    train(dense, train_loader, epochs=args.dense_epochs, device=dev, progress=False, seed=args.seed)
+    if args.dense_weights is not None:
+        dense.load_state_dict(load_file(str(args.dense_weights)))
+    else:
+        train(
+            dense,
+            train_loader,
+            epochs=args.dense_epochs,
+            device=dev,
+            progress=False,
+            seed=args.seed,
+        )
     acc_dense = evaluate(dense, test_loader, device=dev)
     t_dense = time.perf_counter() - t0
 
     pi = args.prior_inclusion if args.prior_inclusion == "theory" else float(args.prior_inclusion)
     prior = bp.priors.SpikeAndSlab(level="node", prior_inclusion=pi, slab=args.slab)
-    bnet = bp.bayesianize(dense, prior=prior, reparam=args.reparam, init_scale=args.init_scale)
-    t0 = time.perf_counter()
-    result = bp.fit(
-        bnet,
-        train_loader,
-        epochs=args.epochs,
-        lr=args.lr,
-        structure_lr=args.structure_lr,
-        kl_warmup=args.kl_warmup,
-        device=dev,
-        progress=False,
-        seed=args.seed,
-    )
-    t_fit = time.perf_counter() - t0
-    acc_bayes = _predictive_accuracy(bnet, test_loader, args.samples)
-    pips = bnet.inclusion_probs()
-    masks = {k: v >= 0.5 for k, v in pips.items()}
-    hidden = [k for k in pips if k != "5"]  # the output layer's nodes are the classes
-    n_hidden = sum(pips[k].numel() for k in hidden)
-    below = sum(int((pips[k] < 0.5).sum()) for k in hidden)
-    median_model = bnet.mean_module({k: masks[k] for k in hidden})
-    acc_median = evaluate(median_model, test_loader, device=dev)
-    row = dict(
-        device=str(dev),
-        dense_acc=acc_dense,
-        bayes_acc=acc_bayes,
-        median_model_acc=acc_median,
-        hidden_below_half=below / n_hidden,
-        per_layer_below_half={k: float((pips[k] < 0.5).float().mean()) for k in hidden},
-        final_loss=result.loss[-1],
-        dense_seconds=t_dense,
-        fit_seconds=t_fit,
+    rows = []
+    for beta in args.kl_weight:
+        bnet = bp.bayesianize(dense, prior=prior, reparam=args.reparam, init_scale=args.init_scale)
+        t0 = time.perf_counter()
+        result = bp.fit(
+            bnet,
+            train_loader,
+            epochs=args.epochs,
+            lr=args.lr,
+            structure_lr=args.structure_lr,
+            kl_warmup=args.kl_warmup,
+            kl_weight=beta,
+            device=dev,
+            progress=False,
+            seed=args.seed,
+        )
+        t_fit = time.perf_counter() - t0
+        acc_bayes = _predictive_accuracy(bnet, test_loader, args.samples)
+        pips = bnet.inclusion_probs()
+        hidden = [k for k in pips if k != "5"]  # the output layer's nodes are the classes
+        n_hidden = sum(pips[k].numel() for k in hidden)
+        below = sum(int((pips[k] < 0.5).sum()) for k in hidden)
+        median_model = bnet.mean_module({k: pips[k] >= 0.5 for k in hidden})
+        acc_median = evaluate(median_model, test_loader, device=dev)
+        rows.append(
+            dict(
+                beta=beta,
+                device=str(dev),
+                dense_acc=acc_dense,
+                bayes_acc=acc_bayes,
+                median_model_acc=acc_median,
+                hidden_below_half=below / n_hidden,
+                below=below,
+                n_hidden=n_hidden,
+                per_layer_below_half={k: float((pips[k] < 0.5).float().mean()) for k in hidden},
+                final_loss=result.loss[-1],
+                dense_seconds=t_dense,
+                fit_seconds=t_fit,
+            )
+        )
+        print(f"beta {beta}: done in {t_fit:.0f} s", flush=True)
+    print(
+        f"device {dev}; subset {args.subset}; dense "
+        f"{args.dense_weights or f'{args.dense_epochs} epochs'}; SVI epochs {args.epochs}; "
+        f"prior inclusion {args.prior_inclusion}; slab {args.slab}"
     )
     print(
-        f"device {dev}; subset {args.subset}; dense epochs {args.dense_epochs}; SVI epochs {args.epochs}"
+        "| beta | dense acc | Bayes predictive acc | Δ (points) | median-model acc | "
+        "hidden nodes PIP<0.5 | per layer | fit s |"
     )
-    print(
-        "| dense acc | Bayes predictive acc | median-model acc | hidden nodes PIP<0.5 | per layer | fit s |"
-    )
-    print("|---:|---:|---:|---:|---|---:|")
-    per = ", ".join(f"{k}: {v:.0%}" for k, v in row["per_layer_below_half"].items())
-    print(
-        f"| {acc_dense:.4f} | {acc_bayes:.4f} | {acc_median:.4f} | {below}/{n_hidden} = "
-        f"{below / n_hidden:.0%} | {per} | {t_fit:.0f} |"
-    )
-    return row
+    print("|---:|---:|---:|---:|---:|---:|---|---:|")
+    for row in rows:
+        per = ", ".join(f"{k}: {v:.0%}" for k, v in row["per_layer_below_half"].items())
+        print(
+            f"| {row['beta']:g} | {acc_dense:.4f} | {row['bayes_acc']:.4f} | "
+            f"{100 * (row['bayes_acc'] - acc_dense):+.2f} | {row['median_model_acc']:.4f} | "
+            f"{row['below']}/{row['n_hidden']} = {row['hidden_below_half']:.0%} | {per} | "
+            f"{row['fit_seconds']:.0f} |"
+        )
+    return rows
 
 
 if __name__ == "__main__":

@@ -10,8 +10,13 @@ measured CPU latency speed-up at batch 1 and 256 next to the FLOP reduction (a c
 A ``magnitude`` row (keep each hidden layer's ``--magnitude-keep`` fraction of nodes with the
 largest weight norms, then fine-tune) checks the plumbing without the Bayesian core.
 
-    python benchmarks/compression.py --device cuda                   # the recorded run (GPU training)
+    python benchmarks/compression.py --device cuda                   # all models in one run (GPU)
+    python benchmarks/compression.py --models lenet_300_100 --epochs 10 --finetune-epochs 5  # one model
+    python benchmarks/compression.py --table                         # the table from the saved rows
     python benchmarks/compression.py --quick --methods magnitude     # CPU smoke run (subset, 1 epoch)
+
+Each model's rows are saved to ``<out>/<model>.json`` (a rerun of one method replaces that
+method's row), so long runs can be split per model and method; ``--table`` prints every saved row.
 
 Latency is always measured on the CPU (``--threads`` threads, median of repeated runs after warm-up),
 whatever device trains the nets. The dense row's speed-up compares the dense net with itself: it
@@ -91,6 +96,8 @@ def _bayesian(name: str, method: str, dense, args, splits, device, x1) -> torch.
         lr=args.svi_lr or cfg["svi_lr"],
         device=device,
         seed=args.seed,
+        kl_weight=args.kl_weight,
+        progress=args.progress,
     )
     pips = bnet.inclusion_probs()
     kept = sum(int((p >= args.threshold).sum()) for p in pips.values())
@@ -124,6 +131,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--svi-lr", type=float, default=None, help="override the SVI learning rate")
     parser.add_argument("--prior-inclusion", default="0.1", help="spike-and-slab: float or theory")
     parser.add_argument("--global-scale", type=float, default=1.0, help="group horseshoe tau scale")
+    parser.add_argument(
+        "--kl-weight", type=float, default=1.0, help="tempered ELBO weight beta (1 = Bayesian)"
+    )
+    parser.add_argument("--table", action="store_true", help="print the saved rows; run nothing")
+    parser.add_argument("--progress", action="store_true", help="tqdm bars for SVI")
     parser.add_argument("--quick", action="store_true", help="1 epoch on 2,000 images (smoke test)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threshold", type=float, default=0.5, help="keep nodes with PIP >= this")
@@ -143,21 +155,50 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--dense-dir", type=Path, default=Path("runs/dense"))
     parser.add_argument("--out", type=Path, default=Path("runs/compression"))
     args = parser.parse_args(argv)
+    if args.table:
+        rows = []
+        for path in sorted(args.out.glob("*.json")):
+            rows += json.loads(path.read_text())
+        order = {m: i for i, m in enumerate(MODELS)}
+        rows.sort(key=lambda r: order.get(r["model"], len(order)))
+        _print_table(rows)
+        return rows
 
     device = resolve_device(args.device)
-    if device.type == "cpu":
-        torch.set_num_threads(args.threads)  # the CPU is shared; latency uses --threads anyway
     splits = load_fashion_mnist(seed=args.seed, subset=2000 if args.quick else None)
     test_loader = loader(splits.test, 1024, shuffle=False)
     x1 = splits.test.tensors[0][:1]
     args.out.mkdir(parents=True, exist_ok=True)
-    rows = []
+    cpu = platform.processor() or platform.machine()
+    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu
+
+    def settings(method: str, ft: int, dev) -> dict:
+        cfg = SETTINGS[name]
+        common = f"training on {dev_name}, latency on CPU ({args.threads} thread(s)), torch {torch.__version__}, seed {args.seed}"
+        if method == "dense":
+            return dict(label="dense", settings=common)
+        if method == "magnitude":
+            what = f"keep {args.magnitude_keep:.0%} of each hidden layer by weight norm"
+            return dict(label="magnitude", settings=f"{what}, fine-tune {ft} epoch(s); {common}")
+        epochs = args.epochs or (1 if args.quick else cfg["svi_epochs"])
+        rule = f"keep {args.keep}" if args.keep is not None else f"PIP >= {args.threshold}"
+        label = {"spike_slab": "spike-and-slab", "group_horseshoe": "group horseshoe"}[method]
+        if args.kl_weight != 1:
+            label += f" (β={args.kl_weight:g})"
+        return dict(
+            label=label,
+            settings=f"{epochs} SVI epochs, β={args.kl_weight:g}, {rule}, fine-tune {ft} epoch(s); {common}",
+        )
+
+    all_rows = []
     for name in args.models:
+        rows = []
         dense = _dense(name, args, splits, device)
         save_file(dense.state_dict(), str(args.out / f"dense-{name}.safetensors"))
         dense_acc = evaluate(dense, test_loader, device=device)
         dense.cpu()
         rows.append(_row(name, "dense", dense, dense, dense_acc, dense_acc, x1, args, 0.0))
+        rows[-1].update(settings("dense", 0, device))
         for method in args.methods:
             start = time.perf_counter()
             try:
@@ -183,18 +224,28 @@ def main(argv: list[str] | None = None) -> list[dict]:
             small.cpu()
             save_pruned(small, args.out / f"{name}-{method}.safetensors")
             seconds = time.perf_counter() - start
-            rows.append(_row(name, method, dense, small, acc, dense_acc, x1, args, seconds))
+            row = _row(name, method, dense, small, acc, dense_acc, x1, args, seconds)
+            row.update(settings(method, ft, device))
+            rows.append(row)
             print(f"  {method}: test accuracy {acc:.4f} ({seconds:.0f} s)", flush=True)
+        _save_rows(args.out / f"{name}{'-quick' if args.quick else ''}.json", rows)
+        all_rows += rows
+    _print_table(all_rows)
+    return all_rows
 
-    (args.out / "results.json").write_text(json.dumps(rows, indent=1))
-    cpu = platform.processor() or platform.machine()
-    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu
-    print(
-        f"\nStructured compression on Fashion-MNIST (training on {dev_name}; latency on CPU {cpu}, "
-        f"{args.threads} thread(s); torch {torch.__version__}; seed {args.seed}; "
-        f"{'keep ' + str(args.keep) if args.keep is not None else 'threshold ' + str(args.threshold)}; "
-        f"fine-tune {args.finetune_epochs} epoch(s))\n"
-    )
+
+def _save_rows(path: Path, rows: list[dict]) -> None:
+    """Merge ``rows`` into the saved rows of ``path``: a (model, method) pair run again replaces its row."""
+    old = json.loads(path.read_text()) if path.exists() else []
+    new = {(r["model"], r["method"]) for r in rows}
+    merged = [r for r in old if (r["model"], r["method"]) not in new] + rows
+    order = {m: i for i, m in enumerate(("dense", *METHODS))}
+    merged.sort(key=lambda r: order.get(r["method"], len(order)))
+    path.write_text(json.dumps(merged, indent=1))
+
+
+def _print_table(rows: list[dict]) -> None:
+    print("\nStructured compression on Fashion-MNIST (latency: CPU, median of repeated runs)\n")
     print(
         "| model | method | test acc | Δ acc (points) | params kept | FLOPs kept | nodes per layer "
         "| CPU speed-up b1 | b256 | FLOP reduction | speed-up / FLOP reduction (b1, b256) |"
@@ -202,7 +253,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print("|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|")
     for r in rows:
         print(
-            f"| {r['model']} | {r['method']} | {r['test_acc']:.4f} | {r['delta_points']:+.2f} | "
+            f"| {r['model']} | {r.get('label', r['method'])} | {r['test_acc']:.4f} | {r['delta_points']:+.2f} | "
             f"{100 * r['params_kept']:.2f}% | {100 * r['flops_kept']:.2f}% | {r['nodes']} | "
             f"{r['speedup_b1']:.2f}x | {r['speedup_b256']:.2f}x | {r['flop_reduction']:.2f}x | "
             f"{r['speedup_b1'] / r['flop_reduction']:.2f}, "
@@ -214,7 +265,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "10.5x fewer FLOPs, 5.4x CPU speed-up; BC-GHS 5-10-76-16 (158K FLOPs) and BC-GNJ "
         "8-13-88-13, 1.0% error; SS-GHS (Jantre et al.) about 2.9% of weights at 98.98% accuracy."
     )
-    return rows
+    print("\nSettings per row:")
+    for r in rows:
+        if "settings" in r:
+            print(f"- {r['model']} / {r.get('label', r['method'])}: {r['settings']}")
 
 
 def _row(name, method, dense, small, acc, dense_acc, x1, args, seconds) -> dict:

@@ -236,6 +236,35 @@ def test_fit_with_pyro_trace_elbo_runs_svi_and_learns() -> None:
     assert len(pyro.get_param_store()) == 0
 
 
+def test_kl_weight_tempers_the_kl_term() -> None:
+    """kl_weight=beta makes each recorded loss NLL + beta * KL (same draws: same seed), and a
+    colder posterior (beta < 1) keeps more nodes of the planted teacher than the ELBO does."""
+    x, y = _digits_like()
+    losses = {}
+    for beta in (1.0, 0.25):
+        torch.manual_seed(0)
+        bnet = bp.bayesianize(_mlp(), prior=bp.priors.SpikeAndSlab())
+        res = bp.fit(bnet, Batches(x, y, 32), epochs=1, progress=False, seed=1, kl_weight=beta)
+        losses[beta] = (res.loss[0], res.kl[0])
+    (l1, kl1), (lq, klq) = losses[1.0], losses[0.25]
+    assert kl1 == pytest.approx(klq, rel=1e-6)  # first step: same parameters, same KL
+    assert l1 - lq == pytest.approx(0.75 * kl1, rel=1e-4)  # same NLL draw, KL weighted
+
+    kept = {}
+    for beta in (1.0, 0.05):
+        torch.manual_seed(0)
+        net, xs, ys, noise, _ = _planted()
+        bnet = bp.bayesianize(
+            net, prior=bp.priors.SpikeAndSlab(), likelihood="gaussian", noise_scale=noise
+        )
+        bp.fit(bnet, Batches(xs, ys, 100), epochs=20, lr=0.01, progress=False, seed=0,
+               kl_weight=beta)  # fmt: skip
+        kept[beta] = int((bnet.inclusion_probs()["0"] >= 0.5).sum())
+    assert kept[0.05] > kept[1.0], kept
+    with pytest.raises(ValueError, match="kl_weight must be a positive number"):
+        bp.fit(bnet, Batches(xs, ys, 100), kl_weight=0)
+
+
 def test_nan_loss_stops_with_an_error_naming_the_step() -> None:
     x, y = _digits_like()
     x[40] = float("nan")
