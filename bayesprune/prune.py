@@ -1209,6 +1209,14 @@ def prune(
                 "use a node-level prior on the hidden layers, or pass masks="
             )
         masks = _masks_from_scores(ranked, threshold, keep)
+        empty = [k for k, m in masks.items() if not bool(m.any())]
+        if bayesian and empty:
+            warnings.warn(
+                f"the posterior switched off every node of layer(s) {empty}: the KL term outweighs "
+                "the likelihood (typical on small data sets). Fit with bp.fit(..., kl_weight=0.1) "
+                "or less, or a larger prior inclusion, if you want a usable network",
+                stacklevel=2,
+            )
     plan = plan_pruning(
         base,
         masks,

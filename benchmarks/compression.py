@@ -79,6 +79,7 @@ def _dense(name: str, args, splits, device) -> torch.nn.Module:
         lr=cfg["lr"],
         device=device,
         seed=args.seed,
+        progress=args.progress,
     )
     return net.cpu()
 
@@ -219,6 +220,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     lr=1e-3,
                     device=device,
                     seed=args.seed,
+                    progress=args.progress,
                 )
             acc = evaluate(small, test_loader, device=device)
             small.cpu()

@@ -364,6 +364,19 @@ def test_floors_keep_the_best_nodes_and_warn_with_the_layer_name() -> None:
         plan_pruning(net, {"0": torch.arange(10) < 5}, torch.randn(2, 4))
 
 
+def test_a_posterior_that_switches_a_layer_off_warns_with_the_remedy() -> None:
+    net = nn.Sequential(nn.Linear(4, 10), nn.ReLU(), nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, 2))
+    bnet = bp.bayesianize(net, prior=bp.priors.SpikeAndSlab(level="node"))
+    with torch.no_grad():
+        bnet.bayesian_layers["0"].gate_logit.fill_(-5.0)  # every PIP of layer '0' ~ 0.007
+    with pytest.warns(
+        UserWarning, match=r"switched off every node of layer\(s\) \['0'\].*kl_weight"
+    ):
+        with pytest.warns(UserWarning, match="keep 0 of 10 nodes of layer '0'"):
+            small = bp.prune(bnet, threshold=0.5, example_input=torch.zeros(1, 4))
+    assert small[0].out_features == 1 and small[2].out_features == 8
+
+
 def test_round_to_rounds_widths_up_with_the_next_best_nodes() -> None:
     net = nn.Sequential(nn.Linear(4, 20), nn.ReLU(), nn.Linear(20, 12), nn.ReLU(), nn.Linear(12, 2))
     masks = {"0": torch.arange(20) < 3, "2": torch.arange(12) < 9}
