@@ -230,7 +230,10 @@ def fit(
         \mathrm{KL}(q \| p)`. 1 (default) is the ELBO, i.e. Bayesian inference. :math:`\beta < 1` is
         a tempered ("cold") posterior that trusts the data more than the prior: less weight noise,
         fewer nodes pruned. Its PIPs are then those of the tempered posterior, not of the Bayesian one;
-        report :math:`\beta` with any result.
+        report :math:`\beta` with any result. Measured on Fashion-MNIST LeNet-300-100 (node
+        spike-and-slab, 60 epochs, ``benchmarks/bayes_lenet.py``): :math:`\beta = 1` prunes 79% of
+        the hidden nodes at 3.7 points below the dense net, :math:`\beta = 0.2` prunes 64% within
+        0.7 points; start there when accuracy matters more than the Bayesian reading.
     elbo
         ``None`` (default): :class:`LocalReparamELBO` with ``torch.optim.Adam`` over
         ``bnet.parameters()``. Any other ``pyro.infer.ELBO`` (e.g. ``Trace_ELBO()``) runs

@@ -75,50 +75,16 @@ def _kl_normal(
     return 0.5 * (var_ratio + (loc / prior_scale) ** 2 - 1) - log_scale + torch.log(prior_scale)
 
 
-class _RowQuad(torch.autograd.Function):
-    r"""Per-node :math:`r_j = \sum_i \tfrac12 c_j (e^{2 l_{ij}} + \mu_{ij}^2) - l_{ij}` with a hand-written
-    backward.
-
-    This is the data-independent part of :math:`\sum_i \mathrm{KL}(\mathcal N(\mu_{ij}, e^{2 l_{ij}})
-    \| \mathcal N(0, 1/c_j))`. Autograd of the plain expression makes about 20 passes over the
-    weight tensor; this makes 8, which is what keeps the KL cheap next to the matmuls on a CPU.
-    """
-
-    @staticmethod
-    def forward(ctx, mu: torch.Tensor, log_sd: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        m = mu.reshape(mu.shape[0], -1)
-        ls = log_sd.reshape(m.shape)
-        var = torch.exp(ls * 2)
-        sq_rows = torch.addcmul(var, m, m).sum(1)
-        ctx.c_shape = c.shape
-        c = c.expand(m.shape[0])
-        ctx.save_for_backward(m, var, c, sq_rows)
-        ctx.shape = mu.shape
-        return 0.5 * c * sq_rows - ls.sum(1)
-
-    @staticmethod
-    def backward(ctx, g: torch.Tensor):
-        m, var, c, sq_rows = ctx.saved_tensors
-        gc = (g * c)[:, None]
-        g_mu = (m * gc).reshape(ctx.shape) if ctx.needs_input_grad[0] else None
-        g_ls = (var * gc).sub_(g[:, None]).reshape(ctx.shape) if ctx.needs_input_grad[1] else None
-        g_c = None
-        if ctx.needs_input_grad[2]:
-            g_c = (0.5 * g * sq_rows).sum_to_size(ctx.c_shape)
-        return g_mu, g_ls, g_c
-
-
-def _kl_rows(
-    loc: torch.Tensor, log_scale: torch.Tensor, prior_scale: float | torch.Tensor
-) -> torch.Tensor:
-    r"""Per-node :math:`\sum_i \mathrm{KL}(\mathcal N(\mu_{ij}, \sigma_{ij}^2) \| \mathcal N(0, s_j^2))`
-    (``prior_scale`` a scalar or one value per node; a 1-D ``loc`` is a bias: one element per node)."""
-    if loc.dim() == 1:
-        loc, log_scale = loc[:, None], log_scale[:, None]
-    s = torch.as_tensor(prior_scale, dtype=loc.dtype, device=loc.device)
-    rows = _RowQuad.apply(loc, log_scale, s.pow(-2).reshape(-1))
-    per_row = loc[0].numel()
-    return rows + per_row * (torch.log(s) - 0.5)
+def _row_stats(layer: BayesianLayer, bias: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Per node: :math:`\tfrac12 \sum (\sigma^2 + \mu^2)` and :math:`\sum \log \sigma` over its
+    incoming weights (:meth:`~bayesprune.layers.BayesianLayer.weight_row_stats`), and over its bias
+    when ``bias``."""
+    half_sq, ls_sum = layer.weight_row_stats()
+    if bias and layer.bias_loc is not None:
+        b, bls = layer.bias_loc, layer.bias_log_scale
+        half_sq = half_sq + 0.5 * (torch.exp(2 * bls) + b * b)
+        ls_sum = ls_sum + bls
+    return half_sq, ls_sum
 
 
 def _kl_bernoulli(logit: torch.Tensor, prior_inclusion: float) -> torch.Tensor:
@@ -199,12 +165,32 @@ def _trapezoid_gate(logit: torch.Tensor, batch: int | None = None) -> torch.Tens
     about :math:`q`; on the planted teacher of ``tests/test_inference.py`` it gave 35-65% of the
     exact gradient of necessary nodes, the trapezoid rule 50-200% (asserted there).
     """
-    q = torch.sigmoid(logit)
-    shape = logit.shape if batch is None else (batch, *logit.shape)
-    qd = q.detach()
-    hard = (torch.rand(shape, device=logit.device, dtype=logit.dtype) < qd).to(logit.dtype)
-    k = torch.where(hard > 0, 0.5 / qd.clamp_min(1e-6), 0.5 / (1 - qd).clamp_min(1e-6))
-    return hard + k * (q - qd)
+    return _TrapezoidGate.apply(logit, batch)
+
+
+class _TrapezoidGate(torch.autograd.Function):
+    r""":func:`_trapezoid_gate` in one node: with :math:`dq/d\theta = q(1-q)`, the logit's gradient
+    is :math:`\tfrac12 (1-q) \sum_{z=1} g + \tfrac12 q \sum_{z=0} g` over the draws; the same
+    expression in autograd costs a dozen passes over the ``[batch, nodes]`` gates per layer."""
+
+    @staticmethod
+    def forward(ctx, logit: torch.Tensor, batch: int | None) -> torch.Tensor:
+        q = torch.sigmoid(logit)
+        shape = logit.shape if batch is None else (batch, *logit.shape)
+        hard = (torch.rand(shape, device=logit.device, dtype=logit.dtype) < q).to(logit.dtype)
+        ctx.save_for_backward(q, hard)
+        ctx.batched = batch is not None
+        return hard
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        q, hard = ctx.saved_tensors
+        g_on = g * hard
+        if ctx.batched:
+            g_all, g_on = g.sum(0), g_on.sum(0)
+        else:
+            g_all = g
+        return 0.5 * ((1 - q) * g_on + q * (g_all - g_on)), None
 
 
 def _gauss_hermite(n: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -397,11 +383,11 @@ def _bias_kl(layer: BayesianLayer, scale: float | torch.Tensor) -> torch.Tensor 
 
 
 def _node_kl(layer: BayesianLayer, scale: float | torch.Tensor) -> torch.Tensor:
-    """Per-node KL of the weight row and bias from N(0, scale^2)."""
-    kl = _kl_rows(layer.weight_loc, layer.weight_log_scale, scale)
-    if layer.bias_loc is not None:
-        kl = kl + _kl_rows(layer.bias_loc, layer.bias_log_scale, scale)
-    return kl
+    r"""Per-node KL of the weight row and bias from :math:`\mathcal N(0, s^2)` (``scale`` a scalar or
+    one value per node): :math:`\sum_i \log(s/\sigma_i) + (\sigma_i^2 + \mu_i^2) / (2 s^2) - \tfrac12`."""
+    half_sq, ls_sum = _row_stats(layer)
+    s = torch.as_tensor(scale, dtype=half_sq.dtype, device=half_sq.device)
+    return half_sq / s**2 - ls_sum + layer.group_size * (torch.log(s) - 0.5)
 
 
 # --------------------------------------------------------------------------------------------
@@ -798,12 +784,8 @@ class SpikeAndSlab(Prior):
             inv_tau2 = torch.exp(-nu + 0.5 * torch.exp(2 * log_psi))  # E[1/tau^2]
             s0 = self._s0(layer)
             c = inv_tau2 / s0**2
-            kl_w = _RowQuad.apply(layer.weight_loc, layer.weight_log_scale, c)
-            if layer.bias_loc is not None:
-                kl_w = kl_w + _RowQuad.apply(
-                    layer.bias_loc[:, None], layer.bias_log_scale[:, None], c
-                )
-            kl_w = kl_w + layer.group_size * (0.5 * (nu - 1) + math.log(s0))
+            half_sq, ls_sum = _row_stats(layer)
+            kl_w = c * half_sq - ls_sum + layer.group_size * (0.5 * (nu - 1) + math.log(s0))
             shape = (layer.group_size + 1) / 2
             kl_tau = _kl_lognormal_gamma(nu, log_psi, shape, self._lasso_rate2(layer) / 2)
             return (kl_z + q * kl_w + kl_tau).sum()

@@ -64,14 +64,22 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "--kl-weight", type=float, nargs="+", default=[1.0], help="beta values (1 = the ELBO)"
     )
     parser.add_argument("--dense-weights", type=Path, default=None, help="safetensors of the net")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="data splits and the dense net")
+    parser.add_argument(
+        "--fit-seed",
+        type=int,
+        default=None,
+        help="seed of the SVI fits (minibatch order, initial noise); default: --seed",
+    )
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     dev = resolve_device(args.device)
+    fit_seed = args.seed if args.fit_seed is None else args.fit_seed
     splits = load_fashion_mnist(seed=args.seed, subset=args.subset)
     train_loader = loader(splits.train, 128, seed=args.seed)
+    svi_loader = loader(splits.train, 128, seed=fit_seed)
     test_loader = loader(splits.test, 1000, shuffle=False)
 
     t0 = time.perf_counter()
@@ -98,7 +106,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         t0 = time.perf_counter()
         result = bp.fit(
             bnet,
-            train_loader,
+            svi_loader,
             epochs=args.epochs,
             lr=args.lr,
             structure_lr=args.structure_lr,
@@ -106,7 +114,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             kl_weight=beta,
             device=dev,
             progress=False,
-            seed=args.seed,
+            seed=fit_seed,
         )
         t_fit = time.perf_counter() - t0
         acc_bayes = _predictive_accuracy(bnet, test_loader, args.samples)
@@ -136,7 +144,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(
         f"device {dev}; subset {args.subset}; dense "
         f"{args.dense_weights or f'{args.dense_epochs} epochs'}; SVI epochs {args.epochs}; "
-        f"prior inclusion {args.prior_inclusion}; slab {args.slab}"
+        f"prior inclusion {args.prior_inclusion}; slab {args.slab}; seed {args.seed}; "
+        f"fit seed {fit_seed}"
     )
     print(
         "| beta | dense acc | Bayes predictive acc | Δ (points) | median-model acc | "

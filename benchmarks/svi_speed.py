@@ -4,11 +4,13 @@ For LeNet-300-100 and ResNet-20 on Fashion-MNIST batches of 128, the median wall
 optimisation step (forward, loss, backward, Adam update; CUDA synchronised) of
 
 * the deterministic net (cross-entropy, ``torch.optim.Adam``),
-* ``bp.fit``'s step: :class:`bayesprune.inference.LocalReparamELBO` + ``torch.optim.Adam``,
+* ``bp.fit``'s step: :class:`bayesprune.inference.LocalReparamELBO` + ``torch.optim.Adam``, with node
+  spike-and-slab under both reparameterizations, and with the ``Gaussian`` prior (no node gates),
 * (``--trace``) the genuine ``pyro.infer.SVI`` step with ``Trace_ELBO`` on ``bnet.model`` / ``bnet.guide``,
 * bayesian-torch's ``dnn_to_bnn`` (Reparameterization layers, ``get_kl_loss``), if installed,
 
-printed as a Markdown table with the ratio to the deterministic step::
+printed as a Markdown table with the ratio to the deterministic step and the step split into its
+forward pass (with the loss), backward pass and optimiser update::
 
     python benchmarks/svi_speed.py --device cuda --steps 200
     python benchmarks/svi_speed.py --device cpu --steps 30 --models lenet_300_100
@@ -33,24 +35,42 @@ from bayesprune.inference import LocalReparamELBO, make_adam
 from bayesprune.train import resolve_device
 from models import get_model
 
+#: a method under test: (loss of minibatch i, its optimiser), or (a whole step on minibatch i, None)
+Method = tuple[Callable[[int], torch.Tensor | None], torch.optim.Optimizer | None]
+PHASES = ("forward", "backward", "optimizer")
+
 
 def _time_round_robin(
-    steps_by_name: dict[str, Callable[[int], None]], steps: int, warmup: int, dev: torch.device
-) -> dict[str, float]:
-    """Median milliseconds per step of each method, timed in turn (step i of every method, then
-    step i + 1...), so that load from other processes affects all methods alike."""
-    times: dict[str, list[float]] = {k: [] for k in steps_by_name}
+    methods: dict[str, Method], steps: int, warmup: int, dev: torch.device
+) -> dict[str, dict[str, float]]:
+    """Median milliseconds per step of each method, and of its phases (forward pass and loss,
+    backward pass, optimiser update), timed in turn (step i of every method, then step i + 1...),
+    so that load from other processes affects all methods alike."""
+
+    def now() -> float:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        return time.perf_counter()
+
+    times: dict[str, list[tuple[float, ...]]] = {k: [] for k in methods}
     for i in range(warmup + steps):
-        for name, step in steps_by_name.items():
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-            t0 = time.perf_counter()
-            step(i)
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
+        for name, (loss_of, opt) in methods.items():
+            t0 = now()
+            loss = loss_of(i)
+            t1 = t2 = t3 = now()
+            if opt is not None:
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                t2 = now()
+                opt.step()
+                t3 = now()
             if i >= warmup:
-                times[name].append(time.perf_counter() - t0)
-    return {k: 1000 * statistics.median(v) for k, v in times.items()}
+                times[name].append((t3 - t0, t1 - t0, t2 - t1, t3 - t2))
+    out = {}
+    for name, rows in times.items():
+        cols = [1000 * statistics.median(c) for c in zip(*rows, strict=True)]
+        out[name] = dict(zip(("step", *PHASES), cols, strict=True))
+    return out
 
 
 def _batches(
@@ -68,38 +88,32 @@ def bench_model(
 ) -> list[dict]:
     xs, ys, n = _batches(dev, batch, 16)
     k = len(xs)
-    methods: dict[str, Callable[[int], None]] = {}
+    methods: dict[str, Method] = {}
 
     net = get_model(name).to(dev)
-    opt = make_adam(net.parameters(), 1e-3)
+    methods["deterministic"] = (
+        lambda i: F.cross_entropy(net(xs[i % k]), ys[i % k]),
+        make_adam(net.parameters(), 1e-3),
+    )
 
-    def det_step(i: int) -> None:
-        loss = F.cross_entropy(net(xs[i % k]), ys[i % k])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    methods["deterministic"] = det_step
-
-    def ours(reparam: str) -> Callable[[int], None]:
+    def ours(prior: bp.priors.Prior, reparam: str) -> Method:
         # exactly the inner loop of bp.fit
-        bnet = bp.bayesianize(
-            get_model(name), prior=bp.priors.SpikeAndSlab(level="node"), reparam=reparam
-        ).to(dev)
+        bnet = bp.bayesianize(get_model(name), prior=prior, reparam=reparam).to(dev)
         bnet.num_data = n
         elbo = LocalReparamELBO()
-        bopt = make_adam(bnet.parameters(), 1e-3)
+        return (
+            lambda i: elbo.differentiable_loss(bnet.model, bnet.guide, xs[i % k], ys[i % k]),
+            make_adam(bnet.parameters(), 1e-3),
+        )
 
-        def step(i: int) -> None:
-            loss = elbo.differentiable_loss(bnet.model, bnet.guide, xs[i % k], ys[i % k])
-            bopt.zero_grad(set_to_none=True)
-            loss.backward()
-            bopt.step()
-
-        return step
-
-    methods["bayesprune SVI, node spike-and-slab, reparam='local'"] = ours("local")
-    methods["bayesprune SVI, node spike-and-slab, reparam='shared'"] = ours("shared")
+    for reparam in ("local", "shared"):
+        methods[f"bayesprune SVI, node spike-and-slab, reparam='{reparam}'"] = ours(
+            bp.priors.SpikeAndSlab(level="node"), reparam
+        )
+    # the same without node gates: what the gates cost
+    methods["bayesprune SVI, Gaussian prior (no gates), reparam='local'"] = ours(
+        bp.priors.Gaussian(), "local"
+    )
 
     try:
         from bayesian_torch.models.dnn_to_bnn import dnn_to_bnn, get_kl_loss
@@ -120,16 +134,10 @@ def bench_model(
             },
         )
         bt.to(dev)
-        topt = make_adam(bt.parameters(), 1e-3)
-
-        def bt_step(i: int) -> None:
-            out = bt(xs[i % k])
-            loss = F.cross_entropy(out, ys[i % k]) + get_kl_loss(bt) / n
-            topt.zero_grad(set_to_none=True)
-            loss.backward()
-            topt.step()
-
-        methods["bayesian-torch dnn_to_bnn (Reparameterization)"] = bt_step
+        methods["bayesian-torch dnn_to_bnn (Reparameterization)"] = (
+            lambda i: F.cross_entropy(bt(xs[i % k]), ys[i % k]) + get_kl_loss(bt) / n,
+            make_adam(bt.parameters(), 1e-3),
+        )
 
     ms = _time_round_robin(methods, steps, warmup, dev)
     if trace:
@@ -139,21 +147,30 @@ def bench_model(
             tnet.model, tnet.guide, pyro.optim.Adam({"lr": 1e-3}), pyro.infer.Trace_ELBO()
         )
         both = _time_round_robin(
-            {"det": det_step, "trace": lambda i: svi.step(xs[i % k], ys[i % k])},
+            {
+                "det": methods["deterministic"],
+                "trace": (lambda i: svi.step(xs[i % k], ys[i % k]), None),
+            },
             max(steps // 4, 5),
             3,
             dev,
         )
-        ms["bayesprune model/guide + pyro Trace_ELBO (SVI, pyro.optim.Adam)"] = (
-            both["trace"] * ms["deterministic"] / both["det"]
+        # timed in its own (shorter) round: scaled to this run's deterministic step
+        scale = ms["deterministic"]["step"] / both["det"]["step"]
+        ms["bayesprune model/guide + pyro Trace_ELBO (SVI, pyro.optim.Adam)"] = dict(
+            step=both["trace"]["step"] * scale,
+            **{phase: float("nan") for phase in PHASES},
         )
-    rows = [dict(model=name, method=m, ms=v, ratio=v / ms["deterministic"]) for m, v in ms.items()]
+    rows = [
+        dict(model=name, method=m, ratio=v["step"] / ms["deterministic"]["step"], **v)
+        for m, v in ms.items()
+    ]
     if bt_missing:
         rows.append(
             dict(
                 model=name,
                 method="bayesian-torch dnn_to_bnn",
-                ms=float("nan"),
+                step=float("nan"),
                 note="not installed",
             )
         )
@@ -186,12 +203,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
         f"device: {dev} ({where}); torch {torch.__version__}; pyro {pyro.__version__}; batch {args.batch}; median of {args.steps} steps\n"
     )
     print("All optimisers: Adam (fused kernel where available), same settings for every method.\n")
-    print("| model | method | ms/step | ratio to deterministic |")
-    print("|---|---|---:|---:|")
+    print(
+        "| model | method | ms/step | forward + loss | backward | optimizer | ratio to deterministic |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|")
     for r in rows:
-        ms = "n/a" if r["ms"] != r["ms"] else f"{r['ms']:.2f}"
-        ratio = r.get("note") or f"{r['ratio']:.2f}x"
-        print(f"| {r['model']} | {r['method']} | {ms} | {ratio} |")
+        if r.get("note"):
+            print(f"| {r['model']} | {r['method']} | n/a | | | | {r['note']} |")
+            continue
+        phases = " | ".join("" if r[p] != r[p] else f"{r[p]:.2f}" for p in PHASES)
+        print(f"| {r['model']} | {r['method']} | {r['step']:.2f} | {phases} | {r['ratio']:.2f}x |")
     return rows
 
 

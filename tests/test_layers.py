@@ -164,3 +164,104 @@ def test_unsupported_types_are_not_mapped() -> None:
     assert bayesian_layer_for(nn.Conv2d(2, 2, 1)) is BayesianConv2d
     assert bayesian_layer_for(nn.Conv3d(2, 2, 1)) is None
     assert bayesian_layer_for(nn.Bilinear(2, 2, 2)) is None
+
+
+def _plain_moments(mu, log_sd):
+    var = torch.exp(2 * log_sd)
+    m, v = mu.reshape(mu.shape[0], -1), var.reshape(mu.shape[0], -1)
+    return var, 0.5 * (v + m * m).sum(1), log_sd.reshape(m.shape).sum(1)
+
+
+@pytest.mark.parametrize("used", [(1, 1, 1), (1, 0, 0), (0, 1, 1), (0, 1, 0), (0, 0, 1)])
+def test_fused_weight_moments_match_autograd_of_the_plain_formulas(used) -> None:
+    """Value and gradient of the fused (variance, row statistics), whichever outputs a loss uses."""
+    from bayesprune.layers import _WeightMoments
+
+    torch.manual_seed(0)
+    mu = torch.randn(4, 3, 2, requires_grad=True)
+    ls = (torch.randn(4, 3, 2) * 0.3 - 1).requires_grad_()
+    weights = [torch.randn(4, 3, 2), torch.randn(4), torch.randn(4)]
+
+    def loss(outs):
+        return sum((o * w).sum() for o, w, u in zip(outs, weights, used, strict=True) if u)
+
+    fused, plain = _WeightMoments.apply(mu, ls), _plain_moments(mu, ls)
+    for a, b in zip(fused, plain, strict=True):
+        torch.testing.assert_close(a, b)
+    g1 = torch.autograd.grad(loss(fused), (mu, ls), allow_unused=True, materialize_grads=True)
+    g2 = torch.autograd.grad(loss(plain), (mu, ls), allow_unused=True, materialize_grads=True)
+    for a, b in zip(g1, g2, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("used", [(1, 1, 1), (1, 0, 0), (0, 1, 1), (0, 0, 1)])
+def test_fused_weight_draw_matches_autograd_of_the_plain_formulas(used) -> None:
+    from bayesprune.layers import _SampledWeight
+
+    torch.manual_seed(0)
+    mu = torch.randn(4, 5, requires_grad=True)
+    ls = (torch.randn(4, 5) * 0.3 - 1).requires_grad_()
+    eps = torch.randn(4, 5)
+    weights = [torch.randn(4, 5), torch.randn(4), torch.randn(4)]
+
+    def loss(outs):
+        return sum((o * w).sum() for o, w, u in zip(outs, weights, used, strict=True) if u)
+
+    _, half_sq, ls_sum = _plain_moments(mu, ls)
+    plain = (mu + torch.exp(ls) * eps, half_sq, ls_sum)
+    fused = _SampledWeight.apply(mu, ls, eps)
+    for a, b in zip(fused, plain, strict=True):
+        torch.testing.assert_close(a, b)
+    g1 = torch.autograd.grad(loss(fused), (mu, ls), allow_unused=True, materialize_grads=True)
+    g2 = torch.autograd.grad(loss(plain), (mu, ls), allow_unused=True, materialize_grads=True)
+    for a, b in zip(g1, g2, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("local", [True, False])
+def test_kl_after_a_forward_pass_reuses_its_row_statistics_only_while_valid(local: bool) -> None:
+    """The forward pass hands its row statistics to the next KL; never a stale or grad-less one."""
+    import copy
+
+    _, layer, x = _make("linear", Gaussian(0.5))
+    layer.local_reparam = local
+    fresh = layer.kl()
+    layer(x)
+    assert layer._row_stats.value is not None
+    reused = layer.kl()
+    assert layer._row_stats.value is None  # taken once
+    torch.testing.assert_close(reused, fresh)
+    # gradients through the reused statistics equal those of a KL computed on its own
+    g_reused = torch.autograd.grad(reused, (layer.weight_loc, layer.weight_log_scale))
+    layer(x)
+    layer.zero_grad()
+    g_fresh = torch.autograd.grad(fresh, (layer.weight_loc, layer.weight_log_scale))
+    for a, b in zip(g_reused, g_fresh, strict=True):
+        torch.testing.assert_close(a, b)
+    # an optimiser step changes the weights: the cached statistics are stale and not used
+    opt = torch.optim.Adam(layer.parameters(), lr=0.1)
+    layer.kl().backward()
+    layer(x)
+    opt.step()
+    torch.testing.assert_close(layer.kl(), _make_kl_plain(layer))
+    # a no-grad forward pass cannot feed a KL that needs gradients
+    with torch.no_grad():
+        layer(x)
+    kl = layer.kl()
+    assert kl.requires_grad
+    # a backward pass through the forward's graph frees it: the KL that follows is built afresh
+    layer(x).sum().backward()
+    layer.kl().backward()
+    # copies of a layer after a forward pass work and start with an empty cache
+    layer(x)
+    clone = copy.deepcopy(layer)
+    assert clone._row_stats.value is None
+    torch.testing.assert_close(clone.kl(), layer.kl())
+
+
+def _make_kl_plain(layer: BayesianLayer) -> torch.Tensor:
+    from bayesprune.priors import _kl_normal
+
+    s = layer.prior.scale
+    kl = _kl_normal(layer.weight_loc, layer.weight_log_scale, s).sum()
+    return kl + _kl_normal(layer.bias_loc, layer.bias_log_scale, s).sum()

@@ -20,7 +20,7 @@ from bayesprune.priors import (
     _kl_lognormal_gamma,
     _kl_lognormal_invgamma,
     _kl_normal,
-    _kl_rows,
+    _node_kl,
     prior_from_dict,
     theory_inclusion,
 )
@@ -42,17 +42,23 @@ def test_kl_normal_matches_torch() -> None:
     torch.testing.assert_close(ours, ref)
 
 
-def test_kl_rows_value_and_gradients_match_autograd() -> None:
-    """The hand-written backward of the fused per-node KL equals autograd of the plain formula."""
-    loc = torch.randn(6, 5, requires_grad=True)
-    log_scale = (torch.randn(6, 5) * 0.3 - 1).requires_grad_()
+def test_node_kl_value_and_gradients_match_autograd() -> None:
+    """The per-node KL built on the fused row statistics equals autograd of the plain formula."""
+    torch.manual_seed(0)
+    layer = BayesianLinear.from_module(nn.Linear(5, 6), Gaussian())
+    with torch.no_grad():
+        layer.weight_loc.normal_()
+        layer.weight_log_scale.normal_(-1, 0.3)
+        layer.bias_log_scale.normal_(-1, 0.3)
     scale = (torch.rand(6) + 0.5).requires_grad_()
-    fused = _kl_rows(loc, log_scale, scale)
-    plain = _kl_normal(loc, log_scale, scale[:, None]).sum(1)
+    params = (layer.weight_loc, layer.weight_log_scale, layer.bias_loc, layer.bias_log_scale, scale)
+    fused = _node_kl(layer, scale)
+    plain = _kl_normal(layer.weight_loc, layer.weight_log_scale, scale[:, None]).sum(1)
+    plain = plain + _kl_normal(layer.bias_loc, layer.bias_log_scale, scale)
     torch.testing.assert_close(fused, plain)
     w = torch.randn(6)
-    g1 = torch.autograd.grad((fused * w).sum(), (loc, log_scale, scale))
-    g2 = torch.autograd.grad((plain * w).sum(), (loc, log_scale, scale))
+    g1 = torch.autograd.grad((fused * w).sum(), params)
+    g2 = torch.autograd.grad((plain * w).sum(), params)
     for a, b in zip(g1, g2, strict=True):
         torch.testing.assert_close(a, b)
 
@@ -225,3 +231,24 @@ def test_prior_dict_round_trip(prior: priors.Prior) -> None:
 def test_prior_from_dict_rejects_unknown_type() -> None:
     with pytest.raises(ValueError, match="unknown prior type"):
         prior_from_dict({"type": "Laplace"})
+
+
+@pytest.mark.parametrize("batch", [None, 7])
+def test_trapezoid_gate_gradient_is_the_trapezoid_rule(batch) -> None:
+    """Forward: an exact Bernoulli(q) draw; backward: q(1-q) times the mean of the loss's slopes
+    weighted 1/(2q) on drawn-in gates and 1/(2(1-q)) on drawn-out ones."""
+    from bayesprune.priors import _trapezoid_gate
+
+    torch.manual_seed(0)
+    logit = torch.linspace(-3, 3, 9, requires_grad=True)
+    z = _trapezoid_gate(logit, batch)
+    assert set(z.unique().tolist()) <= {0.0, 1.0}
+    g = torch.randn_like(z)
+    (grad,) = torch.autograd.grad((z * g).sum(), logit)
+    q = torch.sigmoid(logit.detach())
+    k = torch.where(z > 0, 0.5 / q, 0.5 / (1 - q))
+    expected = (g * k * q * (1 - q)).reshape(-1, 9).sum(0)
+    torch.testing.assert_close(grad, expected)
+    # the draw is Bernoulli(q): frequencies over many examples
+    zs = _trapezoid_gate(logit.detach(), 20_000)
+    torch.testing.assert_close(zs.mean(0), q, atol=0.015, rtol=0)
