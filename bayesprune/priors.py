@@ -75,12 +75,11 @@ def _kl_normal(
     return 0.5 * (var_ratio + (loc / prior_scale) ** 2 - 1) - log_scale + torch.log(prior_scale)
 
 
-def _row_stats(layer: BayesianLayer, bias: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def _row_stats(layer: BayesianLayer) -> tuple[torch.Tensor, torch.Tensor]:
     r"""Per node: :math:`\tfrac12 \sum (\sigma^2 + \mu^2)` and :math:`\sum \log \sigma` over its
-    incoming weights (:meth:`~bayesprune.layers.BayesianLayer.weight_row_stats`), and over its bias
-    when ``bias``."""
+    incoming weights (:meth:`~bayesprune.layers.BayesianLayer.weight_row_stats`) and its bias."""
     half_sq, ls_sum = layer.weight_row_stats()
-    if bias and layer.bias_loc is not None:
+    if layer.bias_loc is not None:
         b, bls = layer.bias_loc, layer.bias_log_scale
         half_sq = half_sq + 0.5 * (torch.exp(2 * bls) + b * b)
         ls_sum = ls_sum + bls

@@ -172,6 +172,20 @@ def _plain_moments(mu, log_sd):
     return var, 0.5 * (v + m * m).sum(1), log_sd.reshape(m.shape).sum(1)
 
 
+def _assert_same_values_and_gradients(fused, plain, used, params) -> None:
+    """Equal outputs, and equal gradients of a random linear loss of the outputs flagged in ``used``."""
+    for a, b in zip(fused, plain, strict=True):
+        torch.testing.assert_close(a, b)
+    weights = [torch.randn_like(o) for o in plain]
+
+    def grads(outs):
+        loss = sum((o * w).sum() for o, w, u in zip(outs, weights, used, strict=True) if u)
+        return torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)
+
+    for a, b in zip(grads(fused), grads(plain), strict=True):
+        torch.testing.assert_close(a, b)
+
+
 @pytest.mark.parametrize("used", [(1, 1, 1), (1, 0, 0), (0, 1, 1), (0, 1, 0), (0, 0, 1)])
 def test_fused_weight_moments_match_autograd_of_the_plain_formulas(used) -> None:
     """Value and gradient of the fused (variance, row statistics), whichever outputs a loss uses."""
@@ -180,42 +194,23 @@ def test_fused_weight_moments_match_autograd_of_the_plain_formulas(used) -> None
     torch.manual_seed(0)
     mu = torch.randn(4, 3, 2, requires_grad=True)
     ls = (torch.randn(4, 3, 2) * 0.3 - 1).requires_grad_()
-    weights = [torch.randn(4, 3, 2), torch.randn(4), torch.randn(4)]
-
-    def loss(outs):
-        return sum((o * w).sum() for o, w, u in zip(outs, weights, used, strict=True) if u)
-
     fused, plain = _WeightMoments.apply(mu, ls), _plain_moments(mu, ls)
-    for a, b in zip(fused, plain, strict=True):
-        torch.testing.assert_close(a, b)
-    g1 = torch.autograd.grad(loss(fused), (mu, ls), allow_unused=True, materialize_grads=True)
-    g2 = torch.autograd.grad(loss(plain), (mu, ls), allow_unused=True, materialize_grads=True)
-    for a, b in zip(g1, g2, strict=True):
-        torch.testing.assert_close(a, b)
+    _assert_same_values_and_gradients(fused, plain, used, (mu, ls))
 
 
 @pytest.mark.parametrize("used", [(1, 1, 1), (1, 0, 0), (0, 1, 1), (0, 0, 1)])
 def test_fused_weight_draw_matches_autograd_of_the_plain_formulas(used) -> None:
+    """Value and gradient of the fused (weight draw, row statistics), whichever outputs a loss uses."""
     from bayesprune.layers import _SampledWeight
 
     torch.manual_seed(0)
     mu = torch.randn(4, 5, requires_grad=True)
     ls = (torch.randn(4, 5) * 0.3 - 1).requires_grad_()
     eps = torch.randn(4, 5)
-    weights = [torch.randn(4, 5), torch.randn(4), torch.randn(4)]
-
-    def loss(outs):
-        return sum((o * w).sum() for o, w, u in zip(outs, weights, used, strict=True) if u)
-
     _, half_sq, ls_sum = _plain_moments(mu, ls)
     plain = (mu + torch.exp(ls) * eps, half_sq, ls_sum)
     fused = _SampledWeight.apply(mu, ls, eps)
-    for a, b in zip(fused, plain, strict=True):
-        torch.testing.assert_close(a, b)
-    g1 = torch.autograd.grad(loss(fused), (mu, ls), allow_unused=True, materialize_grads=True)
-    g2 = torch.autograd.grad(loss(plain), (mu, ls), allow_unused=True, materialize_grads=True)
-    for a, b in zip(g1, g2, strict=True):
-        torch.testing.assert_close(a, b)
+    _assert_same_values_and_gradients(fused, plain, used, (mu, ls))
 
 
 @pytest.mark.parametrize("local", [True, False])
