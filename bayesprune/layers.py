@@ -92,7 +92,8 @@ class _RowStatsCache:
     @staticmethod
     def _key(layer: BayesianLayer, grad: bool) -> tuple:
         w, s = layer.weight_loc, layer.weight_log_scale
-        return (id(w), w._version, id(s), s._version, grad)
+        # the storage address changes when .to() / load_state_dict(assign=True) replace the data
+        return (w.data_ptr(), w._version, s.data_ptr(), s._version, grad)
 
     def put(
         self,

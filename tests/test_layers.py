@@ -247,6 +247,11 @@ def test_kl_after_a_forward_pass_reuses_its_row_statistics_only_while_valid(loca
     # a backward pass through the forward's graph frees it: the KL that follows is built afresh
     layer(x).sum().backward()
     layer.kl().backward()
+    # new storage for the weights (as after .to() or an assigning state-dict load): not reused
+    layer(x)
+    with torch.no_grad():
+        layer.weight_loc.data = layer.weight_loc.data.clone() * 2
+    torch.testing.assert_close(layer.kl(), _make_kl_plain(layer))
     # copies of a layer after a forward pass work and start with an empty cache
     layer(x)
     clone = copy.deepcopy(layer)
