@@ -551,6 +551,13 @@ def load(
             reparam=cfg.get("reparam", "local"),
         )
     state = load_file(str(path))
+    missing = [k for k in bnet.state_dict() if k not in state]
+    if missing and all(k.endswith(".hs_reference") for k in missing):
+        raise ValueError(
+            f"{path} was saved by a bayesprune version whose group-horseshoe layers had no "
+            "'hs_reference' (the initial node scale that their inclusion probabilities are "
+            "measured against) and it cannot be recovered from the file: fit the network again"
+        )
     try:
         bnet.load_state_dict(state)
     except RuntimeError as exc:
@@ -719,6 +726,7 @@ def bayesianize(
             parent_name, _, child = n.rpartition(".")
             setattr(work_modules[parent_name] if parent_name else work, child, new)
         new.gate_after = activations.get(n, followers.get(n))
+        new.batchnorm_follows = n in followers
     work_modules = dict(work.named_modules())
     for n in chosen:
         layer = work_modules[n]

@@ -254,6 +254,9 @@ class BayesianLayer(PyroModule):
         self._row_stats = _RowStatsCache()
         #: module (a following BatchNorm or ReLU) after which the node multiplier acts, if any
         self.gate_after: str | None = None
+        #: a BatchNorm alone consumes this layer's output (and the multiplier acts after it): the
+        #: scale of the weights then does not reach the rest of the network
+        self.batchnorm_follows = False
         weight = weight.detach().clone().float()
         bias = None if bias is None else bias.detach().clone().float()
         self.group_size = weight[0].numel() + (1 if bias is not None else 0)
@@ -350,8 +353,11 @@ class BayesianLayer(PyroModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mode = self.mode
         if mode == "sample" and self.local_reparam:
-            var, half_sq, ls_sum = _WeightMoments.apply(self.weight_loc, self.weight_log_scale)
-            self._row_stats.put(self, half_sq, ls_sum, var)
+            if self.prior.uses_row_stats:
+                var, half_sq, ls_sum = _WeightMoments.apply(self.weight_loc, self.weight_log_scale)
+                self._row_stats.put(self, half_sq, ls_sum, var)
+            else:
+                var = torch.exp(2 * self.weight_log_scale)
             loc = self.weight_loc
             gate = self.prior.weight_gate(self)
             if gate is not None:
@@ -364,10 +370,14 @@ class BayesianLayer(PyroModule):
             mult = self.prior.node_multiplier(self, out.shape[0])
         elif mode == "sample":
             # one weight draw shared by the minibatch (Bayes by Backprop): half the matmuls
-            w, half_sq, ls_sum = _SampledWeight.apply(
-                self.weight_loc, self.weight_log_scale, torch.randn_like(self.weight_loc)
-            )
-            self._row_stats.put(self, half_sq, ls_sum, w)
+            eps = torch.randn_like(self.weight_loc)
+            if self.prior.uses_row_stats:
+                w, half_sq, ls_sum = _SampledWeight.apply(
+                    self.weight_loc, self.weight_log_scale, eps
+                )
+                self._row_stats.put(self, half_sq, ls_sum, w)
+            else:
+                w = torch.addcmul(self.weight_loc, torch.exp(self.weight_log_scale), eps)
             gate = self.prior.weight_gate(self)
             if gate is not None:
                 w = w * gate

@@ -6,6 +6,8 @@ optimisation step (forward, loss, backward, Adam update; CUDA synchronised) of
 * the deterministic net (cross-entropy, ``torch.optim.Adam``),
 * ``bp.fit``'s step: :class:`bayesprune.inference.LocalReparamELBO` + ``torch.optim.Adam``, with node
   spike-and-slab under both reparameterizations, and with the ``Gaussian`` prior (no node gates),
+* for MLPs (LeNet-300-100), the same estimator written out in a few plain torch ops (Gaussian
+  prior, with and without its KL term): what the estimator itself costs in plain eager PyTorch,
 * (``--trace``) the genuine ``pyro.infer.SVI`` step with ``Trace_ELBO`` on ``bnet.model`` / ``bnet.guide``,
 * bayesian-torch's ``dnn_to_bnn`` (Reparameterization layers, ``get_kl_loss``), if installed,
 
@@ -83,6 +85,53 @@ def _batches(
     return xs, ys, 60000
 
 
+def _plain_mlp(net: torch.nn.Module) -> bool:
+    """A ``Sequential`` of Linear layers and parameter-free modules (the floor rows need one)."""
+    if not isinstance(net, torch.nn.Sequential):
+        return False
+    return all(isinstance(m, torch.nn.Linear) or not any(True for _ in m.parameters()) for m in net)
+
+
+def _floor_method(
+    net: torch.nn.Sequential,
+    dev: torch.device,
+    n: int,
+    with_kl: bool,
+    xs: list[torch.Tensor],
+    ys: list[torch.Tensor],
+) -> Method:
+    """The local-reparameterization step written out in a few plain torch ops (Gaussian prior,
+    no gates, no framework): what the estimator itself costs in eager PyTorch on this device. Without
+    the KL it is only the four matmuls per layer, the noise and Adam on twice the parameters."""
+    layers = []
+    for m in net:
+        if isinstance(m, torch.nn.Linear):
+            mu = m.weight.detach().clone().to(dev).requires_grad_()
+            ls = torch.full_like(mu, -4.0).requires_grad_()
+            b = m.bias.detach().clone().to(dev).requires_grad_()
+            layers.append((mu, ls, b))
+        else:
+            layers.append(m)
+    params = [p for layer in layers if isinstance(layer, tuple) for p in layer]
+    k = len(xs)
+
+    def loss_of(i: int) -> torch.Tensor:
+        h, kl = xs[i % k], 0.0
+        for layer in layers:
+            if not isinstance(layer, tuple):
+                h = layer(h)
+                continue
+            mu, ls, b = layer
+            var = torch.exp(2 * ls)
+            mean = F.linear(h, mu, b)
+            h = mean + F.linear(h * h, var).sqrt() * torch.randn_like(mean)
+            if with_kl:  # KL from N(0, 1), up to a constant
+                kl = kl + 0.5 * (var.sum() + mu.pow(2).sum()) - ls.sum()
+        return F.cross_entropy(h, ys[i % k]) + kl / n
+
+    return loss_of, make_adam(params, 1e-3)
+
+
 def bench_model(
     name: str, dev: torch.device, steps: int, warmup: int, batch: int, trace: bool
 ) -> list[dict]:
@@ -114,6 +163,14 @@ def bench_model(
     methods["bayesprune SVI, Gaussian prior (no gates), reparam='local'"] = ours(
         bp.priors.Gaussian(), "local"
     )
+
+    floor_net = get_model(name)
+    if _plain_mlp(floor_net):
+        for with_kl in (True, False):
+            label = "Gaussian KL" if with_kl else "no KL term"
+            methods[f"plain torch, hand-written local reparam., {label}"] = _floor_method(
+                floor_net, dev, n, with_kl, xs, ys
+            )
 
     try:
         from bayesian_torch.models.dnn_to_bnn import dnn_to_bnn, get_kl_loss

@@ -273,6 +273,8 @@ def test_save_load_round_trip(tmp_path, prior) -> None:
     assert back.num_data == 123 and back.priors == bnet.priors and back.reparam == "shared"
     for (k, a), (k2, b) in zip(bnet.state_dict().items(), back.state_dict().items(), strict=True):
         assert k == k2 and torch.equal(a, b)
+    for k, p in bnet.inclusion_probs().items():
+        torch.testing.assert_close(back.inclusion_probs()[k], p, atol=0, rtol=0)
     bnet.eval()
     back.eval()
     x = torch.randn(2, 1, 28, 28)
@@ -290,7 +292,16 @@ def test_load_errors(tmp_path) -> None:
         bp.load(path, lenet_300_100(in_features=32))
     with pytest.raises(FileNotFoundError):
         bp.load(tmp_path / "missing.safetensors", lenet_300_100())
-    from safetensors.torch import save_file
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    # a group-horseshoe file saved before the PIP reference existed cannot be read back silently
+    ghs = bp.bayesianize(lenet_300_100(in_features=16), prior=bp.priors.GroupHorseshoe())
+    ghs.save(path)
+    state = {k: v for k, v in load_file(str(path)).items() if not k.endswith("hs_reference")}
+    save_file(state, str(path), metadata=safe_open(str(path), "pt").metadata())
+    with pytest.raises(ValueError, match=r"no 'hs_reference'.*fit the network again"):
+        bp.load(path, lenet_300_100(in_features=16))
 
     save_file({"a": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(ValueError, match="not a bayesprune BayesianModule file"):

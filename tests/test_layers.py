@@ -259,6 +259,21 @@ def test_kl_after_a_forward_pass_reuses_its_row_statistics_only_while_valid(loca
     torch.testing.assert_close(clone.kl(), layer.kl())
 
 
+@pytest.mark.parametrize("local", [True, False])
+def test_weight_level_layers_skip_the_row_statistics_their_kl_never_reads(local: bool) -> None:
+    """Weight-level spike-and-slab's KL is a per-weight gated sum: its forward pass computes no row
+    statistics, and the step still reaches the means and the scales."""
+    torch.manual_seed(0)
+    prior = SpikeAndSlab(level="weight")
+    assert not prior.uses_row_stats and SpikeAndSlab(level="node").uses_row_stats
+    _, layer, x = _make("linear", prior)
+    layer.local_reparam = local
+    out = layer(x)
+    assert layer._row_stats.value is None
+    (out.sum() + layer.kl()).backward()
+    assert layer.weight_loc.grad is not None and layer.weight_log_scale.grad.abs().sum() > 0
+
+
 def _make_kl_plain(layer: BayesianLayer) -> torch.Tensor:
     from bayesprune.priors import _kl_normal
 

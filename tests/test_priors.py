@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pyro.distributions as dist
@@ -11,16 +12,18 @@ from scipy import stats
 from torch import nn
 
 from bayesprune import priors
-from bayesprune.layers import BayesianLinear
+from bayesprune.layers import BayesianConv2d, BayesianLinear
 from bayesprune.priors import (
     Gaussian,
     GroupHorseshoe,
     SpikeAndSlab,
+    _hs_mean_scale,
     _kl_bernoulli,
     _kl_lognormal_gamma,
     _kl_lognormal_invgamma,
     _kl_normal,
     _node_kl,
+    _standardised_rms,
     prior_from_dict,
     theory_inclusion,
 )
@@ -169,22 +172,75 @@ def test_horseshoe_kl_matches_pyro_guide_and_model(prior: priors.Prior) -> None:
 
 
 def test_group_horseshoe_pip_closed_form_matches_samples() -> None:
-    """PIP_j = P(kappa_j < 1/2), kappa_j = 1 / (1 + m_j s~_j^2), from guide samples vs closed form."""
+    """PIP_j = P(kappa_j < 1/2), kappa_j = 1 / (1 + s~_j^2 b_j^2 / (rho r)^2), from guide samples
+    vs closed form (b_j: RMS of the posterior-mean standardised weights)."""
 
-    prior = GroupHorseshoe(global_scale=0.3, slab_scale=2.0)
+    prior = GroupHorseshoe(global_scale=0.3, slab_scale=2.0, pip_reference=0.5)
     layer = _layer(prior, out=6, inp=9)
     with torch.no_grad():
         layer.lambda_a_loc.copy_(torch.linspace(-3, 2, 6))
         layer.lambda_a_log_scale.fill_(math.log(0.8))
+        layer.weight_loc.mul_(torch.linspace(0.5, 2, 6)[:, None])
+    ref = 0.5 * layer.hs_reference
+    b = _standardised_rms(layer)
     hits = torch.zeros(6)
     n = 600
     for _ in range(n):
         _, _, s = prior.guide_sites(layer, "l")  # the regularised node scale s~ drawn from q
-        hits += (1 / (1 + 9 * s**2) < 0.5).float()
+        hits += (1 / (1 + (s * b / ref) ** 2) < 0.5).float()
     empirical = hits / n
     closed = layer.inclusion_probs()
     assert torch.all((empirical - closed).abs() < 4 * torch.sqrt(closed * (1 - closed) / n) + 0.01)
     assert closed[0] < 0.2 and closed[-1] > 0.8  # the loc sweep spans excluded to included
+
+
+def test_group_horseshoe_reference_is_the_layers_initial_median_node_scale() -> None:
+    """The PIP's reference is the layer's own typical node scale, so a pretrained layer starts with
+    its typical nodes included whatever its weight scale (a fan-in reference excluded 19 of the 20
+    first-layer filters of the trained LeNet-5-Caffe), and rescaling a layer's weights by 0.01 leaves
+    its inclusion probabilities unchanged."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(1, 20, 5)
+    with torch.no_grad():  # trained first-layer filters have RMS 0.13-0.22 < 1 / sqrt(25)
+        conv.weight.mul_(0.16 / conv.weight.pow(2).mean().sqrt())
+    pips = []
+    for factor in (1.0, 0.01):
+        plain = copy.deepcopy(conv)
+        with torch.no_grad():
+            plain.weight.mul_(factor)
+            plain.bias.mul_(factor)
+        layer = BayesianConv2d.from_module(plain, GroupHorseshoe())
+        torch.testing.assert_close(
+            layer.hs_reference, _hs_mean_scale(layer, 2.0).median(), rtol=1e-6, atol=0
+        )
+        pips.append(layer.inclusion_probs())
+    assert (pips[0] > 0.5).float().mean() > 0.9, pips[0]
+    torch.testing.assert_close(pips[0], pips[1], atol=1e-4, rtol=0)
+    # rho moves the threshold: a node below rho * median is out
+    strict = BayesianConv2d.from_module(conv, GroupHorseshoe(pip_reference=10.0))
+    assert (strict.inclusion_probs() < 0.01).all()
+
+
+def test_group_horseshoe_pip_sees_nodes_shrunk_through_their_standardised_weights() -> None:
+    """The likelihood sees s~_j * beta_j: a node whose standardised weights shrink by 10x is out
+    even with its scale unchanged, unless a BatchNorm follows (it removes the weights' scale)."""
+    torch.manual_seed(0)
+    layer = BayesianLinear.from_module(nn.Linear(30, 8), GroupHorseshoe())
+    with torch.no_grad():
+        layer.lambda_a_log_scale.fill_(math.log(0.01))  # a confident posterior over the scales
+        layer.lambda_b_log_scale.fill_(math.log(0.01))
+        layer.tau_a_log_scale.fill_(math.log(0.01))
+        layer.tau_b_log_scale.fill_(math.log(0.01))
+    typical = _hs_mean_scale(layer, 2.0) > 0.8 * layer.hs_reference
+    before = layer.inclusion_probs()
+    assert (before[typical] > 0.9).all()
+    with torch.no_grad():
+        layer.weight_loc[:4].mul_(0.1)
+        layer.bias_loc[:4].mul_(0.1)
+    after = layer.inclusion_probs()
+    assert (after[:4] < 0.01).all() and torch.equal(after[4:], before[4:])
+    layer.batchnorm_follows = True
+    torch.testing.assert_close(layer.inclusion_probs()[:4], before[:4])
 
 
 def test_spike_and_slab_pip_is_sigmoid_of_gate_logit() -> None:
@@ -214,6 +270,8 @@ def test_other_priors_reject_bad_settings() -> None:
         Gaussian(scale=0)
     with pytest.raises(ValueError, match="global_scale must be a positive number"):
         GroupHorseshoe(global_scale=-1)
+    with pytest.raises(ValueError, match="pip_reference must be a positive number"):
+        GroupHorseshoe(pip_reference=0)
 
 
 @pytest.mark.parametrize(

@@ -22,7 +22,11 @@
 # * **group horseshoe** (`bp.priors.GroupHorseshoe()`): node $j$'s weights share a scale
 #   $\tilde s_j = \tau\lambda_j$ (regularised), with half-Cauchy $\lambda_j$ and $\tau$: most nodes are
 #   shrunk to zero, a few escape. Its PIP is $P_q(\kappa_j < 1/2)$ for the shrinkage factor
-#   $\kappa_j = 1/(1 + m_j \tilde s_j^2)$ ($m_j$ = fan-in), in closed form.
+#   $\kappa_j = 1/(1 + \tilde s_j^2 b_j^2 / (\rho r_l)^2)$, in closed form. Here $\tilde s_j b_j$ is
+#   the size of node $j$'s weights in the posterior-mean network ($b_j$: RMS of its standardised
+#   weights), and $r_l$ is the layer's median node size before the fit (for a pretrained net, the
+#   typical size of a node's trained weights). With $\rho$ = `pip_reference` = 1/2, a node is pruned
+#   once the posterior has shrunk it below half the layer's typical size.
 #
 # We fit both on the same network, compare their PIPs and pruned networks, and then look at the
 # posterior with [ArviZ](https://python.arviz.org): `bp.to_arviz` turns the variational posterior
