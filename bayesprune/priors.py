@@ -24,7 +24,7 @@ Priors
 ``SpikeAndSlab(level="node" | "weight", prior_inclusion, slab="gaussian" | "group_lasso" | "horseshoe")``
     :math:`z_j \sim \mathrm{Bernoulli}(\gamma)` multiplies node :math:`j`'s output (``level="node"``) or
     each weight (``level="weight"``); the slab is Gaussian, group-lasso or group-horseshoe.
-``GroupHorseshoe(global_scale, regularized, slab_scale)``
+``GroupHorseshoe(global_scale, regularized, slab_scale, pip_reference)``
     node-wise half-Cauchy scales times a layer-wise half-Cauchy scale, non-centred.
 
 Example
@@ -916,7 +916,9 @@ class GroupHorseshoe(Prior):
     Parameters
     ----------
     global_scale
-        :math:`A`, the scale of the layer's half-Cauchy.
+        :math:`A`, the scale of the layer's half-Cauchy. Smaller values prune more. On
+        Fashion-MNIST LeNet-300-100 (``benchmarks/compression.py``, 30 SVI epochs + 5 fine-tuning
+        epochs), 1 kept 37% of the parameters at -0.38 points and 0.01 kept 19% at -0.94 points.
     regularized
         Use the regularised (slab-width ``slab_scale`` = :math:`c`) scale.
     slab_scale
