@@ -260,9 +260,7 @@ class BayesianLayer(PyroModule):
         weight = weight.detach().clone().float()
         bias = None if bias is None else bias.detach().clone().float()
         self.group_size = weight[0].numel() + (1 if bias is not None else 0)
-        rows = weight.reshape(weight.shape[0], -1)
-        if bias is not None:
-            rows = torch.cat([rows, bias[:, None]], 1)
+        rows = self.node_rows(weight, bias)
         # RMS of each node's pretrained weights: initial horseshoe node scale
         self.row_rms = rows.pow(2).mean(1).sqrt()
         # initial posterior sd relative to the layer's weight RMS (small: a pretrained net keeps its accuracy)
@@ -292,6 +290,12 @@ class BayesianLayer(PyroModule):
         raise NotImplementedError
 
     # -- parameters ---------------------------------------------------------------------------
+    @staticmethod
+    def node_rows(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """``[out, group size]``: each node's incoming weights, then its bias if there is one."""
+        rows = weight.reshape(weight.shape[0], -1)
+        return rows if bias is None else torch.cat([rows, bias[:, None]], 1)
+
     @property
     def weight_scale(self) -> torch.Tensor:
         """Posterior standard deviation :math:`\\sigma` of the base weights."""

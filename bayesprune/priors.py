@@ -551,10 +551,7 @@ def _hs_guide_sites(layer: BayesianLayer, path: str, c: float | None):
 @torch.no_grad()
 def _standardised_rms(layer: BayesianLayer) -> torch.Tensor:
     """Per node: RMS of the posterior mean of its standardised weights and bias (:math:`b_j`)."""
-    rows = layer.weight_loc.reshape(layer.weight_loc.shape[0], -1)
-    if layer.bias_loc is not None:
-        rows = torch.cat([rows, layer.bias_loc[:, None]], 1)
-    return rows.pow(2).mean(1).sqrt()
+    return layer.node_rows(layer.weight_loc, layer.bias_loc).pow(2).mean(1).sqrt()
 
 
 def _hs_inclusion(layer: BayesianLayer, c: float | None, threshold: torch.Tensor) -> torch.Tensor:
