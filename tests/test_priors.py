@@ -196,8 +196,8 @@ def test_group_horseshoe_pip_closed_form_matches_samples() -> None:
 
 def test_group_horseshoe_reference_is_the_layers_initial_median_node_scale() -> None:
     """The PIP's reference is the layer's own typical node scale, so a pretrained layer starts with
-    its typical nodes included whatever its weight scale (a fan-in reference excluded 19 of the 20
-    first-layer filters of the trained LeNet-5-Caffe), and rescaling a layer's weights by 0.01 leaves
+    its typical nodes included whatever its weight scale (a fan-in reference, 1/sqrt(25) here,
+    excludes most filters of this scale), and rescaling a layer's weights by 0.01 leaves
     its inclusion probabilities unchanged."""
     torch.manual_seed(0)
     conv = nn.Conv2d(1, 20, 5)
