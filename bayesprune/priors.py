@@ -891,9 +891,10 @@ class GroupHorseshoe(Prior):
     :math:`\mathcal N(0, 1)` prior on :math:`\beta` often makes it cheaper to shrink :math:`\beta_j`
     than :math:`\tilde s_j` (in fits of LeNet-300-100 on Fashion-MNIST the first layer's node
     scales grew while its standardised weights shrank). When a BatchNorm follows the layer, the
-    multiplier acts after it and the BatchNorm removes the weights' scale, so there :math:`b_j = 1`. Second, what a "small" node is depends on the layer (its
-    inputs' scale and correlation), not on the fan-in alone: a 5x5 filter on raw pixels works at a
-    larger scale than :math:`1/\sqrt{25}` suggests. So the reference is the layer's own:
+    multiplier acts after it and the BatchNorm removes the weights' scale, so there :math:`b_j = 1`.
+    Second, what a "small" node is depends on the layer (its inputs' scale and correlation), not on
+    the fan-in alone: a 5x5 filter on raw pixels works at a larger scale than :math:`1/\sqrt{25}`
+    suggests. So the reference is the layer's own:
     :math:`r_l` is the median over the layer's nodes of :math:`\mathbb E_q \tilde s_j` at
     initialisation. For a pretrained net that is the median RMS of the nodes' trained weights,
     since :math:`b_j = 1` then. It is stored as the buffer ``hs_reference``. We define
