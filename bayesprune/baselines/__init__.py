@@ -1,13 +1,16 @@
-"""The four seed pruning methods as baselines, behind one interface (:class:`PruningMethod`).
+"""The four seed pruning methods, and SNACS's predecessor MINT, as baselines.
 
-=============================  ===============================================  ============
-class                          paper                                            removes
-=============================  ===============================================  ============
-:class:`MagnitudePruning`      Alvarez, confident magnitude pruning (2408.04759)  weights / nodes
-:class:`SNACS`                 Ganesh et al., SNACS (2006.12463)                 nodes
-:class:`GumbelPruning`         Zhang, Tao and Zhang (2311.12526)                 weights / nodes
-:class:`SelfCompression`       Carannante et al. (2111.05950)                    nodes
-=============================  ===============================================  ============
+All behind one interface (:class:`PruningMethod`).
+
+=========================  ===================================================  ===============
+class                      paper                                                removes
+=========================  ===================================================  ===============
+:class:`MagnitudePruning`  Alvarez, confident magnitude pruning (2408.04759)    weights / nodes
+:class:`SNACS`             Ganesh et al., SNACS (2006.12463)                    nodes
+:class:`MINT`              Ganesh, Corso and Sekeh, MINT (SNACS's predecessor)  nodes
+:class:`GumbelPruning`     Zhang, Tao and Zhang (2311.12526)                    weights / nodes
+:class:`SelfCompression`   Carannante et al. (2111.05950)                       nodes
+=========================  ===================================================  ===============
 
 Each is fitted on a trained plain network, exposes ``scores``, ``masks(level)``, ``prune(level)``,
 ``candidates(levels)`` and ``certify(cal_loader, levels)`` (Learn then Test through
@@ -29,10 +32,12 @@ from __future__ import annotations
 from .base import PruningMethod, PruningResult, hidden_layers, prunable_parameters
 from .gumbel import GumbelPruning
 from .magnitude import PAPER_LEVELS, PAPER_PROTOCOL, MagnitudePruning
+from .mint import MINT, geometric_conditional_dependence
 from .self_compression import SelfCompression
 from .snacs import SNACS, edge_conditional_mutual_information, edge_mutual_information
 
 __all__ = [
+    "MINT",
     "PAPER_LEVELS",
     "PAPER_PROTOCOL",
     "SNACS",
@@ -43,6 +48,7 @@ __all__ = [
     "SelfCompression",
     "edge_conditional_mutual_information",
     "edge_mutual_information",
+    "geometric_conditional_dependence",
     "hidden_layers",
     "prunable_parameters",
 ]
