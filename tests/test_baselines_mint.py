@@ -94,17 +94,10 @@ def test_mint_errors():
         MINT(per_class=3)
 
 
-def test_mint_on_a_conv_net_with_batchnorm():
-    torch.manual_seed(0)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(300, 1, 8, 8, generator=g)
-    y = (x[:, 0, :4].mean((1, 2)) > 0).long() + (x[:, 0, 4:].mean((1, 2)) > 0).long()
-    net = nn.Sequential(
-        nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(8, 6, 2), nn.ReLU(), nn.Flatten(), nn.Linear(24, 3),
-    ).eval()  # fmt: skip
+def test_mint_on_a_conv_net_with_batchnorm(conv_bn_net):
+    net, data = conv_bn_net
     m = MINT(groups=4, child_groups=2, per_class=40, progress=False)
-    m.fit(net, DataLoader(TensorDataset(x, y), batch_size=100))
+    m.fit(net, data)
     assert set(m.scores) == {"0", "4"}  # conv -> conv and conv -> (flattened) linear
     assert [d.shape for d in m.dependence["0"]] == [(2, 4)]
     assert [d.shape for d in m.dependence["4"]] == [(3, 4)]

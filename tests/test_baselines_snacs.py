@@ -106,17 +106,10 @@ def test_snacs_errors():
         SNACS(protect_fraction=1.0)
 
 
-def test_snacs_on_a_conv_net_with_batchnorm():
-    torch.manual_seed(0)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(300, 1, 8, 8, generator=g)
-    y = (x[:, 0, :4].mean((1, 2)) > 0).long() + (x[:, 0, 4:].mean((1, 2)) > 0).long()
-    net = nn.Sequential(
-        nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(8, 6, 2), nn.ReLU(), nn.Flatten(), nn.Linear(24, 3),
-    ).eval()  # fmt: skip
+def test_snacs_on_a_conv_net_with_batchnorm(conv_bn_net):
+    net, data = conv_bn_net
     m = SNACS(groups=4, per_class=50, n_ensemble=2, progress=False)
-    m.fit(net, DataLoader(TensorDataset(x, y), batch_size=100))
+    m.fit(net, data)
     assert set(m.scores) == {"0", "4"}  # conv -> conv and conv -> (flattened) linear
     assert all(torch.isfinite(s).all() for s in m.scores.values())
     small = m.prune(0.5)
