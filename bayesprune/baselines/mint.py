@@ -67,12 +67,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..prune import dependency_groups
-from .base import PruningMethod, hidden_layers
+from .base import _LAYERS, PruningMethod, hidden_layers
 from .snacs import _balanced, _paired, _spatial_mean
 
 __all__ = ["MINT", "geometric_conditional_dependence"]
-
-_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
 
 def geometric_conditional_dependence(
@@ -227,23 +225,24 @@ class MINT(PruningMethod):
         acts = self._outputs(net, x.to(example.device), {p for pair in pairs for p in pair})
 
         def split(width: int, k: int) -> np.ndarray:
+            """Contiguous group label of each of ``width`` units (at most ``k`` groups)."""
             return np.arange(width) * min(k, width) // width
 
-        total = 0
-        for name, consumer in pairs:
-            gc = acts[consumer].shape[1] if consumer == output_layer else self.child_groups
-            total += min(gc, acts[consumer].shape[1]) * min(self.groups, acts[name].shape[1])
-        bar = tqdm(total=total, disable=not self.progress, desc="MINT", leave=False)
+        parent_groups = {n: split(acts[n].shape[1], self.groups) for n in usable}
+        child_groups = {
+            c: split(acts[c].shape[1], acts[c].shape[1] if c == output_layer else self.child_groups)
+            for _, c in pairs
+        }
+        total = sum((child_groups[c].max() + 1) * (parent_groups[n].max() + 1) for n, c in pairs)
+        bar = tqdm(total=int(total), disable=not self.progress, desc="MINT", leave=False)
         for name in usable:
             parent = acts[name]
-            width = parent.shape[1]
-            group_of = split(width, self.groups)
-            score = np.full(width, -np.inf)
+            group_of = parent_groups[name]
+            score = np.full(parent.shape[1], -np.inf)
             self.dependence[name] = []
             for consumer, _ in producers[name].consumers:
                 child = acts[consumer]
-                k = child.shape[1] if consumer == output_layer else self.child_groups
-                child_of = split(child.shape[1], k)
+                child_of = child_groups[consumer]
                 d = np.zeros((child_of.max() + 1, group_of.max() + 1))
                 for c in range(d.shape[0]):
                     for g in range(d.shape[1]):
