@@ -35,6 +35,7 @@ from .prune import (
     plan_pruning,
     prune,
     prune_module,
+    recalibrate_batchnorm,
     save_pruned,
     zero_masked,
 )
@@ -79,6 +80,7 @@ __all__ = [
     "priors",
     "prune",
     "prune_module",
+    "recalibrate_batchnorm",
     "save_pruned",
     "to_arviz",
     "train",

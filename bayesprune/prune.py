@@ -84,6 +84,7 @@ __all__ = [
     "plan_pruning",
     "prune",
     "prune_module",
+    "recalibrate_batchnorm",
     "save_pruned",
     "zero_masked",
 ]
@@ -1271,6 +1272,98 @@ def finetune(
         progress=progress,
         seed=seed,
     )
+
+
+def recalibrate_batchnorm(
+    net: nn.Module,
+    loader: Iterable,
+    *,
+    num_batches: int = 100,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> nn.Module:
+    r"""Re-estimate every BatchNorm's running mean and variance on training data, in place.
+
+    A pruned network inherits running statistics that were collected while the (Bayesian or
+    dense) network it came from was trained; once nodes are gone and weights are posterior means,
+    the activations they describe have moved and the network can fall far below its potential
+    accuracy. Recalibration (as in Yu and Huang's slimmable networks) resets the statistics and
+    recomputes them as the cumulative average over ``num_batches`` batches,
+
+    .. math:: \hat\mu = rac1B \sum_{b=1}^{B} ar x_b, \qquad
+              \hat\sigma^2 = rac1B \sum_{b=1}^{B} s_b^2,
+
+    with :math:`ar x_b` and :math:`s_b^2` the per-channel mean and unbiased variance of batch
+    :math:`b` (``momentum=None`` in torch). No weight changes and no gradient is taken; other
+    layers (dropout) stay in eval mode. The network is left in eval mode.
+
+    Parameters
+    ----------
+    net
+        Any module with at least one BatchNorm layer (e.g. the output of :func:`prune`).
+    loader
+        Training batches, ``(inputs, targets)`` or inputs alone.
+    num_batches
+        How many batches to average over (fewer if the loader ends first).
+    device
+        Where to run; defaults to the device of the network's parameters.
+    progress
+        Show a tqdm progress bar.
+
+    Example
+    -------
+    >>> import torch
+    >>> from torch import nn
+    >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+    >>> batches = [(torch.randn(8, 1, 6, 6) + 3, None) for _ in range(4)]
+    >>> _ = recalibrate_batchnorm(net, batches, progress=False)
+    >>> bool(net[1].num_batches_tracked == 4), net.training
+    (True, False)
+    """
+    from tqdm.auto import tqdm
+
+    norms = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        raise ValueError(
+            f"{type(net).__name__} has no BatchNorm layer, so there are no running statistics to "
+            "recalibrate; use bp.finetune to retrain a pruned network without BatchNorm"
+        )
+    if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
+        raise ValueError(f"num_batches must be a positive integer, got {num_batches!r}")
+    if any(not m.track_running_stats for m in norms):
+        raise ValueError(
+            f"a BatchNorm of {type(net).__name__} has track_running_stats=False: it normalises "
+            "with batch statistics in eval mode and has nothing to recalibrate"
+        )
+    if device is None:
+        first = next(net.parameters(), None)
+        device = first.device if first is not None else torch.device("cpu")
+    device = torch.device(device)
+    net.to(device).eval()
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches seen
+        m.train()
+    seen = 0
+    try:
+        with torch.no_grad():
+            bar = tqdm(total=num_batches, desc="recalibrate BN", disable=not progress, leave=False)
+            for batch in loader:
+                if seen == num_batches:
+                    break
+                x = batch[0] if isinstance(batch, (tuple, list)) else batch
+                net(x.to(device))
+                seen += 1
+                bar.update()
+            bar.close()
+    finally:
+        for m, momentum in zip(norms, momenta, strict=True):
+            m.momentum = momentum
+        net.eval()
+    if seen == 0:
+        raise ValueError("the loader yielded no batch; pass the training loader")
+    return net
 
 
 # --------------------------------------------------------------------------------------------------

@@ -19,7 +19,9 @@ Each model's rows are saved to ``<out>/<model>.json`` (a rerun of one method rep
 method's row), so long runs can be split per model and method; ``--table`` prints every saved row.
 
 Latency is always measured on the CPU (``--threads`` threads, median of repeated runs after warm-up),
-whatever device trains the nets. The dense row's speed-up compares the dense net with itself: it
+whatever device trains the nets. Before fine-tuning, the pruned net's test accuracy is recorded, and
+for nets with BatchNorm also after ``bp.recalibrate_batchnorm`` (``--recalibrate-batches``
+training batches; fine-tuning then starts from the recalibrated net). The dense row's speed-up compares the dense net with itself: it
 shows the timing noise.
 """
 
@@ -151,6 +153,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--finetune-epochs", type=int, default=0, help="fine-tune Bayesian prunes")
     parser.add_argument("--magnitude-keep", type=float, default=0.1)
     parser.add_argument("--magnitude-finetune-epochs", type=int, default=5)
+    parser.add_argument(
+        "--recalibrate-batches",
+        type=int,
+        default=100,
+        help="re-estimate BatchNorm statistics of a pruned net on this many training batches "
+        "before fine-tuning (0: off)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="CPU threads for latency")
     parser.add_argument("--repeats", type=int, default=50, help="timed runs per latency")
     parser.add_argument("--dense-dir", type=Path, default=Path("runs/dense"))
@@ -212,6 +221,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
             except RuntimeError as exc:
                 print(f"  {method}: skipped ({exc})", flush=True)
                 continue
+            # the stages before fine-tuning, for the record (not timed apart)
+            stages = {"acc_pruned": evaluate(small, test_loader, device=device)}
+            if args.recalibrate_batches and any(
+                isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in small.modules()
+            ):
+                bp.recalibrate_batchnorm(
+                    small,
+                    loader(splits.train, 128, seed=args.seed),
+                    num_batches=args.recalibrate_batches,
+                    device=device,
+                    progress=args.progress,
+                )
+                stages["acc_recalibrated"] = evaluate(small, test_loader, device=device)
+            print(f"  {method}: before fine-tuning {stages}", flush=True)
             if ft:
                 bp.finetune(
                     small,
@@ -227,7 +250,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             save_pruned(small, args.out / f"{name}-{method}.safetensors")
             seconds = time.perf_counter() - start
             row = _row(name, method, dense, small, acc, dense_acc, x1, args, seconds)
-            row.update(settings(method, ft, device))
+            row.update(settings(method, ft, device), **stages)
             rows.append(row)
             print(f"  {method}: test accuracy {acc:.4f} ({seconds:.0f} s)", flush=True)
         _save_rows(args.out / f"{name}{'-quick' if args.quick else ''}.json", rows)
@@ -267,6 +290,15 @@ def _print_table(rows: list[dict]) -> None:
         "10.5x fewer FLOPs, 5.4x CPU speed-up; BC-GHS 5-10-76-16 (158K FLOPs) and BC-GNJ "
         "8-13-88-13, 1.0% error; SS-GHS (Jantre et al.) about 2.9% of weights at 98.98% accuracy."
     )
+    staged = [r for r in rows if "acc_pruned" in r]
+    if staged:
+        print("\nTest accuracy before fine-tuning (pruned; after BatchNorm recalibration):")
+        for r in staged:
+            recal = r.get("acc_recalibrated")
+            print(
+                f"- {r['model']} / {r.get('label', r['method'])}: {r['acc_pruned']:.4f}; "
+                f"{'no BatchNorm' if recal is None else f'{recal:.4f}'}"
+            )
     print("\nSettings per row:")
     for r in rows:
         if "settings" in r:
