@@ -1290,10 +1290,10 @@ def recalibrate_batchnorm(
     accuracy. Recalibration (as in Yu and Huang's slimmable networks) resets the statistics and
     recomputes them as the cumulative average over ``num_batches`` batches,
 
-    .. math:: \hat\mu = rac1B \sum_{b=1}^{B} ar x_b, \qquad
-              \hat\sigma^2 = rac1B \sum_{b=1}^{B} s_b^2,
+    .. math:: \hat\mu = \frac1B \sum_{b=1}^{B} \bar x_b, \qquad
+              \hat\sigma^2 = \frac1B \sum_{b=1}^{B} s_b^2,
 
-    with :math:`ar x_b` and :math:`s_b^2` the per-channel mean and unbiased variance of batch
+    with :math:`\bar x_b` and :math:`s_b^2` the per-channel mean and unbiased variance of batch
     :math:`b` (``momentum=None`` in torch). No weight changes and no gradient is taken; other
     layers (dropout) stay in eval mode. The network is left in eval mode.
 

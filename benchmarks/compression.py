@@ -19,10 +19,12 @@ Each model's rows are saved to ``<out>/<model>.json`` (a rerun of one method rep
 method's row), so long runs can be split per model and method; ``--table`` prints every saved row.
 
 Latency is always measured on the CPU (``--threads`` threads, median of repeated runs after warm-up),
-whatever device trains the nets. Before fine-tuning, the pruned net's test accuracy is recorded, and
-for nets with BatchNorm also after ``bp.recalibrate_batchnorm`` (``--recalibrate-batches``
-training batches; fine-tuning then starts from the recalibrated net). The dense row's speed-up compares the dense net with itself: it
+whatever device trains the nets. The dense row's speed-up compares the dense net with itself: it
 shows the timing noise.
+
+Before fine-tuning, the pruned net's test accuracy is recorded, and for nets with BatchNorm also
+after ``bp.recalibrate_batchnorm`` on ``--recalibrate-batches`` training batches (fine-tuning then
+starts from the recalibrated net).
 """
 
 from __future__ import annotations

@@ -4,9 +4,10 @@ A feasibility check for the issue-4 goal on LeNet-300-100 (at most 10% of the pa
 1 point below dense). For a grid of shapes ``k-h1-h2-10`` whose parameter count fits the budget, a
 fresh net is trained with the dense recipe of ``benchmarks/compression.py`` (20 epochs, Adam,
 lr 1e-3, cosine schedule, batch 128) on the same Fashion-MNIST training split, several seeds each,
-and tested, next to the dense net trained with the same seeds. ``k < 784`` keeps only ``k`` input pixels: the ``k`` columns of largest L2 norm in the
-first layer of a dense LeNet-300-100 trained in the same run (the input pruning of the MNIST
-literature, e.g. Bayesian Compression's LeNet-300-100 rows, done here with a magnitude criterion).
+and tested, next to the dense net trained with the same seeds. ``k < 784`` keeps only ``k`` input
+pixels: the ``k`` columns of largest L2 norm in the first layer of a dense LeNet-300-100 trained in
+the same run (the input pruning of the MNIST literature, e.g. Bayesian Compression's LeNet-300-100
+rows, done here with a magnitude criterion).
 For each ``(k, h2)`` the first hidden layer gets the largest width the budget allows.
 
 Node pruning followed by fine-tuning beat training the same widths from scratch by 0.15-0.43 points
