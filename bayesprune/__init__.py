@@ -26,6 +26,7 @@ from .inference import FitResult, fit
 
 # -- pruning (issue 4) --
 # isort: split
+from .batchnorm import fold_batchnorm, recalibrate_batchnorm
 from .prune import (
     CompressionReport,
     compression_report,
@@ -35,7 +36,6 @@ from .prune import (
     plan_pruning,
     prune,
     prune_module,
-    recalibrate_batchnorm,
     save_pruned,
     zero_masked,
 )
@@ -71,6 +71,7 @@ __all__ = [
     "evaluate",
     "finetune",
     "fit",
+    "fold_batchnorm",
     "load",
     "load_pruned",
     "measure_latency",

@@ -84,7 +84,6 @@ __all__ = [
     "plan_pruning",
     "prune",
     "prune_module",
-    "recalibrate_batchnorm",
     "save_pruned",
     "zero_masked",
 ]
@@ -884,6 +883,8 @@ def _set(module: nn.Module, name: str, value: torch.Tensor) -> None:
     old = getattr(module, name)
     if isinstance(old, nn.Parameter):
         setattr(module, name, nn.Parameter(value, requires_grad=old.requires_grad))
+    elif old is None and name in module._parameters:  # e.g. a conv's bias, added by folding
+        setattr(module, name, nn.Parameter(value))
     else:
         setattr(module, name, value)
 
@@ -1274,98 +1275,6 @@ def finetune(
     )
 
 
-def recalibrate_batchnorm(
-    net: nn.Module,
-    loader: Iterable,
-    *,
-    num_batches: int = 100,
-    device: str | torch.device | None = None,
-    progress: bool = True,
-) -> nn.Module:
-    r"""Re-estimate every BatchNorm's running mean and variance on training data, in place.
-
-    A pruned network inherits running statistics that were collected while the (Bayesian or
-    dense) network it came from was trained; once nodes are gone and weights are posterior means,
-    the activations they describe have moved and the network can fall far below its potential
-    accuracy. Recalibration (as in Yu and Huang's slimmable networks) resets the statistics and
-    recomputes them as the cumulative average over ``num_batches`` batches,
-
-    .. math:: \hat\mu = \frac1B \sum_{b=1}^{B} \bar x_b, \qquad
-              \hat\sigma^2 = \frac1B \sum_{b=1}^{B} s_b^2,
-
-    with :math:`\bar x_b` and :math:`s_b^2` the per-channel mean and unbiased variance of batch
-    :math:`b` (``momentum=None`` in torch). No weight changes and no gradient is taken; other
-    layers (dropout) stay in eval mode. The network is left in eval mode.
-
-    Parameters
-    ----------
-    net
-        Any module with at least one BatchNorm layer (e.g. the output of :func:`prune`).
-    loader
-        Training batches, ``(inputs, targets)`` or inputs alone.
-    num_batches
-        How many batches to average over (fewer if the loader ends first).
-    device
-        Where to run; defaults to the device of the network's parameters.
-    progress
-        Show a tqdm progress bar.
-
-    Example
-    -------
-    >>> import torch
-    >>> from torch import nn
-    >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
-    >>> batches = [(torch.randn(8, 1, 6, 6) + 3, None) for _ in range(4)]
-    >>> _ = recalibrate_batchnorm(net, batches, progress=False)
-    >>> bool(net[1].num_batches_tracked == 4), net.training
-    (True, False)
-    """
-    from tqdm.auto import tqdm
-
-    norms = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not norms:
-        raise ValueError(
-            f"{type(net).__name__} has no BatchNorm layer, so there are no running statistics to "
-            "recalibrate; use bp.finetune to retrain a pruned network without BatchNorm"
-        )
-    if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
-        raise ValueError(f"num_batches must be a positive integer, got {num_batches!r}")
-    if any(not m.track_running_stats for m in norms):
-        raise ValueError(
-            f"a BatchNorm of {type(net).__name__} has track_running_stats=False: it normalises "
-            "with batch statistics in eval mode and has nothing to recalibrate"
-        )
-    if device is None:
-        first = next(net.parameters(), None)
-        device = first.device if first is not None else torch.device("cpu")
-    device = torch.device(device)
-    net.to(device).eval()
-    momenta = [m.momentum for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average over the batches seen
-        m.train()
-    seen = 0
-    try:
-        with torch.no_grad():
-            bar = tqdm(total=num_batches, desc="recalibrate BN", disable=not progress, leave=False)
-            for batch in loader:
-                if seen == num_batches:
-                    break
-                x = batch[0] if isinstance(batch, (tuple, list)) else batch
-                net(x.to(device))
-                seen += 1
-                bar.update()
-            bar.close()
-    finally:
-        for m, momentum in zip(norms, momenta, strict=True):
-            m.momentum = momentum
-        net.eval()
-    if seen == 0:
-        raise ValueError("the loader yielded no batch; pass the training loader")
-    return net
-
-
 # --------------------------------------------------------------------------------------------------
 # reports
 # --------------------------------------------------------------------------------------------------
@@ -1623,7 +1532,8 @@ def save_pruned(small: nn.Module, path: str | Path) -> None:
     """Write a pruned network's weights and layer shapes to a safetensors file (no pickle).
 
     The metadata records every Linear / Conv / BatchNorm width, so :func:`load_pruned` can re-slice
-    an unpruned instance of the architecture to fit.
+    an unpruned instance of the architecture to fit, and every ``nn.Identity`` (where
+    :func:`bayesprune.fold_batchnorm` removed a BatchNorm), so that a folded network reloads too.
 
     Example
     -------
@@ -1638,14 +1548,17 @@ def save_pruned(small: nn.Module, path: str | Path) -> None:
     """
     from safetensors.torch import save_file
 
-    widths = {}
+    widths, identities = {}, []
     for name, m in small.named_modules():
         if isinstance(m, _LAYERS + _NORMS):
             out_w, in_w = _width(m)
             widths[name] = {"type": type(m).__name__, "out": out_w, "in": in_w}
+        elif isinstance(m, nn.Identity) and name:
+            identities.append(name)
     # cloned, contiguous CPU tensors: safetensors refuses views and shared storage
     state = {k: v.detach().cpu().contiguous().clone() for k, v in small.state_dict().items()}
-    save_file(state, str(path), metadata={"format": _FORMAT, "widths": json.dumps(widths)})
+    meta = {"format": _FORMAT, "widths": json.dumps(widths), "identities": json.dumps(identities)}
+    save_file(state, str(path), metadata=meta)
 
 
 def load_pruned(
@@ -1688,6 +1601,14 @@ def load_pruned(
             raise TypeError(f"base() must return an nn.Module, got {type(net).__name__}")
     else:
         raise TypeError(f"base must be an nn.Module or a callable building one, got {type(base)}")
+    for name in json.loads(meta.get("identities", "[]")):
+        try:
+            net.set_submodule(name, nn.Identity())
+        except AttributeError as exc:
+            raise ValueError(
+                f"the saved network has a folded layer at {name!r} that base does not have: "
+                "pass the same architecture"
+            ) from exc
     modules = dict(net.named_modules())
     for name, w in widths.items():
         m = modules.get(name)
@@ -1698,7 +1619,7 @@ def load_pruned(
             )
         for attr in ("weight", "bias", "running_mean", "running_var"):
             key = f"{name}.{attr}" if name else attr
-            if key in state and getattr(m, attr, None) is not None:
+            if key in state and (getattr(m, attr, None) is not None or attr == "bias"):
                 _set(m, attr, torch.empty_like(state[key]))
         if isinstance(m, nn.Linear):
             m.out_features, m.in_features = w["out"], w["in"]

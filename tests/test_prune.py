@@ -24,7 +24,6 @@ from bayesprune.prune import (
     plan_pruning,
     prune,
     prune_module,
-    recalibrate_batchnorm,
     save_pruned,
     zero_masked,
 )
@@ -578,64 +577,12 @@ def test_finetune_trains_the_pruned_net_on_digits() -> None:
     assert evaluate(small, loader(splits.test, 256, shuffle=False)) > 0.8
 
 
-def test_recalibrate_batchnorm_recomputes_the_running_statistics() -> None:
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.5))
-    net[1].running_mean.fill_(100.0)  # stale statistics, as after pruning
-    net[1].momentum = 0.3
-    batches = [(torch.randn(6, 2, 5, 5) * 2 + 1, torch.zeros(6)) for _ in range(5)]
-    recalibrate_batchnorm(net, batches, num_batches=4, progress=False)
-    with torch.no_grad():
-        h = [net[0](x) for x, _ in batches[:4]]  # only the first num_batches count
-    mean = torch.stack([b.mean(dim=(0, 2, 3)) for b in h]).mean(0)
-    var = torch.stack([b.transpose(0, 1).flatten(1).var(dim=1) for b in h]).mean(0)
-    assert torch.allclose(net[1].running_mean, mean, atol=1e-5)
-    assert torch.allclose(net[1].running_var, var, atol=1e-4)
-    assert net[1].momentum == 0.3 and not net.training and int(net[1].num_batches_tracked) == 4
-
-
-def test_recalibrate_batchnorm_restores_a_pruned_resnet() -> None:
-    """Pruning a trained ResNet-20's inner channels shifts the activations its BatchNorms saw;
-    recalibrated statistics fit the data again (the eval-mode output matches train-mode batch
-    normalisation far better than with the stale statistics)."""
-    torch.manual_seed(0)
-    net = resnet20()
-    x = torch.randn(64, 1, 28, 28)
-    for m in net.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.momentum = None  # exact dense statistics, so only pruning makes them stale
-    with torch.no_grad():
-        net.train()(x)
-    masks = {f"layer{i}.0.conv1": torch.arange(16 * 2 ** (i - 1)) < 2 for i in (1, 2, 3)}
-    small = prune_module(net.eval(), masks, x[:2])
-    ref = small.train()(x).detach()  # batch statistics of the pruned net
-    stale = (small.eval()(x) - ref).abs().mean()
-    recalibrate_batchnorm(small, [(x,)] * 3, progress=False)
-    fresh = (small(x) - ref).abs().mean()
-    assert fresh < 0.1 * stale
-
-
-def test_recalibrate_batchnorm_refuses_bad_input() -> None:
-    with pytest.raises(ValueError, match="no BatchNorm layer"):
-        recalibrate_batchnorm(nn.Linear(2, 2), [torch.zeros(1, 2)], progress=False)
-    net = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
-    with pytest.raises(ValueError, match="positive integer"):
-        recalibrate_batchnorm(net, [torch.zeros(2, 2)], num_batches=0, progress=False)
-    with pytest.raises(ValueError, match="no batch"):
-        recalibrate_batchnorm(net, [], progress=False)
-    with pytest.raises(ValueError, match="track_running_stats=False"):
-        recalibrate_batchnorm(
-            nn.Sequential(nn.BatchNorm1d(2, track_running_stats=False)), [], progress=False
-        )
-
-
 def test_public_names_are_exported() -> None:
     for name in (
         "prune",
         "prune_module",
         "compression_report",
         "finetune",
-        "recalibrate_batchnorm",
         "save_pruned",
         "load_pruned",
     ):

@@ -1,0 +1,258 @@
+r"""BatchNorm after pruning: re-estimate its statistics, then fold it into the layer before it.
+
+Two steps between a pruned network and its deployment:
+
+* :func:`recalibrate_batchnorm` re-estimates the running statistics that pruning made stale (the
+  activations a BatchNorm saw during training are not those of the smaller network);
+* :func:`fold_batchnorm` removes every BatchNorm that directly follows a convolution or Linear
+  layer by folding it into that layer's weight and bias (eval mode),
+
+  .. math:: W' = \frac{\gamma}{\sqrt{\sigma^2 + \epsilon}}\, W, \qquad
+            b' = \frac{\gamma}{\sqrt{\sigma^2 + \epsilon}}\,(b - \mu) + \beta,
+
+  per output channel, so inference runs one operation where it ran two. Folding is exact in eval
+  mode; it is the last step, after fine-tuning (the folded network has no BatchNorm left to train).
+
+Example
+-------
+>>> import torch
+>>> from torch import nn
+>>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).eval()
+>>> x = torch.randn(2, 1, 6, 6)
+>>> folded = fold_batchnorm(net, example_input=x)
+>>> type(folded[1]).__name__, torch.allclose(folded(x), net(x), atol=1e-6)
+('Identity', True)
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
+
+__all__ = ["fold_batchnorm", "recalibrate_batchnorm"]
+
+_BatchNorm = nn.modules.batchnorm._BatchNorm
+# the layer types a BatchNorm of each kind can be folded into (its channel axis is theirs)
+_FOLDS_INTO: dict[type, tuple[type, ...]] = {
+    nn.BatchNorm1d: (nn.Conv1d, nn.Linear),
+    nn.BatchNorm2d: (nn.Conv2d,),
+    nn.BatchNorm3d: (nn.Conv3d,),
+}
+
+
+def _norms(net: nn.Module, what: str) -> dict[str, nn.Module]:
+    norms = {n: m for n, m in net.named_modules() if isinstance(m, _BatchNorm)}
+    if not norms:
+        raise ValueError(
+            f"{type(net).__name__} has no BatchNorm layer, so there is nothing to {what}"
+        )
+    untracked = [n for n, m in norms.items() if not m.track_running_stats]
+    if untracked:
+        raise ValueError(
+            f"BatchNorm {untracked[0]!r} of {type(net).__name__} has track_running_stats=False: it "
+            f"normalises with batch statistics in eval mode, so there is nothing to {what}"
+        )
+    return norms
+
+
+def recalibrate_batchnorm(
+    net: nn.Module,
+    loader: Iterable,
+    *,
+    num_batches: int = 100,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> nn.Module:
+    r"""Re-estimate every BatchNorm's running mean and variance on training data, in place.
+
+    A pruned network inherits running statistics that were collected while the (Bayesian or
+    dense) network it came from was trained; once nodes are gone and weights are posterior means,
+    the activations they describe have moved and the network can fall far below its potential
+    accuracy. Recalibration (as in Yu and Huang's slimmable networks) resets the statistics and
+    recomputes them as the cumulative average over ``num_batches`` batches,
+
+    .. math:: \hat\mu = \frac1B \sum_{b=1}^{B} \bar x_b, \qquad
+              \hat\sigma^2 = \frac1B \sum_{b=1}^{B} s_b^2,
+
+    with :math:`\bar x_b` and :math:`s_b^2` the per-channel mean and unbiased variance of batch
+    :math:`b` (``momentum=None`` in torch). No weight changes and no gradient is taken; other
+    layers (dropout) stay in eval mode. The network is left in eval mode.
+
+    Parameters
+    ----------
+    net
+        Any module with at least one BatchNorm layer (e.g. the output of :func:`bayesprune.prune`).
+    loader
+        Training batches, ``(inputs, targets)`` or inputs alone.
+    num_batches
+        How many batches to average over (fewer if the loader ends first).
+    device
+        Where to run; defaults to the device of the network's parameters.
+    progress
+        Show a tqdm progress bar.
+
+    Example
+    -------
+    >>> import torch
+    >>> from torch import nn
+    >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+    >>> batches = [(torch.randn(8, 1, 6, 6) + 3, None) for _ in range(4)]
+    >>> _ = recalibrate_batchnorm(net, batches, progress=False)
+    >>> bool(net[1].num_batches_tracked == 4), net.training
+    (True, False)
+    """
+    from tqdm.auto import tqdm
+
+    norms = list(_norms(net, "recalibrate").values())
+    if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
+        raise ValueError(f"num_batches must be a positive integer, got {num_batches!r}")
+    if device is None:
+        first = next(net.parameters(), None)
+        device = first.device if first is not None else torch.device("cpu")
+    device = torch.device(device)
+    net.to(device).eval()
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches seen
+        m.train()
+    seen = 0
+    try:
+        with torch.no_grad():
+            bar = tqdm(total=num_batches, desc="recalibrate BN", disable=not progress, leave=False)
+            for batch in loader:
+                if seen == num_batches:
+                    break
+                x = batch[0] if isinstance(batch, (tuple, list)) else batch
+                net(x.to(device))
+                seen += 1
+                bar.update()
+            bar.close()
+    finally:
+        for m, momentum in zip(norms, momenta, strict=True):
+            m.momentum = momentum
+        net.eval()
+    if seen == 0:
+        raise ValueError("the loader yielded no batch; pass the training loader")
+    return net
+
+
+def fold_batchnorm(
+    net: nn.Module,
+    *,
+    example_input: Any = None,
+    inplace: bool = False,
+    atol: float = 1e-4,
+) -> nn.Module:
+    r"""Fold each BatchNorm into the Conv or Linear layer that feeds it, for inference.
+
+    A BatchNorm ``bn`` is folded into layer ``f`` when, in the :mod:`torch.fx` graph of ``net``,
+    ``bn`` is applied to the output of ``f`` and to nothing else, that output goes nowhere else,
+    and each of the two modules is called once. Then, in eval mode,
+    :math:`\mathrm{bn}(f(x)) = f'(x)` with the rescaled weight and shifted bias of the module
+    docstring (torch's ``fuse_conv_bn_eval`` / ``fuse_linear_bn_eval``), ``f`` becomes
+    :math:`f'` (it gains a bias if it had none) and ``bn`` becomes ``nn.Identity``, so module
+    paths are unchanged. Other BatchNorms (one after a ReLU or an addition, as in pre-activation
+    ResNets) stay, and a warning names them.
+
+    Parameters
+    ----------
+    net
+        A ``torch.fx``-traceable network with BatchNorm layers (e.g. the output of
+        :func:`bayesprune.prune` after fine-tuning).
+    example_input
+        One input batch. With it, a BatchNorm1d after a Linear is folded too (only when the
+        Linear's output is ``[batch, features]``, which the shapes of this batch show), and the
+        folded network is checked against ``net`` on it (max absolute difference at most
+        ``atol``).
+    inplace
+        Modify ``net`` instead of a deep copy.
+
+    Returns
+    -------
+    nn.Module
+        The folded network, in eval mode.
+
+    Example
+    -------
+    >>> import torch
+    >>> from models import resnet20
+    >>> net = resnet20().eval()
+    >>> small = fold_batchnorm(net, example_input=torch.randn(2, 1, 28, 28))
+    >>> sum(isinstance(m, torch.nn.BatchNorm2d) for m in small.modules())
+    0
+    """
+    _norms(net, "fold")
+    out = net if inplace else copy.deepcopy(net)
+    out.eval()
+    try:
+        gm = fx.symbolic_trace(out)
+    except Exception as exc:
+        raise ValueError(
+            f"fold_batchnorm traces {type(net).__name__} with torch.fx and could not ({exc}); "
+            "make its forward traceable (no data-dependent control flow)"
+        ) from exc
+    if example_input is not None:
+        args = example_input if isinstance(example_input, tuple) else (example_input,)
+        ShapeProp(gm).propagate(*args)
+        with torch.no_grad():
+            reference = out(*args)
+    modules = dict(out.named_modules())
+    calls: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    folded, left = [], []
+    for node in gm.graph.nodes:
+        bn = modules.get(node.target) if node.op == "call_module" else None
+        if not isinstance(bn, _BatchNorm):
+            continue
+        prev = node.args[0] if node.args else None
+        layer = (
+            modules.get(prev.target)
+            if isinstance(prev, fx.Node) and prev.op == "call_module"
+            else None
+        )
+        ok = (
+            isinstance(layer, _FOLDS_INTO.get(type(bn), ()))
+            and len(prev.users) == 1
+            and len(node.args) == 1
+            and calls[prev.target] == 1
+            and calls[node.target] == 1
+        )
+        if ok and isinstance(layer, nn.Linear):
+            meta = prev.meta.get("tensor_meta")
+            ok = meta is not None and len(meta.shape) == 2
+        if not ok:
+            left.append(node.target)
+            continue
+        fuse = fuse_linear_bn_eval if isinstance(layer, nn.Linear) else fuse_conv_bn_eval
+        out.set_submodule(prev.target, fuse(layer, bn))
+        out.set_submodule(node.target, nn.Identity())
+        folded.append(node.target)
+    if left:
+        hint = "" if example_input is not None else " (pass example_input= to fold Linear pairs)"
+        names = ", ".join(repr(n) for n in left[:5]) + (
+            f" and {len(left) - 5} more" * (len(left) > 5)
+        )
+        warnings.warn(
+            f"fold_batchnorm: {len(left)} BatchNorm layer(s) do not directly follow a Conv/Linear "
+            f"whose output only they use, and stay: {names}{hint}",
+            stacklevel=2,
+        )
+    if example_input is not None:
+        with torch.no_grad():
+            diff = float((out(*args) - reference).abs().max())
+        if diff > atol:
+            raise RuntimeError(
+                f"fold_batchnorm: the folded network differs from the original by {diff:.3g} "
+                f"(> atol={atol:g}) on example_input; this is a bug, please report it"
+            )
+    return out
