@@ -1444,7 +1444,8 @@ def compression_report(
     Parameters
     ----------
     dense, small
-        The network before and after pruning (same module paths).
+        The network before and after pruning (same module paths; ``small`` may have its BatchNorms
+        folded by :func:`bayesprune.fold_batchnorm`, reported as layers of width 0).
     example_input
         An input batch; its first example is repeated to each of ``batch_sizes`` for timing.
     device
@@ -1476,6 +1477,13 @@ def compression_report(
         if name not in f_dense:
             continue
         s = small_modules.get(name)
+        if isinstance(m, _NORMS) and isinstance(s, nn.Identity):  # bp.fold_batchnorm removed it
+            wb, ib = _width(m)
+            layers.append(
+                LayerStats(name, f"{type(m).__name__} (folded)", wb, 0, ib, 0,
+                           _own_params(m), 0, f_dense[name], 0)
+            )  # fmt: skip
+            continue
         if s is None or type(s) is not type(m):
             raise ValueError(
                 f"small has no {type(m).__name__} at {name!r}: compare a network with its own "

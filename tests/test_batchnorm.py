@@ -186,3 +186,19 @@ def test_batchnorm_tools_are_exported() -> None:
         warnings.simplefilter("error")
         for name in ("fold_batchnorm", "recalibrate_batchnorm"):
             assert name in bp.__all__ and callable(getattr(bp, name))
+
+
+def test_compression_report_compares_a_dense_net_with_its_folded_pruned_version() -> None:
+    torch.manual_seed(0)
+    net = _random_statistics(resnet20())
+    x = torch.randn(2, 1, 28, 28)
+    small = prune_module(net, {"layer1.0.conv1": torch.arange(16) < 4}, x)
+    folded = fold_batchnorm(small, example_input=x)
+    rep = bp.compression_report(net, folded, x, batch_sizes=())
+    rows = {s.name: s for s in rep.layers}
+    assert rows["layer1.0.bn1"].kind == "BatchNorm2d (folded)"
+    assert rows["layer1.0.bn1"].width_after == 0 and rows["layer1.0.bn1"].params_after == 0
+    assert rows["layer1.0.conv1"].width_after == 4
+    # folding trades each BatchNorm's per-element MAC for a bias add: the FLOP count is unchanged
+    assert rep.flops_after == bp.compression_report(net, small, x, batch_sizes=()).flops_after
+    assert rep.params_after == bp.count_params(folded)
