@@ -202,3 +202,22 @@ def test_compression_report_compares_a_dense_net_with_its_folded_pruned_version(
     # folding trades each BatchNorm's per-element MAC for a bias add: the FLOP count is unchanged
     assert rep.flops_after == bp.compression_report(net, small, x, batch_sizes=()).flops_after
     assert rep.params_after == bp.count_params(folded)
+
+
+def test_fold_batchnorm_checks_every_tensor_of_a_tuple_output() -> None:
+    class TwoHeads(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            h = self.bn(self.conv(x))
+            return h.mean((2, 3)), h.amax((2, 3))
+
+    net = _random_statistics(TwoHeads())
+    x = torch.randn(2, 1, 6, 6)
+    folded = fold_batchnorm(net, example_input=x)
+    assert isinstance(folded.bn, nn.Identity)
+    with torch.no_grad():
+        for a, b in zip(folded(x), net(x), strict=True):
+            assert torch.allclose(a, b, atol=1e-5)
