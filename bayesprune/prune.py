@@ -1005,7 +1005,10 @@ def prune_module(
     min_fraction, min_nodes
         Per-layer floor: at least ``max(min_nodes, ceil(min_fraction * width))`` nodes are kept.
     round_to
-        Round each pruned group's width up to a multiple of this (e.g. 8 for GPU kernels).
+        Round each pruned group's width up to a multiple of this (e.g. 8). Convolutions left with
+        a handful of filters run far below their kernels' efficiency on CPUs too: a ResNet-20
+        pruned on Fashion-MNIST reached 0.39-0.43 of its FLOP reduction in CPU latency
+        unrounded and 0.61-0.65 with ``round_to=8`` (``benchmarks/latency.py``, RESULTS.md).
     verify
         Check on a random input of ``example_input``'s shape that the result computes exactly the
         zeroed network (one forward pass of each); raise if not.
