@@ -16,8 +16,10 @@ warm-up, dense and pruned alternating, ``--threads`` CPU threads):
 Speed-up is dense latency over pruned latency; the FLOP reduction (a count, unchanged by folding)
 is printed next to it, with their ratio (issue 4's latency goal: at least 0.6). Then
 :mod:`torch.profiler` splits each net's time at ``--profile-batch`` by operator kind (self CPU
-time of the aten operators: convolution, batch norm, add, ReLU, pooling, linear, other), which says
-what the FLOP count does not see.
+time of the aten operators: convolution, batch norm, add, ReLU, pooling, linear, other), and
+forward hooks time every Conv / Linear layer of the saved nets (ms and GMAC/s per layer), which
+says what the FLOP count does not see: how efficiently each layer runs at its width. Everything
+is also written to ``<run>/latency-<model>.json``.
 
     python benchmarks/compression.py ... --out runs/compression_r20_e6_b02    # writes the nets
     python benchmarks/latency.py --run runs/compression_r20_e6_b02 --model resnet20 --threads 1
