@@ -883,7 +883,7 @@ def _set(module: nn.Module, name: str, value: torch.Tensor) -> None:
     old = getattr(module, name)
     if isinstance(old, nn.Parameter):
         setattr(module, name, nn.Parameter(value, requires_grad=old.requires_grad))
-    elif old is None and name in module._parameters:  # e.g. a conv's bias, added by folding
+    elif old is None and name in module._parameters:  # an empty slot, e.g. a bias=False conv
         setattr(module, name, nn.Parameter(value))
     else:
         setattr(module, name, value)
@@ -1630,7 +1630,8 @@ def load_pruned(
             )
         for attr in ("weight", "bias", "running_mean", "running_var"):
             key = f"{name}.{attr}" if name else attr
-            if key in state and (getattr(m, attr, None) is not None or attr == "bias"):
+            # any registered slot the file fills, including a bias that folding added
+            if key in state and (attr in m._parameters or attr in m._buffers):
                 _set(m, attr, torch.empty_like(state[key]))
         if isinstance(m, nn.Linear):
             m.out_features, m.in_features = w["out"], w["in"]
