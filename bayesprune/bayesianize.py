@@ -62,7 +62,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import INIT_SCALE, BayesianLayer, _set_mode, bayesian_layer_for
+from .layers import (
+    INIT_SCALE,
+    WEIGHT_SD_FAMILIES,
+    BayesianLayer,
+    BayesianLinear,
+    _set_mode,
+    bayesian_layer_for,
+)
 from .priors import Prior, SpikeAndSlab, prior_from_dict
 
 __all__ = ["BayesianModule", "RegressionPrediction", "bayesianize", "load"]
@@ -71,6 +78,7 @@ _FORMAT = "bayesprune.BayesianModule/1"
 _NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm)
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _LIKELIHOODS = ("categorical", "gaussian")
+_REPARAMS = ("local", "shared", "auto")
 
 
 class RegressionPrediction(NamedTuple):
@@ -251,16 +259,23 @@ class BayesianModule(nn.Module):
 
     @property
     def reparam(self) -> str:
-        """Training-path estimator: ``"local"`` or ``"shared"`` (see :func:`bayesianize`)."""
+        """Training-path estimator: ``"local"``, ``"shared"`` or ``"auto"`` (see :func:`bayesianize`)."""
         return self._reparam
 
-    def set_reparam(self, reparam: Literal["local", "shared"]) -> None:
-        """Switch the training-path estimator of every Bayesian layer."""
-        if reparam not in ("local", "shared"):
-            raise ValueError(f"reparam must be 'local' or 'shared', got {reparam!r}")
+    @property
+    def weight_sd(self) -> str:
+        """Variational family of the weights' sds: ``"per_weight"`` or ``"rank1"`` (see :func:`bayesianize`)."""
+        return next(iter(self.bayesian_layers.values())).weight_sd
+
+    def set_reparam(self, reparam: Literal["local", "shared", "auto"]) -> None:
+        """Switch the training-path estimator of every Bayesian layer (see :func:`bayesianize`)."""
+        if reparam not in _REPARAMS:
+            raise ValueError(f"reparam must be one of {_REPARAMS}, got {reparam!r}")
         self._reparam = reparam
         for layer in self.bayesian_layers.values():
-            layer.local_reparam = reparam == "local"
+            layer.local_reparam = reparam == "local" or (
+                reparam == "auto" and isinstance(layer, BayesianLinear)
+            )
 
     def structure_parameters(self) -> list[nn.Parameter]:
         """Gate logits and shrinkage-scale parameters (the variables that decide which nodes stay).
@@ -477,6 +492,7 @@ class BayesianModule(nn.Module):
             "num_data": self.num_data,
             "noise_scale": self.fixed_noise,
             "reparam": self.reparam,
+            "weight_sd": self.weight_sd,
         }
 
     def save(self, path: str | Path) -> None:
@@ -549,6 +565,7 @@ def load(
             noise_scale=cfg["noise_scale"],
             num_classes=cfg["num_classes"],
             reparam=cfg.get("reparam", "local"),
+            weight_sd=cfg.get("weight_sd", "per_weight"),
         )
     state = load_file(str(path))
     missing = [k for k in bnet.state_dict() if k not in state]
@@ -588,9 +605,10 @@ def bayesianize(
     noise_scale: float | None = None,
     init_scale: float = INIT_SCALE,
     num_classes: int | None = None,
-    reparam: Literal["local", "shared"] = "local",
+    reparam: Literal["local", "shared", "auto"] = "local",
+    weight_sd: Literal["per_weight", "rank1"] = "per_weight",
 ) -> BayesianModule:
-    """Make the ``Linear`` / ``Conv1d`` / ``Conv2d`` layers of ``net`` Bayesian.
+    r"""Make the ``Linear`` / ``Conv1d`` / ``Conv2d`` layers of ``net`` Bayesian.
 
     Parameters
     ----------
@@ -614,10 +632,30 @@ def bayesianize(
     num_classes
         Output width; inferred from the last Linear/Conv layer when omitted.
     reparam
-        Training-path estimator of the expected log-likelihood: ``"local"`` (local
-        reparameterization, lowest variance, two matmuls per layer) or ``"shared"`` (one weight
-        draw per minibatch, Bayes by Backprop: the deterministic net's matmul cost). Both are
-        unbiased for the same ELBO; switch later with :meth:`BayesianModule.set_reparam`.
+        Training-path estimator of the expected log-likelihood; switch later with
+        :meth:`BayesianModule.set_reparam`.
+
+        * ``"local"``: local reparameterization (Kingma, Salimans and Welling 2015), one noise
+          draw per pre-activation, two matmuls / convolutions per layer. For a ``Linear`` layer
+          it is unbiased for the ELBO, with the lowest variance. For a convolution it is an
+          approximation: all positions of one example share one weight draw under :math:`q`,
+          and independent noise per position keeps each output's marginal law but drops their
+          correlation, so the objective is not exactly the ELBO.
+        * ``"shared"``: one weight draw per minibatch (Bayes by Backprop), unbiased for every
+          layer type: the deterministic net's matmul cost plus one draw of the weights. Node
+          gates and scales are still drawn per example, as under ``"local"``.
+        * ``"auto"``: local for ``Linear`` layers, shared for convolutions. Unbiased everywhere,
+          and the cheaper estimator for each: a convolution has far more pre-activations per
+          batch than weights, a ``Linear`` layer of an MLP fewer.
+    weight_sd
+        Variational family of the base weights' standard deviations. ``"per_weight"`` (mean
+        field): one free :math:`\sigma_{ji}` per weight. ``"rank1"``: :math:`\sigma_{ji} = e^{a_j}
+        e^{b_i}`, one factor per node :math:`j` and one per input position :math:`i` (shared by
+        the layer's nodes), so a layer has about as many variational parameters as weights. With
+        local reparameterization the output variance is then
+        :math:`e^{2a_j}\,\mathrm{op}(x^2, e^{2b})`: one single-output matmul / convolution instead
+        of a second full-width one, the step's main cost. Weight-level spike-and-slab needs the
+        full variance matrix and gains no speed from it.
 
     Raises
     ------
@@ -634,10 +672,15 @@ def bayesianize(
         raise ValueError(f"likelihood must be one of {_LIKELIHOODS}, got {likelihood!r}")
     if noise_scale is not None and not (isinstance(noise_scale, (int, float)) and noise_scale > 0):
         raise ValueError(f"noise_scale must be a positive number or None, got {noise_scale!r}")
-    if reparam not in ("local", "shared"):
-        raise ValueError(f"reparam must be 'local' or 'shared', got {reparam!r}")
+    if reparam not in _REPARAMS:
+        raise ValueError(f"reparam must be one of {_REPARAMS}, got {reparam!r}")
     if init_scale <= 0:
         raise ValueError(f"init_scale must be positive, got {init_scale}")
+    if weight_sd not in WEIGHT_SD_FAMILIES:
+        raise ValueError(
+            f"weight_sd must be one of {WEIGHT_SD_FAMILIES} (one sd per weight, or rank one: "
+            f"node factor x input factor), got {weight_sd!r}"
+        )
     if prior is None:
         prior = SpikeAndSlab(level="node")
     per_layer = dict(prior) if isinstance(prior, Mapping) else None
@@ -719,7 +762,7 @@ def bayesianize(
     for n in chosen:
         priors[n] = per_layer[n] if per_layer is not None else prior
         old = work_modules[n]
-        new = bayesian_layer_for(old).from_module(old, priors[n], init_scale)
+        new = bayesian_layer_for(old).from_module(old, priors[n], init_scale, weight_sd)
         if n == "":  # the network is a single supported layer
             work = new
         else:

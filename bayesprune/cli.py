@@ -168,6 +168,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="node-level sparsity prior (default: spike-and-slab)",
     )
     fit.add_argument(
+        "--reparam",
+        choices=("local", "shared", "auto"),
+        default=None,
+        help="SVI estimator (default: bp.bayesianize's; see its docstring)",
+    )
+    fit.add_argument(
+        "--weight-sd",
+        choices=("per_weight", "rank1"),
+        default="per_weight",
+        help="variational family of the weights' sds (default: per_weight)",
+    )
+    fit.add_argument(
         "--pretrain-epochs",
         type=_positive_int,
         default=3,
@@ -492,7 +504,10 @@ def _cmd_fit(args: argparse.Namespace) -> None:
     )
 
     _say(f"2/3 fitting the posterior ({args.prior} prior) by SVI for {args.epochs} epoch(s)")
-    bnet = bp.bayesianize(net, prior=_prior(args.prior))
+    estimator = {"weight_sd": args.weight_sd}
+    if args.reparam is not None:
+        estimator["reparam"] = args.reparam
+    bnet = bp.bayesianize(net, prior=_prior(args.prior), **estimator)
     result = bp.fit(bnet, train_loader, epochs=args.epochs, lr=args.lr, device=args.device,
                     progress=progress, seed=args.seed)  # fmt: skip
     bnet.save(out / "bayesian.safetensors")
@@ -504,6 +519,7 @@ def _cmd_fit(args: argparse.Namespace) -> None:
         "model": args.model, "weights": str(args.weights) if args.weights else None,
         "data": args.data, "data_root": str(args.data_root) if args.data_root else None,
         "subset": args.subset, "seed": args.seed, "prior": args.prior,
+        "reparam": bnet.reparam, "weight_sd": bnet.weight_sd,
         "input_shape": input_shape, "num_classes": splits.num_classes,
     }  # fmt: skip
     _write_json(out / RUN_FILE, cfg)

@@ -3,7 +3,10 @@ r"""Bayesian ``Linear``, ``Conv1d`` and ``Conv2d`` layers with local reparameter
 Each layer owns its variational parameters as plain ``nn.Parameter`` objects: the base weight's
 posterior mean ``weight_loc`` and log standard deviation ``weight_log_scale`` (``weight_scale`` is
 :math:`\sigma`), the same for the bias, and whatever its prior (:mod:`bayesprune.priors`) adds
-(gate logits, log-normal scale parameters). Its ordinary ``forward`` is the fast training path:
+(gate logits, log-normal scale parameters). With ``weight_sd="rank1"`` the sds are rank one
+instead: :math:`\log \sigma_{ji} = a_j + b_i` from ``weight_log_scale_out`` (one per node) and
+``weight_log_scale_in`` (one per input position); ``weight_log_sd`` gives the weight-shaped
+:math:`\log \sigma` in both families. Its ordinary ``forward`` is the fast training path:
 
 .. math::
     \text{mean} = \mathrm{op}(x, \mu) + \mu_b, \qquad
@@ -11,7 +14,9 @@ posterior mean ``weight_loc`` and log standard deviation ``weight_log_scale`` (`
     \text{out} = \text{mean} + \sqrt{\text{var}}\,\varepsilon,\ \varepsilon \sim \mathcal N(0, I)
 
 (local reparameterization, Kingma, Salimans and Welling 2015: each example's pre-activation has
-exactly its marginal law under :math:`q`), then the node multiplier of the prior (a spike-and-slab
+exactly its marginal law under :math:`q`; for a convolution the positions of one example are
+then independent, whereas under :math:`q` they share one weight draw, see ``reparam`` in
+:func:`bayesprune.bayesianize`), then the node multiplier of the prior (a spike-and-slab
 gate :math:`z_j`, a horseshoe scale :math:`\tilde s_j`, or both), drawn independently per
 example (same per-example marginal as one draw per minibatch, hence the same expected
 log-likelihood, with less variance), multiplies node :math:`j`'s output. When the layer's output
@@ -68,11 +73,25 @@ __all__ = [
 
 _MODES = ("sample", "mean", "fixed")
 
+#: variational families of the base weights' standard deviations (see :class:`BayesianLayer`)
+WEIGHT_SD_FAMILIES = ("per_weight", "rank1")
+
 #: default initial posterior sd relative to the layer's weight RMS. Measured on Fashion-MNIST
 #: LeNet-300-100 with node spike-and-slab (benchmarks/bayes_lenet.py, 5 SVI epochs, CPU): 0.01 gives
 #: per-node slab KLs of thousands of nats before the sds can grow and every first-layer gate
 #: collapses (median-probability model at chance); 0.3 keeps 84% accuracy with 88% of nodes pruned.
 INIT_SCALE = 0.3
+
+
+#: added to every pre-activation variance: its square root then has a finite gradient where an
+#: example's receptive field is all zeros and the layer has no bias (the variance is exactly 0)
+_VAR_FLOOR = 1e-16
+
+
+def _add_noise(mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    """``mean + sqrt(var) * eps``, eps ~ N(0, I), with ``var`` (a fresh tensor) overwritten by its
+    square root: on a CPU the pass over each activation is a large part of a convolutional step."""
+    return torch.addcmul(mean, var.sqrt_(), torch.randn_like(mean))
 
 
 class _RowStatsCache:
@@ -241,9 +260,14 @@ class BayesianLayer(PyroModule):
         bias: torch.Tensor | None,
         prior: Prior,
         init_scale: float = INIT_SCALE,
+        weight_sd: str = "per_weight",
     ) -> None:
         super().__init__()
+        if weight_sd not in WEIGHT_SD_FAMILIES:
+            raise ValueError(f"weight_sd must be one of {WEIGHT_SD_FAMILIES}, got {weight_sd!r}")
         self.prior = prior
+        #: variational family of the base weights' sds: one per weight, or rank one (node x input)
+        self.weight_sd = weight_sd
         self.mode = "sample"
         #: local reparameterization (True) or one weight draw per minibatch (False) in "sample" mode
         self.local_reparam = True
@@ -275,7 +299,12 @@ class BayesianLayer(PyroModule):
         base_rms = float(self.weight_loc.detach().pow(2).mean().sqrt().clamp_min(1e-3))
         rel = base_rms if prior.noncentred else layer_rms
         log_sd = math.log(init_scale * rel)
-        self.weight_log_scale = nn.Parameter(torch.full_like(weight, log_sd))
+        if weight_sd == "rank1":
+            # log sigma_ij = a_j + b_i: the node factor carries the initial level, inputs start at 0
+            self.weight_log_scale_out = nn.Parameter(weight.new_full((weight.shape[0],), log_sd))
+            self.weight_log_scale_in = nn.Parameter(torch.zeros_like(weight[0]))
+        else:
+            self.weight_log_scale = nn.Parameter(torch.full_like(weight, log_sd))
         self.bias_log_scale = None if bias is None else nn.Parameter(torch.full_like(bias, log_sd))
 
     # PyroModule.__call__ enters a parameter-store context and turns every parameter access into
@@ -284,7 +313,11 @@ class BayesianLayer(PyroModule):
 
     @classmethod
     def from_module(
-        cls, module: nn.Module, prior: Prior, init_scale: float = INIT_SCALE
+        cls,
+        module: nn.Module,
+        prior: Prior,
+        init_scale: float = INIT_SCALE,
+        weight_sd: str = "per_weight",
     ) -> BayesianLayer:
         """Build the Bayesian twin of a plain layer, posterior means = its weights."""
         raise NotImplementedError
@@ -297,9 +330,22 @@ class BayesianLayer(PyroModule):
         return rows if bias is None else torch.cat([rows, bias[:, None]], 1)
 
     @property
+    def weight_log_sd(self) -> torch.Tensor:
+        r""":math:`\log \sigma` of the base weights, weight-shaped, in either family.
+
+        ``"per_weight"``: the parameter ``weight_log_scale`` itself. ``"rank1"``:
+        :math:`\log \sigma_{ji} = a_j + b_i` from ``weight_log_scale_out`` (one per node) and
+        ``weight_log_scale_in`` (one per input position, shaped like one node's weights).
+        """
+        if self.weight_sd == "rank1":
+            a = self.weight_log_scale_out
+            return a.view(-1, *([1] * self.weight_log_scale_in.dim())) + self.weight_log_scale_in
+        return self.weight_log_scale
+
+    @property
     def weight_scale(self) -> torch.Tensor:
-        """Posterior standard deviation :math:`\\sigma` of the base weights."""
-        return torch.exp(self.weight_log_scale)
+        """Posterior standard deviation :math:`\\sigma` of the base weights (weight-shaped)."""
+        return torch.exp(self.weight_log_sd)
 
     @property
     def bias_scale(self) -> torch.Tensor | None:
@@ -321,8 +367,14 @@ class BayesianLayer(PyroModule):
         :math:`\mathcal N(0, s_j^2)`, the row's KL is
         :math:`\text{first} / s_j^2 - \text{second} + n_j(\log s_j - \tfrac12)`. The training
         forward pass computes them in the same pass as the weights' variances (or samples), and the
-        KL that follows it reuses them; otherwise they are computed here.
+        KL that follows it reuses them; otherwise they are computed here. In the ``"rank1"`` family
+        they cost one pass over the means: :math:`\sum_i \sigma_{ij}^2 = e^{2a_j} \sum_i e^{2b_i}`.
         """
+        if self.weight_sd == "rank1":
+            a, b = self.weight_log_scale_out, self.weight_log_scale_in.flatten()
+            m = self.weight_loc.reshape(a.shape[0], -1)
+            half_sq = 0.5 * (torch.exp(2 * a) * torch.exp(2 * b).sum() + m.square().sum(1))
+            return half_sq, b.numel() * a + b.sum()
         cached = self._row_stats.take(self)
         if cached is not None:
             return cached
@@ -354,34 +406,51 @@ class BayesianLayer(PyroModule):
         (``mult`` of shape ``[out]``, or ``[batch, out]`` for one draw per example)."""
         return out * mult.view(self._node_shape(out, batched=mult.dim() == 2))
 
+    def _input_variance(self, x2: torch.Tensor, in_var: torch.Tensor) -> torch.Tensor:
+        """``op(x^2, 1 (x) in_var)`` with one output node (per group), broadcastable over the
+        nodes: the rank-one family's variance pass (see :meth:`forward`)."""
+        raise NotImplementedError
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mode = self.mode
-        if mode == "sample" and self.local_reparam:
-            if self.prior.uses_row_stats:
+        rank1 = self.weight_sd == "rank1" and not self.prior.weight_level
+        if mode == "sample" and self.local_reparam and rank1:
+            # sigma_ji^2 = e^{2a_j} e^{2b_i}: the variance pass is op(x^2, e^{2b}) with ONE output,
+            # scaled per node, instead of a second full-width matmul / convolution
+            mean = self._op(x, self.weight_loc, self.bias_loc)
+            shape = self._node_shape(mean, batched=False)
+            node_var = torch.exp(2 * self.weight_log_scale_out).view(shape)
+            floor = torch.full_like(node_var, _VAR_FLOOR)
+            if self.bias_log_scale is not None:
+                floor = floor + torch.exp(2 * self.bias_log_scale).view(shape)
+            v = self._input_variance(x * x, torch.exp(2 * self.weight_log_scale_in))
+            out = _add_noise(mean, torch.addcmul(floor, v, node_var))
+            mult = self.prior.node_multiplier(self, out.shape[0])
+        elif mode == "sample" and self.local_reparam:
+            if self.weight_sd == "per_weight" and self.prior.uses_row_stats:
                 var, half_sq, ls_sum = _WeightMoments.apply(self.weight_loc, self.weight_log_scale)
                 self._row_stats.put(self, half_sq, ls_sum, var)
             else:
-                var = torch.exp(2 * self.weight_log_scale)
+                var = torch.exp(2 * self.weight_log_sd)
             loc = self.weight_loc
             gate = self.prior.weight_gate(self)
             if gate is not None:
                 loc, var = loc * gate, var * gate
             bvar = None if self.bias_log_scale is None else torch.exp(2 * self.bias_log_scale)
             mean = self._op(x, loc, self.bias_loc)
-            v = self._op(x * x, var, bvar)
-            out = mean + torch.sqrt(v.clamp_min(1e-16)) * torch.randn_like(mean)
+            out = _add_noise(mean, self._op(x * x, var, bvar).add_(_VAR_FLOOR))
             # node multipliers drawn per example, like the local reparameterization of the weights
             mult = self.prior.node_multiplier(self, out.shape[0])
         elif mode == "sample":
             # one weight draw shared by the minibatch (Bayes by Backprop): half the matmuls
             eps = torch.randn_like(self.weight_loc)
-            if self.prior.uses_row_stats:
+            if self.weight_sd == "per_weight" and self.prior.uses_row_stats:
                 w, half_sq, ls_sum = _SampledWeight.apply(
                     self.weight_loc, self.weight_log_scale, eps
                 )
                 self._row_stats.put(self, half_sq, ls_sum, w)
             else:
-                w = torch.addcmul(self.weight_loc, torch.exp(self.weight_log_scale), eps)
+                w = torch.addcmul(self.weight_loc, self.weight_scale, eps)
             gate = self.prior.weight_gate(self)
             if gate is not None:
                 w = w * gate
@@ -389,7 +458,10 @@ class BayesianLayer(PyroModule):
             if self.bias_loc is not None:
                 b = self.bias_loc + torch.exp(self.bias_log_scale) * torch.randn_like(self.bias_loc)
             out = self._op(x, w, b)
-            mult = self.prior.node_multiplier(self)
+            # the node multipliers are still drawn per example: each example's term of the
+            # expected log-likelihood depends on its own (w, z) only, so this stays unbiased, and
+            # every gate sees a batch of draws per step instead of one
+            mult = self.prior.node_multiplier(self, out.shape[0])
         elif mode == "mean":
             w, b, mult = self.mean_weights()
             out = self._op(x, w, b)
@@ -418,14 +490,21 @@ class BayesianLinear(BayesianLayer):
 
     @classmethod
     def from_module(
-        cls, module: nn.Linear, prior: Prior, init_scale: float = INIT_SCALE
+        cls,
+        module: nn.Linear,
+        prior: Prior,
+        init_scale: float = INIT_SCALE,
+        weight_sd: str = "per_weight",
     ) -> BayesianLinear:
-        layer = cls(module.weight, module.bias, prior, init_scale)
+        layer = cls(module.weight, module.bias, prior, init_scale, weight_sd)
         layer.in_features, layer.out_features = module.in_features, module.out_features
         return layer
 
     def _op(self, x, weight, bias):
         return F.linear(x, weight, bias)
+
+    def _input_variance(self, x2, in_var):
+        return F.linear(x2, in_var[None])
 
     def _node_shape(self, out, batched):
         # nodes are the last axis: [..., out]
@@ -437,9 +516,13 @@ class _BayesianConv(BayesianLayer):
 
     @classmethod
     def from_module(
-        cls, module: nn.Module, prior: Prior, init_scale: float = INIT_SCALE
+        cls,
+        module: nn.Module,
+        prior: Prior,
+        init_scale: float = INIT_SCALE,
+        weight_sd: str = "per_weight",
     ) -> _BayesianConv:
-        layer = cls(module.weight, module.bias, prior, init_scale)
+        layer = cls(module.weight, module.bias, prior, init_scale, weight_sd)
         for attr in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation"):
             setattr(layer, attr, getattr(module, attr))
         layer.groups = module.groups
@@ -456,6 +539,12 @@ class _BayesianConv(BayesianLayer):
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             return self._conv(x, weight, bias, 0)
         return self._conv(x, weight, bias, self.padding)
+
+    def _input_variance(self, x2, in_var):
+        # one output channel per group, then each group's value for each of its nodes
+        g = self.groups
+        v = self._op(x2, in_var.expand(g, *in_var.shape), None)
+        return v if g == 1 else v.repeat_interleave(self.weight_loc.shape[0] // g, dim=1)
 
     def _node_shape(self, out, batched):
         # nodes are channels: [batch, out, *spatial]

@@ -785,7 +785,7 @@ class SpikeAndSlab(Prior):
         kl_z = _kl_bernoulli(layer.gate_logit, gamma)
         q = torch.sigmoid(layer.gate_logit)
         if self.level == "weight":
-            kl_w = q * _kl_normal(layer.weight_loc, layer.weight_log_scale, self._s0(layer))
+            kl_w = q * _kl_normal(layer.weight_loc, layer.weight_log_sd, self._s0(layer))
             kb = _bias_kl(layer, self._s0(layer))
             total = kl_z.sum() + kl_w.sum()
             return total if kb is None else total + kb.sum()

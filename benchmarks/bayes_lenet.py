@@ -57,6 +57,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "--slab", default="gaussian", choices=["gaussian", "group_lasso", "horseshoe"]
     )
     parser.add_argument("--reparam", default="local", choices=["local", "shared"])
+    parser.add_argument(
+        "--weight-sd", default="per_weight", choices=["per_weight", "rank1"], help="sd family"
+    )
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--init-scale", type=float, default=0.3, help="initial sd / weight RMS")
     parser.add_argument("--kl-warmup", type=float, default=0.0, help="epochs of KL warm-up")
@@ -102,7 +105,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     prior = bp.priors.SpikeAndSlab(level="node", prior_inclusion=pi, slab=args.slab)
     rows = []
     for beta in args.kl_weight:
-        bnet = bp.bayesianize(dense, prior=prior, reparam=args.reparam, init_scale=args.init_scale)
+        bnet = bp.bayesianize(
+            dense,
+            prior=prior,
+            reparam=args.reparam,
+            init_scale=args.init_scale,
+            weight_sd=args.weight_sd,
+        )
         t0 = time.perf_counter()
         result = bp.fit(
             bnet,
@@ -127,6 +136,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rows.append(
             dict(
                 beta=beta,
+                weight_sd=args.weight_sd,
                 device=str(dev),
                 dense_acc=acc_dense,
                 bayes_acc=acc_bayes,
@@ -144,7 +154,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(
         f"device {dev}; subset {args.subset}; dense "
         f"{args.dense_weights or f'{args.dense_epochs} epochs'}; SVI epochs {args.epochs}; "
-        f"prior inclusion {args.prior_inclusion}; slab {args.slab}; seed {args.seed}; "
+        f"prior inclusion {args.prior_inclusion}; slab {args.slab}; sd family {args.weight_sd}; "
+        f"reparam {args.reparam}; seed {args.seed}; "
         f"fit seed {fit_seed}"
     )
     print(

@@ -93,7 +93,12 @@ def _bayesian(name: str, method: str, dense, args, splits, device, x1) -> torch.
         raise RuntimeError("the Bayesian core (bp.bayesianize, issue 3) is not available yet")
     cfg = SETTINGS[name]
     epochs = args.epochs or (1 if args.quick else cfg["svi_epochs"])
-    bnet = bp.bayesianize(copy.deepcopy(dense), prior=_prior(method, args))
+    bnet = bp.bayesianize(
+        copy.deepcopy(dense),
+        prior=_prior(method, args),
+        reparam=args.reparam,
+        weight_sd=args.weight_sd,
+    )
     bp.fit(
         bnet,
         loader(splits.train, 128, seed=args.seed),
@@ -151,6 +156,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         help="instead of --threshold: keep this fraction of "
         "hidden nodes with the highest PIPs, ranked across layers",
     )
+    parser.add_argument(
+        "--reparam", default="local", choices=["local", "shared", "auto"], help="SVI estimator"
+    )
+    parser.add_argument(
+        "--weight-sd", default="per_weight", choices=["per_weight", "rank1"], help="sd family"
+    )
     parser.add_argument("--round-to", type=int, default=None, help="round kept widths up (e.g. 8)")
     parser.add_argument("--finetune-epochs", type=int, default=0, help="fine-tune Bayesian prunes")
     parser.add_argument("--magnitude-keep", type=float, default=0.1)
@@ -197,9 +208,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         label = {"spike_slab": "spike-and-slab", "group_horseshoe": "group horseshoe"}[method]
         if args.kl_weight != 1:
             label += f" (β={args.kl_weight:g})"
+        estimator = f"reparam={args.reparam}, sd family {args.weight_sd}"
         return dict(
             label=label,
-            settings=f"{epochs} SVI epochs, β={args.kl_weight:g}, {rule}, fine-tune {ft} epoch(s); {common}",
+            settings=f"{epochs} SVI epochs, β={args.kl_weight:g}, {estimator}, {rule}, "
+            f"fine-tune {ft} epoch(s); {common}",
         )
 
     all_rows = []

@@ -5,7 +5,10 @@ optimisation step (forward, loss, backward, Adam update; CUDA synchronised) of
 
 * the deterministic net (cross-entropy, ``torch.optim.Adam``),
 * ``bp.fit``'s step: :class:`bayesprune.inference.LocalReparamELBO` + ``torch.optim.Adam``, with node
-  spike-and-slab under both reparameterizations, and with the ``Gaussian`` prior (no node gates),
+  spike-and-slab under each reparameterization (``"auto"`` only for nets with convolutions,
+  where it differs from ``"local"``), and with the ``Gaussian`` prior (no node gates),
+  each also with the rank-one sd family (``bayesianize(..., weight_sd="rank1")``) under local
+  reparameterization,
 * for MLPs (LeNet-300-100), the same estimator written out in a few plain torch ops (Gaussian
   prior, with and without its KL term): what the estimator itself costs in plain eager PyTorch,
 * (``--trace``) the genuine ``pyro.infer.SVI`` step with ``Trace_ELBO`` on ``bnet.model`` / ``bnet.guide``,
@@ -145,9 +148,11 @@ def bench_model(
         make_adam(net.parameters(), 1e-3),
     )
 
-    def ours(prior: bp.priors.Prior, reparam: str) -> Method:
+    def ours(prior: bp.priors.Prior, reparam: str, weight_sd: str = "per_weight") -> Method:
         # exactly the inner loop of bp.fit
-        bnet = bp.bayesianize(get_model(name), prior=prior, reparam=reparam).to(dev)
+        bnet = bp.bayesianize(
+            get_model(name), prior=prior, reparam=reparam, weight_sd=weight_sd
+        ).to(dev)
         bnet.num_data = n
         elbo = LocalReparamELBO()
         return (
@@ -159,9 +164,21 @@ def bench_model(
         methods[f"bayesprune SVI, node spike-and-slab, reparam='{reparam}'"] = ours(
             bp.priors.SpikeAndSlab(level="node"), reparam
         )
+    if any(isinstance(m, torch.nn.Conv2d) for m in net.modules()):
+        # local for the Linear layers, one weight draw per minibatch for the convolutions
+        methods["bayesprune SVI, node spike-and-slab, reparam='auto'"] = ours(
+            bp.priors.SpikeAndSlab(level="node"), "auto"
+        )
+    # the rank-one sd family: one single-output variance pass per layer instead of a full one
+    methods["bayesprune SVI, node spike-and-slab, reparam='local', weight_sd='rank1'"] = ours(
+        bp.priors.SpikeAndSlab(level="node"), "local", "rank1"
+    )
     # the same without node gates: what the gates cost
     methods["bayesprune SVI, Gaussian prior (no gates), reparam='local'"] = ours(
         bp.priors.Gaussian(), "local"
+    )
+    methods["bayesprune SVI, Gaussian prior (no gates), reparam='local', weight_sd='rank1'"] = ours(
+        bp.priors.Gaussian(), "local", "rank1"
     )
 
     floor_net = get_model(name)

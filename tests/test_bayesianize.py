@@ -118,6 +118,19 @@ def test_no_supported_layer_is_an_error() -> None:
         bp.bayesianize(nn.Sequential(nn.Linear(2, 2)), skip=["0"])
 
 
+def test_auto_reparam_is_local_for_linear_layers_and_shared_for_convolutions(tmp_path) -> None:
+    bnet = bp.bayesianize(_small_resnet(), reparam="auto")
+    local = {p: layer.local_reparam for p, layer in bnet.bayesian_layers.items()}
+    assert local["fc"] and not local["conv1"] and not local["layer2.0.shortcut.0"]
+    assert sum(local.values()) == 1
+    bnet.save(tmp_path / "b.safetensors")
+    back = bp.load(tmp_path / "b.safetensors", _small_resnet())
+    assert back.reparam == "auto"
+    assert {p: layer.local_reparam for p, layer in back.bayesian_layers.items()} == local
+    bnet.set_reparam("local")
+    assert all(layer.local_reparam for layer in bnet.bayesian_layers.values())
+
+
 def test_bad_arguments_are_errors() -> None:
     with pytest.raises(TypeError, match=r"expects a torch\.nn\.Module"):
         bp.bayesianize("lenet")
@@ -127,6 +140,8 @@ def test_bad_arguments_are_errors() -> None:
         bp.bayesianize(lenet_300_100(), likelihood="poisson")
     with pytest.raises(ValueError, match="reparam must be"):
         bp.bayesianize(lenet_300_100(), reparam="flipout")
+    with pytest.raises(ValueError, match=r"weight_sd must be one of \('per_weight', 'rank1'\)"):
+        bp.bayesianize(lenet_300_100(), weight_sd="full")
     with pytest.raises(KeyError, match="no prior for Bayesian layers"):
         bp.bayesianize(lenet_300_100(), prior={"1": bp.priors.Gaussian()}, layers=["1", "3"])
     bnet = bp.bayesianize(lenet_300_100())
@@ -259,10 +274,15 @@ def test_predictive_and_guide_trace_work() -> None:
 
 # -- persistence -------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
-    "prior", [bp.priors.SpikeAndSlab(prior_inclusion="theory"), bp.priors.GroupHorseshoe(0.3)]
+    ("prior", "weight_sd"),
+    [
+        (bp.priors.SpikeAndSlab(prior_inclusion="theory"), "per_weight"),
+        (bp.priors.GroupHorseshoe(0.3), "per_weight"),
+        (bp.priors.SpikeAndSlab(prior_inclusion="theory"), "rank1"),
+    ],
 )
-def test_save_load_round_trip(tmp_path, prior) -> None:
-    bnet = bp.bayesianize(_small_resnet(), prior=prior, reparam="shared")
+def test_save_load_round_trip(tmp_path, prior, weight_sd) -> None:
+    bnet = bp.bayesianize(_small_resnet(), prior=prior, reparam="shared", weight_sd=weight_sd)
     with torch.no_grad():
         for p in bnet.parameters():
             p.add_(0.01 * torch.randn_like(p))
@@ -271,6 +291,7 @@ def test_save_load_round_trip(tmp_path, prior) -> None:
     bnet.save(path)
     back = bp.load(path, _small_resnet())
     assert back.num_data == 123 and back.priors == bnet.priors and back.reparam == "shared"
+    assert back.weight_sd == weight_sd
     for (k, a), (k2, b) in zip(bnet.state_dict().items(), back.state_dict().items(), strict=True):
         assert k == k2 and torch.equal(a, b)
     for k, p in bnet.inclusion_probs().items():

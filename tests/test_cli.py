@@ -26,10 +26,8 @@ def _is_png(path) -> bool:
 def run_dir(tmp_path_factory):
     """One run directory through fit, prune, certify and report (digits, LeNet-300-100)."""
     out = tmp_path_factory.mktemp("run")
-    assert (
-        main(["fit", "--model", "lenet_300_100", "--data", "digits", "--out", str(out), *QUICK])
-        == 0
-    )
+    fit = ["fit", "--model", "lenet_300_100", "--data", "digits", "--out", str(out)]
+    assert main([*fit, "--reparam", "auto", "--weight-sd", "rank1", *QUICK]) == 0
     assert main(["prune", "--run", str(out), "--threshold", "0.5", "--no-progress",
                  "--levels", "0.8,0.5,0.2", "--finetune-epochs", "1"]) == 0  # fmt: skip
     assert main(["certify", "--run", str(out), "--alpha", "0.1", "--delta", "0.1",
@@ -61,6 +59,7 @@ def test_fit_outputs(run_dir):
     cfg = json.loads((run_dir / "run.json").read_text())
     assert cfg["model"] == "lenet_300_100" and cfg["data"] == "digits"
     assert cfg["input_shape"] == [1, 8, 8]
+    assert cfg["reparam"] == "auto" and cfg["weight_sd"] == "rank1"
     fit = json.loads((run_dir / "fit.json").read_text())
     assert len(fit["loss"]) == 8 and np.all(np.isfinite(fit["loss"]))  # 898 / 128 -> 8 steps
     assert set(fit["pips"]) == {"1", "3", "5"} and len(fit["pips"]["1"]) == 300
@@ -68,6 +67,7 @@ def test_fit_outputs(run_dir):
     for png in ("elbo.png", "pips.png"):
         assert _is_png(run_dir / png)
     bnet = bp.load(run_dir / "bayesian.safetensors", lenet_300_100(in_features=64))
+    assert bnet.weight_sd == "rank1"
     np.testing.assert_allclose(bnet.inclusion_probs()["3"].numpy(), fit["pips"]["3"], rtol=1e-6)
 
 

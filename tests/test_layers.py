@@ -280,3 +280,121 @@ def _make_kl_plain(layer: BayesianLayer) -> torch.Tensor:
     s = layer.prior.scale
     kl = _kl_normal(layer.weight_loc, layer.weight_log_scale, s).sum()
     return kl + _kl_normal(layer.bias_loc, layer.bias_log_scale, s).sum()
+
+
+# -- the rank-one sd family -------------------------------------------------------------------
+def _rank1_and_twin(kind: str, prior) -> tuple[BayesianLayer, BayesianLayer, torch.Tensor]:
+    """A ``weight_sd="rank1"`` layer with random factors, and a per-weight layer holding the same
+    means and exactly the sds :math:`e^{a_j + b_i}`."""
+    torch.manual_seed(0)
+    make_layer, make_x = PLAIN[kind]
+    plain = make_layer()
+    cls = bayesian_layer_for(plain)
+    r1 = cls.from_module(plain, prior, weight_sd="rank1")
+    full = cls.from_module(plain, prior)
+    with torch.no_grad():
+        r1.weight_log_scale_out.uniform_(-3, -1)
+        r1.weight_log_scale_in.uniform_(-1, 1)
+        full.weight_log_scale.copy_(r1.weight_log_sd)
+    shared = {k: v for k, v in r1.state_dict().items() if not k.startswith("weight_log_scale")}
+    full.load_state_dict(shared, strict=False)
+    return r1, full, make_x()
+
+
+@pytest.mark.parametrize(
+    "prior", [Gaussian(), SpikeAndSlab(level="weight")], ids=["node", "weight"]
+)
+@pytest.mark.parametrize("kind", list(PLAIN))
+def test_rank1_family_is_the_per_weight_family_at_rank_one_sds(kind: str, prior) -> None:
+    """Same noise, same output: the single-output variance pass computes op(x^2, sigma^2) exactly
+    (also for grouped and circular-padded convolutions, and through the weight-gate fallback), and
+    the factors' gradients are the per-weight gradients summed over the other axis."""
+    r1, full, x = _rank1_and_twin(kind, prior)
+    assert r1.weight_sd == "rank1" and "weight_log_scale" not in dict(r1.named_parameters())
+    torch.manual_seed(1)
+    out_r1 = r1(x)
+    torch.manual_seed(1)
+    out_full = full(x)
+    torch.testing.assert_close(out_r1, out_full, atol=1e-5, rtol=1e-4)
+    g = torch.randn_like(out_r1)
+    (out_r1 * g).sum().backward()
+    (out_full * g).sum().backward()
+    torch.testing.assert_close(r1.weight_loc.grad, full.weight_loc.grad, atol=1e-4, rtol=1e-4)
+    g_full = full.weight_log_scale.grad
+    torch.testing.assert_close(
+        r1.weight_log_scale_out.grad, g_full.flatten(1).sum(1), atol=1e-4, rtol=1e-4
+    )
+    torch.testing.assert_close(r1.weight_log_scale_in.grad, g_full.sum(0), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "prior",
+    [
+        Gaussian(),
+        SpikeAndSlab(level="node"),
+        SpikeAndSlab(level="node", slab="group_lasso"),
+        SpikeAndSlab(level="node", slab="horseshoe"),
+        SpikeAndSlab(level="weight"),
+        GroupHorseshoe(),
+    ],
+    ids=["gaussian", "ss-node", "ss-group-lasso", "ss-horseshoe", "ss-weight", "ghs"],
+)
+def test_rank1_kl_and_row_stats_match_the_per_weight_ones(prior) -> None:
+    r1, full, _ = _rank1_and_twin("conv2d", prior)
+    for a, b in zip(r1.weight_row_stats(), full.weight_row_stats(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(r1.kl(), full.kl(), atol=1e-3, rtol=1e-5)
+    torch.testing.assert_close(r1.weight_scale, full.weight_scale)
+
+
+def test_rank1_layer_has_about_as_many_variational_parameters_as_weights() -> None:
+    plain = nn.Linear(784, 300)
+    per_weight = BayesianLinear.from_module(plain, Gaussian())
+    rank1 = BayesianLinear.from_module(plain, Gaussian(), weight_sd="rank1")
+    n_w = plain.weight.numel()
+    assert sum(p.numel() for p in per_weight.parameters()) > 2 * n_w
+    assert sum(p.numel() for p in rank1.parameters()) == n_w + 300 + 784 + 2 * 300
+    with pytest.raises(ValueError, match="weight_sd must be one of"):
+        BayesianLinear.from_module(plain, Gaussian(), weight_sd="diagonal")
+
+
+def test_local_reparameterization_of_a_convolution_drops_the_correlation_of_positions() -> None:
+    """Why ``reparam="auto"`` uses one weight draw for convolutions. Under q every position of an
+    example sees the same kernel draw, so the sum of a one-channel conv's outputs is c . w with
+    c = sum of the input patches: Var = sigma^2 |c|^2. Local reparameterization keeps each
+    position's variance but makes positions independent: Var = sigma^2 sum_p |x_p|^2."""
+    torch.manual_seed(0)
+    plain = nn.Conv2d(1, 1, 3, padding=1, bias=False)
+    layer = BayesianConv2d.from_module(plain, Gaussian())
+    sd = 0.5
+    with torch.no_grad():
+        layer.weight_log_scale.fill_(math.log(sd))
+    x = torch.randn(1, 1, 6, 6)
+    patches = nn.functional.unfold(x, 3, padding=1)[0]  # [9, positions]
+    exact = sd**2 * patches.sum(1).square().sum()
+    independent = sd**2 * patches.square().sum()
+    assert exact > 1.3 * independent  # the two laws are far apart for this input
+    n = 4000
+    with torch.no_grad():
+        local = layer(x.expand(n, 1, 6, 6)).sum((1, 2, 3))
+        layer.local_reparam = False
+        shared = torch.stack([layer(x).sum() for _ in range(n)])
+    # the sample variance of n Gaussian draws has relative sd sqrt(2 / n) = 2.2%
+    assert abs(shared.var() / exact - 1) < 0.1
+    assert abs(local.var() / independent - 1) < 0.1
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv2d"])
+def test_one_weight_draw_per_minibatch_still_draws_the_gates_per_example(kind: str) -> None:
+    """With ``reparam="shared"`` the weights are drawn once per minibatch but each example gets its
+    own gate draw (unbiased, and each gate sees a batch of draws per step, not one)."""
+    _, layer, x = _make(kind, SpikeAndSlab())
+    layer.local_reparam = False
+    with torch.no_grad():
+        layer.gate_logit.zero_()  # q = 1/2: half the examples drop each node
+        out = layer(x[:1].expand(64, *x.shape[1:]))
+    assert layer._mult.shape == (64, layer.out_features_)
+    # [examples, nodes]: was node j of example i switched off?
+    dropped = out.eq(0) if kind == "linear" else out.eq(0).flatten(2).all(-1)
+    # every node is on for some examples and off for others (probability of failure ~ 4 * 2^-63)
+    assert dropped.any(0).all() and (~dropped).any(0).all()
