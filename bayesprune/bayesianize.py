@@ -445,9 +445,11 @@ class BayesianModule(nn.Module):
     def predict(self, x: torch.Tensor, num_samples: int = 32) -> torch.Tensor:
         """Posterior predictive: mean class probabilities (categorical) or mean output (gaussian).
 
-        Each of the ``num_samples`` passes draws the gates/scales once and the weights by local
-        reparameterization (so each example sees an exact draw of its pre-activations); BatchNorm uses
-        its running statistics (eval mode, restored afterwards).
+        In each of the ``num_samples`` passes every example sees an exact posterior draw: gates and
+        scales drawn per example, the weights of a ``Linear`` layer by local reparameterization,
+        and those of a convolution (or of a ``Linear`` layer applied to a sequence) once per pass,
+        since all positions of one example share them, whatever the training estimator
+        (``reparam``). BatchNorm uses its running statistics (eval mode, restored afterwards).
         """
         if num_samples < 1:
             raise ValueError(f"num_samples must be a positive integer, got {num_samples}")
@@ -473,13 +475,18 @@ class BayesianModule(nn.Module):
 
     def _sample_outputs(self, x: torch.Tensor, num_samples: int) -> torch.Tensor:
         was_training = self.training
+        layers = self.bayesian_layers.values()
         self.eval()
+        for layer in layers:
+            layer.exact_draws = True
         try:
             x = x.to(self.device)
             with self.mode("sample"):
                 return torch.stack([self.net(x) for _ in range(num_samples)])
         finally:
             self.train(was_training)
+            for layer in layers:
+                layer.exact_draws = False
 
     # -- persistence ----------------------------------------------------------------------------
     def config(self) -> dict[str, Any]:

@@ -271,6 +271,10 @@ class BayesianLayer(PyroModule):
         self.mode = "sample"
         #: local reparameterization (True) or one weight draw per minibatch (False) in "sample" mode
         self.local_reparam = True
+        #: in "sample" mode, draw the weights once per pass wherever local reparameterization would
+        #: make the positions of one example independent (convolutions, Linear layers applied to
+        #: sequences), so each example sees an exact posterior draw (set by BayesianModule.predict)
+        self.exact_draws = False
         #: node multiplier of the current forward pass (read by the BatchNorm hook)
         self._mult: torch.Tensor | None = None
         self._fixed: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None = None
@@ -406,6 +410,11 @@ class BayesianLayer(PyroModule):
         (``mult`` of shape ``[out]``, or ``[batch, out]`` for one draw per example)."""
         return out * mult.view(self._node_shape(out, batched=mult.dim() == 2))
 
+    def _positions_share_weights(self, x: torch.Tensor) -> bool:
+        """Whether one example's input has several positions that the same weights read (then
+        local reparameterization draws them independently, unlike the posterior)."""
+        raise NotImplementedError
+
     def _input_variance(self, x2: torch.Tensor, in_var: torch.Tensor) -> torch.Tensor:
         """``op(x^2, 1 (x) in_var)`` with one output node (per group), broadcastable over the
         nodes: the rank-one family's variance pass (see :meth:`forward`)."""
@@ -414,7 +423,8 @@ class BayesianLayer(PyroModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mode = self.mode
         rank1 = self.weight_sd == "rank1" and not self.prior.weight_level
-        if mode == "sample" and self.local_reparam and rank1:
+        local = self.local_reparam and not (self.exact_draws and self._positions_share_weights(x))
+        if mode == "sample" and local and rank1:
             # sigma_ji^2 = e^{2a_j} e^{2b_i}: the variance pass is op(x^2, e^{2b}) with ONE output,
             # scaled per node, instead of a second full-width matmul / convolution
             mean = self._op(x, self.weight_loc, self.bias_loc)
@@ -426,7 +436,7 @@ class BayesianLayer(PyroModule):
             v = self._input_variance(x * x, torch.exp(2 * self.weight_log_scale_in))
             out = _add_noise(mean, torch.addcmul(floor, v, node_var))
             mult = self.prior.node_multiplier(self, out.shape[0])
-        elif mode == "sample" and self.local_reparam:
+        elif mode == "sample" and local:
             if self.weight_sd == "per_weight" and self.prior.uses_row_stats:
                 var, half_sq, ls_sum = _WeightMoments.apply(self.weight_loc, self.weight_log_scale)
                 self._row_stats.put(self, half_sq, ls_sum, var)
@@ -506,6 +516,9 @@ class BayesianLinear(BayesianLayer):
     def _input_variance(self, x2, in_var):
         return F.linear(x2, in_var[None])
 
+    def _positions_share_weights(self, x):
+        return x.dim() > 2
+
     def _node_shape(self, out, batched):
         # nodes are the last axis: [..., out]
         return (out.shape[0], *([1] * (out.dim() - 2)), -1) if batched else (-1,)
@@ -539,6 +552,9 @@ class _BayesianConv(BayesianLayer):
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             return self._conv(x, weight, bias, 0)
         return self._conv(x, weight, bias, self.padding)
+
+    def _positions_share_weights(self, x):
+        return True
 
     def _input_variance(self, x2, in_var):
         # one output channel per group, then each group's value for each of its nodes

@@ -131,6 +131,22 @@ def test_auto_reparam_is_local_for_linear_layers_and_shared_for_convolutions(tmp
     assert all(layer.local_reparam for layer in bnet.bayesian_layers.values())
 
 
+def test_predict_draws_exactly_and_restores_the_training_estimator() -> None:
+    bnet = bp.bayesianize(_small_resnet())
+    seen = {}
+
+    def record(module, args, out):
+        seen[module] = module.exact_draws
+
+    hooks = [m.register_forward_hook(record) for m in bnet.bayesian_layers.values()]
+    bnet.predict(torch.randn(2, 1, 28, 28), num_samples=2)
+    for h in hooks:
+        h.remove()
+    assert len(seen) == len(bnet.bayesian_layers) and all(seen.values())
+    assert not any(m.exact_draws for m in bnet.bayesian_layers.values())
+    assert all(m.local_reparam for m in bnet.bayesian_layers.values())
+
+
 def test_bad_arguments_are_errors() -> None:
     with pytest.raises(TypeError, match=r"expects a torch\.nn\.Module"):
         bp.bayesianize("lenet")

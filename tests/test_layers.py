@@ -398,3 +398,26 @@ def test_one_weight_draw_per_minibatch_still_draws_the_gates_per_example(kind: s
     dropped = out.eq(0) if kind == "linear" else out.eq(0).flatten(2).all(-1)
     # every node is on for some examples and off for others (probability of failure ~ 4 * 2^-63)
     assert dropped.any(0).all() and (~dropped).any(0).all()
+
+
+def test_exact_draws_give_a_convolution_the_posterior_joint_law_under_any_estimator() -> None:
+    """``exact_draws`` (set by ``BayesianModule.predict``) overrides local reparameterization where
+    it is not exact: the convolution then draws its kernel once per pass, like the posterior."""
+    torch.manual_seed(0)
+    layer = BayesianConv2d.from_module(nn.Conv2d(1, 1, 3, padding=1, bias=False), Gaussian())
+    sd = 0.5
+    with torch.no_grad():
+        layer.weight_log_scale.fill_(math.log(sd))
+    x = torch.randn(1, 1, 6, 6)
+    exact = sd**2 * nn.functional.unfold(x, 3, padding=1)[0].sum(1).square().sum()
+    layer.exact_draws = True
+    assert layer.local_reparam
+    with torch.no_grad():
+        sums = torch.stack([layer(x).sum() for _ in range(4000)])
+    assert abs(sums.var() / exact - 1) < 0.1
+    # a Linear layer on one vector per example keeps local reparameterization (exact there) ...
+    lin = BayesianLinear.from_module(nn.Linear(3, 2), Gaussian())
+    lin.exact_draws = True
+    assert not lin._positions_share_weights(torch.randn(5, 3))
+    # ... but not on a sequence, whose positions share the weights
+    assert lin._positions_share_weights(torch.randn(5, 4, 3))
