@@ -19,6 +19,9 @@ forward pass (with the loss), backward pass and optimiser update::
 
     python benchmarks/svi_speed.py --device cuda --steps 200
     python benchmarks/svi_speed.py --device cpu --steps 30 --models lenet_300_100
+
+``--predict`` times one posterior-predictive draw per batch instead (what certifying or predicting
+costs), against the deterministic forward pass.
 """
 
 from __future__ import annotations
@@ -251,6 +254,37 @@ def bench_model(
     return rows
 
 
+def bench_predict(name: str, dev: torch.device, steps: int, warmup: int, batch: int) -> list[dict]:
+    """One posterior-predictive draw on a batch (``bnet.predict(x, num_samples=1)``: exact draws,
+    convolution weights once per pass) against the deterministic net's forward pass, and against
+    the same draw made with the training estimator (local reparameterization everywhere), all in
+    eval mode without gradients: what each draw costs when certifying or predicting."""
+    xs, _, _ = _batches(dev, batch, 4)
+    k = len(xs)
+    net = get_model(name).to(dev).eval()
+    bnet = bp.bayesianize(get_model(name), prior=bp.priors.SpikeAndSlab(level="node")).to(dev)
+    bnet.eval()
+
+    def local_draw(i: int) -> None:
+        with bnet.mode("sample"):
+            bnet.net(xs[i % k])
+
+    methods: dict[str, Method] = {
+        "deterministic forward": (lambda i: net(xs[i % k]), None),
+        "posterior draw, bnet.predict (exact draws)": (
+            lambda i: bnet.predict(xs[i % k], num_samples=1),
+            None,
+        ),
+        "posterior draw, local reparameterization everywhere": (local_draw, None),
+    }
+    with torch.no_grad():
+        ms = _time_round_robin(methods, steps, warmup, dev)
+    base = ms["deterministic forward"]["step"]
+    return [
+        dict(model=name, method=m, ratio=v["step"] / base, step=v["step"]) for m, v in ms.items()
+    ]
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -260,6 +294,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--trace", action="store_true", help="also time the Trace_ELBO path")
+    parser.add_argument(
+        "--predict",
+        action="store_true",
+        help="time one posterior-predictive draw against a deterministic forward pass instead",
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -267,7 +306,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     torch.manual_seed(0)
     rows = []
     for name in args.models:
-        rows += bench_model(name, dev, args.steps, args.warmup, args.batch, args.trace)
+        if args.predict:
+            rows += bench_predict(name, dev, args.steps, args.warmup, args.batch)
+        else:
+            rows += bench_model(name, dev, args.steps, args.warmup, args.batch, args.trace)
     where = (
         torch.cuda.get_device_name(dev)
         if dev.type == "cuda"
@@ -276,6 +318,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(
         f"device: {dev} ({where}); torch {torch.__version__}; pyro {pyro.__version__}; batch {args.batch}; median of {args.steps} steps\n"
     )
+    if args.predict:
+        print("| model | method | ms/batch | ratio to deterministic forward |")
+        print("|---|---|---:|---:|")
+        for r in rows:
+            print(f"| {r['model']} | {r['method']} | {r['step']:.2f} | {r['ratio']:.2f}x |")
+        return rows
     print("All optimisers: Adam (fused kernel where available), same settings for every method.\n")
     print(
         "| model | method | ms/step | forward + loss | backward | optimizer | ratio to deterministic |"
