@@ -62,14 +62,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import (
-    INIT_SCALE,
-    WEIGHT_SD_FAMILIES,
-    BayesianLayer,
-    BayesianLinear,
-    _set_mode,
-    bayesian_layer_for,
-)
+from .layers import INIT_SCALE, WEIGHT_SD_FAMILIES, BayesianLayer, _set_mode, bayesian_layer_for
 from .priors import Prior, SpikeAndSlab, prior_from_dict
 
 __all__ = ["BayesianModule", "RegressionPrediction", "bayesianize", "load"]
@@ -273,9 +266,8 @@ class BayesianModule(nn.Module):
             raise ValueError(f"reparam must be one of {_REPARAMS}, got {reparam!r}")
         self._reparam = reparam
         for layer in self.bayesian_layers.values():
-            layer.local_reparam = reparam == "local" or (
-                reparam == "auto" and isinstance(layer, BayesianLinear)
-            )
+            layer.local_reparam = reparam != "shared"
+            layer.exact_draws = reparam == "auto"
 
     def structure_parameters(self) -> list[nn.Parameter]:
         """Gate logits and shrinkage-scale parameters (the variables that decide which nodes stay).
@@ -475,9 +467,9 @@ class BayesianModule(nn.Module):
 
     def _sample_outputs(self, x: torch.Tensor, num_samples: int) -> torch.Tensor:
         was_training = self.training
-        layers = self.bayesian_layers.values()
+        exact = {layer: layer.exact_draws for layer in self.bayesian_layers.values()}
         self.eval()
-        for layer in layers:
+        for layer in exact:
             layer.exact_draws = True
         try:
             x = x.to(self.device)
@@ -485,8 +477,8 @@ class BayesianModule(nn.Module):
                 return torch.stack([self.net(x) for _ in range(num_samples)])
         finally:
             self.train(was_training)
-            for layer in layers:
-                layer.exact_draws = False
+            for layer, value in exact.items():
+                layer.exact_draws = value
 
     # -- persistence ----------------------------------------------------------------------------
     def config(self) -> dict[str, Any]:
@@ -651,9 +643,11 @@ def bayesianize(
         * ``"shared"``: one weight draw per minibatch (Bayes by Backprop), unbiased for every
           layer type: the deterministic net's matmul cost plus one draw of the weights. Node
           gates and scales are still drawn per example, as under ``"local"``.
-        * ``"auto"``: local for ``Linear`` layers, shared for convolutions. Unbiased everywhere,
-          and the cheaper estimator for each: a convolution has far more pre-activations per
-          batch than weights, a ``Linear`` layer of an MLP fewer.
+        * ``"auto"``: local reparameterization where it is exact (a ``Linear`` layer reading one
+          vector per example), one weight draw per minibatch elsewhere (convolutions, ``Linear``
+          layers applied to sequences). Unbiased everywhere, and the cheaper estimator for each:
+          a convolution has far more pre-activations per batch than weights, an MLP's layer
+          fewer.
     weight_sd
         Variational family of the base weights' standard deviations. ``"per_weight"`` (mean
         field): one free :math:`\sigma_{ji}` per weight. ``"rank1"``: :math:`\sigma_{ji} = e^{a_j}

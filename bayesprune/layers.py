@@ -273,7 +273,8 @@ class BayesianLayer(PyroModule):
         self.local_reparam = True
         #: in "sample" mode, draw the weights once per pass wherever local reparameterization would
         #: make the positions of one example independent (convolutions, Linear layers applied to
-        #: sequences), so each example sees an exact posterior draw (set by BayesianModule.predict)
+        #: sequences), so each example sees an exact posterior draw (reparam="auto", and
+        #: BayesianModule.predict whatever the estimator)
         self.exact_draws = False
         #: node multiplier of the current forward pass (read by the BatchNorm hook)
         self._mult: torch.Tensor | None = None

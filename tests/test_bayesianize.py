@@ -118,17 +118,41 @@ def test_no_supported_layer_is_an_error() -> None:
         bp.bayesianize(nn.Sequential(nn.Linear(2, 2)), skip=["0"])
 
 
+def _draws_locally(bnet, x) -> dict[str, bool]:
+    """Layer path -> whether its training forward pass on ``x`` used local reparameterization
+    (spotted by the second, variance convolution / matmul: ``_op`` runs twice)."""
+    calls = {}
+    for path, layer in bnet.bayesian_layers.items():
+        op = layer._op
+
+        def counting(*a, path=path, op=op):
+            calls[path] = calls.get(path, 0) + 1
+            return op(*a)
+
+        layer._op = counting
+    bnet(x)
+    for layer in bnet.bayesian_layers.values():
+        del layer._op
+    return {p: n == 2 for p, n in calls.items()}
+
+
 def test_auto_reparam_is_local_for_linear_layers_and_shared_for_convolutions(tmp_path) -> None:
+    x = torch.randn(2, 1, 28, 28)
     bnet = bp.bayesianize(_small_resnet(), reparam="auto")
-    local = {p: layer.local_reparam for p, layer in bnet.bayesian_layers.items()}
+    local = _draws_locally(bnet, x)
     assert local["fc"] and not local["conv1"] and not local["layer2.0.shortcut.0"]
     assert sum(local.values()) == 1
     bnet.save(tmp_path / "b.safetensors")
     back = bp.load(tmp_path / "b.safetensors", _small_resnet())
-    assert back.reparam == "auto"
-    assert {p: layer.local_reparam for p, layer in back.bayesian_layers.items()} == local
+    assert back.reparam == "auto" and _draws_locally(back, x) == local
     bnet.set_reparam("local")
-    assert all(layer.local_reparam for layer in bnet.bayesian_layers.values())
+    assert all(_draws_locally(bnet, x).values())
+    bnet.set_reparam("shared")
+    assert not any(_draws_locally(bnet, x).values())
+    # a Linear layer applied to a sequence shares its weights across positions: one draw
+    seq = bp.bayesianize(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)), reparam="auto")
+    assert _draws_locally(seq, torch.randn(5, 3)) == {"0": True, "2": True}
+    assert _draws_locally(seq, torch.randn(5, 7, 3)) == {"0": False, "2": False}
 
 
 def test_predict_draws_exactly_and_restores_the_training_estimator() -> None:
@@ -143,8 +167,10 @@ def test_predict_draws_exactly_and_restores_the_training_estimator() -> None:
     for h in hooks:
         h.remove()
     assert len(seen) == len(bnet.bayesian_layers) and all(seen.values())
-    assert not any(m.exact_draws for m in bnet.bayesian_layers.values())
-    assert all(m.local_reparam for m in bnet.bayesian_layers.values())
+    assert not any(m.exact_draws for m in bnet.bayesian_layers.values())  # "local": restored
+    bnet.set_reparam("auto")
+    bnet.predict(torch.randn(2, 1, 28, 28), num_samples=1)
+    assert all(m.exact_draws for m in bnet.bayesian_layers.values())  # "auto": restored too
 
 
 def test_bad_arguments_are_errors() -> None:
