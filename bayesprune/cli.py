@@ -170,8 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument(
         "--reparam",
         choices=("local", "shared", "auto"),
-        default=None,
-        help="SVI estimator (default: bp.bayesianize's; see its docstring)",
+        default="local",
+        help="SVI estimator (default: local; see bp.bayesianize's docstring)",
     )
     fit.add_argument(
         "--weight-sd",
@@ -504,10 +504,9 @@ def _cmd_fit(args: argparse.Namespace) -> None:
     )
 
     _say(f"2/3 fitting the posterior ({args.prior} prior) by SVI for {args.epochs} epoch(s)")
-    estimator = {"weight_sd": args.weight_sd}
-    if args.reparam is not None:
-        estimator["reparam"] = args.reparam
-    bnet = bp.bayesianize(net, prior=_prior(args.prior), **estimator)
+    bnet = bp.bayesianize(
+        net, prior=_prior(args.prior), reparam=args.reparam, weight_sd=args.weight_sd
+    )
     result = bp.fit(bnet, train_loader, epochs=args.epochs, lr=args.lr, device=args.device,
                     progress=progress, seed=args.seed)  # fmt: skip
     bnet.save(out / "bayesian.safetensors")

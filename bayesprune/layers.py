@@ -436,7 +436,6 @@ class BayesianLayer(PyroModule):
                 floor = floor + torch.exp(2 * self.bias_log_scale).view(shape)
             v = self._input_variance(x * x, torch.exp(2 * self.weight_log_scale_in))
             out = _add_noise(mean, torch.addcmul(floor, v, node_var))
-            mult = self.prior.node_multiplier(self, out.shape[0])
         elif mode == "sample" and local:
             if self.weight_sd == "per_weight" and self.prior.uses_row_stats:
                 var, half_sq, ls_sum = _WeightMoments.apply(self.weight_loc, self.weight_log_scale)
@@ -450,8 +449,6 @@ class BayesianLayer(PyroModule):
             bvar = None if self.bias_log_scale is None else torch.exp(2 * self.bias_log_scale)
             mean = self._op(x, loc, self.bias_loc)
             out = _add_noise(mean, self._op(x * x, var, bvar).add_(_VAR_FLOOR))
-            # node multipliers drawn per example, like the local reparameterization of the weights
-            mult = self.prior.node_multiplier(self, out.shape[0])
         elif mode == "sample":
             # one weight draw shared by the minibatch (Bayes by Backprop): half the matmuls
             eps = torch.randn_like(self.weight_loc)
@@ -469,10 +466,6 @@ class BayesianLayer(PyroModule):
             if self.bias_loc is not None:
                 b = self.bias_loc + torch.exp(self.bias_log_scale) * torch.randn_like(self.bias_loc)
             out = self._op(x, w, b)
-            # the node multipliers are still drawn per example: each example's term of the
-            # expected log-likelihood depends on its own (w, z) only, so this stays unbiased, and
-            # every gate sees a batch of draws per step instead of one
-            mult = self.prior.node_multiplier(self, out.shape[0])
         elif mode == "mean":
             w, b, mult = self.mean_weights()
             out = self._op(x, w, b)
@@ -485,6 +478,11 @@ class BayesianLayer(PyroModule):
             out = self._op(x, w, b)
         else:  # pragma: no cover - guarded by set_mode
             raise ValueError(f"unknown mode {mode!r}")
+        if mode == "sample":
+            # node multipliers drawn per example under every estimator: each example's term of
+            # the expected log-likelihood depends on its own (w, z) only, so this stays unbiased,
+            # and every gate sees a batch of draws per step instead of one
+            mult = self.prior.node_multiplier(self, out.shape[0])
         self._mult = mult
         if mult is None or self.gate_after is not None:
             return out
