@@ -216,6 +216,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     prune.add_argument("--finetune-epochs", type=_nonnegative_int, default=0, metavar="E",
                        help="fine-tune the pruned network for E epochs (default: 0)")  # fmt: skip
+    prune.add_argument("--round-to", type=_positive_int, default=None, metavar="K",
+                       help="round kept widths up to multiples of K, e.g. 8 (default: off)")  # fmt: skip
+    prune.add_argument("--min-nodes", type=_nonnegative_int, default=1, metavar="M",
+                       help="nodes every layer keeps (default: 1); 0 lets a layer go with the "
+                       "residual branch it feeds")  # fmt: skip
     _run_args(prune)
 
     cert = sub.add_parser(
@@ -575,7 +580,8 @@ def _cmd_prune(args: argparse.Namespace) -> None:
     test = run.loader("test")
     kwargs = {"keep": args.keep} if args.keep is not None else {"threshold": args.threshold or 0.5}
     _say(f"pruning with {', '.join(f'{k}={v}' for k, v in kwargs.items())}")
-    small = bp.prune(bnet, example_input=run.example, **kwargs)
+    small = bp.prune(bnet, example_input=run.example, round_to=args.round_to,
+                     min_nodes=args.min_nodes, **kwargs)  # fmt: skip
     if args.finetune_epochs > 0:
         _say(f"fine-tuning for {args.finetune_epochs} epoch(s)")
         bp.finetune(small, run.loader("train", shuffle=True), epochs=args.finetune_epochs,

@@ -75,7 +75,9 @@ from .train import TrainHistory, train
 __all__ = [
     "ChannelGroup",
     "CompressionReport",
+    "ConstantLayer",
     "PruningPlan",
+    "RemovedLayer",
     "architecture_string",
     "compression_report",
     "dependency_groups",
@@ -717,12 +719,20 @@ class PruningPlan:
     inputs, norm_inputs
         Input channel layout of each consuming Linear / Conv and of each BatchNorm: a list of
         ``(index into groups, repeat)`` segments in channel order (several after a concatenation).
+    removed
+        Layers that lose every node (only with ``min_nodes=0``) -> the BatchNorms right after
+        them; each becomes a :class:`RemovedLayer`, its BatchNorms ``nn.Identity``.
+    constant
+        Layers whose whole input is removed -> the BatchNorms right after them; each becomes a
+        :class:`ConstantLayer` with those BatchNorms folded in.
     """
 
     masks: dict[str, torch.Tensor]
     groups: list[ChannelGroup]
     inputs: dict[str, list[tuple[int, int]]] = field(default_factory=dict, repr=False)
     norm_inputs: dict[str, list[tuple[int, int]]] = field(default_factory=dict, repr=False)
+    removed: dict[str, list[str]] = field(default_factory=dict)
+    constant: dict[str, list[str]] = field(default_factory=dict)
 
     def widths(self) -> dict[str, tuple[int, int]]:
         """Layer path -> (width before, width after)."""
@@ -749,7 +759,9 @@ def plan_pruning(
     :math:`\\min(w_\\ell, \\max(m, \\lceil f \\cdot w_\\ell\\rceil))` (:math:`m` = ``min_nodes``,
     :math:`f` = ``min_fraction``)
     nodes, the highest-scoring ones (``scores``: e.g. PIPs; default: the L2 norm of each node's
-    weights), with a warning naming the layer. ``round_to=k`` then rounds each prunable group's kept
+    weights), with a warning naming the layer. With ``min_nodes=0`` a layer may lose every node
+    when it can go with its whole branch (see :func:`prune_module`); where it cannot, it keeps its
+    best node, with a warning that says why. ``round_to=k`` then rounds each prunable group's kept
     width up to a multiple of ``k`` (capped at the full width) by restoring its next-best nodes
     (score of a channel = its best score over the group's layers).
 
@@ -757,9 +769,10 @@ def plan_pruning(
     """
     if not 0.0 <= float(min_fraction) <= 1.0:
         raise ValueError(f"min_fraction must be in [0, 1], got {min_fraction}")
-    if not isinstance(min_nodes, int) or min_nodes < 1:
+    if not isinstance(min_nodes, int) or isinstance(min_nodes, bool) or min_nodes < 0:
         raise ValueError(
-            f"min_nodes must be an integer >= 1 (a layer is never emptied), got {min_nodes}"
+            f"min_nodes must be an integer >= 0 (1, the default, never empties a layer; 0 lets a "
+            f"layer go with the branch it feeds), got {min_nodes!r}"
         )
     if round_to is not None and (not isinstance(round_to, int) or round_to < 1):
         raise ValueError(f"round_to must be a positive integer (e.g. 8) or None, got {round_to}")
@@ -786,6 +799,7 @@ def plan_pruning(
             m = m.clone()
             m[_top(score[name], ~m, floor - kept)] = True
         eff[name] = m
+    removed, constant = _branches(analysis, groups, eff, score)
 
     for g in groups:
         full = torch.ones(g.width, dtype=torch.bool)
@@ -817,7 +831,114 @@ def plan_pruning(
                         eff[p] = eff[p].clone()
                         eff[p][add] = True
         g.keep = keep
-    return PruningPlan(masks=eff, groups=groups, inputs=inputs, norm_inputs=norm_inputs)
+    return PruningPlan(
+        masks=eff,
+        groups=groups,
+        inputs=inputs,
+        norm_inputs=norm_inputs,
+        removed=removed,
+        constant=constant,
+    )
+
+
+def _dead_region(
+    gm: fx.GraphModule, calls: Mapping[str, int], group: ChannelGroup
+) -> tuple[str | None, list[str]]:
+    """Follow a group's all-zero output to the layers that read it.
+
+    Returns ``(None, consumers)`` when the zeros reach nothing but BatchNorms right after the
+    group's layers, operations that keep zeros zero (activations, pooling, dropout), and Linear /
+    Conv layers that read only them (each becomes a constant); else ``(why not, [])``.
+    """
+    for p in group.producers:
+        if calls.get(p, 0) != 1:
+            return f"layer {p!r} is called {calls.get(p, 0)} times", []
+    stack = [n for n in gm.graph.nodes if n.op == "call_module" and n.target in group.producers]
+    seen: set[fx.Node] = set()
+    consumers: list[str] = []
+    while stack:
+        node = stack.pop()
+        for user in node.users:
+            if user in seen:
+                continue
+            seen.add(user)
+            sole_input = _tensor_nodes((user.args, user.kwargs)) == [node]
+            mod = gm.get_submodule(user.target) if user.op == "call_module" else None
+            if isinstance(mod, _NORMS) and _direct_layer(gm, user) in group.producers:
+                stack.append(user)
+            elif isinstance(mod, _LAYERS) and sole_input and calls[str(user.target)] == 1:
+                consumers.append(str(user.target))
+            elif sole_input and (
+                isinstance(mod, _ZERO_PRESERVING_MODULES)
+                or (user.op == "call_function" and user.target in _ZERO_PRESERVING_FUNCTIONS)
+                or (user.op == "call_method" and user.target in _ZERO_PRESERVING_METHODS)
+            ):
+                stack.append(user)
+            else:
+                return f"its zero output reaches node {user.name!r}, which cannot be bypassed", []
+    return None, consumers
+
+
+def _branches(
+    analysis: _Analysis,
+    groups: list[ChannelGroup],
+    eff: dict[str, torch.Tensor],
+    score: Mapping[str, torch.Tensor],
+) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """Decide which emptied layers go with their branch; give the others their best node back.
+
+    A group whose every producer lost all its nodes computes zeros; where those zeros only flow
+    into layers (through zero-preserving operations), those layers output constants and the
+    producers can go. Mutates ``eff`` for the layers that must keep a node.
+    """
+    empty = {n for n, m in eff.items() if m.numel() and not bool(m.any())}
+    if not empty:
+        return {}, {}
+    calls: dict[str, int] = {}
+    for node in analysis.gm.graph.nodes:
+        if node.op == "call_module":
+            calls[str(node.target)] = calls.get(str(node.target), 0) + 1
+    removed: dict[str, list[str]] = {}
+    constant: dict[str, list[str]] = {}
+    blocked: dict[str, str] = {}
+    for g in groups:
+        dead = [p for p in g.producers if p in empty]
+        if not dead:
+            continue
+        if g.frozen:
+            reason = f"its channels are kept whole because of {'; '.join(g.frozen)}"
+        elif len(dead) < len(g.producers):
+            live = [p for p in g.producers if p not in empty]
+            reason = f"an addition ties its channels to those of {live}, which keep some"
+        else:
+            reason, consumers = _dead_region(analysis.gm, calls, g)
+        if reason is None:
+            for p in g.producers:
+                removed[p] = sorted(analysis.bn_after.get(p, ()))
+            constant.update({c: [] for c in consumers})
+            warnings.warn(
+                f"every node of layer(s) {g.producers} is pruned: removed with the branch they "
+                f"feed; layer(s) {consumers} now output one constant per node (min_nodes=0)",
+                stacklevel=4,
+            )
+        else:
+            blocked.update({p: reason for p in dead})
+    for c in list(constant):
+        if c in removed:  # a chain of emptied layers: the later one goes too
+            del constant[c]
+        else:
+            constant[c] = sorted(analysis.bn_after.get(c, ()))
+    for p, reason in blocked.items():
+        if p in constant:  # it outputs a constant anyway (zeros where its nodes are masked)
+            continue
+        warnings.warn(
+            f"every node of layer {p!r} is pruned, but the layer cannot go ({reason}); keeping "
+            "its highest-scoring node",
+            stacklevel=4,
+        )
+        eff[p] = eff[p].clone()
+        eff[p][_top(score[p], ~eff[p], 1)] = True
+    return removed, constant
 
 
 # --------------------------------------------------------------------------------------------------
@@ -877,6 +998,112 @@ def zero_masked(module: nn.Module, masks: Mapping[str, Any]) -> nn.Module:
     checked = _check_masks(_prunable_layers(out), masks)
     _zero_in_place(out, checked, _bn_followers(out))
     return out
+
+
+def _geometry(layer: nn.Module) -> tuple[tuple[int, int, int, int], ...] | None:
+    """Per spatial axis of a convolution: (padding before, padding after, reach, stride).
+
+    ``reach = dilation * (kernel - 1)``; ``None`` for a Linear layer.
+    """
+    if isinstance(layer, nn.Linear):
+        return None
+    axes = []
+    for i, k in enumerate(layer.kernel_size):
+        reach = layer.dilation[i] * (k - 1)
+        if layer.padding == "valid":
+            before = after = 0
+        elif layer.padding == "same":  # torch puts the odd extra pixel after
+            before, after = reach // 2, reach - reach // 2
+        else:
+            before = after = layer.padding[i]
+        axes.append((before, after, reach, layer.stride[i]))
+    return tuple(axes)
+
+
+def _positions(x: torch.Tensor, geometry: tuple | None) -> torch.Tensor:
+    """A one-channel zero tensor shaped like a layer's output for input ``x`` (its positions).
+
+    Written with tensor operations only (padding and strided slicing of one channel, no shape
+    arithmetic), so that the pruned network stays ``torch.fx``-traceable.
+    """
+    if geometry is None:  # Linear: every leading axis stays
+        return torch.zeros_like(x[..., :1])
+    one = x[:, :1]
+    pads = [p for before, after, _, _ in reversed(geometry) for p in (before, after)]
+    if any(pads):
+        one = F.pad(one, pads)
+    # a kernel of reach r at stride s has outputs at 0, s, 2s, ... < L - r (L = padded length)
+    window = tuple(slice(0, -reach if reach else None, stride) for _, _, reach, stride in geometry)
+    return torch.zeros_like(one[(slice(None), slice(None), *window)])
+
+
+class RemovedLayer(nn.Module):
+    r"""Stands in for a layer all of whose output nodes were pruned (``prune(..., min_nodes=0)``).
+
+    The layer computed zeros only (its masked nodes, and a BatchNorm right after it, are zeroed),
+    and every layer reading those zeros became a :class:`ConstantLayer`, which needs only the
+    positions of its input. So this module returns a one-channel zero tensor with the spatial size
+    the layer's output had: no weights, no multiply-adds.
+
+    Attributes
+    ----------
+    kind, in_width
+        The replaced layer's class name and input width (for reports).
+    norms
+        Paths of the BatchNorms that followed it and are now ``nn.Identity``.
+    """
+
+    def __init__(self, layer: nn.Module, in_width: int, norms: Iterable[str] = ()) -> None:
+        super().__init__()
+        self.kind = type(layer).__name__
+        self.in_width = int(in_width)
+        self.norms = tuple(norms)
+        self.geometry = _geometry(layer)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _positions(x, self.geometry)
+
+    def extra_repr(self) -> str:
+        return f"{self.kind}, {self.in_width} -> 0"
+
+
+class ConstantLayer(nn.Module):
+    r"""A layer whose every input channel was removed: it outputs one value per node everywhere.
+
+    With an all-zero input a Linear or Conv layer outputs its bias at every position (zero padding
+    keeps a zero map zero), and a BatchNorm right after it maps that to
+    :math:`\gamma (b - \mu) / \sqrt{\sigma^2 + \epsilon} + \beta`, one number per channel. That is
+    ``value``, broadcast to the positions of the layer's output, so a residual branch switched off
+    by the posterior costs one write instead of its convolutions.
+
+    Attributes
+    ----------
+    value
+        One trainable number per output node (the bias, with the BatchNorm folded in).
+    kind
+        The replaced layer's class name.
+    norms
+        Paths of the BatchNorms folded into ``value`` (now ``nn.Identity``).
+    """
+
+    def __init__(self, layer: nn.Module, value: torch.Tensor, norms: Iterable[str] = ()) -> None:
+        super().__init__()
+        self.kind = type(layer).__name__
+        self.norms = tuple(norms)
+        self.geometry = _geometry(layer)
+        self.value = nn.Parameter(value.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pos = _positions(x, self.geometry)
+        if self.geometry is None:
+            return pos + self.value
+        return pos + self.value.view(-1, *([1] * len(self.geometry)))
+
+    def extra_repr(self) -> str:
+        return f"{self.kind}, 0 -> {self.value.numel()}"
+
+
+_REPLACED = (RemovedLayer, ConstantLayer)
 
 
 def _set(module: nn.Module, name: str, value: torch.Tensor) -> None:
@@ -939,7 +1166,33 @@ def _apply_plan(module: nn.Module, plan: PruningPlan) -> nn.Module:
             bn = small.get_submodule(p)
             _slice(bn, ("weight", "bias", "running_mean", "running_var"), cols, 0)
             bn.num_features = len(cols)
+    _replace_branches(small, plan)
     return small
+
+
+@torch.no_grad()
+def _replace_branches(small: nn.Module, plan: PruningPlan) -> None:
+    """Swap emptied layers for :class:`RemovedLayer` and the layers they fed for constants."""
+    for p, norms in plan.removed.items():
+        layer = small.get_submodule(p)
+        small.set_submodule(p, RemovedLayer(layer, _width(layer)[1], norms))
+        for bn in norms:
+            small.set_submodule(bn, nn.Identity())
+    for c, norms in plan.constant.items():
+        layer = small.get_submodule(c)
+        w = layer.weight
+        value = layer.bias if layer.bias is not None else w.new_zeros(_width(layer)[0])
+        folded = []
+        for path in norms:
+            bn = small.get_submodule(path)
+            if bn.running_mean is None:  # batch statistics even in eval mode: leave it in place
+                continue
+            value = (value - bn.running_mean) / torch.sqrt(bn.running_var + bn.eps)
+            if bn.weight is not None:
+                value = value * bn.weight + bn.bias
+            small.set_submodule(path, nn.Identity())
+            folded.append(path)
+        small.set_submodule(c, ConstantLayer(layer, value, folded))
 
 
 def _check_exact(dense: nn.Module, small: nn.Module, example_input: Any) -> None:
@@ -1004,6 +1257,13 @@ def prune_module(
         choose which nodes the floors and ``round_to`` restore. Default: weight-row norms.
     min_fraction, min_nodes
         Per-layer floor: at least ``max(min_nodes, ceil(min_fraction * width))`` nodes are kept.
+        ``min_nodes=0`` lets a layer lose every node when its whole branch can go: its zeros
+        must reach only layers that read nothing else (through activations, pooling, dropout and
+        a BatchNorm right after it). The layer becomes a :class:`RemovedLayer`, those readers
+        become :class:`ConstantLayer` (bias, and a BatchNorm right after folded in, broadcast),
+        so a residual block the posterior switched off becomes ``relu(shortcut(x) + c)``.
+        Elsewhere (e.g. a layer whose channels an addition ties to others) the layer keeps its
+        best node, with a warning. Still exact: ``g(x) = f_M(x)``.
     round_to
         Round each pruned group's width up to a multiple of this (e.g. 8). Convolutions left with
         a handful of filters run far below their kernels' efficiency on CPUs too: a ResNet-20
@@ -1215,7 +1475,7 @@ def prune(
             )
         masks = _masks_from_scores(ranked, threshold, keep)
         empty = [k for k, m in masks.items() if not bool(m.any())]
-        if bayesian and empty:
+        if bayesian and empty and min_nodes > 0:
             warnings.warn(
                 f"the posterior switched off every node of layer(s) {empty}: the KL term outweighs "
                 "the likelihood (typical on small data sets). Fit with bp.fit(..., kl_weight=0.1) "
@@ -1285,6 +1545,10 @@ def finetune(
 
 def _width(m: nn.Module) -> tuple[int, int]:
     """(output width, input width) of a counted layer."""
+    if isinstance(m, RemovedLayer):
+        return 0, m.in_width
+    if isinstance(m, ConstantLayer):
+        return m.value.numel(), 0
     if isinstance(m, nn.Linear):
         return m.out_features, m.in_features
     if isinstance(m, _CONVS):
@@ -1303,10 +1567,11 @@ def architecture_string(net: nn.Module) -> str:
     """
     parts = []
     for m in net.modules():
-        if isinstance(m, _CONVS):
-            parts.append(m.out_channels)
-        elif isinstance(m, nn.Linear):
-            parts.append(m.in_features)
+        kind = m.kind if isinstance(m, _REPLACED) else type(m).__name__
+        if isinstance(m, _CONVS) or kind in ("Conv1d", "Conv2d", "Conv3d"):
+            parts.append(_width(m)[0])
+        elif isinstance(m, nn.Linear) or kind == "Linear":
+            parts.append(_width(m)[1])
     return "-".join(str(p) for p in parts)
 
 
@@ -1475,16 +1740,26 @@ def compression_report(
     f_dense = flops_by_layer(dense, _to_module_device(example_input, dense))
     f_small = flops_by_layer(small, _to_module_device(example_input, small))
     small_modules = dict(small.named_modules())
+    dropped = {n for m in small.modules() if isinstance(m, RemovedLayer) for n in m.norms}
     layers = []
     for name, m in dense.named_modules():
         if name not in f_dense:
             continue
         s = small_modules.get(name)
-        if isinstance(m, _NORMS) and isinstance(s, nn.Identity):  # bp.fold_batchnorm removed it
+        if isinstance(m, _NORMS) and isinstance(s, nn.Identity):  # folded, or its branch removed
             wb, ib = _width(m)
+            how = "removed" if name in dropped else "folded"
             layers.append(
-                LayerStats(name, f"{type(m).__name__} (folded)", wb, 0, ib, 0,
+                LayerStats(name, f"{type(m).__name__} ({how})", wb, 0, ib, 0,
                            _own_params(m), 0, f_dense[name], 0)
+            )  # fmt: skip
+            continue
+        if isinstance(s, _REPLACED) and s.kind == type(m).__name__:
+            how = "removed" if isinstance(s, RemovedLayer) else "constant"
+            (wb, ib), (wa, ia) = _width(m), _width(s)
+            layers.append(
+                LayerStats(name, f"{s.kind} ({how})", wb, wa, ib, ia,
+                           _own_params(m), _own_params(s), f_dense[name], 0)
             )  # fmt: skip
             continue
         if s is None or type(s) is not type(m):
@@ -1559,16 +1834,28 @@ def save_pruned(small: nn.Module, path: str | Path) -> None:
     """
     from safetensors.torch import save_file
 
-    widths, identities = {}, []
+    widths, identities, replaced = {}, [], {}
     for name, m in small.named_modules():
         if isinstance(m, _LAYERS + _NORMS):
             out_w, in_w = _width(m)
             widths[name] = {"type": type(m).__name__, "out": out_w, "in": in_w}
         elif isinstance(m, nn.Identity) and name:
             identities.append(name)
+        elif isinstance(m, _REPLACED):
+            replaced[name] = {
+                "as": type(m).__name__,
+                "type": m.kind,
+                "in": _width(m)[1],
+                "norms": list(m.norms),
+            }
     # cloned, contiguous CPU tensors: safetensors refuses views and shared storage
     state = {k: v.detach().cpu().contiguous().clone() for k, v in small.state_dict().items()}
-    meta = {"format": _FORMAT, "widths": json.dumps(widths), "identities": json.dumps(identities)}
+    meta = {
+        "format": _FORMAT,
+        "widths": json.dumps(widths),
+        "identities": json.dumps(identities),
+        "replaced": json.dumps(replaced),
+    }
     save_file(state, str(path), metadata=meta)
 
 
@@ -1620,6 +1907,19 @@ def load_pruned(
                 f"the saved network has a folded layer at {name!r} that base does not have: "
                 "pass the same architecture"
             ) from exc
+    for name, r in json.loads(meta.get("replaced", "{}")).items():
+        layer = dict(net.named_modules()).get(name)
+        if layer is None or type(layer).__name__ != r["type"]:
+            raise ValueError(
+                f"the saved network has a removed {r['type']} at {name!r} but base has "
+                f"{type(layer).__name__ if layer is not None else 'nothing'} there: pass the same "
+                "architecture"
+            )
+        if r["as"] == "RemovedLayer":
+            net.set_submodule(name, RemovedLayer(layer, r["in"], r["norms"]))
+        else:
+            value = torch.empty_like(state[f"{name}.value"])
+            net.set_submodule(name, ConstantLayer(layer, value, r["norms"]))
     modules = dict(net.named_modules())
     for name, w in widths.items():
         m = modules.get(name)

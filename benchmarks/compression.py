@@ -93,28 +93,42 @@ def _bayesian(name: str, method: str, dense, args, splits, device, x1) -> torch.
         raise RuntimeError("the Bayesian core (bp.bayesianize, issue 3) is not available yet")
     cfg = SETTINGS[name]
     epochs = args.epochs or (1 if args.quick else cfg["svi_epochs"])
-    bnet = bp.bayesianize(
-        copy.deepcopy(dense),
-        prior=_prior(method, args),
-        reparam=args.reparam,
-        weight_sd=args.weight_sd,
+    saved = (
+        args.posterior_dir / f"{name}-{method}-posterior.safetensors"
+        if args.posterior_dir
+        else None
     )
-    bp.fit(
-        bnet,
-        loader(splits.train, 128, seed=args.seed),
-        epochs=epochs,
-        lr=args.svi_lr or cfg["svi_lr"],
-        device=device,
-        seed=args.seed,
-        kl_weight=args.kl_weight,
-        progress=args.progress,
-    )
+    if saved is not None and saved.exists():
+        bnet = bp.load(saved, copy.deepcopy(dense), device=device)
+        print(f"  {method}: posterior loaded from {saved} (no SVI fit)", flush=True)
+    else:
+        bnet = bp.bayesianize(
+            copy.deepcopy(dense),
+            prior=_prior(method, args),
+            reparam=args.reparam,
+            weight_sd=args.weight_sd,
+        )
+        bp.fit(
+            bnet,
+            loader(splits.train, 128, seed=args.seed),
+            epochs=epochs,
+            lr=args.svi_lr or cfg["svi_lr"],
+            device=device,
+            seed=args.seed,
+            kl_weight=args.kl_weight,
+            progress=args.progress,
+        )
+        if saved is not None:
+            saved.parent.mkdir(parents=True, exist_ok=True)
+            bnet.save(saved)
     pips = bnet.inclusion_probs()
     kept = sum(int((p >= args.threshold).sum()) for p in pips.values())
     total = sum(p.numel() for p in pips.values())
     print(f"  {method}: {kept}/{total} gated nodes have PIP >= {args.threshold}", flush=True)
     rule = dict(keep=args.keep) if args.keep is not None else dict(threshold=args.threshold)
-    return bp.prune(bnet, example_input=x1, round_to=args.round_to, **rule)
+    return bp.prune(
+        bnet, example_input=x1, round_to=args.round_to, min_nodes=args.min_nodes, **rule
+    )
 
 
 def _magnitude(dense, args, x1) -> torch.nn.Module:
@@ -163,6 +177,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "--weight-sd", default="per_weight", choices=["per_weight", "rank1"], help="sd family"
     )
     parser.add_argument("--round-to", type=int, default=None, help="round kept widths up (e.g. 8)")
+    parser.add_argument(
+        "--min-nodes",
+        type=int,
+        default=1,
+        help="per-layer floor of bp.prune; 0 removes a residual branch the posterior switches off",
+    )
+    parser.add_argument(
+        "--posterior-dir",
+        type=Path,
+        default=None,
+        help="load <model>-<method>-posterior.safetensors from here instead of fitting, or save "
+        "the fit there when it is missing (one fit, several pruning settings)",
+    )
     parser.add_argument("--finetune-epochs", type=int, default=0, help="fine-tune Bayesian prunes")
     parser.add_argument("--magnitude-keep", type=float, default=0.1)
     parser.add_argument("--magnitude-finetune-epochs", type=int, default=5)
@@ -205,6 +232,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
             return dict(label="magnitude", settings=f"{what}, fine-tune {ft} epoch(s); {common}")
         epochs = args.epochs or (1 if args.quick else cfg["svi_epochs"])
         rule = f"keep {args.keep}" if args.keep is not None else f"PIP >= {args.threshold}"
+        rule += f", min_nodes {args.min_nodes}"
+        if args.round_to:
+            rule += f", round_to {args.round_to}"
+        if args.posterior_dir:
+            rule += f", posterior saved in / loaded from {args.posterior_dir}"
         label = {"spike_slab": "spike-and-slab", "group_horseshoe": "group horseshoe"}[method]
         if args.kl_weight != 1:
             label += f" (β={args.kl_weight:g})"

@@ -154,13 +154,12 @@ def test_fit_and_prune_your_own_builder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "run"
     assert main(["fit", "--model", "my_nets_cli_test:build", "--out", str(out), *QUICK]) == 0
-    assert (
-        main(["prune", "--run", str(out), "--keep", "0.5", "--no-progress", "--levels", "0.5"]) == 0
-    )
+    prune = ["prune", "--run", str(out), "--keep", "0.3", "--no-progress", "--levels", "0.5"]
+    assert main([*prune, "--round-to", "8"]) == 0
     from my_nets_cli_test import build
 
     small = bp.load_pruned(out / "pruned.safetensors", lambda: build(in_features=64))
-    assert small[1].out_features < 32
+    assert small[1].out_features < 32 and small[1].out_features % 8 == 0
     assert main(["fit", "--model", "my_nets_cli_test:not_a_net", "--out", str(out), *QUICK]) == 2
     assert main(["fit", "--model", "my_nets_cli_test:nope", "--out", str(out), *QUICK]) == 2
 
@@ -197,6 +196,8 @@ def test_bad_options(tmp_path, capsys, run_dir):
     _one_line_error(capsys, ["prune", "--run", str(run_dir), "--threshold", "0.5",
                              "--keep", "0.3"], "not allowed with")  # fmt: skip
     _one_line_error(capsys, ["prune", "--run", str(run_dir), "--finetune-epochs", "-1"], ">= 0")
+    _one_line_error(capsys, ["prune", "--run", str(run_dir), "--min-nodes", "-1"], ">= 0")
+    _one_line_error(capsys, ["prune", "--run", str(run_dir), "--round-to", "0"], "positive")
     _one_line_error(capsys, ["prune", "--run", str(run_dir), "--levels", "a,b"],
                     "comma-separated")  # fmt: skip
     _one_line_error(capsys, ["frobnicate"], "invalid choice")

@@ -16,6 +16,8 @@ import bayesprune as bp
 from bayesprune.metrics import count_flops, count_params
 from bayesprune.prune import (
     CompressionReport,
+    ConstantLayer,
+    RemovedLayer,
     architecture_string,
     compression_report,
     dependency_groups,
@@ -407,7 +409,7 @@ def test_bad_masks_and_options_give_clear_errors() -> None:
     with pytest.raises(ValueError, match="min_fraction"):
         prune_module(net, {}, x, min_fraction=1.5)
     with pytest.raises(ValueError, match="min_nodes"):
-        prune_module(net, {}, x, min_nodes=0)
+        prune_module(net, {}, x, min_nodes=-1)
     with pytest.raises(ValueError, match="round_to"):
         prune_module(net, {}, x, round_to=0)
     with pytest.raises(ValueError, match="example_input"):
@@ -686,4 +688,130 @@ def test_bayesian_resnet20_prunes_to_its_masked_mean_network() -> None:
     plan = _quiet(plan_pruning, bnet.mean_module(), masks, x)
     with torch.no_grad():
         ref = bnet.mean_module(plan.masks).eval()(x)
+        assert torch.allclose(small.eval()(x), ref, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# min_nodes=0: a layer that loses every node goes with its branch
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same'")
+@pytest.mark.parametrize(
+    "conv",
+    [
+        nn.Conv2d(3, 4, 3),
+        nn.Conv2d(3, 4, 3, stride=2, padding=1),
+        nn.Conv2d(3, 4, (3, 5), stride=(2, 3), padding=(2, 0), dilation=(1, 2)),
+        nn.Conv2d(3, 4, 4, padding="same"),
+        nn.Conv2d(3, 4, 5, padding="valid", dilation=2),
+        nn.Conv1d(3, 4, 5, stride=3, padding=4),
+        nn.Conv1d(3, 4, 2, padding="same", padding_mode="circular"),
+    ],
+    ids=str,
+)
+def test_constant_layer_outputs_the_shape_of_the_layer_it_replaces(conv: nn.Module) -> None:
+    x = torch.randn(2, 3, *([17] * (conv.weight.dim() - 2)))
+    value = torch.randn(4)
+    out = ConstantLayer(conv, value)(x)
+    assert out.shape == conv(x).shape
+    # a zero input gives the bias at every position, as the convolution itself does
+    conv.bias.data.copy_(value)
+    assert torch.allclose(out, conv(torch.zeros_like(x)))
+    assert RemovedLayer(conv, 3)(x).shape == (2, 1, *conv(x).shape[2:])
+
+
+def test_a_resnet_block_switched_off_becomes_its_shortcut_plus_a_constant(tmp_path) -> None:
+    gen = torch.Generator().manual_seed(3)
+    net = resnet20()
+    _randomize_bn(net, gen)
+    off = torch.zeros(32, dtype=torch.bool)
+    masks = {"layer2.0.conv1": off, "layer2.2.conv1": off, "layer1.0.conv1": torch.arange(16) < 5}
+    x = torch.randn(3, 1, 28, 28, generator=gen)
+    with pytest.warns(UserWarning, match=r"'layer2\.2\.conv1'.*removed.*'layer2\.2\.conv2'"):
+        small = _assert_exact(net, masks, x, min_nodes=0)
+    for block in (small.layer2[0], small.layer2[2]):  # block 0 has a strided conv1
+        assert isinstance(block.conv1, RemovedLayer) and isinstance(block.conv2, ConstantLayer)
+        assert isinstance(block.bn1, nn.Identity) and isinstance(block.bn2, nn.Identity)
+    assert small.layer1[0].conv1.out_channels == 5
+    # exact at other batch and image sizes too (the constant follows the positions)
+    ref = zero_masked(net, masks).eval()
+    for shape in ((1, 1, 28, 28), (2, 1, 33, 29)):
+        z = torch.randn(shape, generator=gen)
+        with torch.no_grad():
+            assert (small(z) - ref(z)).abs().max() <= 1e-5
+    # what is left of the two blocks: one constant per channel (and block 0's 1x1 shortcut)
+    assert count_params(small.layer2[2]) == 32
+    assert count_params(small.layer2[0]) == 32 + count_params(net.layer2[0].shortcut)
+    rep = bp.compression_report(net, small, x[:1], batch_sizes=())
+    kinds = {s.name: s.kind for s in rep.layers}
+    assert kinds["layer2.2.conv1"] == "Conv2d (removed)"
+    assert kinds["layer2.2.bn1"] == "BatchNorm2d (removed)"
+    assert kinds["layer2.2.conv2"] == "Conv2d (constant)"
+    assert kinds["layer2.2.bn2"] == "BatchNorm2d (folded)"
+    assert "-32-0-32-" in architecture_string(small)
+    # saved and reloaded without the class knowing the new modules
+    bp.save_pruned(small, tmp_path / "small.safetensors")
+    back = bp.load_pruned(tmp_path / "small.safetensors", resnet20).eval()
+    with torch.no_grad():
+        assert torch.equal(back(x), small(x))
+    # still a plain, traceable, trainable network
+    torch.fx.symbolic_trace(small)
+    folded = bp.fold_batchnorm(small, example_input=x)
+    with torch.no_grad():
+        assert (folded(x) - small(x)).abs().max() <= 1e-4
+    small.train()
+    small(x).sum().backward()
+    assert small.layer2[2].conv2.value.grad is not None
+
+
+def test_a_layer_that_cannot_go_keeps_its_best_node_and_says_why() -> None:
+    net = resnet20()
+    x = torch.randn(2, 1, 28, 28)
+    # the last conv of a block writes into the residual stream, whose channels others keep
+    masks = {"layer1.1.conv2": torch.zeros(16, dtype=torch.bool)}
+    scores = {"layer1.1.conv2": torch.arange(16.0)}
+    with pytest.warns(UserWarning, match=r"'layer1\.1\.conv2'.*cannot go.*addition ties"):
+        plan = plan_pruning(net, masks, x, scores=scores, min_nodes=0)
+    assert plan.masks["layer1.1.conv2"].nonzero().flatten().tolist() == [15]
+    assert not plan.removed and not plan.constant
+
+    # an emptied layer whose zeros are concatenated with live channels cannot go either
+    class Cat(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(4, 3), nn.Linear(4, 3), nn.Linear(6, 2)
+
+        def forward(self, x):
+            return self.c(torch.cat([torch.relu(self.a(x)), torch.relu(self.b(x))], 1))
+
+    with pytest.warns(UserWarning, match=r"'a'.*cannot go.*cat"):
+        plan = plan_pruning(
+            Cat(), {"a": torch.zeros(3, dtype=torch.bool)}, torch.randn(2, 4), min_nodes=0
+        )
+    assert int(plan.masks["a"].sum()) == 1
+
+
+def test_min_nodes_zero_on_a_chain_makes_the_rest_constant_and_stays_exact() -> None:
+    net = lenet_300_100(in_features=64).eval()
+    masks = {"1": torch.zeros(300, dtype=torch.bool)}
+    with pytest.warns(UserWarning, match=r"\['1'\].*\['3'\] now output"):
+        small = _assert_exact(net, masks, torch.randn(4, 64), min_nodes=0)
+    assert isinstance(small[1], RemovedLayer) and isinstance(small[3], ConstantLayer)
+    assert architecture_string(small) == "64-0-100"
+    out = small(torch.randn(5, 64))
+    assert torch.allclose(out, out[:1].expand(5, -1))  # what the masked network computes
+
+
+def test_a_bayesian_resnet20_block_switched_off_goes_with_min_nodes_zero() -> None:
+    gen = torch.Generator().manual_seed(8)
+    net = resnet20()
+    _randomize_bn(net, gen)
+    bnet = bp.bayesianize(net, prior=bp.priors.SpikeAndSlab(level="node"))
+    masks = {"layer3.1.conv1": torch.zeros(64, dtype=torch.bool)}
+    x = torch.randn(2, 1, 28, 28, generator=gen)
+    small = _quiet(prune, bnet, masks=masks, example_input=x, min_nodes=0)
+    assert isinstance(small.layer3[1].conv2, ConstantLayer)
+    with torch.no_grad():
+        ref = bnet.mean_module(masks).eval()(x)
         assert torch.allclose(small.eval()(x), ref, atol=1e-5)
