@@ -32,17 +32,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 __all__ = [
     "DEFAULT_FASHION_MNIST_ROOT",
     "FASHION_MNIST_CLASSES",
     "DatasetNotFoundError",
+    "PlantedTeacher",
     "Splits",
     "fashion_mnist_root",
     "load_digits",
     "load_fashion_mnist",
     "loader",
+    "planted_teacher",
     "read_idx",
     "split_indices",
 ]
@@ -305,3 +308,73 @@ def loader(
         generator=generator,
         drop_last=drop_last,
     )
+
+
+@dataclass
+class PlantedTeacher:
+    """A regression task whose answer is known: which hidden units matter.
+
+    Attributes
+    ----------
+    x, y
+        Inputs ``[n, d]`` and noisy targets ``[n]``.
+    noise
+        Standard deviation of the target noise (the true likelihood scale).
+    relevant
+        The hidden units the teacher uses: ``0 .. relevant - 1``.
+    student
+        A network of the teacher's shape (``Linear(d, hidden) - ReLU - Linear(hidden, 1)``) that
+        starts near the teacher's weights; a pruning method should keep exactly its first
+        ``relevant`` hidden units.
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+    noise: float
+    relevant: int
+    student: nn.Module
+
+
+def planted_teacher(
+    seed: int = 0, n: int = 2000, d: int = 8, hidden: int = 12, relevant: int = 3
+) -> PlantedTeacher:
+    r"""A sparse teacher MLP and data drawn from it: a check that pruning finds the planted units.
+
+    The teacher has ``hidden`` ReLU units; only the first ``relevant`` reach the output (output
+    weights 2, -2, 1.5, ...) and they read inputs 0..3, while the others read only inputs 4..d-1
+    and have output weight 0. With :math:`x \sim N(0, I_d)`,
+
+    .. math:: y = \sum_{j < k} v_j \, \mathrm{relu}(w_j^\top x + b_j) + \epsilon,
+              \quad \epsilon \sim N(0, 0.3^2).
+
+    The student starts from the teacher's weights plus noise (sd 0.1 on the first layer, 0.05 on
+    the output weights), so the irrelevant units begin with small but non-zero output weights.
+
+    Example
+    -------
+    >>> task = planted_teacher(n=100)
+    >>> task.x.shape, task.y.shape, task.relevant
+    (torch.Size([100, 8]), torch.Size([100]), 3)
+    """
+    if not 1 <= relevant <= min(hidden, 4):
+        raise ValueError(f"relevant must be in 1..{min(hidden, 4)}, got {relevant}")
+    if d < 5:
+        raise ValueError(f"d must be at least 5 (4 teacher inputs and noise inputs), got {d}")
+    g = torch.Generator().manual_seed(seed)
+    w1 = torch.zeros(hidden, d)
+    w1[:relevant, :4] = torch.randn(relevant, 4, generator=g)
+    w1[:relevant] *= 2 / w1[:relevant].norm(dim=1, keepdim=True)
+    w1[relevant:, 4:] = torch.randn(hidden - relevant, d - 4, generator=g)
+    b1 = 0.1 * torch.randn(hidden, generator=g)
+    w2 = torch.zeros(1, hidden)
+    w2[0, :relevant] = torch.tensor([2.0, -2.0, 1.5, -1.5][:relevant])
+    x = torch.randn(n, d, generator=g)
+    noise = 0.3
+    y = (torch.relu(x @ w1.T + b1) @ w2.T).squeeze(-1) + noise * torch.randn(n, generator=g)
+    net = nn.Sequential(nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+    with torch.no_grad():
+        net[0].weight.copy_(w1 + 0.1 * torch.randn(hidden, d, generator=g))
+        net[0].bias.copy_(b1)
+        net[2].weight.copy_(w2 + 0.05 * torch.randn(1, hidden, generator=g))
+        net[2].bias.zero_()
+    return PlantedTeacher(x=x, y=y, noise=noise, relevant=relevant, student=net)

@@ -142,9 +142,25 @@ def make_adam(params: Iterable, lr: float) -> torch.optim.Adam:
         return torch.optim.Adam(params, lr=lr)
 
 
-def _lr_factor(schedule: str, total: int | None, delay: float):
-    """Learning-rate multiplier per step: 0 during the first ``delay`` fraction, then cosine / flat."""
-    start = int(delay * total) if total else 0
+def _delay_steps(
+    structure_delay: float | None, total: int | None, steps_per_epoch: int | None
+) -> int:
+    """Steps during which the structure parameters stay frozen.
+
+    The default (``None``) is 10% of the steps but at most one epoch: the weights need a fixed
+    number of steps to settle under the variational noise, however long the fit. Frozen for
+    longer, gates that are on let units the data do not need take on work (on the planted-teacher
+    test, 16 frozen epochs of 160 recruited one or two extra units in 4 of 4 fits; 1 epoch, none).
+    """
+    if not total:
+        return 0
+    if structure_delay is None:
+        return min(int(0.1 * total), steps_per_epoch or total)
+    return int(structure_delay * total)
+
+
+def _lr_factor(schedule: str, total: int | None, start: int):
+    """Learning-rate multiplier per step: 0 during the first ``start`` steps, then cosine / flat."""
 
     def factor(step: int) -> float:
         if step < start:
@@ -198,7 +214,7 @@ def fit(
     kl_weight: float = 1.0,
     elbo: pyro.infer.ELBO | None = None,
     structure_lr: float | None = None,
-    structure_delay: float = 0.1,
+    structure_delay: float | None = None,
     lr_schedule: str = "cosine",
     val_samples: int = 8,
     checkpoint: str | Path | None = None,
@@ -247,6 +263,8 @@ def fit(
         weights first settle under the variational noise. The straight-through gate gradient at
         :math:`z = 1` is the derivative of the loss along the node's scale, which is far from zero
         until the weights have adapted and would otherwise push useful gates off (fast ELBO only).
+        Default ``None``: 10% of the steps, at most one epoch. A long freeze has its own cost:
+        while every gate is on, units the data do not need take on work and then stay on.
     lr_schedule
         ``"cosine"`` (decay to 0 over all steps) or ``"constant"``.
     checkpoint
@@ -267,8 +285,11 @@ def fit(
         raise ValueError(f"lr must be positive, got {lr}")
     if structure_lr is not None and not structure_lr > 0:
         raise ValueError(f"structure_lr must be positive, got {structure_lr}")
-    if not 0 <= structure_delay < 1:
-        raise ValueError(f"structure_delay must be in [0, 1), got {structure_delay}")
+    if structure_delay is not None and not 0 <= structure_delay < 1:
+        raise ValueError(
+            f"structure_delay must be a fraction in [0, 1) or None (10% of the steps, at most "
+            f"one epoch), got {structure_delay}"
+        )
     if isinstance(kl_weight, bool) or not isinstance(kl_weight, (int, float)) or not kl_weight > 0:
         raise ValueError(f"kl_weight must be a positive number (1 = the ELBO), got {kl_weight!r}")
     if kl_warmup < 0:
@@ -308,8 +329,18 @@ def fit(
         opt = make_adam(groups, lr)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt,
-            [_lr_factor(lr_schedule, total_steps, 0.0)]
-            + ([_lr_factor(lr_schedule, total_steps, structure_delay)] if structure else []),
+            [_lr_factor(lr_schedule, total_steps, 0)]
+            + (
+                [
+                    _lr_factor(
+                        lr_schedule,
+                        total_steps,
+                        _delay_steps(structure_delay, total_steps, steps_per_epoch),
+                    )
+                ]
+                if structure
+                else []
+            ),
         )
     else:
         elbo_obj = elbo

@@ -52,6 +52,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--epochs", type=int, default=10, help="SVI epochs")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--structure-lr", type=float, default=None)
+    parser.add_argument(
+        "--structure-delay",
+        type=float,
+        default=None,
+        help="bp.fit's structure_delay (fraction of the steps with frozen gates; default: fit's)",
+    )
     parser.add_argument("--prior-inclusion", default="0.1", help="a probability or 'theory'")
     parser.add_argument(
         "--slab", default="gaussian", choices=["gaussian", "group_lasso", "horseshoe"]
@@ -119,6 +125,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             epochs=args.epochs,
             lr=args.lr,
             structure_lr=args.structure_lr,
+            **({} if args.structure_delay is None else {"structure_delay": args.structure_delay}),
             kl_warmup=args.kl_warmup,
             kl_weight=beta,
             device=dev,

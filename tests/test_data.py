@@ -11,6 +11,7 @@ from bayesprune.data import (
     load_digits,
     load_fashion_mnist,
     loader,
+    planted_teacher,
     read_idx,
     split_indices,
 )
@@ -136,3 +137,16 @@ def test_real_fashion_mnist(fmnist_available):
     train = x.flatten(1)
     dup = (torch.cdist(cal, train[:20000]) < 1e-6).any()
     assert not dup
+
+
+def test_planted_teacher_is_deterministic_and_only_its_first_units_matter() -> None:
+    a, b = planted_teacher(seed=1, n=50), planted_teacher(seed=1, n=50)
+    assert torch.equal(a.x, b.x) and torch.equal(a.y, b.y)
+    assert a.relevant == 3 and a.student[0].out_features == 12
+    # the student starts near the teacher: its relevant units carry the output
+    w_out = a.student[2].weight.detach().abs()[0]
+    assert w_out[:3].min() > 5 * w_out[3:].max()
+    with pytest.raises(ValueError, match="relevant"):
+        planted_teacher(relevant=0)
+    with pytest.raises(ValueError, match="d must be"):
+        planted_teacher(d=4)

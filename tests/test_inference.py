@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 import bayesprune as bp
-from bayesprune.inference import LocalReparamELBO
+from bayesprune.data import planted_teacher
+from bayesprune.inference import LocalReparamELBO, _delay_steps
 from models import lenet_300_100
 
 
@@ -96,47 +97,15 @@ def test_linear_regression_posterior_matches_closed_form(weight_sd) -> None:
     assert ((q_var / mf_var - 1).abs() < 0.25).all(), (q_var, mf_var)
 
 
-def _planted(seed: int = 0, n: int = 2000, d: int = 8, hidden: int = 12, k: int = 3):
-    """Teacher: only hidden units 0..k-1 (reading inputs 0..3) reach the output. Student: the
-    teacher's architecture with perturbed weights; the other units read only the 4 noise inputs
-    and start with small random output weights."""
-    g = torch.Generator().manual_seed(seed)
-    w1 = torch.zeros(hidden, d)
-    w1[:k, :4] = torch.randn(k, 4, generator=g)
-    w1[:k] *= 2 / w1[:k].norm(dim=1, keepdim=True)
-    w1[k:, 4:] = torch.randn(hidden - k, d - 4, generator=g)
-    b1 = 0.1 * torch.randn(hidden, generator=g)
-    w2 = torch.zeros(1, hidden)
-    w2[0, :k] = torch.tensor([2.0, -2.0, 1.5])
-    x = torch.randn(n, d, generator=g)
-    noise = 0.3
-    y = (torch.relu(x @ w1.T + b1) @ w2.T).squeeze(-1) + noise * torch.randn(n, generator=g)
-    net = nn.Sequential(nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, 1))
-    with torch.no_grad():
-        net[0].weight.copy_(w1 + 0.1 * torch.randn(hidden, d, generator=g))
-        net[0].bias.copy_(b1)
-        net[2].weight.copy_(w2 + 0.05 * torch.randn(1, hidden, generator=g))
-        net[2].bias.zero_()
-    return net, x, y, noise, k
+def _planted():
+    """The planted teacher of ``bayesprune.data`` (12 hidden units, the first 3 used)."""
+    task = planted_teacher()
+    return task.student, task.x, task.y, task.noise, task.relevant
 
 
 @pytest.mark.parametrize(
     "prior",
-    [
-        pytest.param(
-            bp.priors.SpikeAndSlab(prior_inclusion=0.01),
-            marks=pytest.mark.xfail(
-                strict=False,
-                reason="identifiability, not the estimator: node spike-and-slab keeps the 3 planted "
-                "units (PIP > 0.99) in every run, but an 'irrelevant' unit can move its incoming "
-                "weights onto the teacher's inputs 0..3 and share a planted unit's work (measured: "
-                "fit seed 0, 160 epochs, units 4 and 7 at PIP 1.0 with input weights "
-                "[1.21, -0.21, -1.75, 0.47 | ~0.02 on the noise inputs], the ELBO 32,000 nats worse "
-                "with unit 4 off). Fit seeds 0-3 pass 2/4 at 40 and 80 epochs, 0/4 at 160",
-            ),
-        ),
-        bp.priors.GroupHorseshoe(global_scale=0.01),
-    ],
+    [bp.priors.SpikeAndSlab(prior_inclusion=0.01), bp.priors.GroupHorseshoe(global_scale=0.01)],
     ids=["spike-and-slab", "group-horseshoe"],
 )
 def test_planted_sparse_teacher_is_recovered(prior) -> None:
@@ -152,10 +121,10 @@ def test_planted_sparse_teacher_is_recovered(prior) -> None:
 
 
 @pytest.mark.parametrize("seed", [0, 3])
-def test_spike_and_slab_keeps_exactly_the_units_that_read_the_teacher_inputs(seed) -> None:
-    """The identifiable form of the planted-teacher check (see the xfail above): at convergence the
-    planted units are kept, every kept unit reads the teacher's inputs 0..3 (its posterior-mean
-    weights there are > 5x those on the noise inputs), and every unit still reading noise is off."""
+def test_a_long_fit_recovers_the_planted_units_and_no_others(seed) -> None:
+    """Long fits used to fail here: with the gates frozen for 10% of the steps (16 of 160 epochs),
+    units the teacher does not use took on work while every gate was on and then stayed on (one or
+    two extra units at PIP 1 in each of seeds 0-3). The default freeze is now at most one epoch."""
     torch.manual_seed(0)
     net, x, y, noise, k = _planted()
     prior = bp.priors.SpikeAndSlab(prior_inclusion=0.01)
@@ -166,12 +135,17 @@ def test_spike_and_slab_keeps_exactly_the_units_that_read_the_teacher_inputs(see
         bnet, Batches(x, y, 100), epochs=160, lr=0.01, structure_lr=0.1, progress=False, seed=seed
     )
     pip = bnet.inclusion_probs()["0"]
-    w = bnet.bayesian_layers["0"].weight_loc.detach()
-    signal_to_noise_inputs = w[:, :4].norm(dim=1) / w[:, 4:].norm(dim=1)
     assert (pip[:k] > 0.9).all(), pip
-    kept = pip > 0.5
-    assert (signal_to_noise_inputs[kept] > 5).all(), (pip, signal_to_noise_inputs)
-    assert (pip[signal_to_noise_inputs < 2] < 0.1).all(), (pip, signal_to_noise_inputs)
+    assert (pip[k:] < 0.1).all(), pip
+
+
+def test_the_default_gate_freeze_is_a_tenth_of_the_steps_and_at_most_one_epoch() -> None:
+    assert _delay_steps(None, total=50, steps_per_epoch=10) == 5
+    assert _delay_steps(None, total=1600, steps_per_epoch=10) == 10
+    assert _delay_steps(0.1, total=1600, steps_per_epoch=10) == 160  # asked for: no cap
+    assert _delay_steps(None, total=None, steps_per_epoch=None) == 0
+    with pytest.raises(ValueError, match="structure_delay"):
+        bp.fit(bp.bayesianize(_mlp()), Batches(*_digits_like(), 32), structure_delay=1.0)
 
 
 def test_gate_gradient_matches_the_exact_gradient_of_the_expected_loss() -> None:
@@ -275,7 +249,8 @@ def test_fit_with_pyro_trace_elbo_runs_svi_and_learns() -> None:
 
 def test_kl_weight_tempers_the_kl_term() -> None:
     """kl_weight=beta makes each recorded loss NLL + beta * KL (same draws: same seed), and a
-    colder posterior (beta < 1) keeps more nodes of the planted teacher than the ELBO does."""
+    colder posterior (beta < 1) expects more of the planted teacher's hidden units to be kept
+    (sum of PIPs) than the ELBO does."""
     x, y = _digits_like()
     losses = {}
     for beta in (1.0, 0.25):
@@ -287,7 +262,7 @@ def test_kl_weight_tempers_the_kl_term() -> None:
     assert kl1 == pytest.approx(klq, rel=1e-6)  # first step: same parameters, same KL
     assert l1 - lq == pytest.approx(0.75 * kl1, rel=1e-4)  # same NLL draw, KL weighted
 
-    kept = {}
+    expected_kept = {}
     for beta in (1.0, 0.05):
         torch.manual_seed(0)
         net, xs, ys, noise, _ = _planted()
@@ -296,8 +271,9 @@ def test_kl_weight_tempers_the_kl_term() -> None:
         )
         bp.fit(bnet, Batches(xs, ys, 100), epochs=20, lr=0.01, progress=False, seed=0,
                kl_weight=beta)  # fmt: skip
-        kept[beta] = int((bnet.inclusion_probs()["0"] >= 0.5).sum())
-    assert kept[0.05] > kept[1.0], kept
+        expected_kept[beta] = float(bnet.inclusion_probs()["0"].sum())
+    # measured with fit seeds 0, 1, 2: 4.28 against 3.93, 3.51 against 3.28, 3.54 against 3.36
+    assert expected_kept[0.05] > expected_kept[1.0] + 0.1, expected_kept
     with pytest.raises(ValueError, match="kl_weight must be a positive number"):
         bp.fit(bnet, Batches(xs, ys, 100), kl_weight=0)
 
