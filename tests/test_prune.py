@@ -815,3 +815,23 @@ def test_a_bayesian_resnet20_block_switched_off_goes_with_min_nodes_zero() -> No
     with torch.no_grad():
         ref = bnet.mean_module(masks).eval()(x)
         assert torch.allclose(small.eval()(x), ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("build", [torchvision.models.resnet18, torchvision.models.resnet50])
+def test_torchvision_blocks_switched_off_go_exactly(build) -> None:
+    """Basic and bottleneck blocks, one of them with a downsampling shortcut."""
+    gen = torch.Generator().manual_seed(5)
+    net = build(weights=None, num_classes=10).eval()
+    _randomize_bn(net, gen)
+    masks = {
+        p: torch.zeros(net.get_submodule(p).out_channels, dtype=torch.bool)
+        for p in ("layer2.1.conv1", "layer3.0.conv1")
+    }
+    x = torch.randn(2, 3, 64, 64, generator=gen)
+    small = _quiet(prune_module, net, masks, x, min_nodes=0).eval()
+    for block in (small.layer2[1], small.layer3[0]):
+        assert isinstance(block.conv1, RemovedLayer) and isinstance(block.conv2, ConstantLayer)
+    with torch.no_grad():
+        ref = zero_masked(net, masks).eval()(x)
+        # float32 rounding grows with the output's scale (randomised BatchNorms: outputs ~ 10-100)
+        assert (small(x) - ref).abs().max() <= 1e-6 * (1 + ref.abs().max())
