@@ -269,8 +269,9 @@ def run_method(method: str, name: str, dense, args, tr, cal, test, x) -> dict:
             prior = bp.priors.GroupHorseshoe()
         start = time.perf_counter()
         bnet = bp.bayesianize(copy.deepcopy(dense).cpu(), prior=prior, reparam=args.reparam)
+        delay = {} if args.structure_delay is None else {"structure_delay": args.structure_delay}
         bp.fit(bnet, tr, epochs=svi_epochs, lr=1e-3, kl_weight=args.kl_weight, device=x.device,
-               progress=args.progress, seed=args.seed)  # fmt: skip
+               progress=args.progress, seed=args.seed, **delay)  # fmt: skip
         small = bp.prune(bnet, threshold=0.5, example_input=x)
         wall = time.perf_counter() - start
         cert = bp.conformal.certify(bnet, cal, example_input=x, **certify_kw)
@@ -279,6 +280,8 @@ def run_method(method: str, name: str, dense, args, tr, cal, test, x) -> dict:
             f"{svi_epochs} SVI epochs, β={args.kl_weight:g}, reparam={args.reparam}, PIP >= 0.5, "
             "no fine-tuning"
         )
+        if args.structure_delay is not None:
+            settings += f", structure_delay {args.structure_delay:g}"
         if method == "spike_slab":
             settings += f", prior inclusion {args.prior_inclusion}"
         for risk in ("error", "disagreement"):
@@ -360,6 +363,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--prior-inclusion", default="0.1", help="spike-and-slab: float or 'theory'")
     p.add_argument("--reparam", default="local", choices=["local", "shared", "auto"],
                    help="SVI estimator of our priors (bp.bayesianize's reparam)")  # fmt: skip
+    p.add_argument("--structure-delay", type=float, default=None,
+                   help="bp.fit's structure_delay for our priors (default: fit's)")  # fmt: skip
     p.add_argument("--gumbel-weight", type=float, default=10.0,
                    help="λ of the density term (0.01 in the paper's tutorial; see RESULTS.md)")  # fmt: skip
     p.add_argument("--gumbel-epochs", type=int, default=30)
