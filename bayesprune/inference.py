@@ -147,10 +147,11 @@ def _delay_steps(
 ) -> int:
     """Steps during which the structure parameters stay frozen.
 
-    The default (``None``) is 10% of the steps but at most one epoch: the weights need a fixed
-    number of steps to settle under the variational noise, however long the fit. Frozen for
-    longer, gates that are on let units the data do not need take on work (on the planted-teacher
-    test, 16 frozen epochs of 160 recruited one or two extra units in 4 of 4 fits; 1 epoch, none).
+    The default (``None``) is 10% of the steps but at most one epoch. The freeze is there for the
+    weights to settle under the variational noise, which should take a number of steps rather
+    than a share of the fit. Frozen for longer, gates that are on let units the data do not need
+    take on work (``benchmarks/planted.py``: 16 frozen epochs of 160 recruited one or two extra
+    units in 4 of 4 fits; at most one epoch, none).
     """
     if not total:
         return 0

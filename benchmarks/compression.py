@@ -117,6 +117,7 @@ def _bayesian(name: str, method: str, dense, args, splits, device, x1) -> torch.
             seed=args.seed,
             kl_weight=args.kl_weight,
             progress=args.progress,
+            **({} if args.structure_delay is None else {"structure_delay": args.structure_delay}),
         )
         if saved is not None:
             saved.parent.mkdir(parents=True, exist_ok=True)
@@ -184,6 +185,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         help="per-layer floor of bp.prune; 0 removes a residual branch the posterior switches off",
     )
     parser.add_argument(
+        "--structure-delay",
+        type=float,
+        default=None,
+        help="bp.fit's structure_delay (fraction of the steps with frozen gates; default: fit's)",
+    )
+    parser.add_argument(
         "--posterior-dir",
         type=Path,
         default=None,
@@ -241,6 +248,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if args.kl_weight != 1:
             label += f" (β={args.kl_weight:g})"
         estimator = f"reparam={args.reparam}, sd family {args.weight_sd}"
+        if args.structure_delay is not None:
+            estimator += f", structure_delay {args.structure_delay:g}"
         return dict(
             label=label,
             settings=f"{epochs} SVI epochs, β={args.kl_weight:g}, {estimator}, {rule}, "
