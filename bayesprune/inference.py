@@ -328,21 +328,11 @@ def fit(
         if structure:
             groups.append({"params": structure, "lr": structure_lr or 10 * lr})
         opt = make_adam(groups, lr)
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt,
-            [_lr_factor(lr_schedule, total_steps, 0)]
-            + (
-                [
-                    _lr_factor(
-                        lr_schedule,
-                        total_steps,
-                        _delay_steps(structure_delay, total_steps, steps_per_epoch),
-                    )
-                ]
-                if structure
-                else []
-            ),
-        )
+        factors = [_lr_factor(lr_schedule, total_steps, 0)]
+        if structure:
+            delay = _delay_steps(structure_delay, total_steps, steps_per_epoch)
+            factors.append(_lr_factor(lr_schedule, total_steps, delay))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factors)
     else:
         elbo_obj = elbo
         if lr_schedule == "cosine" and total_steps:
