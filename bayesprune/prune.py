@@ -1873,6 +1873,12 @@ def load_pruned(
         builds one, e.g. ``lambda: resnet20()``. Its layers are re-sliced to the saved widths.
     device
         Where the returned network lives.
+
+    Returns
+    -------
+    nn.Module
+        ``base``'s architecture with the saved widths and weights, in ``base``'s mode (a freshly
+        built module is in training mode): call ``.eval()`` before inference (BatchNorm).
     """
     from safetensors import safe_open
     from safetensors.torch import load_file
