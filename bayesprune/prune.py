@@ -1913,8 +1913,9 @@ def load_pruned(
                 f"the saved network has a folded layer at {name!r} that base does not have: "
                 "pass the same architecture"
             ) from exc
+    modules = dict(net.named_modules())
     for name, r in json.loads(meta.get("replaced", "{}")).items():
-        layer = dict(net.named_modules()).get(name)
+        layer = modules.get(name)
         if layer is None or type(layer).__name__ != r["type"]:
             raise ValueError(
                 f"the saved network has a removed {r['type']} at {name!r} but base has "

@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             epochs=args.epochs,
             lr=args.lr,
             structure_lr=args.structure_lr,
-            **({} if args.structure_delay is None else {"structure_delay": args.structure_delay}),
+            structure_delay=args.structure_delay,
             kl_warmup=args.kl_warmup,
             kl_weight=beta,
             device=dev,

@@ -269,9 +269,9 @@ def run_method(method: str, name: str, dense, args, tr, cal, test, x) -> dict:
             prior = bp.priors.GroupHorseshoe()
         start = time.perf_counter()
         bnet = bp.bayesianize(copy.deepcopy(dense).cpu(), prior=prior, reparam=args.reparam)
-        delay = {} if args.structure_delay is None else {"structure_delay": args.structure_delay}
         bp.fit(bnet, tr, epochs=svi_epochs, lr=1e-3, kl_weight=args.kl_weight, device=x.device,
-               progress=args.progress, seed=args.seed, **delay)  # fmt: skip
+               progress=args.progress, seed=args.seed,
+               structure_delay=args.structure_delay)  # fmt: skip
         small = bp.prune(bnet, threshold=0.5, example_input=x)
         wall = time.perf_counter() - start
         cert = bp.conformal.certify(bnet, cal, example_input=x, **certify_kw)

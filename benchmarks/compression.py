@@ -117,7 +117,7 @@ def _bayesian(name: str, method: str, dense, args, splits, device, x1) -> torch.
             seed=args.seed,
             kl_weight=args.kl_weight,
             progress=args.progress,
-            **({} if args.structure_delay is None else {"structure_delay": args.structure_delay}),
+            structure_delay=args.structure_delay,
         )
         if saved is not None:
             saved.parent.mkdir(parents=True, exist_ok=True)
