@@ -94,6 +94,7 @@ _positive_int = _checked(int, lambda v: v >= 1, "a positive integer")
 _nonnegative_int = _checked(int, lambda v: v >= 0, "an integer >= 0")
 _probability = _checked(float, lambda v: 0 < v < 1, "a number in (0, 1)")
 _positive_float = _checked(float, lambda v: v > 0, "a positive number")
+_fraction = _checked(float, lambda v: 0 <= v < 1, "a fraction in [0, 1)")
 
 
 def _float_list(text: str) -> list[float]:
@@ -187,7 +188,37 @@ def build_parser() -> argparse.ArgumentParser:
         help="dense training epochs when no --weights are given (default: 3)",
     )
     fit.add_argument(
+        "--prior-inclusion",
+        type=_probability,
+        default=None,
+        metavar="P",
+        help="spike-and-slab: prior probability that a node is on (default: the prior's, 0.1)",
+    )
+    fit.add_argument(
+        "--global-scale",
+        type=_positive_float,
+        default=None,
+        metavar="A",
+        help="horseshoe: scale of the layer-wide half-Cauchy; smaller prunes more (default: 1)",
+    )
+    fit.add_argument(
         "--epochs", type=_positive_int, default=3, metavar="E", help="SVI epochs (default: 3)"
+    )
+    fit.add_argument(
+        "--kl-weight",
+        type=_positive_float,
+        default=1.0,
+        metavar="BETA",
+        help="weight of the KL term: 1 is the ELBO; 0.2 keeps accuracy closer to the dense net "
+        "while still pruning (default: 1; see bp.fit)",
+    )
+    fit.add_argument(
+        "--structure-delay",
+        type=_fraction,
+        default=None,
+        metavar="F",
+        help="fraction of the SVI steps with the gates frozen (default: bp.fit's, 10%% of "
+        "the steps and at most one epoch)",
     )
     fit.add_argument("--lr", type=_positive_float, default=1e-3, help="SVI learning rate")
     fit.add_argument("--batch-size", type=_positive_int, default=128, metavar="B")
@@ -425,12 +456,20 @@ def _out_dir(args: argparse.Namespace) -> Path:
     return out
 
 
-def _prior(name: str):
+def _prior(args: argparse.Namespace):
     from . import priors
 
-    if name == "spike-and-slab":
-        return priors.SpikeAndSlab(level="node")
-    return priors.GroupHorseshoe()
+    if args.prior == "spike-and-slab":
+        if args.global_scale is not None:
+            raise CLIError("--global-scale is an option of --prior horseshoe; for spike-and-slab "
+                           "use --prior-inclusion")  # fmt: skip
+        kw = {} if args.prior_inclusion is None else {"prior_inclusion": args.prior_inclusion}
+        return priors.SpikeAndSlab(level="node", **kw)
+    if args.prior_inclusion is not None:
+        raise CLIError("--prior-inclusion is an option of --prior spike-and-slab; for the "
+                       "horseshoe use --global-scale")  # fmt: skip
+    kw = {} if args.global_scale is None else {"global_scale": args.global_scale}
+    return priors.GroupHorseshoe(**kw)
 
 
 class _Run:
@@ -479,6 +518,7 @@ def _cmd_fit(args: argparse.Namespace) -> None:
     from .data import loader
 
     progress = not args.no_progress
+    prior = _prior(args)  # option errors before any training
     out = args.out
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -509,11 +549,10 @@ def _cmd_fit(args: argparse.Namespace) -> None:
     )
 
     _say(f"2/3 fitting the posterior ({args.prior} prior) by SVI for {args.epochs} epoch(s)")
-    bnet = bp.bayesianize(
-        net, prior=_prior(args.prior), reparam=args.reparam, weight_sd=args.weight_sd
-    )
+    bnet = bp.bayesianize(net, prior=prior, reparam=args.reparam, weight_sd=args.weight_sd)
     result = bp.fit(bnet, train_loader, epochs=args.epochs, lr=args.lr, device=args.device,
-                    progress=progress, seed=args.seed)  # fmt: skip
+                    progress=progress, seed=args.seed, kl_weight=args.kl_weight,
+                    structure_delay=args.structure_delay)  # fmt: skip
     bnet.save(out / "bayesian.safetensors")
     pips = {k: v.detach().cpu().numpy() for k, v in bnet.inclusion_probs().items()}
     bayes_acc = _predictive_accuracy(bnet, val_loader)
@@ -522,14 +561,15 @@ def _cmd_fit(args: argparse.Namespace) -> None:
     cfg = {
         "model": args.model, "weights": str(args.weights) if args.weights else None,
         "data": args.data, "data_root": str(args.data_root) if args.data_root else None,
-        "subset": args.subset, "seed": args.seed, "prior": args.prior,
+        "subset": args.subset, "seed": args.seed, "prior": args.prior, "prior_spec": prior.to_dict(),
         "reparam": bnet.reparam, "weight_sd": bnet.weight_sd,
         "input_shape": input_shape, "num_classes": splits.num_classes,
     }  # fmt: skip
     _write_json(out / RUN_FILE, cfg)
     losses = _history(result)
     _write_json(out / "fit.json", {
-        "loss": losses, "epochs": args.epochs, "lr": args.lr,
+        "loss": losses, "epochs": args.epochs, "lr": args.lr, "kl_weight": args.kl_weight,
+        "structure_delay": args.structure_delay,
         "dense_val_accuracy": dense_acc, "bayes_val_accuracy": bayes_acc,
         "pips": {k: v.tolist() for k, v in pips.items()},
         "nodes_pip_ge_0.5": {k: int((v >= 0.5).sum()) for k, v in pips.items()},
@@ -711,7 +751,9 @@ def _cmd_report(args: argparse.Namespace) -> None:
     ]  # fmt: skip
     if fit:
         lines += ["## Posterior (SVI)", ""]
-        lines += [f"Final loss (-ELBO per step) {fit['loss'][-1]:.4g} after {fit['epochs']} epoch(s); "
+        beta = fit.get("kl_weight", 1.0)
+        objective = "-ELBO" if beta == 1 else f"tempered -ELBO, KL weight {beta:g}"
+        lines += [f"Final loss ({objective} per step) {fit['loss'][-1]:.4g} after {fit['epochs']} epoch(s); "
                   f"validation accuracy: dense {fit['dense_val_accuracy']:.4f}, posterior "
                   f"predictive {fit.get('bayes_val_accuracy', float('nan')):.4f}.", ""]  # fmt: skip
         whole = fit.get("kept_whole", {})

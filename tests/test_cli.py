@@ -60,6 +60,9 @@ def test_fit_outputs(run_dir):
     assert cfg["model"] == "lenet_300_100" and cfg["data"] == "digits"
     assert cfg["input_shape"] == [1, 8, 8]
     assert cfg["reparam"] == "auto" and cfg["weight_sd"] == "rank1"
+    assert (
+        cfg["prior_spec"]["type"] == "SpikeAndSlab" and cfg["prior_spec"]["prior_inclusion"] == 0.1
+    )
     fit = json.loads((run_dir / "fit.json").read_text())
     assert len(fit["loss"]) == 8 and np.all(np.isfinite(fit["loss"]))  # 898 / 128 -> 8 steps
     assert set(fit["pips"]) == {"1", "3", "5"} and len(fit["pips"]["1"]) == 300
@@ -118,6 +121,31 @@ def test_report_elsewhere_links_images(run_dir, tmp_path):
     assert main(["report", "--run", str(run_dir), "--out", str(tmp_path)]) == 0
     text = (tmp_path / "report.md").read_text()
     assert f"]({(run_dir / 'elbo.png').resolve()})" in text
+
+
+def test_fit_prior_and_objective_options(tmp_path, monkeypatch):
+    seen = {}
+    real_fit = bp.fit
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(bp, "fit", spy)
+    out = tmp_path / "run"
+    argv = ["fit", "--model", "lenet_300_100", "--out", str(out), "--prior", "horseshoe",
+            "--global-scale", "0.01", "--kl-weight", "0.2", "--structure-delay", "0", *QUICK]  # fmt: skip
+    assert main(argv) == 0
+    assert seen["kl_weight"] == 0.2 and seen["structure_delay"] == 0
+    cfg = json.loads((out / "run.json").read_text())
+    assert cfg["prior_spec"]["type"] == "GroupHorseshoe"
+    assert cfg["prior_spec"]["global_scale"] == 0.01
+    fit = json.loads((out / "fit.json").read_text())
+    assert fit["kl_weight"] == 0.2 and fit["structure_delay"] == 0
+    bnet = bp.load(out / "bayesian.safetensors", lenet_300_100(in_features=64))
+    assert {p.global_scale for p in bnet.priors.values()} == {0.01}
+    assert main(["report", "--run", str(out)]) == 0
+    assert "KL weight 0.2" in (out / "report.md").read_text()
 
 
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
@@ -192,6 +220,13 @@ def test_bad_options(tmp_path, capsys, run_dir):
                     "positive integer")  # fmt: skip
     _one_line_error(capsys, ["fit", "--model", "lenet5_caffe", "--out", out, *QUICK],
                     "does not fit inputs of shape (1, 8, 8)")  # fmt: skip
+    fit = ["fit", "--model", "lenet_300_100", "--out", out]
+    _one_line_error(capsys, [*fit, "--global-scale", "0.1"], "--prior horseshoe")
+    _one_line_error(capsys, [*fit, "--prior", "horseshoe", "--prior-inclusion", "0.1"],
+                    "--prior spike-and-slab")  # fmt: skip
+    _one_line_error(capsys, [*fit, "--prior-inclusion", "1"], "(0, 1)")
+    _one_line_error(capsys, [*fit, "--kl-weight", "0"], "positive")
+    _one_line_error(capsys, [*fit, "--structure-delay", "1"], "[0, 1)")
     _one_line_error(capsys, ["certify", "--run", str(run_dir), "--alpha", "1.5"], "(0, 1)")
     _one_line_error(capsys, ["prune", "--run", str(run_dir), "--threshold", "0.5",
                              "--keep", "0.3"], "not allowed with")  # fmt: skip
