@@ -320,9 +320,16 @@ class BayesianModule(nn.Module):
                 layer._fixed = layer.prior.model_sites(layer, path)
         out = self._run_fixed(x)
         batch = x.shape[0]
-        n = self.num_data or batch
+        n, scale = self.num_data or batch, 1.0
+        if batch > n:
+            # a subsample cannot outnumber its plate: more examples than the training set (to_arviz
+            # or Predictive on a large evaluation set) get the same N / B scale by hand
+            n, scale = batch, n / batch
         out, y_ = self._output_and_target(out, y)
-        with pyro.plate("data", n, subsample_size=batch, device=out.device):
+        with (
+            pyro.poutine.scale(scale=scale),
+            pyro.plate("data", n, subsample_size=batch, device=out.device),
+        ):
             if self.likelihood == "categorical":
                 pyro.sample("obs", dist.Categorical(logits=out), obs=y_)
             else:

@@ -97,13 +97,25 @@ _positive_float = _checked(float, lambda v: v > 0, "a positive number")
 _fraction = _checked(float, lambda v: 0 <= v < 1, "a fraction in [0, 1)")
 
 
-def _float_list(text: str) -> list[float]:
-    try:
-        return [float(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated numbers such as 0.3,0.5,0.7, got {text!r}"
-        ) from None
+def _number_list(ok: Callable[[float], bool], expected: str) -> Callable:
+    """An argparse type for comma-separated numbers, each checked by ``ok``."""
+
+    def parse(text: str) -> list[float]:
+        try:
+            values = [float(t) for t in text.split(",") if t.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated numbers such as 0.3,0.5,0.7, got {text!r}"
+            ) from None
+        if not values or not all(ok(v) for v in values):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return values
+
+    return parse
+
+
+_fraction_list = _number_list(lambda v: 0 < v <= 1, "fractions in (0, 1] such as 0.8,0.5,0.2")
+_threshold_list = _number_list(lambda v: 0 <= v <= 1, "PIP thresholds in [0, 1] such as 0.3,0.5")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="keep this fraction of nodes, highest PIP first")  # fmt: skip
     prune.add_argument(
         "--levels",
-        type=_float_list,
+        type=_fraction_list,
         default=None,
         metavar="F1,F2,...",
         help="fractions of nodes kept (highest PIP first) for the accuracy / size curve "
@@ -278,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cert.add_argument(
         "--levels",
-        type=_float_list,
+        type=_threshold_list,
         default=None,
         metavar="T1,T2,...",
         help="candidate PIP thresholds, increasing (default: from the PIPs)",
@@ -330,10 +342,12 @@ def _load_splits(data: str, subset: int | None, seed: int, root: Path | None):
 
     if data == "digits":
         splits = load_digits(seed=seed)
-        if subset is not None:
+        if subset is not None:  # as load_fashion_mnist(subset=) does
             splits = type(splits)(
                 train=Subset(splits.train, range(min(subset, len(splits.train)))),
-                val=splits.val, cal=splits.cal, test=splits.test, num_classes=splits.num_classes,
+                val=splits.val, cal=splits.cal,
+                test=Subset(splits.test, range(min(subset, len(splits.test)))),
+                num_classes=splits.num_classes,
             )  # fmt: skip
         return splits
     return load_fashion_mnist(root, seed=seed, subset=subset)
@@ -634,8 +648,6 @@ def _cmd_prune(args: argparse.Namespace) -> None:
     # The curve ranks nodes by PIP and keeps a fraction of them: unlike PIP thresholds, whose
     # useful range depends on how far the fit has moved the PIPs, it always spans dense to tiny.
     levels = args.levels or [round(1 - 0.1 * i, 1) for i in range(1, 10)]
-    if any(not 0 < f <= 1 for f in levels):
-        raise CLIError(f"--levels must be fractions in (0, 1], got {levels}")
     from tqdm.auto import tqdm
 
     pips = bnet.inclusion_probs()

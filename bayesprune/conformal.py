@@ -591,6 +591,8 @@ def pip_candidates(
         raise ValueError(f"levels must be {order} (least pruned first), got {levels}")
     if by == "keep" and not all(0 < f <= 1 for f in levels):
         raise ValueError(f"keep fractions must be in (0, 1], got {levels}")
+    if by == "threshold" and not all(0 <= t <= 1 for t in levels):
+        raise ValueError(f"PIP thresholds must be in [0, 1], got {levels}")
     kwargs = dict(prune_kwargs or {})
     with warnings.catch_warnings():
         # high thresholds empty layers and the pruner's floor keeps a node there; the curve's

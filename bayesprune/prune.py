@@ -1435,11 +1435,25 @@ def prune(
             scores = {
                 k: torch.as_tensor(v).detach().cpu() for k, v in model.inclusion_probs().items()
             }
+            if threshold is not None and not 0.0 <= float(threshold) <= 1.0:
+                raise ValueError(
+                    f"threshold is compared with posterior inclusion probabilities, so it must be in "
+                    f"[0, 1]; got {threshold} (0.5 keeps the nodes more likely on than off)"
+                )
         if masks is None and not scores:
             raise ValueError(
                 "this BayesianModule has no node-level inclusion probabilities (Gaussian or "
                 "weight-level priors give none); bayesianize with a node-level prior such as "
                 "GroupHorseshoe, or pass masks="
+            )
+        # bp.fit sets num_data; objects that only follow the contract (ARCHITECTURE.md) lack it
+        never_fitted = getattr(model, "num_data", 0) is None
+        if masks is None and never_fitted:
+            warnings.warn(
+                "this BayesianModule was never fitted: its inclusion probabilities are the "
+                "starting values of the variational family, not a posterior. Run "
+                "bp.fit(bnet, train_loader) before pruning",
+                stacklevel=2,
             )
     elif isinstance(model, nn.Module):
         base = model
@@ -1475,7 +1489,7 @@ def prune(
             )
         masks = _masks_from_scores(ranked, threshold, keep)
         empty = [k for k, m in masks.items() if not bool(m.any())]
-        if bayesian and empty and min_nodes > 0:
+        if bayesian and empty and min_nodes > 0 and not never_fitted:
             warnings.warn(
                 f"the posterior switched off every node of layer(s) {empty}: the KL term outweighs "
                 "the likelihood (typical on small data sets). Fit with bp.fit(..., kl_weight=0.1) "
@@ -1838,7 +1852,7 @@ def save_pruned(small: nn.Module, path: str | Path) -> None:
     for name, m in small.named_modules():
         if isinstance(m, _LAYERS + _NORMS):
             out_w, in_w = _width(m)
-            widths[name] = {"type": type(m).__name__, "out": out_w, "in": in_w}
+            widths[name] = {"type": type(m).__name__, "out": out_w, "in": in_w, **_conv_config(m)}
         elif isinstance(m, nn.Identity) and name:
             identities.append(name)
         elif isinstance(m, _REPLACED):
@@ -1847,6 +1861,7 @@ def save_pruned(small: nn.Module, path: str | Path) -> None:
                 "type": m.kind,
                 "in": _width(m)[1],
                 "norms": list(m.norms),
+                "geometry": m.geometry,
             }
     # cloned, contiguous CPU tensors: safetensors refuses views and shared storage
     state = {k: v.detach().cpu().contiguous().clone() for k, v in small.state_dict().items()}
@@ -1857,6 +1872,33 @@ def save_pruned(small: nn.Module, path: str | Path) -> None:
         "replaced": json.dumps(replaced),
     }
     save_file(state, str(path), metadata=meta)
+
+
+def _conv_config(m: nn.Module) -> dict[str, Any]:
+    """What a convolution computes besides its widths (empty for other layers), JSON-able."""
+    if not isinstance(m, _CONVS):
+        return {}
+    keys = ("kernel_size", "stride", "padding", "dilation", "groups", "padding_mode")
+    return {
+        k: list(v) if isinstance(v, tuple) else v for k, v in ((k, getattr(m, k)) for k in keys)
+    }
+
+
+def _check_against_base(name: str, saved: dict[str, Any], m: nn.Module) -> None:
+    """Refuse a base whose layer computes something else than the saved one, or is narrower."""
+    base_out, base_in = _width(m)
+    if saved["out"] > base_out or saved["in"] > base_in:
+        raise ValueError(
+            f"layer {name!r} was saved {saved['in']} -> {saved['out']} wide but base's is "
+            f"{base_in} -> {base_out}: pruning never widens a layer, so base is not the "
+            "architecture the network was pruned from; pass that (unpruned) architecture"
+        )
+    for key, value in _conv_config(m).items():
+        if key in saved and saved[key] != value:  # files saved before this check lack it
+            raise ValueError(
+                f"layer {name!r} was saved with {key}={saved[key]} but base's has {key}={value}: "
+                "pass the architecture the network was pruned from"
+            )
 
 
 def load_pruned(
@@ -1879,6 +1921,13 @@ def load_pruned(
     nn.Module
         ``base``'s architecture with the saved widths and weights, in ``base``'s mode (a freshly
         built module is in training mode): call ``.eval()`` before inference (BatchNorm).
+
+    Raises
+    ------
+    ValueError
+        When ``base`` is not the architecture the network was pruned from: a layer of another
+        type, a convolution with another kernel, stride, padding, dilation or groups, or a layer
+        narrower than the saved one.
     """
     from safetensors import safe_open
     from safetensors.torch import load_file
@@ -1922,6 +1971,12 @@ def load_pruned(
                 f"{type(layer).__name__ if layer is not None else 'nothing'} there: pass the same "
                 "architecture"
             )
+        if "geometry" in r and json.loads(json.dumps(_geometry(layer))) != r["geometry"]:
+            raise ValueError(
+                f"the removed layer {name!r} was saved with kernel, padding and stride "
+                f"{r['geometry']} but base's are {_geometry(layer)}: pass the architecture the "
+                "network was pruned from"
+            )
         if r["as"] == "RemovedLayer":
             net.set_submodule(name, RemovedLayer(layer, r["in"], r["norms"]))
         else:
@@ -1935,6 +1990,7 @@ def load_pruned(
                 f"the saved network has a {w['type']} at {name!r} but base has "
                 f"{type(m).__name__ if m is not None else 'nothing'} there: pass the same architecture"
             )
+        _check_against_base(name, w, m)
         for attr in ("weight", "bias", "running_mean", "running_var"):
             key = f"{name}.{attr}" if name else attr
             # any registered slot the file fills, including a bias that folding added

@@ -299,6 +299,11 @@ def test_trace_site_names_are_module_paths_and_the_plate_scales_by_n_over_b() ->
     obs = tr.nodes["obs"]
     assert obs["scale"] == pytest.approx(1000 / 4)
     assert tr.nodes["data"]["value"].shape == (4,)
+    # more examples than the training set (an evaluation set): still scaled to N, not an error
+    bnet.num_data = 3
+    tr = poutine.trace(bnet.model).get_trace(x, y)
+    assert tr.nodes["obs"]["scale"] == pytest.approx(3 / 4)
+    assert tr.nodes["data"]["value"].shape == (4,)
 
 
 def test_predictive_and_guide_trace_work() -> None:

@@ -235,6 +235,13 @@ def test_bad_options(tmp_path, capsys, run_dir):
     _one_line_error(capsys, ["prune", "--run", str(run_dir), "--round-to", "0"], "positive")
     _one_line_error(capsys, ["prune", "--run", str(run_dir), "--levels", "a,b"],
                     "comma-separated")  # fmt: skip
+    # checked before anything is pruned or written: the run directory stays as it was
+    before = (run_dir / "pruned.safetensors").read_bytes()
+    _one_line_error(capsys, ["prune", "--run", str(run_dir), "--keep", "0.9", "--levels", "0,0.5"],
+                    "fractions in (0, 1]")  # fmt: skip
+    assert (run_dir / "pruned.safetensors").read_bytes() == before
+    _one_line_error(capsys, ["certify", "--run", str(run_dir), "--levels", "0.5,2"],
+                    "PIP thresholds in [0, 1]")  # fmt: skip
     _one_line_error(capsys, ["frobnicate"], "invalid choice")
 
 
@@ -258,3 +265,10 @@ def test_fit_and_prune_on_fashion_mnist_subset(tmp_path, fmnist_available):
 def test_debug_shows_the_traceback(tmp_path):
     with pytest.raises(Exception, match="does not exist"):
         main(["prune", "--run", str(tmp_path / "none"), "--debug"])
+
+
+def test_subset_shrinks_the_training_and_test_splits_as_its_help_says():
+    from bayesprune.cli import _load_splits
+
+    splits = _load_splits("digits", 50, seed=0, root=None)
+    assert len(splits.train) == len(splits.test) == 50

@@ -219,6 +219,8 @@ def test_certify_bayesian_module_contract(net, digits, tmp_path) -> None:
     assert keep.level_name == "keep fraction" and len(keep.curve) == 2
     with pytest.raises(ValueError, match="increasing PIP thresholds"):
         certify(bnet, _cal(digits), levels=[0.5, 0.2], progress=False)
+    with pytest.raises(ValueError, match=r"PIP thresholds must be in \[0, 1\]"):
+        certify(bnet, _cal(digits), levels=[0.5, 2.0], progress=False)
     with pytest.raises(TypeError, match="certify_candidates"):
         certify(net, _cal(digits))
     tl = loader(digits.train, 64)
@@ -392,7 +394,7 @@ def test_certify_and_sets_with_a_fitted_bayesian_module(fitted_bnet, net, digits
     # the certified (or, failing that, the dense posterior-mean) network predicts 10 classes
     assert cert.model(digits.test.tensors[0][:3]).shape == (3, 10)
     # the output layer carries PIPs but is never pruned: every candidate keeps all 10 logits alive
-    _, cands = pip_candidates(fitted_bnet, [0.0, 2.0])  # keep all / floor of 1 node per layer
+    _, cands = pip_candidates(fitted_bnet, [1.0, 1e-3], by="keep")  # all / 1 node per layer
     assert "5" in fitted_bnet.inclusion_probs()
     for c in cands:
         assert (c[5].weight.abs().sum(1) > 0).all() and c[5].out_features == 10

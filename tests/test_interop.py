@@ -110,6 +110,16 @@ def test_data_as_tensors_and_cap(fitted, digits):
     assert idata.log_likelihood.sizes["obs_id"] == 50
 
 
+def test_more_examples_than_the_training_set(fitted, digits):
+    n = fitted.num_data
+    fitted.num_data = 100  # as after a fit on a 100-example subset
+    try:
+        idata = bp.to_arviz(fitted, num_samples=4, data=digits.val.tensors)
+    finally:
+        fitted.num_data = n
+    assert idata.log_likelihood.sizes["obs_id"] == len(digits.val) > 100
+
+
 def test_bad_inputs(fitted):
     with pytest.raises(TypeError, match="BayesianModule"):
         bp.to_arviz(nn.Linear(2, 2))

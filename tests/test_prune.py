@@ -371,12 +371,21 @@ def test_a_posterior_that_switches_a_layer_off_warns_with_the_remedy() -> None:
     bnet = bp.bayesianize(net, prior=bp.priors.SpikeAndSlab(level="node"))
     with torch.no_grad():
         bnet.bayesian_layers["0"].gate_logit.fill_(-5.0)  # every PIP of layer '0' ~ 0.007
+    x = torch.zeros(1, 4)
+    # never fitted: the PIPs are starting values, and the warning says so, not "the KL term"
+    with pytest.warns(UserWarning, match="never fitted") as caught:
+        bp.prune(bnet, threshold=0.5, example_input=x)
+    assert not any("KL term" in str(w.message) for w in caught)
+    bnet.num_data = 100  # as bp.fit leaves it
     with pytest.warns(
         UserWarning, match=r"switched off every node of layer\(s\) \['0'\].*kl_weight"
     ):
         with pytest.warns(UserWarning, match="keep 0 of 10 nodes of layer '0'"):
-            small = bp.prune(bnet, threshold=0.5, example_input=torch.zeros(1, 4))
+            small = bp.prune(bnet, threshold=0.5, example_input=x)
     assert small[0].out_features == 1 and small[2].out_features == 8
+    for t in (1.5, -0.5):
+        with pytest.raises(ValueError, match=r"must be in \[0, 1\]; got"):
+            bp.prune(bnet, threshold=t, example_input=x)
 
 
 def test_round_to_rounds_widths_up_with_the_next_best_nodes() -> None:
@@ -561,6 +570,35 @@ def test_save_and_load_pruned_reproduce_outputs(tmp_path) -> None:
         load_pruned(other, resnet20)
     with pytest.raises(TypeError, match="base must be"):
         load_pruned(path, 3)
+
+
+def test_load_pruned_refuses_a_base_that_computes_something_else(tmp_path) -> None:
+    def build(padding: int = 1, dilation: int = 1, classes: int = 10) -> nn.Module:
+        return nn.Sequential(
+            nn.Conv2d(1, 8, 3, padding=padding, dilation=dilation), nn.ReLU(),
+            nn.Conv2d(8, 8, 3, padding=padding, dilation=dilation), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, classes),
+        )  # fmt: skip
+
+    x = torch.randn(2, 1, 8, 8)
+    small = prune_module(build(), {"0": torch.arange(8) < 4}, x).eval()
+    path = tmp_path / "small.safetensors"
+    save_pruned(small, path)
+    with pytest.raises(ValueError, match=r"layer '0' was saved with padding=\[1, 1\]"):
+        load_pruned(path, lambda: build(padding=0))
+    with pytest.raises(ValueError, match="dilation="):
+        load_pruned(path, lambda: build(dilation=2))
+    with pytest.raises(ValueError, match=r"'6' was saved 8 -> 10 wide but base's is 8 -> 3"):
+        load_pruned(path, lambda: build(classes=3))
+    # a layer removed whole is checked too: its geometry sets the constant's positions
+    with pytest.warns(UserWarning, match="removed"):
+        off = prune_module(build(), {"0": torch.zeros(8, dtype=torch.bool)}, x, min_nodes=0)
+    assert isinstance(off[0], RemovedLayer)
+    save_pruned(off, path)
+    with torch.no_grad():
+        assert torch.equal(load_pruned(path, build).eval()(x), off.eval()(x))
+    with pytest.raises(ValueError, match="removed layer '0' was saved with kernel, padding"):
+        load_pruned(path, lambda: build(padding=0))
 
 
 def test_finetune_trains_the_pruned_net_on_digits() -> None:
