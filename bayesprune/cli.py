@@ -569,7 +569,7 @@ def _cmd_fit(args: argparse.Namespace) -> None:
                     structure_delay=args.structure_delay)  # fmt: skip
     bnet.save(out / "bayesian.safetensors")
     pips = {k: v.detach().cpu().numpy() for k, v in bnet.inclusion_probs().items()}
-    bayes_acc = _predictive_accuracy(bnet, val_loader)
+    bayes_acc = bp.evaluate(bnet, val_loader, num_samples=8)  # posterior predictive
 
     _say("3/3 writing the run directory")
     cfg = {
@@ -598,16 +598,6 @@ def _cmd_fit(args: argparse.Namespace) -> None:
     total = sum(len(v) for v in pips.values())
     _say(f"dense validation accuracy {dense_acc:.4f}; {kept}/{total} nodes with PIP >= 0.5")
     _say(f"wrote {out}")
-
-
-@torch.no_grad()
-def _predictive_accuracy(bnet: Any, data: Any, num_samples: int = 8) -> float:
-    correct = total = 0
-    for x, y in data:
-        pred = bnet.predict(x.to(bnet.device), num_samples=num_samples).argmax(-1).cpu()
-        correct += int((pred == y).sum())
-        total += len(y)
-    return correct / total
 
 
 def _history(result: Any) -> list[float]:

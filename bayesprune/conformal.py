@@ -56,6 +56,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .data import batch_xy
 from .metrics import count_nonzero
 from .risk import (
     METHODS,
@@ -185,7 +186,7 @@ def _predict_labels(
     preds: list[list[np.ndarray]] = [[] for _ in fns]
     labels: list[np.ndarray] = []
     for batch in tqdm(cal_loader, desc="calibrate", disable=not progress, leave=False):
-        x, y = batch[0], torch.as_tensor(batch[1])
+        x, y = batch_xy(batch, "cal_loader")
         for j, (fn, dev) in enumerate(zip(fns, devices, strict=True)):
             out = fn(x.to(dev))
             num_classes = _check_outputs(out, num_classes, names[j])
@@ -955,7 +956,7 @@ class ConformalClassifier:
         seen = False
         for batch in data:
             seen = True
-            yield batch[0], torch.as_tensor(batch[1])
+            yield batch_xy(batch, what)
         if not seen:
             raise ValueError(f"{what} is empty")
 

@@ -27,8 +27,10 @@ from __future__ import annotations
 import gzip
 import os
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,6 +43,7 @@ __all__ = [
     "DatasetNotFoundError",
     "PlantedTeacher",
     "Splits",
+    "batch_xy",
     "fashion_mnist_root",
     "load_digits",
     "load_fashion_mnist",
@@ -284,6 +287,41 @@ def load_digits(
         _tensor_dataset(x[i], y[i]) for i in split_indices(len(x), fractions, seed)
     )
     return Splits(train=train, val=val, cal=cal, test=test, num_classes=10)
+
+
+def batch_xy(batch: Any, what: str = "the loader") -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``(inputs, labels)`` of one minibatch, or a ``TypeError`` that says what came instead.
+
+    Every function of bayesprune that reads labelled batches reads them through this, so a
+    loader yielding dicts or ``(x, y, index)`` triples gets one clear message wherever it is used.
+
+    Example
+    -------
+    >>> x, y = batch_xy((torch.zeros(2, 3), [0, 1]))
+    >>> y
+    tensor([0, 1])
+    >>> batch_xy({"image": torch.zeros(2, 3), "label": torch.zeros(2)}, "train_loader")
+    Traceback (most recent call last):
+    ...
+    TypeError: train_loader must yield (inputs, labels) pairs; got a dict with keys ['image', 'label']. Wrap its dataset so that items are (x, y), e.g. a TensorDataset
+    """
+    how = "Wrap its dataset so that items are (x, y), e.g. a TensorDataset"
+    if isinstance(batch, Mapping):
+        raise TypeError(
+            f"{what} must yield (inputs, labels) pairs; got a dict with keys {list(batch)}. {how}"
+        )
+    if not isinstance(batch, tuple | list):
+        raise TypeError(
+            f"{what} must yield (inputs, labels) pairs; got a {type(batch).__name__}. {how}"
+        )
+    if len(batch) != 2:
+        raise TypeError(
+            f"{what} must yield (inputs, labels) pairs; got {len(batch)} items per batch. {how}"
+        )
+    x, y = batch
+    if not torch.is_tensor(x):
+        raise TypeError(f"{what} yielded inputs of type {type(x).__name__}; expected a tensor")
+    return x, torch.as_tensor(y)
 
 
 def loader(

@@ -44,6 +44,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .bayesianize import BayesianModule, _param_effect
+from .data import batch_xy
 from .train import resolve_device
 
 __all__ = ["FitResult", "LocalReparamELBO", "fit"]
@@ -51,7 +52,7 @@ __all__ = ["FitResult", "LocalReparamELBO", "fit"]
 
 @dataclass
 class FitResult:
-    """History of :func:`fit`.
+    r"""History of :func:`fit`.
 
     Attributes
     ----------
@@ -65,6 +66,9 @@ class FitResult:
         Posterior-predictive accuracy on ``val_loader`` after each epoch (categorical only).
     num_data
         :math:`N` used for the ELBO scaling.
+    kl_weight
+        :math:`\beta` of the objective at the end of the fit (1: the ELBO); report it with any
+        result.
     seconds
         Wall-clock time of the whole fit.
     """
@@ -74,6 +78,7 @@ class FitResult:
     kl: list[float] = field(default_factory=list)
     val_accuracy: list[float] = field(default_factory=list)
     num_data: int = 0
+    kl_weight: float = 1.0
     seconds: float = 0.0
 
     @property
@@ -191,7 +196,8 @@ def _num_data(train_loader: Iterable, num_data: int | None) -> int:
 @torch.no_grad()
 def _val_accuracy(bnet: BayesianModule, loader: Iterable, dev: torch.device, samples: int) -> float:
     correct = total = 0
-    for x, y in loader:
+    for batch in loader:
+        x, y = batch_xy(batch, "val_loader")
         probs = bnet.predict(x.to(dev), num_samples=samples)
         correct += int((probs.argmax(-1) == y.to(dev)).sum())
         total += len(y)
@@ -295,6 +301,12 @@ def fit(
         raise ValueError(f"kl_weight must be a positive number (1 = the ELBO), got {kl_weight!r}")
     if kl_warmup < 0:
         raise ValueError(f"kl_warmup must be >= 0 epochs, got {kl_warmup}")
+    if kl_warmup > epochs:
+        raise ValueError(
+            f"kl_warmup={kl_warmup} epochs is longer than the fit ({epochs} epochs): the KL weight "
+            f"would end at {kl_weight * epochs / kl_warmup:.3g}, not kl_weight={kl_weight}. Use "
+            "kl_warmup <= epochs (or lower kl_weight on purpose)"
+        )
     if lr_schedule not in ("cosine", "constant"):
         raise ValueError(f"lr_schedule must be 'cosine' or 'constant', got {lr_schedule!r}")
     if not isinstance(train_loader, Iterable):
@@ -343,7 +355,7 @@ def fit(
             optim = pyro.optim.Adam({"lr": lr})
         svi = pyro.infer.SVI(bnet.model, bnet.guide, optim, loss=elbo_obj)
 
-    result = FitResult(num_data=n)
+    result = FitResult(num_data=n, kl_weight=float(kl_weight))
     bar = tqdm(total=total_steps, disable=not progress, desc="fit (SVI)", leave=False)
     start = time.perf_counter()
     step = 0
@@ -352,13 +364,13 @@ def fit(
         for epoch in range(epochs):
             epoch_sum, epoch_count = 0.0, 0
             for batch in train_loader:
-                try:
-                    x, y = batch
-                except (TypeError, ValueError):
-                    raise TypeError(
-                        "train_loader must yield (x, y) pairs; got a batch of type "
-                        f"{type(batch).__name__}"
-                    ) from None
+                x, y = batch_xy(batch, "train_loader")
+                if x.shape[0] > n:
+                    raise ValueError(
+                        f"a batch of {x.shape[0]} examples is larger than num_data={n}, the "
+                        "training-set size that scales the ELBO; pass the number of training "
+                        "examples, or leave num_data unset to use len(train_loader.dataset)"
+                    )
                 x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
                 beta = kl_weight * (min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0)
                 if fast:

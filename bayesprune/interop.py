@@ -57,6 +57,8 @@ import torch
 from pyro import poutine
 from tqdm.auto import tqdm
 
+from .data import batch_xy
+
 __all__ = ["to_arviz"]
 
 _KERNEL_DIMS = ("kh", "kw", "kd")
@@ -82,11 +84,10 @@ def _collect_data(
     elif isinstance(data, Iterable):
         xs, ys, n = [], [], 0
         for batch in data:
-            if not (isinstance(batch, tuple | list) and len(batch) == 2):
-                raise TypeError("data must yield (inputs, labels) batches")
-            xs.append(batch[0])
-            ys.append(torch.as_tensor(batch[1]))
-            n += len(batch[0])
+            x, y = batch_xy(batch, "data")
+            xs.append(x)
+            ys.append(y)
+            n += len(x)
             if max_examples is not None and n >= max_examples:
                 break
         if not xs:

@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .data import batch_xy
+
 __all__ = ["TrainHistory", "evaluate", "resolve_device", "train"]
 
 
@@ -119,7 +121,8 @@ def train(
     for epoch in range(epochs):
         net.train()
         total, count = 0.0, 0
-        for x, y in train_loader:
+        for batch in train_loader:
+            x, y = batch_xy(batch, "train_loader")
             x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
             loss = loss_fn(net(x), y)
             if not torch.isfinite(loss):
@@ -146,12 +149,19 @@ def train(
 
 @torch.no_grad()
 def evaluate(
-    net: nn.Module, loader: Iterable, *, device: str | torch.device | None = None
+    net: nn.Module,
+    loader: Iterable,
+    *,
+    device: str | torch.device | None = None,
+    num_samples: int = 8,
 ) -> float:
     """Top-1 accuracy of ``net`` on ``loader`` (eval mode, restored afterwards).
 
     With ``device`` the net is moved there (as :func:`train` does); without it, the batches go to the
-    net's own device.
+    net's own device. For a :class:`~bayesprune.BayesianModule` it is the accuracy of the
+    posterior predictive, ``bnet.predict(x, num_samples)``: one forward pass of a Bayesian net
+    would score a single random posterior draw. (The posterior-mean network is
+    ``bnet.mean_module()``.)
     """
     _check_loader(loader, "loader")
     dev = resolve_device(device) if device is not None else next(net.parameters()).device
@@ -160,8 +170,11 @@ def evaluate(
     net.eval()
     correct = total = 0
     try:
-        for x, y in loader:
-            pred = net(x.to(dev)).argmax(-1)
+        bayesian = callable(getattr(net, "predict", None)) and hasattr(net, "inclusion_probs")
+        for batch in loader:
+            x, y = batch_xy(batch, "loader")
+            x = x.to(dev)
+            pred = (net.predict(x, num_samples=num_samples) if bayesian else net(x)).argmax(-1)
             correct += int((pred == y.to(dev)).sum())
             total += len(y)
     finally:

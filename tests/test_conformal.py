@@ -181,6 +181,13 @@ def test_certify_candidates_bad_input(net, candidates, digits) -> None:
         certify_candidates([], net, cal)
     with pytest.raises(TypeError, match="iterable"):
         certify_candidates(candidates, net, 3)
+    x, y = digits.cal.tensors
+    with pytest.raises(TypeError, match=r"cal_loader must yield.*dict with keys"):
+        certify_candidates(candidates, net, [{"image": x, "label": y}], progress=False)
+    with pytest.raises(TypeError, match="got 3 items per batch"):
+        certify_candidates(candidates, net, [(x, y, torch.arange(len(y)))], progress=False)
+    with pytest.raises(TypeError, match=r"cal_loader must yield.*dict with keys"):
+        ConformalClassifier(net).calibrate([{"image": x, "label": y}], 0.1)
 
 
 def test_default_levels() -> None:

@@ -40,6 +40,21 @@ def _fake_fmnist(root, n_train=40, n_test=10) -> None:
         _write_idx(root / f"{split}-labels-idx1-ubyte.gz", rng.integers(0, 10, n).astype(np.uint8))
 
 
+def test_batch_xy_names_what_came_instead_of_a_pair():
+    from bayesprune.data import batch_xy
+
+    x, y = batch_xy([torch.zeros(2, 3), [1, 0]])
+    assert y.dtype == torch.long and y.tolist() == [1, 0]
+    with pytest.raises(TypeError, match=r"cal_loader must yield.*dict with keys \['image'\]"):
+        batch_xy({"image": torch.zeros(2)}, "cal_loader")
+    with pytest.raises(TypeError, match="got 3 items per batch"):
+        batch_xy((x, y, y))
+    with pytest.raises(TypeError, match="got a Tensor"):
+        batch_xy(torch.zeros(2, 3))
+    with pytest.raises(TypeError, match="inputs of type list"):
+        batch_xy(([0.0, 1.0], y))
+
+
 def test_read_idx_roundtrip(tmp_path):
     a = np.arange(24, dtype=np.uint8).reshape(2, 3, 4)
     _write_idx(tmp_path / "a.gz", a)

@@ -220,7 +220,7 @@ def test_fit_history_validation_warmup_and_checkpoint(tmp_path) -> None:
     )
     assert len(res.loss) == 9 and len(res.epoch_loss) == 3 and len(res.kl) == 9
     assert len(res.val_accuracy) == 3 and all(0 <= a <= 1 for a in res.val_accuracy)
-    assert res.elbo[0] == -res.loss[0] and res.num_data == 96
+    assert res.elbo[0] == -res.loss[0] and res.num_data == 96 and res.kl_weight == 1.0
     assert ckpt.is_file() and bp.load(ckpt, _mlp()).num_data == 96
 
 
@@ -306,8 +306,14 @@ def test_fit_rejects_bad_arguments() -> None:
         bp.fit(bnet, loader, elbo="trace")
     with pytest.raises(ValueError, match="unknown device"):
         bp.fit(bnet, loader, device="tpu")
-    with pytest.raises(TypeError, match=r"\(x, y\) pairs"):
+    with pytest.raises(TypeError, match=r"\(inputs, labels\) pairs"):
         bp.fit(bnet, [x[:4]], num_data=4, progress=False)
+    with pytest.raises(TypeError, match="dict with keys"):
+        bp.fit(bnet, [{"x": x[:4], "y": y[:4]}], num_data=4, progress=False)
+    with pytest.raises(ValueError, match="larger than num_data=10"):
+        bp.fit(bnet, loader, num_data=10, progress=False)
+    with pytest.raises(ValueError, match=r"KL weight would end at 0\.2,"):
+        bp.fit(bnet, loader, epochs=2, kl_warmup=10, progress=False)
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="CUDA is not available"):
             bp.fit(bnet, loader, device="cuda")

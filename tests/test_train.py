@@ -35,6 +35,26 @@ def test_train_rejects_bad_input():
         train(net, 3)
     with pytest.raises(ValueError, match="empty"):
         evaluate(net, [])
+    x, y = data[0]
+    with pytest.raises(TypeError, match=r"got a dict with keys \['x', 'y'\]"):
+        train(net, [{"x": x, "y": y}], progress=False)
+    with pytest.raises(TypeError, match="got 3 items per batch"):
+        evaluate(net, [(x, y, torch.arange(4))])
+
+
+def test_evaluate_scores_a_bayesian_module_by_its_posterior_predictive():
+    import bayesprune as bp
+
+    s = load_digits(seed=0)
+    net = lenet_300_100(in_features=64)
+    train(net, loader(s.train, 64), epochs=2, progress=False, seed=0)
+    bnet = bp.bayesianize(net, prior=bp.priors.SpikeAndSlab(level="node"))
+    bp.fit(bnet, loader(s.train, 64), epochs=1, progress=False, seed=0)
+    x, y = s.test.tensors
+    torch.manual_seed(1)
+    expected = float((bnet.predict(x, num_samples=4).argmax(-1) == y).float().mean())
+    torch.manual_seed(1)
+    assert evaluate(bnet, [(x, y)], num_samples=4) == pytest.approx(expected)
 
 
 def test_nan_loss_stops_with_clear_error():

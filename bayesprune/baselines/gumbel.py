@@ -56,6 +56,7 @@ from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
+from ..data import batch_xy
 from ..prune import dependency_groups
 from ..train import resolve_device
 from .base import (
@@ -256,7 +257,8 @@ class GumbelPruning(PruningMethod):
         step = 0
         try:
             for epoch in range(self.epochs):
-                for x, y in train_loader:
+                for batch in train_loader:
+                    x, y = batch_xy(batch, "train_loader")
                     x, y = x.to(dev), y.to(dev)
                     frac = step / total if total else epoch / self.epochs
                     tau = self.temperature_at(frac)

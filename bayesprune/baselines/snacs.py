@@ -65,6 +65,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..data import batch_xy
 from ..prune import dependency_groups
 from .base import PruningMethod, hidden_layers
 
@@ -211,7 +212,8 @@ def edge_conditional_mutual_information(
 
 def _balanced(loader: Iterable, per_class: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     xs, ys = [], []
-    for x, y in loader:
+    for batch in loader:
+        x, y = batch_xy(batch)
         xs.append(x)
         ys.append(y)
     x, y = torch.cat(xs), torch.cat(ys)
