@@ -287,6 +287,24 @@ class BayesianModule(nn.Module):
         return sum(layer.kl() for layer in self.bayesian_layers.values())
 
     # -- likelihood ---------------------------------------------------------------------------
+    def _check_batch(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
+        """Raise a clear error for inputs or targets the wrapped network cannot take.
+
+        Catches what would otherwise surface deep inside torch: inputs of another floating dtype
+        than the parameters (NumPy's float64, say) and non-integer class labels.
+        """
+        dtype = next(self.parameters()).dtype
+        if torch.is_floating_point(x) and x.dtype != dtype:
+            raise TypeError(
+                f"inputs are {x.dtype} but the network's parameters are {dtype}: convert them "
+                f"with x.to({dtype}) (NumPy arrays are float64 by default)"
+            )
+        if y is not None and self.likelihood == "categorical" and torch.is_floating_point(y):
+            raise TypeError(
+                f"class labels must be integers (torch.long), got {y.dtype}; convert them with "
+                "y.long(), or bayesianize with likelihood='gaussian' for regression"
+            )
+
     def _output_and_target(
         self, out: torch.Tensor, y: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -479,9 +497,19 @@ class BayesianModule(nn.Module):
         for layer in exact:
             layer.exact_draws = True
         try:
+            self._check_batch(x)
             x = x.to(self.device)
             with self.mode("sample"):
-                return torch.stack([self.net(x) for _ in range(num_samples)])
+                try:
+                    return torch.stack([self.net(x) for _ in range(num_samples)])
+                except torch.OutOfMemoryError:
+                    raise
+                except RuntimeError as exc:
+                    raise ValueError(
+                        f"{type(self.net).__name__} could not run on inputs of shape "
+                        f"{tuple(x.shape)} ({exc}); pass inputs of the shape the wrapped network "
+                        "expects, with the batch first"
+                    ) from exc
         finally:
             self.train(was_training)
             for layer, value in exact.items():
@@ -509,11 +537,21 @@ class BayesianModule(nn.Module):
         """
         from safetensors.torch import save_file
 
+        _check_writable(path)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         save_file(state, str(path), metadata={"bayesprune": json.dumps(self.config())})
 
     def extra_repr(self) -> str:
         return f"likelihood={self.likelihood!r}, num_data={self.num_data}"
+
+
+def _check_writable(path: str | Path) -> None:
+    """Fail before any work when ``path``'s folder does not exist (safetensors would fail after)."""
+    parent = Path(path).parent
+    if not parent.is_dir():
+        raise FileNotFoundError(
+            f"cannot write {path}: folder {parent} does not exist; create it first"
+        )
 
 
 def load(
@@ -552,8 +590,11 @@ def load(
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no saved BayesianModule at {path}")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as exc:  # safetensors raises its own error type for a damaged header
+        raise ValueError(f"{path} is not a readable safetensors file ({exc})") from exc
     if "bayesprune" not in meta:
         raise ValueError(
             f"{path} is not a bayesprune BayesianModule file (no 'bayesprune' metadata)"

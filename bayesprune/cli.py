@@ -456,9 +456,16 @@ def _read_run(run: Path) -> dict[str, Any]:
             f"{run} is not a run directory (no {RUN_FILE}); create it with `bayesprune fit`"
         )
     try:
-        return json.loads(path.read_text())
+        cfg = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise CLIError(f"{path} is not valid JSON ({exc})") from exc
+    missing = [k for k in ("model", "data", "seed", "input_shape", "num_classes") if k not in cfg]
+    if missing:
+        raise CLIError(
+            f"{path} lacks {', '.join(missing)}; it was not written by `bayesprune fit` (or was "
+            f"edited): run `bayesprune fit --out {run}` again"
+        )
+    return cfg
 
 
 def _out_dir(args: argparse.Namespace) -> Path:

@@ -43,7 +43,7 @@ import pyro.infer
 import torch
 from tqdm.auto import tqdm
 
-from .bayesianize import BayesianModule, _param_effect
+from .bayesianize import BayesianModule, _check_writable, _param_effect
 from .data import batch_xy
 from .train import resolve_device
 
@@ -316,6 +316,8 @@ def fit(
     if elbo is not None and not isinstance(elbo, pyro.infer.ELBO):
         raise TypeError(f"elbo must be a pyro.infer.ELBO such as Trace_ELBO(), got {elbo!r}")
     n = _num_data(train_loader, num_data)
+    if checkpoint is not None:
+        _check_writable(checkpoint)
     if seed is not None:
         torch.manual_seed(seed)
         pyro.set_rng_seed(seed)
@@ -365,6 +367,7 @@ def fit(
             epoch_sum, epoch_count = 0.0, 0
             for batch in train_loader:
                 x, y = batch_xy(batch, "train_loader")
+                bnet._check_batch(x, y)
                 if x.shape[0] > n:
                     raise ValueError(
                         f"a batch of {x.shape[0]} examples is larger than num_data={n}, the "

@@ -32,6 +32,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from .train import resolve_device
+
 __all__ = ["count_flops", "count_nonzero", "count_params", "flops_by_layer", "measure_latency"]
 
 _COUNTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d)
@@ -110,7 +112,7 @@ def measure_latency(
     """
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats} and {warmup}")
-    device = torch.device(device)
+    device = resolve_device(device)
     was_training = module.training
     module.eval()
     x = example_input.to(device)

@@ -69,8 +69,9 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from .bayesianize import _check_writable
 from .metrics import count_params, flops_by_layer, measure_latency
-from .train import TrainHistory, train
+from .train import TrainHistory, resolve_device, train
 
 __all__ = [
     "ChannelGroup",
@@ -1710,6 +1711,18 @@ def _own_params(m: nn.Module) -> int:
     return sum(p.numel() for p in m.parameters(recurse=False))
 
 
+def _flops_checked(net: nn.Module, what: str, example_input: torch.Tensor) -> dict[str, int]:
+    try:
+        return flops_by_layer(net, _to_module_device(example_input, net))
+    except torch.OutOfMemoryError:
+        raise
+    except RuntimeError as exc:
+        raise ValueError(
+            f"running {what} on example_input of shape {tuple(example_input.shape)} failed "
+            f"({exc}); pass one input batch of the shape the network expects"
+        ) from exc
+
+
 def compression_report(
     dense: nn.Module,
     small: nn.Module,
@@ -1751,8 +1764,17 @@ def compression_report(
     """
     if not torch.is_tensor(example_input):
         raise TypeError("example_input must be a tensor (one input batch)")
-    f_dense = flops_by_layer(dense, _to_module_device(example_input, dense))
-    f_small = flops_by_layer(small, _to_module_device(example_input, small))
+    device = resolve_device(device)
+    if count_params(small) > count_params(dense):
+        raise ValueError(
+            f"small has more parameters ({count_params(small):,}) than dense "
+            f"({count_params(dense):,}): pass the dense network first, compression_report(dense, "
+            "small, example_input)"
+        )
+    f_dense, f_small = (
+        _flops_checked(net, what, example_input)
+        for net, what in ((dense, "dense"), (small, "small"))
+    )
     small_modules = dict(small.named_modules())
     dropped = {n for m in small.modules() if isinstance(m, RemovedLayer) for n in m.norms}
     layers = []
@@ -1848,6 +1870,7 @@ def save_pruned(small: nn.Module, path: str | Path) -> None:
     """
     from safetensors.torch import save_file
 
+    _check_writable(path)
     widths, identities, replaced = {}, [], {}
     for name, m in small.named_modules():
         if isinstance(m, _LAYERS + _NORMS):
@@ -1932,6 +1955,7 @@ def load_pruned(
     from safetensors import safe_open
     from safetensors.torch import load_file
 
+    device = resolve_device(device)
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}

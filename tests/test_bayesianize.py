@@ -268,6 +268,12 @@ def test_predict_gives_probabilities() -> None:
     assert bnet.training  # restored
     with pytest.raises(ValueError, match="num_samples"):
         bnet.predict(torch.randn(2, 64), num_samples=0)
+    with pytest.raises(TypeError, match=r"inputs are torch\.float64.*x\.to\(torch\.float32\)"):
+        bnet.predict(torch.randn(2, 64, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"could not run on inputs of shape \(2, 63\)"):
+        bnet.predict(torch.randn(2, 63))
+    with pytest.raises(TypeError, match=r"labels must be integers.*y\.long\(\)"):
+        bp.fit(bnet, [(torch.randn(4, 64), torch.zeros(4))], num_data=4, progress=False)
 
 
 def test_regression_prediction_separates_epistemic_and_aleatoric() -> None:
@@ -360,6 +366,12 @@ def test_load_errors(tmp_path) -> None:
         bp.load(path, lenet_300_100(in_features=32))
     with pytest.raises(FileNotFoundError):
         bp.load(tmp_path / "missing.safetensors", lenet_300_100())
+    damaged = tmp_path / "damaged.safetensors"
+    damaged.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        bp.load(damaged, lenet_300_100(in_features=16))
+    with pytest.raises(FileNotFoundError, match=r"folder .*nope does not exist"):
+        bnet.save(tmp_path / "nope" / "b.safetensors")
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 

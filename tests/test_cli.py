@@ -206,6 +206,15 @@ def test_bad_paths(tmp_path, capsys, run_dir):
     _one_line_error(capsys, [*fit, "--weights", str(wrong)], "does not match lenet_300_100")
     _one_line_error(capsys, ["prune", "--run", str(tmp_path / "none")], "does not exist")
     (tmp_path / "empty").mkdir()
+    (tmp_path / "partial").mkdir()
+    (tmp_path / "partial" / "run.json").write_text('{"model": "lenet_300_100"}')
+    _one_line_error(capsys, ["prune", "--run", str(tmp_path / "partial")], "lacks data, seed")
+    damaged = tmp_path / "damaged"
+    import shutil
+
+    shutil.copytree(run_dir, damaged)
+    (damaged / "bayesian.safetensors").write_bytes(b"\x00" * 100)
+    _one_line_error(capsys, ["prune", "--run", str(damaged), "--no-progress"], "not a readable")
     _one_line_error(capsys, ["certify", "--run", str(tmp_path / "empty")], "not a run directory")
     _one_line_error(capsys, ["report", "--run", str(tmp_path / "empty")], "not a run directory")
 

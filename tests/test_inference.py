@@ -314,6 +314,8 @@ def test_fit_rejects_bad_arguments() -> None:
         bp.fit(bnet, loader, num_data=10, progress=False)
     with pytest.raises(ValueError, match=r"KL weight would end at 0\.2,"):
         bp.fit(bnet, loader, epochs=2, kl_warmup=10, progress=False)
+    with pytest.raises(FileNotFoundError, match="does not exist"):  # before any training
+        bp.fit(bnet, loader, checkpoint="no_such_folder/ckpt.safetensors", progress=False)
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="CUDA is not available"):
             bp.fit(bnet, loader, device="cuda")

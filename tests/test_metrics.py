@@ -59,3 +59,6 @@ def test_latency_is_positive_and_checks_arguments():
     assert measure_latency(net, torch.zeros(2, 8), repeats=3, warmup=1) > 0
     with pytest.raises(ValueError, match="repeats"):
         measure_latency(net, torch.zeros(2, 8), repeats=0)
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CUDA is not available"):
+            measure_latency(net, torch.zeros(2, 8), device="cuda")

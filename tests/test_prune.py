@@ -547,6 +547,13 @@ def test_compression_report_counts_and_times() -> None:
         compression_report(net, small, x, rounds=0)
     with pytest.raises(ValueError, match="no Conv2d at '0'"):
         compression_report(net, lenet_300_100(), x, batch_sizes=())
+    with pytest.raises(ValueError, match="pass the dense network first"):
+        compression_report(small, net, x, batch_sizes=())
+    with pytest.raises(ValueError, match=r"running dense on example_input of shape \(1, 1, 8, 8\)"):
+        compression_report(net, small, torch.zeros(1, 1, 8, 8), batch_sizes=())
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CUDA is not available"):
+            compression_report(net, small, x, batch_sizes=(), device="cuda")
 
 
 def test_save_and_load_pruned_reproduce_outputs(tmp_path) -> None:
@@ -570,6 +577,11 @@ def test_save_and_load_pruned_reproduce_outputs(tmp_path) -> None:
         load_pruned(other, resnet20)
     with pytest.raises(TypeError, match="base must be"):
         load_pruned(path, 3)
+    with pytest.raises(FileNotFoundError, match="does not exist; create it first"):
+        save_pruned(small, tmp_path / "nope" / "small.safetensors")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CUDA is not available"):
+            load_pruned(path, resnet20, device="cuda")
 
 
 def test_load_pruned_refuses_a_base_that_computes_something_else(tmp_path) -> None:
