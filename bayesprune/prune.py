@@ -1490,7 +1490,9 @@ def prune(
             )
         masks = _masks_from_scores(ranked, threshold, keep)
         empty = [k for k, m in masks.items() if not bool(m.any())]
-        if bayesian and empty and min_nodes > 0 and not never_fitted:
+        # with keep= an empty layer only says where the global ranking fell, not that the
+        # posterior switched the layer off
+        if bayesian and empty and min_nodes > 0 and not never_fitted and threshold is not None:
             warnings.warn(
                 f"the posterior switched off every node of layer(s) {empty}: the KL term outweighs "
                 "the likelihood (typical on small data sets). Fit with bp.fit(..., kl_weight=0.1) "
