@@ -36,6 +36,8 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
+from .train import resolve_device
+
 __all__ = ["fold_batchnorm", "recalibrate_batchnorm"]
 
 _BatchNorm = nn.modules.batchnorm._BatchNorm
@@ -116,7 +118,7 @@ def recalibrate_batchnorm(
     if device is None:
         first = next(net.parameters(), None)
         device = first.device if first is not None else torch.device("cpu")
-    device = torch.device(device)
+    device = resolve_device(device)
     net.to(device).eval()
     momenta = [m.momentum for m in norms]
     for m in norms:
