@@ -378,7 +378,18 @@ def fit(
                 beta = kl_weight * (min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0)
                 if fast:
                     elbo_obj.kl_scale = beta
-                    loss = elbo_obj.differentiable_loss(bnet.model, bnet.guide, x, y)
+                    try:
+                        loss = elbo_obj.differentiable_loss(bnet.model, bnet.guide, x, y)
+                    except torch.OutOfMemoryError:
+                        raise
+                    except RuntimeError as exc:
+                        if step:
+                            raise
+                        raise ValueError(
+                            f"the first batch (inputs of shape {tuple(x.shape)}) does not run "
+                            f"through {type(bnet.net).__name__} ({exc}); pass inputs of the shape "
+                            "the wrapped network expects, with the batch first"
+                        ) from exc
                     if not torch.isfinite(loss):
                         _raise_nonfinite(loss.item(), epoch, step)
                     opt.zero_grad(set_to_none=True)

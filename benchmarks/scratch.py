@@ -43,7 +43,10 @@ def _reinitialise(net: torch.nn.Module) -> torch.nn.Module:
 def _pruned_rows(run: Path) -> list[tuple[dict, Path]]:
     out = []
     for table in sorted(run.glob("*.json")):
-        for row in json.loads(table.read_text()):
+        rows = json.loads(table.read_text())
+        if not isinstance(rows, list):  # e.g. latency-<model>.json of benchmarks/latency.py
+            continue
+        for row in rows:
             path = run / f"{row['model']}-{row['method']}.safetensors"
             if row["method"] != "dense" and path.exists():
                 out.append((row, path))

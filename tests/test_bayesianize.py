@@ -272,6 +272,8 @@ def test_predict_gives_probabilities() -> None:
         bnet.predict(torch.randn(2, 64, dtype=torch.float64))
     with pytest.raises(ValueError, match=r"could not run on inputs of shape \(2, 63\)"):
         bnet.predict(torch.randn(2, 63))
+    with pytest.raises(ValueError, match=r"first batch \(inputs of shape \(4, 63\)\)"):
+        bp.fit(bnet, [(torch.randn(4, 63), torch.zeros(4).long())], num_data=4, progress=False)
     with pytest.raises(TypeError, match=r"labels must be integers.*y\.long\(\)"):
         bp.fit(bnet, [(torch.randn(4, 64), torch.zeros(4))], num_data=4, progress=False)
 
