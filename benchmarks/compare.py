@@ -268,10 +268,21 @@ def run_method(method: str, name: str, dense, args, tr, cal, test, x) -> dict:
         else:
             prior = bp.priors.GroupHorseshoe()
         start = time.perf_counter()
-        bnet = bp.bayesianize(copy.deepcopy(dense).cpu(), prior=prior, reparam=args.reparam)
-        bp.fit(bnet, tr, epochs=svi_epochs, lr=1e-3, kl_weight=args.kl_weight, device=x.device,
-               progress=args.progress, seed=args.seed,
-               structure_delay=args.structure_delay)  # fmt: skip
+        saved = args.posterior_dir and args.posterior_dir / f"{name}-{method}-posterior.safetensors"
+        loaded = bool(saved and saved.exists())
+        if loaded:
+            # fitted by an earlier run (this one or benchmarks/compression.py on the same dense
+            # net and splits): the wall time below is then pruning only, and the row says so
+            bnet = bp.load(saved, copy.deepcopy(dense), device=x.device)
+            print(f"  {method}: posterior loaded from {saved} (no SVI fit)", flush=True)
+        else:
+            bnet = bp.bayesianize(copy.deepcopy(dense).cpu(), prior=prior, reparam=args.reparam)
+            bp.fit(bnet, tr, epochs=svi_epochs, lr=1e-3, kl_weight=args.kl_weight, device=x.device,
+                   progress=args.progress, seed=args.seed,
+                   structure_delay=args.structure_delay)  # fmt: skip
+            if saved:
+                saved.parent.mkdir(parents=True, exist_ok=True)
+                bnet.save(saved)
         small = bp.prune(bnet, threshold=0.5, example_input=x)
         wall = time.perf_counter() - start
         cert = bp.conformal.certify(bnet, cal, example_input=x, **certify_kw)
@@ -282,7 +293,11 @@ def run_method(method: str, name: str, dense, args, tr, cal, test, x) -> dict:
         )
         if args.structure_delay is not None:
             settings += f", structure_delay {args.structure_delay:g}"
-        if method == "spike_slab":
+        if loaded:  # the fit settings are those of the run that saved it
+            settings = (
+                f"posterior loaded from {saved}, PIP >= 0.5, no fine-tuning; wall: pruning only"
+            )
+        elif method == "spike_slab":
             settings += f", prior inclusion {args.prior_inclusion}"
         for risk in ("error", "disagreement"):
             c = bp.conformal.certify(
@@ -365,6 +380,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
                    help="SVI estimator of our priors (bp.bayesianize's reparam)")  # fmt: skip
     p.add_argument("--structure-delay", type=float, default=None,
                    help="bp.fit's structure_delay for our priors (default: fit's)")  # fmt: skip
+    p.add_argument("--posterior-dir", type=Path, default=None,
+                   help="our priors: load <model>-<method>-posterior.safetensors from here instead "
+                   "of fitting (e.g. one saved by benchmarks/compression.py on the same dense net "
+                   "and splits), or save the fit there")  # fmt: skip
     p.add_argument("--gumbel-weight", type=float, default=10.0,
                    help="λ of the density term (0.01 in the paper's tutorial; see RESULTS.md)")  # fmt: skip
     p.add_argument("--gumbel-epochs", type=int, default=30)
