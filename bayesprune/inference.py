@@ -139,7 +139,8 @@ class LocalReparamELBO(pyro.infer.ELBO):
 
 
 def make_adam(params: Iterable, lr: float) -> torch.optim.Adam:
-    """``torch.optim.Adam`` with the fused kernel where this torch has it (5-7x faster on a CPU)."""
+    """``torch.optim.Adam`` with the fused kernel where this torch has it (fewer passes over the
+    parameters: the optimizer column of ``benchmarks/svi_speed.py``)."""
     params = list(params)
     try:
         return torch.optim.Adam(params, lr=lr, fused=True)
@@ -155,8 +156,8 @@ def _delay_steps(
     The default (``None``) is 10% of the steps but at most one epoch. The freeze is there for the
     weights to settle under the variational noise, which should take a number of steps rather
     than a share of the fit. Frozen for longer, gates that are on let units the data do not need
-    take on work (``benchmarks/planted.py``: 16 frozen epochs of 160 recruited one or two extra
-    units in 4 of 4 fits; at most one epoch, none).
+    take on work (``benchmarks/planted.py``: 16 frozen epochs of 160 recruited two extra units
+    in each of 4 fits; at most one epoch, none).
     """
     if not total:
         return 0
@@ -254,9 +255,10 @@ def fit(
         a tempered ("cold") posterior that trusts the data more than the prior: less weight noise,
         fewer nodes pruned. Its PIPs are then those of the tempered posterior, not of the Bayesian one;
         report :math:`\beta` with any result. Measured on Fashion-MNIST LeNet-300-100 (node
-        spike-and-slab, 60 epochs, ``benchmarks/bayes_lenet.py``): :math:`\beta = 1` prunes 79% of
-        the hidden nodes at 3.7 points below the dense net, :math:`\beta = 0.2` prunes 64% within
-        0.7 points; start there when accuracy matters more than the Bayesian reading.
+        spike-and-slab, 60 epochs, ``benchmarks/bayes_lenet.py``): :math:`\beta = 1` pruned 79% of
+        the hidden nodes at 3.7 points below the dense net (older gate-freeze default),
+        :math:`\beta = 0.2` prunes 66-69% within 0.7 points (two seeds); start there when accuracy
+        matters more than the Bayesian reading.
     elbo
         ``None`` (default): :class:`LocalReparamELBO` with ``torch.optim.Adam`` over
         ``bnet.parameters()``. Any other ``pyro.infer.ELBO`` (e.g. ``Trace_ELBO()``) runs

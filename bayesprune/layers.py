@@ -76,10 +76,10 @@ _MODES = ("sample", "mean", "fixed")
 #: variational families of the base weights' standard deviations (see :class:`BayesianLayer`)
 WEIGHT_SD_FAMILIES = ("per_weight", "rank1")
 
-#: default initial posterior sd relative to the layer's weight RMS. Measured on Fashion-MNIST
-#: LeNet-300-100 with node spike-and-slab (benchmarks/bayes_lenet.py, 5 SVI epochs, CPU): 0.01 gives
-#: per-node slab KLs of thousands of nats before the sds can grow and every first-layer gate
-#: collapses (median-probability model at chance); 0.3 keeps 84% accuracy with 88% of nodes pruned.
+#: default initial posterior sd relative to the layer's weight RMS. In an early probe (Fashion-MNIST
+#: LeNet-300-100, node spike-and-slab, 5 SVI epochs, CPU; not a recorded benchmark) 0.01 gave
+#: per-node slab KLs of thousands of nats before the sds could grow, and every first-layer gate
+#: collapsed (median-probability model at chance); 0.3 did not.
 INIT_SCALE = 0.3
 
 
@@ -160,9 +160,9 @@ class _WeightMoments(torch.autograd.Function):
     :meth:`BayesianLayer.weight_row_stats`. On a CPU, a LeNet-300-100 SVI step is bound by passes
     over the first layer's 235,000 weights as much as by its matmuls. The plain expressions
     (variance for the forward pass, the KL's sums recomputing it, their gradients accumulated
-    separately) made 14 such passes per step (counted in torch's profiler); this node makes 9:
-    5 forward (doubling, exp, three row reductions) and 4 backward (two for the log-sd, one for
-    the mean, and autograd's accumulation of the mean's matmul gradient).
+    separately) made more passes per step; this node makes 9 by construction: 5 forward
+    (doubling, exp, three row reductions) and 4 backward (two for the log-sd, one for the mean,
+    and autograd's accumulation of the mean's matmul gradient).
     """
 
     @staticmethod
@@ -313,7 +313,7 @@ class BayesianLayer(PyroModule):
         self.bias_log_scale = None if bias is None else nn.Parameter(torch.full_like(bias, log_sd))
 
     # PyroModule.__call__ enters a parameter-store context and turns every parameter access into
-    # a pyro.param statement (~1 ms per step); the fast path does not need it.
+    # a pyro.param statement, a cost per step; the fast path does not need it.
     __call__ = nn.Module.__call__
 
     @classmethod

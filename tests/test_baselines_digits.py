@@ -168,8 +168,9 @@ def test_spike_and_slab_beats_random(setup):
     """Ours under the same rule: PIP >= 0.5 against random nodes, same count per layer.
 
     Tempered (kl_weight 0.02): on 898 images the KL of ~50,000 weights (about a nat each) outweighs
-    the likelihood (~2,000 nats) and the full ELBO switches every hidden node off (measured: PIP >=
-    0.5 keeps 0 of 400 nodes at kl_weight 1, at lr 1e-3 x 60 epochs and at lr 3e-3 x 20 epochs).
+    the likelihood (~2,000 nats) and the full ELBO switches every hidden node off (a probe, not a
+    benchmark: PIP >= 0.5 kept 0 of 400 nodes at kl_weight 1, at lr 1e-3 x 60 epochs and at lr
+    3e-3 x 20 epochs).
     """
     net, tr, te, _ = setup
     bnet = bp.bayesianize(net, prior=bp.priors.SpikeAndSlab(level="node"))

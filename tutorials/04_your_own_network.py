@@ -165,7 +165,7 @@ print(sorted(p.name for p in out.iterdir()))
 # ## Fold BatchNorm for deployment
 # The last step (after any fine-tuning with `bp.finetune`): `fold_batchnorm` merges each BatchNorm
 # into the convolution before it, one operation where there were two, exact in eval mode. A folded
-# network saves and loads like any pruned one. On a CPU it cuts batch-1 latency by 10-22%
+# network saves and loads like any pruned one. On a CPU it cuts batch-1 latency by 9-22%
 # (`benchmarks/latency.py`, ResNet-20).
 
 # %%

@@ -138,4 +138,5 @@ for name, cert in certs.items():
 # %% [markdown]
 # Reading the table: a method that cannot certify any level returns its unpruned network; among the
 # others, fewer parameters at the same guarantee is better. With the small settings the numbers are
-# noisy; the benchmark tables in `benchmarks/RESULTS.md` use the full data and several seeds.
+# noisy; the benchmark tables in `benchmarks/RESULTS.md` use the full data (seed 0; shorter runs
+# for LeNet-5-Caffe and ResNet-20).
