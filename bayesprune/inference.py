@@ -12,8 +12,8 @@ estimated on a minibatch :math:`B` as
 
 with one local-reparameterization forward pass (:math:`\hat w_n` is implicit: each example's
 pre-activations are an exact draw from their marginal under :math:`q`) and the KL in closed form.
-:math:`N` is the training-set size (``len(train_loader.dataset)`` or ``num_data``), never the batch
-size: this is what makes the minibatch ELBO unbiased. It is the same objective that
+:math:`N` is the training-set size (the examples ``train_loader`` draws from, or ``num_data``),
+never the batch size: this is what makes the minibatch ELBO unbiased. It is the same objective that
 ``pyro.infer.Trace_ELBO`` estimates on ``bnet.model`` / ``bnet.guide`` (tested), with much lower
 variance and cost; ``fit(..., elbo=pyro.infer.Trace_ELBO())`` runs the genuine ``pyro.infer.SVI``.
 
@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -179,19 +180,36 @@ def _lr_factor(schedule: str, total: int | None, start: int):
     return factor
 
 
+def _examples(train_loader: Iterable) -> int | None:
+    """The training examples ``train_loader`` draws from: its sampler's length (a
+    ``SubsetRandomSampler`` draws from fewer than its dataset holds), else its dataset's."""
+    for source in (getattr(train_loader, "sampler", None), getattr(train_loader, "dataset", None)):
+        try:
+            return len(source)  # type: ignore[arg-type]
+        except TypeError:
+            continue
+    return None
+
+
 def _num_data(train_loader: Iterable, num_data: int | None) -> int:
+    seen = _examples(train_loader)
     if num_data is not None:
         if isinstance(num_data, bool) or not isinstance(num_data, int) or num_data < 1:
             raise ValueError(f"num_data must be a positive integer, got {num_data!r}")
+        if seen is not None and seen != num_data:
+            warnings.warn(
+                f"num_data={num_data}, but train_loader draws from {seen} examples: the likelihood "
+                f"is weighed as if there were {num_data}. Leave num_data unset unless that is "
+                "what you mean",
+                stacklevel=3,
+            )
         return num_data
-    dataset = getattr(train_loader, "dataset", None)
-    try:
-        return len(dataset)  # type: ignore[arg-type]
-    except TypeError:
+    if seen is None:
         raise ValueError(
-            "cannot tell the training-set size N from train_loader (it has no sized .dataset); "
-            "pass num_data=N so the minibatch ELBO is scaled by N / batch size"
-        ) from None
+            "cannot tell the training-set size N from train_loader (it has no sized sampler or "
+            "dataset); pass num_data=N so the minibatch ELBO is scaled by N / batch size"
+        )
+    return seen
 
 
 @torch.no_grad()
@@ -240,7 +258,9 @@ def fit(
     device
         ``"cpu"``, ``"cuda"``, ``"cuda:N"``, a ``torch.device`` or ``None`` (the module's device).
     num_data
-        Training-set size :math:`N` (default ``len(train_loader.dataset)``).
+        Training-set size :math:`N`. Default: the number of examples ``train_loader`` draws
+        from, ``len(train_loader.sampler)`` (a subset sampler draws from fewer than its dataset
+        holds), else ``len(train_loader.dataset)``.
     val_loader
         Posterior-predictive accuracy on it after every epoch (``val_samples`` draws).
     progress
@@ -374,7 +394,7 @@ def fit(
                     raise ValueError(
                         f"a batch of {x.shape[0]} examples is larger than num_data={n}, the "
                         "training-set size that scales the ELBO; pass the number of training "
-                        "examples, or leave num_data unset to use len(train_loader.dataset)"
+                        "examples, or leave num_data unset to take it from train_loader"
                     )
                 x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
                 beta = kl_weight * (min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0)

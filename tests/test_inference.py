@@ -289,6 +289,19 @@ def test_nan_loss_stops_with_an_error_naming_the_step() -> None:
         )
 
 
+def test_n_is_what_the_loader_draws_from() -> None:
+    from torch.utils.data import DataLoader, SubsetRandomSampler, TensorDataset
+
+    x, y = _digits_like()
+    data = TensorDataset(x, y)
+    subset = DataLoader(data, batch_size=16, sampler=SubsetRandomSampler(range(40)))
+    bnet = bp.bayesianize(_mlp())
+    assert bp.fit(bnet, subset, epochs=1, progress=False).num_data == 40  # not len(data) = 96
+    assert bp.fit(bnet, DataLoader(data, 32), epochs=1, progress=False).num_data == 96
+    with pytest.warns(UserWarning, match="num_data=50, but train_loader draws from 40 examples"):
+        bp.fit(bnet, subset, epochs=1, num_data=50, progress=False)
+
+
 def test_fit_rejects_bad_arguments() -> None:
     x, y = _digits_like()
     bnet = bp.bayesianize(_mlp())
@@ -312,7 +325,8 @@ def test_fit_rejects_bad_arguments() -> None:
     with pytest.raises(TypeError, match="dict with keys"):
         bp.fit(bnet, [{"x": x[:4], "y": y[:4]}], num_data=4, progress=False)
     with pytest.raises(ValueError, match="larger than num_data=10"):
-        bp.fit(bnet, loader, num_data=10, progress=False)
+        with pytest.warns(UserWarning, match="num_data=10, but train_loader draws from 96"):
+            bp.fit(bnet, loader, num_data=10, progress=False)
     with pytest.raises(ValueError, match=r"KL weight would end at 0\.2,"):
         bp.fit(bnet, loader, epochs=2, kl_warmup=10, progress=False)
     with pytest.raises(FileNotFoundError, match="does not exist"):  # before any training
