@@ -259,6 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     prune.add_argument("--finetune-epochs", type=_nonnegative_int, default=0, metavar="E",
                        help="fine-tune the pruned network for E epochs (default: 0)")  # fmt: skip
+    prune.add_argument("--recalibrate-batches", type=_nonnegative_int, default=0, metavar="N",
+                       help="re-estimate the pruned network's BatchNorm statistics on N training "
+                       "batches before any fine-tuning (bp.recalibrate_batchnorm; default: 0, off)")  # fmt: skip
     prune.add_argument("--round-to", type=_positive_int, default=None, metavar="K",
                        help="round kept widths up to multiples of K, e.g. 8 (default: off)")  # fmt: skip
     prune.add_argument("--min-nodes", type=_nonnegative_int, default=1, metavar="M",
@@ -633,6 +636,14 @@ def _cmd_prune(args: argparse.Namespace) -> None:
     _say(f"pruning with {', '.join(f'{k}={v}' for k, v in kwargs.items())}")
     small = bp.prune(bnet, example_input=run.example, round_to=args.round_to,
                      min_nodes=args.min_nodes, **kwargs)  # fmt: skip
+    if args.recalibrate_batches:
+        _say(f"re-estimating BatchNorm statistics on {args.recalibrate_batches} training batches")
+        try:
+            bp.recalibrate_batchnorm(small, run.loader("train", shuffle=True),
+                                     num_batches=args.recalibrate_batches, device=args.device,
+                                     progress=progress)  # fmt: skip
+        except ValueError as exc:  # a network without BatchNorm
+            raise CLIError(f"--recalibrate-batches: {exc}") from exc
     if args.finetune_epochs > 0:
         _say(f"fine-tuning for {args.finetune_epochs} epoch(s)")
         bp.finetune(small, run.loader("train", shuffle=True), epochs=args.finetune_epochs,

@@ -174,7 +174,8 @@ def test_fit_and_prune_your_own_builder(tmp_path, monkeypatch):
     (tmp_path / "my_nets_cli_test.py").write_text(
         "from torch import nn\n"
         "def build(in_features=784, num_classes=10):\n"
-        "    return nn.Sequential(nn.Flatten(), nn.Linear(in_features, 32), nn.ReLU(),\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(in_features, 32), nn.BatchNorm1d(32),\n"
+        "                         nn.ReLU(),\n"
         "                         nn.Linear(32, num_classes))\n"
         "def not_a_net(**kwargs):\n"
         "    return 42\n"
@@ -183,7 +184,7 @@ def test_fit_and_prune_your_own_builder(tmp_path, monkeypatch):
     out = tmp_path / "run"
     assert main(["fit", "--model", "my_nets_cli_test:build", "--out", str(out), *QUICK]) == 0
     prune = ["prune", "--run", str(out), "--keep", "0.3", "--no-progress", "--levels", "0.5"]
-    assert main([*prune, "--round-to", "8"]) == 0
+    assert main([*prune, "--round-to", "8", "--recalibrate-batches", "2"]) == 0
     from my_nets_cli_test import build
 
     small = bp.load_pruned(out / "pruned.safetensors", lambda: build(in_features=64))
@@ -242,6 +243,8 @@ def test_bad_options(tmp_path, capsys, run_dir):
     _one_line_error(capsys, ["prune", "--run", str(run_dir), "--finetune-epochs", "-1"], ">= 0")
     _one_line_error(capsys, ["prune", "--run", str(run_dir), "--min-nodes", "-1"], ">= 0")
     _one_line_error(capsys, ["prune", "--run", str(run_dir), "--round-to", "0"], "positive")
+    _one_line_error(capsys, ["prune", "--run", str(run_dir), "--recalibrate-batches", "2",
+                             "--no-progress"], "no BatchNorm layer")  # fmt: skip
     _one_line_error(capsys, ["prune", "--run", str(run_dir), "--levels", "a,b"],
                     "comma-separated")  # fmt: skip
     # checked before anything is pruned or written: the run directory stays as it was
