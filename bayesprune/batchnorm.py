@@ -121,28 +121,42 @@ def recalibrate_batchnorm(
     device = resolve_device(device)
     net.to(device).eval()
     momenta = [m.momentum for m in norms]
+    saved = [
+        (m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
+        for m in norms
+    ]
     for m in norms:
         m.reset_running_stats()
         m.momentum = None  # cumulative average over the batches seen
         m.train()
-    seen = 0
+    seen, done = 0, False
     try:
         with torch.no_grad():
             bar = tqdm(total=num_batches, desc="recalibrate BN", disable=not progress, leave=False)
             for batch in loader:
                 if seen == num_batches:
                     break
-                x = batch[0] if isinstance(batch, (tuple, list)) else batch
+                x = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
+                if not torch.is_tensor(x):
+                    raise TypeError(
+                        "loader must yield input tensors or (inputs, labels) pairs; got a "
+                        f"{type(batch).__name__}"
+                    )
                 net(x.to(device))
                 seen += 1
                 bar.update()
             bar.close()
+        if seen == 0:
+            raise ValueError("the loader yielded no batch; pass the training loader")
+        done = True
     finally:
-        for m, momentum in zip(norms, momenta, strict=True):
+        for m, momentum, stats in zip(norms, momenta, saved, strict=True):
             m.momentum = momentum
+            if not done:  # a failed call leaves the statistics it found
+                m.running_mean.copy_(stats[0])
+                m.running_var.copy_(stats[1])
+                m.num_batches_tracked.copy_(stats[2])
         net.eval()
-    if seen == 0:
-        raise ValueError("the loader yielded no batch; pass the training loader")
     return net
 
 
@@ -203,9 +217,17 @@ def fold_batchnorm(
         ) from exc
     if example_input is not None:
         args = example_input if isinstance(example_input, tuple) else (example_input,)
+        try:
+            with torch.no_grad():
+                reference = out(*args)
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError as exc:
+            raise ValueError(
+                f"running {type(net).__name__} on example_input failed ({exc}); pass one input "
+                "batch of the shape the network expects"
+            ) from exc
         ShapeProp(gm).propagate(*args)
-        with torch.no_grad():
-            reference = out(*args)
     modules = dict(out.named_modules())
     calls: dict[str, int] = {}
     for node in gm.graph.nodes:

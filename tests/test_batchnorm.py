@@ -78,6 +78,15 @@ def test_recalibrate_batchnorm_refuses_bad_input() -> None:
         recalibrate_batchnorm(
             nn.Sequential(nn.BatchNorm1d(2, track_running_stats=False)), [], progress=False
         )
+    # a failed call leaves the trained statistics as they were
+    with torch.no_grad():
+        net[1].running_mean.fill_(3.0)
+    for bad, error in (([], ValueError), ([torch.zeros(4, 2), torch.zeros(4, 3)], RuntimeError),
+                       ([{"x": torch.zeros(4, 2)}], TypeError)):  # fmt: skip
+        with pytest.raises(error):
+            recalibrate_batchnorm(net, bad, progress=False)
+        assert net[1].running_mean.tolist() == [3.0, 3.0]
+        assert int(net[1].num_batches_tracked) == 0
 
 
 def test_fold_batchnorm_is_exact_and_removes_every_directly_following_batchnorm() -> None:
@@ -98,6 +107,8 @@ def test_fold_batchnorm_is_exact_and_removes_every_directly_following_batchnorm(
         scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
         assert torch.allclose(folded[0].weight, net[0].weight * scale[:, None, None, None])
         assert torch.allclose(folded[0].bias, bn.bias - scale * bn.running_mean, atol=1e-6)
+    with pytest.raises(ValueError, match="on example_input failed"):
+        fold_batchnorm(net, example_input=torch.randn(5, 3, 8, 8))  # 3 channels, not 2
 
 
 def test_fold_batchnorm_on_a_pruned_resnet20_reloads_to_identical_outputs() -> None:
