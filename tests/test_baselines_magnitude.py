@@ -87,6 +87,15 @@ def test_structured_relative_norms_do_not_empty_a_layer():
     assert 2 <= int(masks["2"].sum()) <= 6
 
 
+def test_masks_checks_the_level_like_prune():
+    m = MagnitudePruning(structured=True).fit(_net(), example_input=X)
+    for level in (-0.5, 1.0, 2.0, float("nan")):
+        with pytest.raises(ValueError, match=r"must be in \[0, 1\)"):
+            m.masks(level)
+    with pytest.raises(RuntimeError, match="not fitted"):
+        MagnitudePruning().masks(0.5)
+
+
 def test_certify_is_learn_then_test_on_the_candidates():
     torch.manual_seed(1)
     net = _net()

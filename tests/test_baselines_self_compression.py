@@ -79,6 +79,13 @@ def test_iterative_rounds_keep_removed_nodes_at_zero():
         assert m.scores[name][removed].max() < 0 <= m.scores[name][~removed].min()
     small = m.prune(10 / 24)
     assert small[0].out_features + small[2].out_features == 14
+    # below what the rounds removed, a level gives that same network: the dead nodes always go
+    with pytest.warns(UserWarning, match="already removed 42% of the hidden nodes"):
+        small0 = m.prune(0.0)
+    assert small0[0].out_features + small0[2].out_features == 14
+    x = torch.randn(5, 4)
+    with torch.no_grad():
+        assert torch.allclose(small0(x), m.net(x), atol=1e-5)
 
 
 def test_errors():

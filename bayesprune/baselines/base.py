@@ -143,8 +143,8 @@ class PruningMethod(ABC):
     """A pruning method behind one interface (see the module docstring).
 
     Subclasses implement :meth:`_fit` (compute ``self.scores``, may retrain a copy of the network
-    into ``self.net``) and :meth:`masks`; :meth:`prune`, :meth:`candidates`, :meth:`result` and
-    :meth:`certify` come from here.
+    into ``self.net``) and :meth:`_masks`; :meth:`masks` (which checks the level), :meth:`prune`,
+    :meth:`candidates`, :meth:`result` and :meth:`certify` come from here.
     """
 
     #: short name used in tables
@@ -166,8 +166,8 @@ class PruningMethod(ABC):
         """Compute ``self.scores`` (and, for methods that retrain, set ``self.net``)."""
 
     @abstractmethod
-    def masks(self, level: float) -> dict[str, torch.Tensor]:
-        """The pruning decision that removes the fraction ``level`` of the prunable units."""
+    def _masks(self, level: float) -> dict[str, torch.Tensor]:
+        """The decision at ``level``, already checked to be in [0, 1) (see :meth:`masks`)."""
 
     # -- common ---------------------------------------------------------------------------------
     def fit(
@@ -217,9 +217,15 @@ class PruningMethod(ABC):
                 params[name].mul_(keep.to(params[name].device, params[name].dtype))
         return out
 
+    def masks(self, level: float) -> dict[str, torch.Tensor]:
+        """The pruning decision that removes the fraction ``level`` of the prunable units."""
+        level = _check_level(level)
+        self._require_fit()
+        return self._masks(level)
+
     def prune(self, level: float) -> nn.Module:
         """The network with the fraction ``level`` of the prunable units removed."""
-        return self.apply(self.masks(_check_level(level)))
+        return self.apply(self.masks(level))
 
     def candidates(self, levels: Sequence[float]) -> list[nn.Module]:
         """``prune(level)`` for each level; ``levels`` must increase (least to most pruned)."""
@@ -236,7 +242,7 @@ class PruningMethod(ABC):
     def result(self, level: float) -> PruningResult:
         """:meth:`prune` with its scores, masks, wall time and parameters kept."""
         start = time.perf_counter()
-        masks = self.masks(_check_level(level))
+        masks = self.masks(level)
         module = self.apply(masks)
         return PruningResult(
             module=module,

@@ -306,8 +306,7 @@ class GumbelPruning(PruningMethod):
         self._require_fit()
         return {n: s > 0 for n, s in self.scores.items()}
 
-    def masks(self, level: float) -> dict[str, torch.Tensor]:
-        self._require_fit()
+    def _masks(self, level: float) -> dict[str, torch.Tensor]:
         if self.structured:
             return global_node_masks(self.scores, level)
         full = global_weight_masks(self.scores, level)

@@ -109,8 +109,7 @@ class MagnitudePruning(PruningMethod):
         else:
             self.scores = {n: p.detach().abs().cpu() for n, p in prunable_parameters(net).items()}
 
-    def masks(self, level: float) -> dict[str, torch.Tensor]:
-        self._require_fit()
+    def _masks(self, level: float) -> dict[str, torch.Tensor]:
         if self.structured:
             return global_node_masks(self.scores, level)
         return global_weight_masks(self.scores, level)

@@ -257,8 +257,7 @@ class MINT(PruningMethod):
             self.scores[name] = torch.from_numpy(score).float()
         bar.close()
 
-    def masks(self, level: float) -> dict[str, torch.Tensor]:
-        self._require_fit()
+    def _masks(self, level: float) -> dict[str, torch.Tensor]:
         names = list(self.scores)
         entries = sorted(
             (float(s), i, n) for n in names for i, s in enumerate(self.scores[n].tolist())

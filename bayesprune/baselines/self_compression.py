@@ -49,6 +49,7 @@ Example
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -218,9 +219,17 @@ class SelfCompression(PruningMethod):
         }
         self.net = self.bnet.mean_module({n: ~v for n, v in self.removed.items()}).eval()
 
-    def masks(self, level: float) -> dict[str, torch.Tensor]:
-        self._require_fit()
-        return global_node_masks(self.scores, level)
+    def _masks(self, level: float) -> dict[str, torch.Tensor]:
+        # the nodes removed in the rounds are dead (zero posterior, also in self.net): every
+        # level removes them, so levels below removed_fraction all give the same network
+        if level < self.removed_fraction - 1e-9:
+            warnings.warn(
+                f"the rounds already removed {self.removed_fraction:.0%} of the hidden nodes, so "
+                f"level {level:g} gives the network of level {self.removed_fraction:.3g}",
+                stacklevel=3,
+            )
+        keep = global_node_masks(self.scores, level)
+        return {n: k & ~self.removed[n].to(k.device) for n, k in keep.items()}
 
     @property
     def removed_fraction(self) -> float:

@@ -426,8 +426,7 @@ class SNACS(PruningMethod):
         self._require_fit()
         return max(self.upper_limits.values())
 
-    def masks(self, level: float) -> dict[str, torch.Tensor]:
-        self._require_fit()
+    def _masks(self, level: float) -> dict[str, torch.Tensor]:
         out = {}
         for name, s in self.scores.items():
             width = s.numel()
