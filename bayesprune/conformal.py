@@ -784,6 +784,19 @@ def aps_scores(
     return raps_scores(probs, labels, lam=0.0, k_reg=0, randomized=randomized, u=u, seed=seed)
 
 
+def _raps_params(lam: Any, k_reg: Any) -> tuple[float, int]:
+    """RAPS's penalty ``lam`` (finite, >= 0) and free rank ``k_reg`` (an integer >= 0)."""
+    try:
+        lam = float(lam)
+    except (TypeError, ValueError):
+        raise TypeError(f"lam must be a number, got {lam!r}") from None
+    if not math.isfinite(lam) or lam < 0:
+        raise ValueError(f"lam must be a finite number >= 0, got {lam}")
+    if isinstance(k_reg, bool) or not float(k_reg).is_integer() or k_reg < 0:
+        raise ValueError(f"k_reg must be an integer >= 0 (a rank), got {k_reg!r}")
+    return lam, int(k_reg)
+
+
 def raps_scores(
     probs: Any,
     labels: Any,
@@ -800,9 +813,10 @@ def raps_scores(
     >>> raps_scores(np.array([[0.7, 0.2, 0.1]]), np.array([2]), lam=0.5, k_reg=1, randomized=False)
     array([2.])
     """
+    lam, k_reg = _raps_params(lam, k_reg)
     p, _ = _to_torch(probs)
     uu = _uniforms(p.shape[0], u, seed, p.device) if randomized else None
-    return _label_scores(probs, labels, "raps", uu, float(lam), int(k_reg))
+    return _label_scores(probs, labels, "raps", uu, lam, k_reg)
 
 
 def conformal_quantile(scores: Any, alpha: float) -> float:
@@ -849,10 +863,11 @@ def prediction_sets(
     >>> prediction_sets(np.array([[0.7, 0.2, 0.1]]), 0.85).tolist()
     [[True, True, False]]
     """
+    lam, k_reg = _raps_params(lam, k_reg)
     p, numpy = _to_torch(probs)
     _check_probs(p)
     uu = _uniforms(p.shape[0], u, seed, p.device) if randomized and score != "lac" else None
-    return _back(_all_scores(p, score, uu, float(lam), int(k_reg)) <= qhat, numpy)
+    return _back(_all_scores(p, score, uu, lam, k_reg) <= qhat, numpy)
 
 
 class ConformalClassifier:
@@ -906,8 +921,7 @@ class ConformalClassifier:
     ) -> None:
         if score not in _SCORES:
             raise ValueError(f"score must be one of {_SCORES}, got {score!r}")
-        if lam < 0 or k_reg < 0:
-            raise ValueError(f"lam and k_reg must be non-negative, got lam={lam}, k_reg={k_reg}")
+        lam, k_reg = _raps_params(lam, k_reg)
         # a BayesianModule gives posterior predictive probabilities; anything else is a plain net
         self.bayesian = _is_bayesian(model) or (
             callable(getattr(model, "predict", None)) and not isinstance(model, nn.Module)
@@ -976,6 +990,11 @@ class ConformalClassifier:
         all_scores = torch.cat(scores)
         if all_scores.numel() == 0:
             raise ValueError("cal_loader is empty")
+        if torch.isnan(all_scores).any():
+            raise ValueError(
+                "some conformal scores are NaN: the model gave NaN class probabilities for some "
+                "calibration inputs"
+            )
         self.qhat, self.alpha, self.n = (
             conformal_quantile(all_scores, alpha),
             alpha,

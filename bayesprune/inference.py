@@ -262,7 +262,8 @@ def fit(
         from, ``len(train_loader.sampler)`` (a subset sampler draws from fewer than its dataset
         holds), else ``len(train_loader.dataset)``.
     val_loader
-        Posterior-predictive accuracy on it after every epoch (``val_samples`` draws).
+        Posterior-predictive accuracy on it after every epoch (``val_samples`` draws);
+        categorical likelihood only.
     progress
         tqdm progress bar.
     kl_warmup
@@ -334,6 +335,12 @@ def fit(
     if not isinstance(train_loader, Iterable):
         raise TypeError(
             f"train_loader must be an iterable of (x, y) batches such as a DataLoader, got {type(train_loader).__name__}"
+        )
+    if val_loader is not None and bnet.likelihood != "categorical":
+        raise ValueError(
+            "val_loader gives a validation accuracy after each epoch, which needs a categorical "
+            f"likelihood; this BayesianModule's is {bnet.likelihood!r}. Drop val_loader and "
+            "evaluate bnet.predict_regression yourself"
         )
     if elbo is not None and not isinstance(elbo, pyro.infer.ELBO):
         raise TypeError(f"elbo must be a pyro.infer.ELBO such as Trace_ELBO(), got {elbo!r}")
@@ -437,7 +444,7 @@ def fit(
             if epoch_count == 0:
                 raise ValueError("train_loader is empty")
             result.epoch_loss.append(epoch_sum / epoch_count)
-            if val_loader is not None and bnet.likelihood == "categorical":
+            if val_loader is not None:
                 result.val_accuracy.append(_val_accuracy(bnet, val_loader, dev, val_samples))
                 bnet.train()
             if checkpoint is not None:

@@ -164,6 +164,12 @@ def evaluate(
     ``bnet.mean_module()``.)
     """
     _check_loader(loader, "loader")
+    if getattr(net, "likelihood", "categorical") != "categorical":
+        raise ValueError(
+            f"evaluate reports classification accuracy, but this BayesianModule has a "
+            f"{net.likelihood!r} likelihood; for regression use bnet.predict_regression(x) and "
+            "compare its .mean with the targets"
+        )
     dev = resolve_device(device) if device is not None else next(net.parameters()).device
     net.to(dev)
     was_training = net.training

@@ -291,6 +291,11 @@ def test_regression_prediction_separates_epistemic_and_aleatoric() -> None:
     torch.testing.assert_close(pred.variance, pred.epistemic + pred.aleatoric)
     with pytest.raises(ValueError, match="likelihood='gaussian'"):
         bp.bayesianize(lenet_300_100()).predict_regression(torch.randn(2, 784))
+    data = [(torch.randn(6, 3), torch.randn(6))]
+    with pytest.raises(ValueError, match="'gaussian' likelihood; for regression use"):
+        bp.evaluate(bnet, data)  # an argmax "accuracy" of a regression would be silently 0
+    with pytest.raises(ValueError, match="needs a categorical"):
+        bp.fit(bnet, data, num_data=6, val_loader=data, progress=False)
 
 
 # -- the genuine Pyro model --------------------------------------------------------------------------

@@ -368,6 +368,14 @@ def test_conformal_classifier_bayesian_and_errors(net, digits) -> None:
         ConformalClassifier(net, num_classes=12).calibrate(_cal(digits), 0.1)
     with pytest.raises(ValueError, match="score must be one of"):
         ConformalClassifier(net, score="thr")
+    for kw, match in ((dict(lam=float("nan")), "finite"), (dict(lam=float("inf")), "finite"),
+                      (dict(lam=-1), "finite"), (dict(k_reg=2.7), "integer")):  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            ConformalClassifier(net, score="raps", **kw)
+        with pytest.raises(ValueError, match=match):
+            prediction_sets(np.full((1, 3), 1 / 3), 0.5, score="raps", **kw)
+        with pytest.raises(ValueError, match=match):
+            raps_scores(np.full((1, 3), 1 / 3), np.array([0]), **kw)
     with pytest.raises(TypeError, match=r"nn\.Module"):
         ConformalClassifier(object())
     cp.calibrate(_cal(digits), 0.1)
