@@ -509,6 +509,12 @@ def _prunable_pips(pips: Mapping[str, Any], groups: Sequence[Any]) -> dict[str, 
     pruner but its masked nodes would still be zeroed: for the output layer that deletes classes.
     Such a candidate is never smaller, only worse, so certify does not generate it.
     """
+    if not pips:
+        raise ValueError(
+            "this BayesianModule has no node-level inclusion probabilities (Gaussian or "
+            "weight-level priors give none); bayesianize with a node-level prior such as "
+            "SpikeAndSlab(level='node') or GroupHorseshoe"
+        )
     prunable = {p for g in groups if not g.frozen for p in g.producers}
     out = {k: torch.as_tensor(v).detach().double().cpu() for k, v in pips.items() if k in prunable}
     if not out:

@@ -621,6 +621,8 @@ class SpikeAndSlab(Prior):
     **Weight level** (``level="weight"``): one gate per weight,
     :math:`w_i = z_i \theta_i`, Gaussian slab only; PIPs per weight from
     :meth:`bayesprune.BayesianModule.weight_inclusion_probs`. Biases keep a Gaussian prior.
+    These PIPs are for inspection: :func:`bayesprune.prune`, :func:`bayesprune.conformal.certify`
+    and the PIP plots remove or rank whole nodes, so they need ``level="node"``.
 
     Parameters
     ----------
@@ -675,22 +677,27 @@ class SpikeAndSlab(Prior):
                 "use slab='gaussian' with level='weight'"
             )
         if self.prior_inclusion != "theory":
-            if isinstance(self.prior_inclusion, str) or not 0 < float(self.prior_inclusion) < 1:
+            p = self.prior_inclusion
+            if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p < 1:
                 raise ValueError(
-                    f"prior_inclusion must be a probability in (0, 1) or 'theory', got {self.prior_inclusion!r}"
+                    f"prior_inclusion must be a probability in (0, 1) or 'theory', got {p!r}"
                 )
         if self.gate_gradient not in ("trapezoid", "concrete"):
             raise ValueError(
                 f"gate_gradient must be 'trapezoid' or 'concrete', got {self.gate_gradient!r}"
             )
-        if not 0 < self.init_inclusion < 1:
-            raise ValueError(f"init_inclusion must be in (0, 1), got {self.init_inclusion}")
+        _probability("SpikeAndSlab", "init_inclusion", self.init_inclusion)
         if self.slab_scale != "he":
             _positive("SpikeAndSlab", "slab_scale", self.slab_scale)
         _positive("SpikeAndSlab", "temperature", self.temperature)
         _positive("SpikeAndSlab", "global_scale", self.global_scale)
         if self.lasso_rate is not None:
             _positive("SpikeAndSlab", "lasso_rate", self.lasso_rate)
+        # an option of another slab would be silently ignored: refuse it
+        if self.lasso_rate is not None and self.slab != "group_lasso":
+            raise ValueError(f"lasso_rate acts only with slab='group_lasso', not {self.slab!r}")
+        if self.global_scale != 1.0 and self.slab != "horseshoe":
+            raise ValueError(f"global_scale acts only with slab='horseshoe', not {self.slab!r}")
 
     @property
     def node_level(self) -> bool:  # type: ignore[override]
@@ -944,6 +951,10 @@ class GroupHorseshoe(Prior):
         _positive("GroupHorseshoe", "global_scale", self.global_scale)
         _positive("GroupHorseshoe", "slab_scale", self.slab_scale)
         _positive("GroupHorseshoe", "pip_reference", self.pip_reference)
+        if not isinstance(self.regularized, bool):
+            raise TypeError(f"regularized must be True or False, got {self.regularized!r}")
+        if not self.regularized and self.slab_scale != 2.0:
+            raise ValueError("slab_scale acts only with regularized=True")
 
     def _c(self) -> float | None:
         return self.slab_scale if self.regularized else None
@@ -991,8 +1002,13 @@ class GroupHorseshoe(Prior):
 
 
 def _positive(cls: str, name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"{cls} {name} must be a positive number, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise ValueError(f"{cls} {name} must be a positive finite number, got {value!r}")
+
+
+def _probability(cls: str, name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+        raise ValueError(f"{cls} {name} must be a probability in (0, 1), got {value!r}")
 
 
 _PRIORS = {c.__name__: c for c in (Gaussian, SpikeAndSlab, GroupHorseshoe)}
@@ -1005,5 +1021,9 @@ def prior_from_dict(spec: dict[str, Any]) -> Prior:
     if name not in _PRIORS:
         raise ValueError(f"unknown prior type {name!r}; expected one of {sorted(_PRIORS)}")
     cls = _PRIORS[name]
-    allowed = {f.name for f in fields(cls)}
-    return cls(**{k: v for k, v in spec.items() if k in allowed})
+    unknown = sorted(set(spec) - {f.name for f in fields(cls)})
+    if unknown:
+        raise ValueError(
+            f"{name} has no option(s) {unknown}; its options are {[f.name for f in fields(cls)]}"
+        )
+    return cls(**spec)

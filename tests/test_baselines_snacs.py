@@ -104,6 +104,9 @@ def test_snacs_errors():
         SNACS(groups=0)
     with pytest.raises(ValueError, match="protect_fraction"):
         SNACS(protect_fraction=1.0)
+    for tol in (-0.5, 1.5):  # before any fit, not after it
+        with pytest.raises(ValueError, match=r"limit_tolerance .* in \[0, 1\]"):
+            SNACS(limit_tolerance=tol)
 
 
 def test_snacs_on_a_conv_net_with_batchnorm(conv_bn_net):

@@ -226,6 +226,8 @@ def test_certify_bayesian_module_contract(net, digits, tmp_path) -> None:
     assert keep.level_name == "keep fraction" and len(keep.curve) == 2
     with pytest.raises(ValueError, match="increasing PIP thresholds"):
         certify(bnet, _cal(digits), levels=[0.5, 0.2], progress=False)
+    with pytest.raises(ValueError, match="no node-level inclusion probabilities"):
+        certify(FakeBayesianModule(net, {}), _cal(digits), progress=False)
     with pytest.raises(ValueError, match=r"PIP thresholds must be in \[0, 1\]"):
         certify(bnet, _cal(digits), levels=[0.5, 2.0], progress=False)
     with pytest.raises(TypeError, match="certify_candidates"):

@@ -256,8 +256,12 @@ def test_spike_and_slab_pip_is_sigmoid_of_gate_logit() -> None:
         (dict(level="weight", slab="group_lasso"), "needs level='node'"),
         (dict(prior_inclusion=1.5), "prior_inclusion must be a probability"),
         (dict(prior_inclusion="auto"), "prior_inclusion must be a probability"),
-        (dict(slab_scale=-1.0), "slab_scale must be a positive number"),
-        (dict(init_inclusion=1.0), "init_inclusion must be in"),
+        (dict(prior_inclusion=None), "prior_inclusion must be a probability"),
+        (dict(slab_scale=-1.0), "slab_scale must be a positive finite number"),
+        (dict(init_inclusion=1.0), "init_inclusion must be a probability"),
+        (dict(init_inclusion="high"), "init_inclusion must be a probability"),
+        (dict(lasso_rate=5.0), "lasso_rate acts only with slab='group_lasso'"),
+        (dict(global_scale=0.01), "global_scale acts only with slab='horseshoe'"),
     ],
 )
 def test_spike_and_slab_rejects_bad_settings(kwargs: dict, match: str) -> None:
@@ -266,12 +270,18 @@ def test_spike_and_slab_rejects_bad_settings(kwargs: dict, match: str) -> None:
 
 
 def test_other_priors_reject_bad_settings() -> None:
-    with pytest.raises(ValueError, match="scale must be a positive number"):
+    with pytest.raises(ValueError, match="scale must be a positive finite number"):
         Gaussian(scale=0)
-    with pytest.raises(ValueError, match="global_scale must be a positive number"):
+    with pytest.raises(ValueError, match="scale must be a positive finite number"):
+        Gaussian(scale=float("inf"))
+    with pytest.raises(ValueError, match="global_scale must be a positive finite number"):
         GroupHorseshoe(global_scale=-1)
-    with pytest.raises(ValueError, match="pip_reference must be a positive number"):
+    with pytest.raises(ValueError, match="pip_reference must be a positive finite number"):
         GroupHorseshoe(pip_reference=0)
+    with pytest.raises(TypeError, match="regularized must be True or False"):
+        GroupHorseshoe(regularized="no")
+    with pytest.raises(ValueError, match="slab_scale acts only with regularized=True"):
+        GroupHorseshoe(regularized=False, slab_scale=0.5)
 
 
 @pytest.mark.parametrize(
@@ -289,6 +299,8 @@ def test_prior_dict_round_trip(prior: priors.Prior) -> None:
 def test_prior_from_dict_rejects_unknown_type() -> None:
     with pytest.raises(ValueError, match="unknown prior type"):
         prior_from_dict({"type": "Laplace"})
+    with pytest.raises(ValueError, match=r"Gaussian has no option\(s\) \['scal'\]"):
+        prior_from_dict({"type": "Gaussian", "scal": 0.01})  # a typo is not the default prior
 
 
 @pytest.mark.parametrize("batch", [None, 7])

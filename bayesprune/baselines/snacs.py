@@ -276,6 +276,11 @@ class SNACS(PruningMethod):
             raise ValueError(f"limit_grid must be fractions in [0, 1), got {list(limit_grid)}")
         self.groups, self.per_class = groups, per_class
         self.protect_fraction = float(protect_fraction)
+        if not 0 <= limit_tolerance <= 1:
+            raise ValueError(
+                "limit_tolerance is the share of the SVM accuracy range a pruned layer may lose, "
+                f"in [0, 1]; got {limit_tolerance}"
+            )
         self.limit_tolerance = float(limit_tolerance)
         self.n_ensemble, self.seed, self.progress = n_ensemble, seed, progress
         self.upper_limits: dict[str, float] = {}
