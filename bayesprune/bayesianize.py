@@ -545,6 +545,14 @@ class BayesianModule(nn.Module):
         return f"likelihood={self.likelihood!r}, num_data={self.num_data}"
 
 
+def _is_bayesian(model: Any) -> bool:
+    """Whether ``model`` follows the BayesianModule contract of ARCHITECTURE.md (duck-typed, so
+    that test doubles and wrappers qualify)."""
+    return callable(getattr(model, "inclusion_probs", None)) and callable(
+        getattr(model, "mean_module", None)
+    )
+
+
 def _check_writable(path: str | Path) -> None:
     """Fail before any work when ``path``'s folder does not exist (safetensors would fail after)."""
     parent = Path(path).parent

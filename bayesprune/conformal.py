@@ -56,6 +56,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .bayesianize import _is_bayesian
 from .data import batch_xy
 from .metrics import count_nonzero
 from .risk import (
@@ -120,12 +121,6 @@ def _device_of(model: Any) -> torch.device:
             p = next(model.buffers(), None)
         return p.device if p is not None else torch.device("cpu")
     return torch.device("cpu")
-
-
-def _is_bayesian(model: Any) -> bool:
-    return callable(getattr(model, "inclusion_probs", None)) and callable(
-        getattr(model, "mean_module", None)
-    )
 
 
 def _check_cal_loader(cal_loader: Any, train_loader: Any) -> None:

@@ -69,7 +69,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .bayesianize import _check_writable
+from .bayesianize import _check_writable, _is_bayesian
 from .metrics import count_params, flops_by_layer, measure_latency
 from .train import TrainHistory, resolve_device, train
 
@@ -1326,12 +1326,6 @@ def _to_module_device(example_input: Any, module: nn.Module) -> Any:
     if isinstance(example_input, tuple):
         return tuple(x.to(param.device) if torch.is_tensor(x) else x for x in example_input)
     return example_input
-
-
-def _is_bayesian(model: Any) -> bool:
-    return callable(getattr(model, "inclusion_probs", None)) and callable(
-        getattr(model, "mean_module", None)
-    )
 
 
 def _infer_example_input(model: Any, module: nn.Module) -> torch.Tensor:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .bayesianize import _is_bayesian
 from .data import batch_xy
 
 __all__ = ["TrainHistory", "evaluate", "resolve_device", "train"]
@@ -176,7 +177,7 @@ def evaluate(
     net.eval()
     correct = total = 0
     try:
-        bayesian = callable(getattr(net, "predict", None)) and hasattr(net, "inclusion_probs")
+        bayesian = _is_bayesian(net) and callable(getattr(net, "predict", None))
         for batch in loader:
             x, y = batch_xy(batch, "loader")
             x = x.to(dev)
