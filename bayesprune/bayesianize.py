@@ -459,38 +459,61 @@ class BayesianModule(nn.Module):
         return plain
 
     @torch.no_grad()
-    def predict(self, x: torch.Tensor, num_samples: int = 32) -> torch.Tensor:
-        """Posterior predictive: mean class probabilities (categorical) or mean output (gaussian).
+    def predict(
+        self, x: torch.Tensor, num_samples: int = 32, *, seed: int | None = None
+    ) -> torch.Tensor:
+        r"""Posterior predictive: mean class probabilities (categorical) or mean output (gaussian).
 
         In each of the ``num_samples`` passes every example sees an exact posterior draw: gates and
         scales drawn per example, the weights of a ``Linear`` layer by local reparameterization,
         and those of a convolution (or of a ``Linear`` layer applied to a sequence) once per pass,
         since all positions of one example share them, whatever the training estimator
         (``reparam``). BatchNorm uses its running statistics (eval mode, restored afterwards).
+
+        With a ``seed``, each pass is instead one whole posterior draw from the guide, shared by
+        every example and the same on every call with that seed: the predictive
+        :math:`\hat p(y \mid x) = \frac1S \sum_{s=1}^S p(y \mid x, \theta_s)` is then a fixed
+        function of ``x``, whatever batch ``x`` comes in. The conformal layer needs that: draws
+        shared within a batch but renewed between batches make calibration and test scores
+        dependent in a way that breaks their exchangeability, and with it the coverage guarantee.
+
+        >>> import torch
+        >>> from torch import nn
+        >>> bnet = bayesianize(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)))
+        >>> x = torch.randn(6, 4)
+        >>> p = bnet.predict(x, num_samples=4, seed=0)
+        >>> torch.allclose(p[:2], bnet.predict(x[:2], num_samples=4, seed=0))
+        True
         """
         if num_samples < 1:
             raise ValueError(f"num_samples must be a positive integer, got {num_samples}")
-        outs = self._sample_outputs(x, num_samples)
+        outs = self._sample_outputs(x, num_samples, seed)
         if self.likelihood == "categorical":
             return torch.softmax(outs, -1).mean(0)
         return self._output_and_target(outs.mean(0), None)[0]
 
     @torch.no_grad()
-    def predict_regression(self, x: torch.Tensor, num_samples: int = 32) -> RegressionPrediction:
-        """Predictive mean and variance of a Gaussian-likelihood model, epistemic part separated."""
+    def predict_regression(
+        self, x: torch.Tensor, num_samples: int = 32, *, seed: int | None = None
+    ) -> RegressionPrediction:
+        """Predictive mean and variance of a Gaussian-likelihood model, epistemic part separated.
+
+        ``seed`` fixes the posterior draws as in :meth:`predict`."""
         if self.likelihood != "gaussian":
             raise ValueError(
                 "predict_regression needs likelihood='gaussian'; use predict() for class probabilities"
             )
         if num_samples < 2:
             raise ValueError("num_samples must be at least 2 to estimate the epistemic variance")
-        outs = self._sample_outputs(x, num_samples)
+        outs = self._sample_outputs(x, num_samples, seed)
         outs = torch.stack([self._output_and_target(o, None)[0] for o in outs])
         mean, epi = outs.mean(0), outs.var(0)
         alea = self.noise_scale.detach() ** 2 * torch.ones_like(mean)
         return RegressionPrediction(mean, epi + alea, epi, alea)
 
-    def _sample_outputs(self, x: torch.Tensor, num_samples: int) -> torch.Tensor:
+    def _sample_outputs(
+        self, x: torch.Tensor, num_samples: int, seed: int | None = None
+    ) -> torch.Tensor:
         was_training = self.training
         exact = {layer: layer.exact_draws for layer in self.bayesian_layers.values()}
         self.eval()
@@ -501,7 +524,11 @@ class BayesianModule(nn.Module):
             x = x.to(self.device)
             with self.mode("sample"):
                 try:
-                    return torch.stack([self.net(x) for _ in range(num_samples)])
+                    if seed is None:
+                        return torch.stack([self.net(x) for _ in range(num_samples)])
+                    return torch.stack(
+                        [self._frozen_pass(x, s) for s in _draw_seeds(seed, num_samples)]
+                    )
                 except torch.OutOfMemoryError:
                     raise
                 except RuntimeError as exc:
@@ -514,6 +541,16 @@ class BayesianModule(nn.Module):
             self.train(was_training)
             for layer, value in exact.items():
                 layer.exact_draws = value
+
+    def _frozen_pass(self, x: torch.Tensor, seed: int) -> torch.Tensor:
+        """One forward pass with a whole posterior draw from the guide, reproducible from ``seed``
+        (the global RNG is left as it was)."""
+        devices = [x.device] if x.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            for path, layer in self.bayesian_layers.items():
+                layer._fixed = layer.prior.guide_sites(layer, path)
+        return self._run_fixed(x)
 
     # -- persistence ----------------------------------------------------------------------------
     def config(self) -> dict[str, Any]:
@@ -638,6 +675,14 @@ def load(
         ) from None
     bnet.num_data = cfg["num_data"]
     return bnet.to(resolve_device(device))
+
+
+def _draw_seeds(seed: int, num_samples: int) -> list[int]:
+    """``num_samples`` seeds derived from ``seed``: the posterior draws of ``predict(seed=...)``."""
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an integer or None, got {seed!r}")
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(2**62, (num_samples,), generator=gen).tolist()
 
 
 def _infer_num_classes(net: nn.Module) -> int | None:

@@ -24,8 +24,10 @@ adapter each. The array-level statistics (p-values, :func:`learn_then_test`,
    (:func:`conformal_risk_control`, Angelopoulos, Bates, Fisch, Lei and Schuster, 2022).
 
 **Calibration data must be disjoint from the training data** (and from anything used to choose the
-candidates or the score): the guarantees rest on calibration and test points being exchangeable
-given the model. :func:`certify` and :meth:`ConformalClassifier.calibrate` refuse the training
+candidates or the score). The conformal sets need calibration and test points exchangeable given
+the model; Learn then Test needs i.i.d. calibration points (its p-values bound a mean of
+independent losses). A Bayesian model's predictive is therefore one fixed function here: the same
+posterior draws for every batch (``predict(seed=...)``). :func:`certify` and :meth:`ConformalClassifier.calibrate` refuse the training
 loader when it is passed as ``train_loader=``; :func:`bayesprune.data.load_fashion_mnist` gives a
 ``cal`` split that training never sees.
 
@@ -219,10 +221,10 @@ def _json_float(v: Any) -> float | None:
 class Certificate:
     """A Learn-then-Test certificate for a pruned network.
 
-    With probability at least ``1 - delta`` over the draw of the ``n`` calibration points, the
-    ``risk`` of ``model`` on new data from the same distribution is at most ``alpha``. When no
-    candidate passed (``passed`` is False), ``model`` is the dense model and nothing pruned is
-    certified.
+    Over the draw of the ``n`` calibration points, the probability that the procedure certifies a
+    model whose ``risk`` on new data from the same distribution exceeds ``alpha`` is at most
+    ``delta``. When no candidate passed (``passed`` is False), ``model`` is the dense model and
+    nothing is certified.
 
     Attributes
     ----------
@@ -302,8 +304,9 @@ class Certificate:
                 f"delta={self.delta}; the dense model is returned"
             )
         return (
-            f"with probability >= {1 - self.delta:.4g} over the {self.n} calibration points, the "
-            f"{self.risk} of the chosen model on new data is <= {self.alpha}"
+            f"the {self.risk} of the chosen model on new data is <= {self.alpha}, unless the "
+            f"{self.n} calibration points were unlucky: the procedure certifies a model with a "
+            f"larger {self.risk} with probability <= {self.delta:.4g}"
         )
 
     def __str__(self) -> str:
@@ -531,13 +534,25 @@ def _masks_at(pips: Mapping[str, torch.Tensor], level: float, by: str) -> dict[s
 
 
 class _Predictive:
-    """The posterior predictive of a BayesianModule as a callable that knows its device."""
+    """The posterior predictive of a BayesianModule as a callable that knows its device.
 
-    def __init__(self, model: Any, num_samples: int, device: torch.device) -> None:
+    Its posterior draws are frozen (``predict(seed=...)``): the same function of ``x`` for every
+    calibration batch, so the per-example losses stay independent.
+    """
+
+    def __init__(
+        self, model: Any, num_samples: int, device: torch.device, seed: int | None
+    ) -> None:
         self.model, self.num_samples, self.device = model, num_samples, device
+        self.seed = _draw_seed(seed)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.predict(x, num_samples=self.num_samples)
+        return self.model.predict(x, num_samples=self.num_samples, seed=self.seed)
+
+
+def _draw_seed(seed: int | None) -> int:
+    """``seed``, or one drawn from torch's global generator (reproducible under ``torch.manual_seed``)."""
+    return int(torch.randint(2**62, (1,))) if seed is None else seed
 
 
 def pip_candidates(
@@ -625,6 +640,7 @@ def certify(
     max_levels: int = 20,
     prune_kwargs: Mapping[str, Any] | None = None,
     progress: bool = True,
+    seed: int | None = None,
 ) -> Certificate:
     """Certified pruning of a :class:`bayesprune.BayesianModule` by Learn then Test.
 
@@ -646,9 +662,12 @@ def certify(
     levels
         PIP thresholds, increasing (default :func:`default_levels`), or keep fractions, decreasing.
     reference
-        ``"predictive"``: the posterior predictive (``model.predict`` with ``num_samples`` draws);
+        ``"predictive"``: the posterior predictive (``model.predict`` with ``num_samples`` draws,
+        frozen: the same ``num_samples`` posterior draws for every calibration batch);
         ``"mean"``: the dense posterior-mean network. When no candidate passes, the returned model
         is the posterior-mean network ``model.mean_module()``.
+    seed
+        Seed of the predictive reference's frozen draws (default: drawn from torch's generator).
     train_loader
         The training loader, so that a calibration loader equal to it is refused.
     example_input, max_levels, prune_kwargs
@@ -673,7 +692,7 @@ def certify(
     dense.to(dev)
     for c in candidates:
         c.to(dev)
-    ref = _Predictive(model, num_samples, dev) if reference == "predictive" else dense
+    ref = _Predictive(model, num_samples, dev, seed) if reference == "predictive" else dense
     return certify_candidates(
         candidates, ref, cal_loader, risk=risk, alpha=alpha, delta=delta, levels=levels,
         level_name="PIP threshold" if by == "threshold" else "keep fraction", method=method,
@@ -874,8 +893,9 @@ def prediction_sets(
 class ConformalClassifier:
     """Split-conformal prediction sets for a classifier or a :class:`bayesprune.BayesianModule`.
 
-    Probabilities come from ``model.predict(x, num_samples)`` (posterior predictive, Monte Carlo
-    averaged) for a Bayesian model and from ``softmax(model(x))`` for a plain network. Calibrated on
+    Probabilities come from ``model.predict(x, num_samples, seed=...)`` (posterior predictive,
+    Monte Carlo averaged over posterior draws that are the same for every batch, so the scores of
+    calibration and test points stay exchangeable) for a Bayesian model and from ``softmax(model(x))`` for a plain network. Calibrated on
     ``n`` held-out points at level ``alpha``, the sets satisfy
     :math:`1 - \\alpha \\le \\Pr(y \\in C(x)) < 1 - \\alpha + 1/(n+1)` (randomized scores; the upper
     bound needs continuous scores).
@@ -887,13 +907,14 @@ class ConformalClassifier:
     score
         ``"lac"`` (:math:`1 - p_y`), ``"aps"`` or ``"raps"`` (see :func:`raps_scores`).
     num_samples
-        Posterior draws per batch for a Bayesian model.
+        Posterior draws for a Bayesian model (frozen: the same draws for every batch).
     lam, k_reg
         RAPS penalty and the rank after which it applies.
     randomized
         Randomized APS / RAPS (exact coverage; sets may be empty) or not (conservative).
     seed
-        Seed of the uniforms of the randomized scores.
+        Seed of the uniforms of the randomized scores and of a Bayesian model's frozen posterior
+        draws (``None``: both drawn afresh, the draws from torch's generator).
     num_classes
         Number of classes (default: ``model.num_classes`` or the width of the first output).
 
@@ -940,6 +961,8 @@ class ConformalClassifier:
             self._gen.manual_seed(seed)
         else:
             self._gen.seed()
+        # drawn once: the predictive must be one fixed function for calibration and test alike
+        self._draw_seed = _draw_seed(seed) if _is_bayesian(model) else None
         self.qhat: float | None = None
         self.alpha: float | None = None
         self.n: int | None = None
@@ -948,7 +971,9 @@ class ConformalClassifier:
     def probs(self, x: torch.Tensor) -> torch.Tensor:
         """Class probabilities ``[batch, C]`` on the model's device."""
         x = x.to(self.device)
-        if self.bayesian:
+        if self._draw_seed is not None:
+            p = self.model.predict(x, num_samples=self.num_samples, seed=self._draw_seed)
+        elif self.bayesian:
             p = self.model.predict(x, num_samples=self.num_samples)
         else:
             was = self.model.training

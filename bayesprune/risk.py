@@ -274,8 +274,9 @@ def learn_then_test(
     alpha
         Risk level: the null of candidate :math:`j` is :math:`H_j: R_j > \\alpha`.
     delta
-        Error level: with probability at least :math:`1 - \\delta` over the calibration set, the
-        chosen candidate's risk is at most ``alpha``.
+        Error level: :math:`\\Pr(\\text{a candidate is chosen and its risk exceeds } \\alpha)
+        \\le \\delta` over the calibration set (an unconditional statement: given that a
+        candidate was chosen, its risk may exceed ``alpha`` more often).
     method
         ``"fixed_sequence"``: test :math:`H_1, H_2, \\dots` at level :math:`\\delta` and stop at the
         first null not rejected; the chosen index is the last rejected one (``None`` when the first

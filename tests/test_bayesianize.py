@@ -173,6 +173,53 @@ def test_predict_draws_exactly_and_restores_the_training_estimator() -> None:
     assert all(m.exact_draws for m in bnet.bayesian_layers.values())  # "auto": restored too
 
 
+@pytest.mark.parametrize(
+    "prior",
+    [
+        bp.priors.Gaussian(),
+        bp.priors.SpikeAndSlab(level="node"),
+        bp.priors.SpikeAndSlab(level="weight"),
+        bp.priors.GroupHorseshoe(),
+        bp.priors.SpikeAndSlab(level="node", slab="horseshoe"),
+    ],
+    ids=lambda p: repr(p)[:30],
+)
+def test_predict_with_a_seed_is_one_fixed_function(prior) -> None:
+    bnet = bp.bayesianize(_small_resnet(), prior=prior)
+    x = torch.randn(6, 1, 28, 28)
+    state = torch.get_rng_state()
+    p = bnet.predict(x, num_samples=3, seed=7)
+    assert torch.equal(state, torch.get_rng_state())  # the global generator is left alone
+    # the same draws whatever the batch: a part of the batch gets the same probabilities
+    torch.testing.assert_close(bnet.predict(x[2:5], num_samples=3, seed=7), p[2:5])
+    torch.testing.assert_close(bnet.predict(x, num_samples=3, seed=7), p)
+    assert not torch.allclose(bnet.predict(x, num_samples=3, seed=8), p)
+    # without a seed, convolution weights are drawn once per pass for the whole batch
+    torch.manual_seed(0)
+    q = bnet.predict(x, num_samples=3)
+    torch.manual_seed(0)
+    assert not torch.allclose(bnet.predict(x[2:5], num_samples=3), q[2:5])
+    with pytest.raises(TypeError, match="seed must be an integer"):
+        bnet.predict(x, seed=0.5)
+
+
+def test_frozen_draws_have_the_posterior_predictive_distribution() -> None:
+    # the seeded predictive averages whole guide draws, the default one per-example draws: both
+    # estimate the same predictive, so with many draws they agree to Monte Carlo error
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 6), nn.ReLU(), nn.Linear(6, 4))
+    bnet = bp.bayesianize(net, prior=bp.priors.SpikeAndSlab(level="node", prior_inclusion=0.5))
+    with torch.no_grad():
+        for layer in bnet.bayesian_layers.values():
+            layer.weight_log_scale.fill_(-1.0)  # wide posteriors, so that the draws matter
+    x = torch.randn(2, 3)
+    frozen = bnet.predict(x, num_samples=4000, seed=1)
+    fresh = bnet.predict(x, num_samples=4000)
+    spread = bnet.predict(x, num_samples=1, seed=2) - frozen
+    assert spread.abs().max() > 0.05  # single draws differ from the mean: the test has power
+    torch.testing.assert_close(frozen, fresh, atol=0.02, rtol=0)
+
+
 def test_bad_arguments_are_errors() -> None:
     with pytest.raises(TypeError, match=r"expects a torch\.nn\.Module"):
         bp.bayesianize("lenet")

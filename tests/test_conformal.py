@@ -76,7 +76,9 @@ class FakeBayesianModule:
     def mean_module(self, masks=None) -> nn.Module:
         return bp.zero_masked(self.model, masks) if masks else copy.deepcopy(self.model)
 
-    def predict(self, x: torch.Tensor, num_samples: int = 32) -> torch.Tensor:
+    def predict(
+        self, x: torch.Tensor, num_samples: int = 32, seed: int | None = None
+    ) -> torch.Tensor:
         return torch.softmax(self.model(x), -1)
 
 
@@ -420,3 +422,23 @@ def test_certify_and_sets_with_a_fitted_bayesian_module(fitted_bnet, net, digits
     assert cp.bayesian
     res = cp.evaluate(loader(digits.test, 128, shuffle=False))
     assert res["coverage"] >= 0.9 - 3 * math.sqrt(0.09 / 360)
+
+
+def test_bayesian_scores_come_from_one_fixed_predictive(digits) -> None:
+    # convolution weights are drawn once per pass: without frozen draws each batch would see its
+    # own draws, and calibration and test scores would not be exchangeable
+    torch.manual_seed(0)
+    conv = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 10))
+    bnet = bp.bayesianize(conv, prior=bp.priors.SpikeAndSlab(level="node"))
+    x = digits.test.tensors[0][:12]
+    cp = ConformalClassifier(bnet, score="aps", num_samples=2, seed=3)
+    whole = cp.probs(x)
+    torch.testing.assert_close(torch.cat([cp.probs(x[:5]), cp.probs(x[5:])]), whole)
+    torch.testing.assert_close(ConformalClassifier(bnet, num_samples=2, seed=3).probs(x), whole)
+    other = ConformalClassifier(bnet, num_samples=2, seed=None)
+    torch.testing.assert_close(other.probs(x[:5]), other.probs(x)[:5])
+    # certify's predictive reference: the same function for every calibration batch
+    from bayesprune.conformal import _Predictive
+
+    ref = _Predictive(bnet, 2, torch.device("cpu"), seed=None)
+    torch.testing.assert_close(torch.cat([ref(x[:7]), ref(x[7:])]), ref(x))
