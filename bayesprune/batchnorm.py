@@ -36,6 +36,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
+from .data import input_errors
 from .train import resolve_device
 
 __all__ = ["fold_batchnorm", "recalibrate_batchnorm"]
@@ -217,16 +218,9 @@ def fold_batchnorm(
         ) from exc
     if example_input is not None:
         args = example_input if isinstance(example_input, tuple) else (example_input,)
-        try:
-            with torch.no_grad():
-                reference = out(*args)
-        except torch.OutOfMemoryError:
-            raise
-        except RuntimeError as exc:
-            raise ValueError(
-                f"running {type(net).__name__} on example_input failed ({exc}); pass one input "
-                "batch of the shape the network expects"
-            ) from exc
+        fix = "one input batch of the shape the network expects"
+        with torch.no_grad(), input_errors(type(net).__name__, "example_input", args[0].shape, fix):
+            reference = out(*args)
         ShapeProp(gm).propagate(*args)
     modules = dict(out.named_modules())
     calls: dict[str, int] = {}

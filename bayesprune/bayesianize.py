@@ -62,6 +62,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .data import input_errors
 from .layers import INIT_SCALE, WEIGHT_SD_FAMILIES, BayesianLayer, _set_mode, bayesian_layer_for
 from .priors import Prior, SpikeAndSlab, prior_from_dict
 
@@ -522,21 +523,13 @@ class BayesianModule(nn.Module):
         try:
             self._check_batch(x)
             x = x.to(self.device)
-            with self.mode("sample"):
-                try:
-                    if seed is None:
-                        return torch.stack([self.net(x) for _ in range(num_samples)])
-                    return torch.stack(
-                        [self._frozen_pass(x, s) for s in _draw_seeds(seed, num_samples)]
-                    )
-                except torch.OutOfMemoryError:
-                    raise
-                except RuntimeError as exc:
-                    raise ValueError(
-                        f"{type(self.net).__name__} could not run on inputs of shape "
-                        f"{tuple(x.shape)} ({exc}); pass inputs of the shape the wrapped network "
-                        "expects, with the batch first"
-                    ) from exc
+            fix = "inputs of the shape the wrapped network expects, with the batch first"
+            with self.mode("sample"), input_errors(type(self.net).__name__, "inputs", x.shape, fix):
+                if seed is None:
+                    return torch.stack([self.net(x) for _ in range(num_samples)])
+                return torch.stack(
+                    [self._frozen_pass(x, s) for s in _draw_seeds(seed, num_samples)]
+                )
         finally:
             self.train(was_training)
             for layer, value in exact.items():

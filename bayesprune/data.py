@@ -27,7 +27,8 @@ from __future__ import annotations
 import gzip
 import os
 import struct
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,7 @@ __all__ = [
     "Splits",
     "batch_xy",
     "fashion_mnist_root",
+    "input_errors",
     "load_digits",
     "load_fashion_mnist",
     "loader",
@@ -322,6 +324,35 @@ def batch_xy(batch: Any, what: str = "the loader") -> tuple[torch.Tensor, torch.
     if not torch.is_tensor(x):
         raise TypeError(f"{what} yielded inputs of type {type(x).__name__}; expected a tensor")
     return x, torch.as_tensor(y)
+
+
+@contextmanager
+def input_errors(
+    net: str, what: str, shape: tuple[int, ...], fix: str = "inputs of the shape it expects"
+) -> Iterator[None]:
+    """Report a network that cannot run on the inputs it was given as a ``ValueError`` that names them.
+
+    A wrong input shape surfaces as a ``RuntimeError`` from deep inside torch (a matmul or
+    convolution shape message); inside this block it becomes ``ValueError("running <net> on
+    <what> of shape <shape> failed (<torch's message>); pass <fix>")``. Out-of-memory errors pass
+    through unchanged.
+
+    Example
+    -------
+    >>> with input_errors("Linear", "inputs", (2, 3)):
+    ...     torch.nn.Linear(4, 1)(torch.zeros(2, 3))
+    Traceback (most recent call last):
+    ...
+    ValueError: running Linear on inputs of shape (2, 3) failed (mat1 and mat2 shapes cannot be multiplied (2x3 and 4x1)); pass inputs of the shape it expects
+    """
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        raise
+    except RuntimeError as exc:
+        raise ValueError(
+            f"running {net} on {what} of shape {tuple(shape)} failed ({exc}); pass {fix}"
+        ) from exc
 
 
 def loader(

@@ -36,6 +36,7 @@ import math
 import time
 import warnings
 from collections.abc import Iterable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,7 +46,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .bayesianize import BayesianModule, _check_writable, _param_effect
-from .data import batch_xy
+from .data import batch_xy, input_errors
 from .train import resolve_device
 
 __all__ = ["FitResult", "LocalReparamELBO", "fit"]
@@ -362,6 +363,8 @@ def fit(
         raise ValueError("kl_warmup needs a train_loader with a length")
 
     fast = elbo is None
+    net_name = type(bnet.net).__name__
+    fix = "inputs of the shape the wrapped network expects, with the batch first"
     if fast:
         elbo_obj = LocalReparamELBO()
         structure = bnet.structure_parameters()
@@ -407,18 +410,14 @@ def fit(
                 beta = kl_weight * (min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0)
                 if fast:
                     elbo_obj.kl_scale = beta
-                    try:
+                    # only the first batch: a later failure is not about the input shape
+                    checked = (
+                        input_errors(net_name, "the first batch", x.shape, fix)
+                        if not step
+                        else nullcontext()
+                    )
+                    with checked:
                         loss = elbo_obj.differentiable_loss(bnet.model, bnet.guide, x, y)
-                    except torch.OutOfMemoryError:
-                        raise
-                    except RuntimeError as exc:
-                        if step:
-                            raise
-                        raise ValueError(
-                            f"the first batch (inputs of shape {tuple(x.shape)}) does not run "
-                            f"through {type(bnet.net).__name__} ({exc}); pass inputs of the shape "
-                            "the wrapped network expects, with the batch first"
-                        ) from exc
                     if not torch.isfinite(loss):
                         _raise_nonfinite(loss.item(), epoch, step)
                     opt.zero_grad(set_to_none=True)

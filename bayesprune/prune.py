@@ -70,6 +70,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .bayesianize import _check_writable, _is_bayesian
+from .data import input_errors
 from .metrics import count_params, flops_by_layer, measure_latency
 from .train import TrainHistory, resolve_device, train
 
@@ -1708,15 +1709,9 @@ def _own_params(m: nn.Module) -> int:
 
 
 def _flops_checked(net: nn.Module, what: str, example_input: torch.Tensor) -> dict[str, int]:
-    try:
+    fix = "one input batch of the shape the network expects"
+    with input_errors(what, "example_input", example_input.shape, fix):
         return flops_by_layer(net, _to_module_device(example_input, net))
-    except torch.OutOfMemoryError:
-        raise
-    except RuntimeError as exc:
-        raise ValueError(
-            f"running {what} on example_input of shape {tuple(example_input.shape)} failed "
-            f"({exc}); pass one input batch of the shape the network expects"
-        ) from exc
 
 
 def compression_report(

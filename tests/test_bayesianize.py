@@ -317,9 +317,14 @@ def test_predict_gives_probabilities() -> None:
         bnet.predict(torch.randn(2, 64), num_samples=0)
     with pytest.raises(TypeError, match=r"inputs are torch\.float64.*x\.to\(torch\.float32\)"):
         bnet.predict(torch.randn(2, 64, dtype=torch.float64))
-    with pytest.raises(ValueError, match=r"could not run on inputs of shape \(2, 63\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"running Sequential on inputs of shape \(2, 63\) failed .*with the batch first",
+    ):
         bnet.predict(torch.randn(2, 63))
-    with pytest.raises(ValueError, match=r"first batch \(inputs of shape \(4, 63\)\)"):
+    with pytest.raises(
+        ValueError, match=r"running Sequential on the first batch of shape \(4, 63\) failed"
+    ):
         bp.fit(bnet, [(torch.randn(4, 63), torch.zeros(4).long())], num_data=4, progress=False)
     with pytest.raises(TypeError, match=r"labels must be integers.*y\.long\(\)"):
         bp.fit(bnet, [(torch.randn(4, 64), torch.zeros(4))], num_data=4, progress=False)

@@ -165,3 +165,19 @@ def test_planted_teacher_is_deterministic_and_only_its_first_units_matter() -> N
         planted_teacher(relevant=0)
     with pytest.raises(ValueError, match="d must be"):
         planted_teacher(d=4)
+
+
+def test_input_errors_names_the_input_and_lets_other_errors_through() -> None:
+    from bayesprune.data import input_errors
+
+    with pytest.raises(
+        ValueError, match=r"running Linear on inputs of shape \(2, 3\) failed \(mat1"
+    ):
+        with input_errors("Linear", "inputs", (2, 3)):
+            torch.nn.Linear(4, 1)(torch.zeros(2, 3))
+    with pytest.raises(KeyError):  # not an input problem: passes through untouched
+        with input_errors("Linear", "inputs", (2, 3)):
+            raise KeyError("x")
+    with pytest.raises(torch.OutOfMemoryError):
+        with input_errors("Linear", "inputs", (2, 3)):
+            raise torch.OutOfMemoryError("out of memory")
