@@ -52,6 +52,7 @@ import contextlib
 import copy
 import json
 import warnings
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -62,7 +63,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import input_errors
+from .data import input_errors, output_tensor
 from .layers import INIT_SCALE, WEIGHT_SD_FAMILIES, BayesianLayer, _set_mode, bayesian_layer_for
 from .priors import Prior, SpikeAndSlab, prior_from_dict
 
@@ -316,7 +317,7 @@ class BayesianModule(nn.Module):
 
     def log_likelihood(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Per-example log-likelihood of targets ``y`` given network outputs ``out``."""
-        out, y = self._output_and_target(out, y)
+        out, y = self._output_and_target(output_tensor(out, self.net), y)
         if self.likelihood == "categorical":
             return -F.cross_entropy(out, y, reduction="none")
         if y.shape != out.shape:
@@ -369,7 +370,7 @@ class BayesianModule(nn.Module):
     def _run_fixed(self, x: torch.Tensor) -> torch.Tensor:
         with self.mode("fixed"):
             try:
-                return self.net(x)
+                return output_tensor(self.net(x), self.net)
             finally:
                 for layer in self.bayesian_layers.values():
                     layer._fixed = None
@@ -526,7 +527,9 @@ class BayesianModule(nn.Module):
             fix = "inputs of the shape the wrapped network expects, with the batch first"
             with self.mode("sample"), input_errors(type(self.net).__name__, "inputs", x.shape, fix):
                 if seed is None:
-                    return torch.stack([self.net(x) for _ in range(num_samples)])
+                    return torch.stack(
+                        [output_tensor(self.net(x), self.net) for _ in range(num_samples)]
+                    )
                 return torch.stack(
                     [self._frozen_pass(x, s) for s in _draw_seeds(seed, num_samples)]
                 )
@@ -581,6 +584,18 @@ def _is_bayesian(model: Any) -> bool:
     return callable(getattr(model, "inclusion_probs", None)) and callable(
         getattr(model, "mean_module", None)
     )
+
+
+def _with_versions(state: Mapping[str, torch.Tensor], net: nn.Module) -> dict[str, torch.Tensor]:
+    """``state`` plus the per-module versions of ``net``, into which it is about to be loaded.
+
+    ``torch.save`` keeps them (``state_dict()._metadata``) and safetensors files do not; some
+    modules refuse to load without them (torchvision's MNASNet). The file was saved from the
+    same code, so the freshly built ``net``'s versions are the right ones.
+    """
+    out = OrderedDict(state)
+    out._metadata = getattr(net.state_dict(), "_metadata", None)  # type: ignore[attr-defined]
+    return out
 
 
 def _check_writable(path: str | Path) -> None:
@@ -661,7 +676,7 @@ def load(
             "measured against) and it cannot be recovered from the file: fit the network again"
         )
     try:
-        bnet.load_state_dict(state)
+        bnet.load_state_dict(_with_versions(state, bnet))
     except RuntimeError as exc:
         raise ValueError(
             f"the network passed to load does not match the architecture saved in {path}: {exc}"
@@ -816,18 +831,28 @@ def bayesianize(
         chosen = [
             n for n, m in modules.items() if bayesian_layer_for(m) is not None and n not in skip_set
         ]
-        inside_chosen = set()
-        for n, m in modules.items():
-            if n and _unsupported_with_params(m) and n not in skip_set:
-                if not any(n.startswith(c + ".") for c in inside_chosen):
-                    warnings.warn(
-                        f"layer {n!r} ({type(m).__name__}) is not supported by bayesianize and stays "
-                        "deterministic (its parameters are learned as point estimates); pass "
-                        f"skip=[{n!r}] to silence this warning",
-                        UserWarning,
-                        stacklevel=2,
-                    )
-                    inside_chosen.add(n)
+        # one warning for all of them, each with the parameters it holds itself: a container
+        # such as a transformer encoder may hold one (a position embedding) while the Linear
+        # layers inside it do become Bayesian
+        kept = {
+            n: [p for p, _ in m.named_parameters(recurse=False)]
+            for n, m in modules.items()
+            if n and _unsupported_with_params(m) and n not in skip_set
+        }
+        if kept:
+            shown = ", ".join(
+                f"{n!r} ({type(modules[n]).__name__}: {', '.join(ps)})"
+                for n, ps in list(kept.items())[:8]
+            )
+            more = f" and {len(kept) - 8} more" if len(kept) > 8 else ""
+            names = list(kept) if len(kept) <= 8 else "[their names]"
+            warnings.warn(
+                "bayesianize makes only nn.Linear, nn.Conv1d and nn.Conv2d Bayesian; these modules "
+                "hold parameters of their own, which stay deterministic (learned as point "
+                f"estimates): {shown}{more}. Pass skip={names} to silence this warning",
+                UserWarning,
+                stacklevel=2,
+            )
     if per_layer is not None:
         check_names(per_layer, "prior")
         missing = [n for n in chosen if n not in per_layer]

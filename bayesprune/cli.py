@@ -432,10 +432,12 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _load_weights(net: nn.Module, path: Path, model: str) -> None:
+    from .bayesianize import _with_versions
+
     state = _read_state_dict(path)
     missing, unexpected = [], []
     try:
-        result = net.load_state_dict(state, strict=False)
+        result = net.load_state_dict(_with_versions(state, net), strict=False)
         missing, unexpected = result.missing_keys, result.unexpected_keys
     except RuntimeError as exc:  # shape mismatch
         raise CLIError(

@@ -50,6 +50,7 @@ __all__ = [
     "load_digits",
     "load_fashion_mnist",
     "loader",
+    "output_tensor",
     "planted_teacher",
     "read_idx",
     "split_indices",
@@ -353,6 +354,30 @@ def input_errors(
         raise ValueError(
             f"running {net} on {what} of shape {tuple(shape)} failed ({exc}); pass {fix}"
         ) from exc
+
+
+def output_tensor(out: Any, net: nn.Module) -> torch.Tensor:
+    """``out``, the output of ``net``, if it is one tensor; otherwise a ``TypeError`` that says how
+    to get one.
+
+    Training and scoring read one output tensor (class logits, or regression outputs). Some
+    networks return more in training mode (torchvision's GoogLeNet and Inception-v3 return their
+    auxiliary heads' logits too).
+
+    Example
+    -------
+    >>> output_tensor((torch.zeros(2, 3), torch.zeros(2, 3)), nn.Identity())
+    Traceback (most recent call last):
+    ...
+    TypeError: Identity's forward returned a tuple, not one tensor of outputs. Build it without auxiliary outputs (e.g. torchvision's googlenet(aux_logits=False)) or wrap it in a module whose forward returns the main output
+    """
+    if torch.is_tensor(out):
+        return out
+    raise TypeError(
+        f"{type(net).__name__}'s forward returned a {type(out).__name__}, not one tensor of "
+        "outputs. Build it without auxiliary outputs (e.g. torchvision's "
+        "googlenet(aux_logits=False)) or wrap it in a module whose forward returns the main output"
+    )
 
 
 def loader(

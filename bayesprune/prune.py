@@ -69,7 +69,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .bayesianize import _check_writable, _is_bayesian
+from .bayesianize import _check_writable, _is_bayesian, _with_versions
 from .data import input_errors
 from .metrics import count_params, flops_by_layer, measure_latency
 from .train import TrainHistory, resolve_device, train
@@ -259,18 +259,27 @@ def _shape(node: fx.Node) -> tuple[int, ...] | None:
 
 
 def _trace(module: nn.Module, example_input: Any) -> fx.GraphModule:
+    """The module's graph, traced in training mode, with shapes from ``example_input``.
+
+    fx bakes ``if self.training`` into the graph; the training-mode forward runs every branch
+    (the auxiliary heads of GoogLeNet / Inception), so their input channels are pruned too and
+    the pruned net can still be fine-tuned.
+    """
+    was_training = module.training
+    module.train()
     try:
         gm = fx.symbolic_trace(module)
     except Exception as exc:  # tracing errors come in many types from deep inside torch.fx
         raise TypeError(
-            f"prune_module could not trace {type(module).__name__} with torch.fx "
+            f"bayesprune.prune could not trace {type(module).__name__} with torch.fx "
             f"({type(exc).__name__}: {exc}). Its forward must be symbolically traceable (no "
             "control flow that depends on tensor values)."
         ) from exc
+    finally:
+        module.train(was_training)
     if example_input is None:
         return gm
     inputs = example_input if isinstance(example_input, tuple) else (example_input,)
-    was_training = module.training
     module.eval()
     try:
         with torch.no_grad():
@@ -1197,6 +1206,27 @@ def _replace_branches(small: nn.Module, plan: PruningPlan) -> None:
         small.set_submodule(c, ConstantLayer(layer, value, folded))
 
 
+def _check_runs_in_training_mode(dense: nn.Module, small: nn.Module, probe: tuple) -> None:
+    """Training mode may run more of the net (auxiliary heads): where the dense net runs in it,
+    the pruned one must too. On copies, so that BatchNorm statistics stay as they are."""
+
+    def runs(net: nn.Module) -> Exception | None:
+        try:
+            with torch.no_grad():
+                copy.deepcopy(net).train()(*probe)
+        except Exception as exc:  # e.g. BatchNorm refuses a batch of one in training mode
+            return exc
+        return None
+
+    failure = runs(small)
+    if failure is not None and runs(dense) is None:
+        raise RuntimeError(
+            f"the pruned network runs in eval mode but fails in training mode "
+            f"({type(failure).__name__}: {failure}); please report this with the network "
+            "definition"
+        ) from failure
+
+
 def _check_exact(dense: nn.Module, small: nn.Module, example_input: Any) -> None:
     """Guard against silent errors: the pruned net must compute the zeroed net's function."""
     inputs = example_input if isinstance(example_input, tuple) else (example_input,)
@@ -1219,6 +1249,7 @@ def _check_exact(dense: nn.Module, small: nn.Module, example_input: Any) -> None
                     f"the pruned network fails to run ({type(exc).__name__}: {exc}); its forward "
                     "probably hard-codes a width (e.g. x.view(-1, 800)); use torch.flatten(x, 1)"
                 ) from exc
+        _check_runs_in_training_mode(dense, small, probe)
     finally:
         dense.train(modes[0]), small.train(modes[1])
     if torch.is_tensor(ref) and torch.is_tensor(out):
@@ -2018,7 +2049,7 @@ def load_pruned(
         else:
             m.num_features = w["out"]
     try:
-        net.load_state_dict(state, strict=True)
+        net.load_state_dict(_with_versions(state, net), strict=True)
     except RuntimeError as exc:
         raise ValueError(
             f"the weights in {path} do not fit base {type(net).__name__}: {exc}"

@@ -23,7 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .bayesianize import _is_bayesian
-from .data import batch_xy
+from .data import batch_xy, output_tensor
 
 __all__ = ["TrainHistory", "evaluate", "resolve_device", "train"]
 
@@ -125,7 +125,10 @@ def train(
         for batch in train_loader:
             x, y = batch_xy(batch, "train_loader")
             x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-            loss = loss_fn(net(x), y)
+            out = net(x)
+            if loss_fn is F.cross_entropy:  # a custom loss_fn may read auxiliary outputs
+                out = output_tensor(out, net)
+            loss = loss_fn(out, y)
             if not torch.isfinite(loss):
                 raise FloatingPointError(
                     f"training loss became {loss.item()} at epoch {epoch + 1}, step {len(history.loss) + 1}; "

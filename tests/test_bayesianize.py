@@ -77,7 +77,10 @@ def test_row_activations_pooling_flatten_dropout_are_deterministic() -> None:
 )
 def test_row_unsupported_layer_stays_deterministic_with_a_warning(layer: nn.Module) -> None:
     net = nn.ModuleDict({"odd": layer, "head": nn.Linear(4, 2)})
-    with pytest.warns(UserWarning, match=rf"'odd' \({type(layer).__name__}\) is not supported"):
+    own = ", ".join(p for p, _ in layer.named_parameters())
+    with pytest.warns(
+        UserWarning, match=rf"'odd' \({type(layer).__name__}: {own}\)\. Pass skip=\['odd'\]"
+    ):
         bnet = bp.bayesianize(net, layers=None)
     assert bnet.net["odd"] is not layer and type(bnet.net["odd"]) is type(layer)
     assert isinstance(bnet.net["head"], BayesianLinear)
@@ -445,3 +448,29 @@ def test_load_errors(tmp_path) -> None:
     save_file({"a": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(ValueError, match="not a bayesprune BayesianModule file"):
         bp.load(tmp_path / "other.safetensors", lenet_300_100())
+
+
+def test_a_container_with_a_parameter_of_its_own_is_named_with_it() -> None:
+    # like torchvision's ViT encoder: a position embedding of its own, Linear layers inside (which
+    # become Bayesian), and an attention module inside whose weights stay deterministic
+    class Encoder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.pos = nn.Parameter(torch.zeros(1, 3, 4))
+            self.attn = nn.MultiheadAttention(4, 1, batch_first=True)
+            self.mlp = nn.Linear(4, 4)
+
+        def forward(self, x):
+            x = x + self.pos
+            return self.mlp(self.attn(x, x, x)[0]).mean(1)
+
+    net = nn.Sequential(Encoder(), nn.Linear(4, 2))
+    with pytest.warns(UserWarning) as record:
+        bnet = bp.bayesianize(net)
+    messages = [str(w.message) for w in record if "point estimates" in str(w.message)]
+    assert len(messages) == 1
+    assert "'0' (Encoder: pos)" in messages[0]
+    assert "'0.attn' (MultiheadAttention: in_proj_weight, in_proj_bias)" in messages[0]
+    # the attention's out_proj, a Linear subclass that attention reads directly, stays too
+    assert "skip=['0', '0.attn', '0.attn.out_proj']" in messages[0]
+    assert isinstance(bnet.net[0].mlp, BayesianLinear)

@@ -886,3 +886,59 @@ def test_torchvision_blocks_switched_off_go_exactly(build) -> None:
         ref = zero_masked(net, masks).eval()(x)
         # float32 rounding grows with the output's scale (randomised BatchNorms: outputs ~ 10-100)
         assert (small(x) - ref).abs().max() <= 1e-6 * (1 + ref.abs().max())
+
+
+class _AuxHeadNet(nn.Module):
+    """Like GoogLeNet: an auxiliary head that reads a hidden layer in training mode only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.bn = nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8)
+        self.c2, self.aux, self.head = nn.Conv2d(8, 4, 3), nn.Conv2d(8, 2, 1), nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = F.relu(self.bn(self.c1(x)))
+        out = self.head(self.c2(h).mean((2, 3)))
+        if self.training:
+            return out, self.aux(h).mean((2, 3))
+        return out
+
+
+def test_a_head_used_in_training_mode_only_is_pruned_too() -> None:
+    net = _AuxHeadNet().eval()  # pruned from eval mode, where the head does not run
+    x = torch.randn(2, 1, 8, 8)
+    small = bp.prune(net, masks={"c1": torch.arange(8) < 3}, example_input=x)
+    assert small.c1.out_channels == 3 and small.aux.in_channels == 3
+    out, aux = small.train()(x)  # fine-tuning needs the training-mode forward
+    assert out.shape == (2, 3) and aux.shape == (2, 2)
+
+
+class _Versioned(nn.Module):
+    """Like torchvision's MNASNet: refuses a state dict without its module version."""
+
+    _version = 2
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 6), nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.fc2(F.relu(self.fc1(x)))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs):
+        if local_metadata.get("version") != 2:
+            raise ValueError(f"version should be 2, got {local_metadata.get('version')}")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
+
+
+def test_save_and_load_keep_module_versions(tmp_path) -> None:
+    net = _Versioned()
+    small = bp.prune(net, masks={"fc1": torch.arange(6) < 2}, example_input=torch.randn(1, 4))
+    bp.save_pruned(small, tmp_path / "small.safetensors")
+    back = bp.load_pruned(tmp_path / "small.safetensors", _Versioned)
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(back(x), small(x))
+    bnet = bp.bayesianize(_Versioned())
+    bnet.save(tmp_path / "b.safetensors")
+    loaded = bp.load(tmp_path / "b.safetensors", _Versioned())
+    torch.testing.assert_close(loaded.net.fc1.weight_loc, bnet.net.fc1.weight_loc)

@@ -72,3 +72,30 @@ def test_resolve_device():
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="CUDA is not available"):
             resolve_device("cuda")
+
+
+def test_a_net_with_auxiliary_outputs_gets_a_clear_error() -> None:
+    class TwoHeads(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.fc(x), self.fc(x)
+
+    data = [(torch.randn(4, 3), torch.tensor([0, 1, 0, 1]))]
+    with pytest.raises(TypeError, match=r"TwoHeads's forward returned a tuple.*aux_logits=False"):
+        train(TwoHeads(), data, epochs=1, progress=False)
+    # a custom loss_fn decides what to do with them
+    history = train(
+        TwoHeads(), data, epochs=1, progress=False,
+        loss_fn=lambda out, y: sum(torch.nn.functional.cross_entropy(o, y) for o in out),
+    )  # fmt: skip
+    assert len(history.loss) == 1
+    import bayesprune as bp
+
+    bnet = bp.bayesianize(TwoHeads(), num_classes=2)
+    with pytest.raises(TypeError, match="returned a tuple"):
+        bp.fit(bnet, data, epochs=1, progress=False, num_data=4)
+    with pytest.raises(TypeError, match="returned a tuple"):
+        bnet.predict(torch.randn(2, 3))
