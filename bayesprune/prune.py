@@ -796,22 +796,25 @@ def plan_pruning(
     groups, inputs, norm_inputs = analysis.groups()
 
     eff: dict[str, torch.Tensor] = {}
+    floored = []  # one warning for all layers: a big net can hit its floors in dozens
     for name, m in masks.items():
         width = m.numel()
         floor = min(width, max(min_nodes, math.ceil(float(min_fraction) * width - 1e-9)))
         kept = int(m.sum())
         if kept < floor:
-            warnings.warn(
-                f"the node decisions keep {kept} of {width} nodes of layer {name!r}; keeping its "
-                f"{floor} highest-scoring nodes instead (min_nodes={min_nodes}, "
-                f"min_fraction={min_fraction})",
-                stacklevel=3,
-            )
+            floored.append(f"keep {kept} of {width} nodes of layer {name!r} (now {floor})")
             m = m.clone()
             m[_top(score[name], ~m, floor - kept)] = True
         eff[name] = m
+    if floored:
+        warnings.warn(
+            f"the node decisions {_listing(floored)}; each such layer keeps its highest-scoring "
+            f"nodes up to its floor (min_nodes={min_nodes}, min_fraction={min_fraction})",
+            stacklevel=3,
+        )
     removed, constant = _branches(analysis, groups, eff, score)
 
+    zeroed = []
     for g in groups:
         full = torch.ones(g.width, dtype=torch.bool)
         if not g.producers:
@@ -822,11 +825,9 @@ def plan_pruning(
             keep |= eff.get(p, full)
         if g.frozen:
             if not keep.all():
-                warnings.warn(
-                    f"{int((~keep).sum())} output node(s) of layer(s) {g.producers} are masked but "
-                    f"only zeroed, not removed: this channel group is kept whole because of "
-                    f"{'; '.join(g.frozen)}",
-                    stacklevel=3,
+                zeroed.append(
+                    f"{int((~keep).sum())} of layer(s) {g.producers}, because of "
+                    f"{'; '.join(g.frozen)}"
                 )
             g.keep = full
             continue
@@ -842,6 +843,19 @@ def plan_pruning(
                         eff[p] = eff[p].clone()
                         eff[p][add] = True
         g.keep = keep
+    grouped = {p for g in groups for p in g.producers}
+    zeroed += [
+        f"{int((~m).sum())} of layer {n!r}, which the traced forward never calls as a module (e.g. "
+        "a Linear whose weight attention reads directly)"
+        for n, m in eff.items()
+        if n not in grouped and not m.all()
+    ]
+    if zeroed:
+        warnings.warn(
+            f"masked output nodes are only zeroed, not removed, where their channel group is kept "
+            f"whole: {_listing(zeroed)}",
+            stacklevel=3,
+        )
     return PruningPlan(
         masks=eff,
         groups=groups,
@@ -850,6 +864,12 @@ def plan_pruning(
         removed=removed,
         constant=constant,
     )
+
+
+def _listing(items: list[str], limit: int = 8) -> str:
+    """``items`` joined for a warning, the first ``limit`` of them and a count of the rest."""
+    more = f"; and {len(items) - limit} more" if len(items) > limit else ""
+    return "; ".join(items[:limit]) + more
 
 
 def _dead_region(

@@ -352,9 +352,12 @@ def test_floors_keep_the_best_nodes_and_warn_with_the_layer_name() -> None:
     net = nn.Sequential(nn.Linear(4, 10), nn.ReLU(), nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, 2))
     scores = {"0": torch.arange(10.0), "2": -torch.arange(8.0)}
     nothing = {"0": torch.zeros(10, dtype=torch.bool), "2": torch.zeros(8, dtype=torch.bool)}
-    with pytest.warns(UserWarning, match="keep 0 of 10 nodes of layer '0'"):
-        with pytest.warns(UserWarning, match="keep 0 of 8 nodes of layer '2'"):
-            small = _assert_exact(net, nothing, torch.randn(2, 4), scores=scores)
+    # one warning names every layer that hit its floor
+    match = r"keep 0 of 10 nodes of layer '0' \(now 1\); keep 0 of 8 nodes of layer '2' \(now 1\)"
+    with pytest.warns(UserWarning, match=match) as caught:
+        small = _assert_exact(net, nothing, torch.randn(2, 4), scores=scores)
+    floors = [str(w.message) for w in caught if "floor" in str(w.message)]
+    assert floors and all("layer '0'" in m and "layer '2'" in m for m in floors)
     assert small[0].out_features == 1 and small[2].out_features == 1
     plan = _quiet(plan_pruning, net, nothing, torch.randn(2, 4), scores=scores, min_fraction=0.25)
     assert plan.masks["0"].nonzero().flatten().tolist() == [7, 8, 9]  # ceil(2.5) best by score
@@ -942,3 +945,29 @@ def test_save_and_load_keep_module_versions(tmp_path) -> None:
     bnet.save(tmp_path / "b.safetensors")
     loaded = bp.load(tmp_path / "b.safetensors", _Versioned())
     torch.testing.assert_close(loaded.net.fc1.weight_loc, bnet.net.fc1.weight_loc)
+
+
+def test_zeroed_but_kept_nodes_are_reported_in_one_warning() -> None:
+    # two grouped convolutions keep their channel groups whole, and attention reads its out_proj
+    # weight directly: all three are named in one warning
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.dw1 = nn.Conv2d(1, 4, 1), nn.Conv2d(4, 4, 3, groups=4)
+            self.b, self.dw2 = nn.Conv2d(4, 4, 1), nn.Conv2d(4, 4, 3, groups=4)
+            self.attn = nn.MultiheadAttention(4, 1, batch_first=True)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x):
+            h = self.dw2(self.b(self.dw1(self.a(x)))).flatten(2).transpose(1, 2)
+            return self.head(self.attn(h, h, h)[0].mean(1))
+
+    net = Net().eval()
+    half = torch.arange(4) < 2
+    masks = {"a": half, "b": half, "attn.out_proj": half}
+    with pytest.warns(UserWarning, match="only zeroed, not removed") as caught:
+        small = bp.prune(net, masks=masks, example_input=torch.randn(2, 1, 6, 6))
+    message = next(str(w.message) for w in caught if "only zeroed" in str(w.message))
+    assert "'a'" in message and "'b'" in message and "'attn.out_proj'" in message
+    assert "never calls as a module" in message
+    assert small.a.out_channels == 4
