@@ -59,7 +59,8 @@ class FitResult:
     Attributes
     ----------
     loss
-        Negative ELBO estimate (nats, full-data scale) per step.
+        Negative ELBO estimate (nats, full-data scale) per step; with ``kl_weight`` β != 1 the
+        tempered objective NLL + β KL.
     epoch_loss
         Mean of ``loss`` per epoch.
     kl
@@ -102,8 +103,11 @@ class LocalReparamELBO(pyro.infer.ELBO):
     r"""Fast ELBO of a :class:`~bayesprune.BayesianModule`: ``(N / B) * NLL + KL``.
 
     One local-reparameterization forward pass estimates the expected log-likelihood; the KL is
-    analytic. Gates use the binary-Concrete straight-through estimator. The loss equals in
-    expectation that of ``pyro.infer.Trace_ELBO`` on ``(bnet.model, bnet.guide)``.
+    analytic. Gates are exact Bernoulli draws whose gradient comes from the prior's
+    ``gate_gradient`` estimator (trapezoid by default, or the binary-Concrete straight-through
+    one): the loss *value* equals in expectation that of ``pyro.infer.Trace_ELBO`` on
+    ``(bnet.model, bnet.guide)``, and the gate logits' gradient is a biased, low-variance
+    estimate of its gradient.
     It follows :class:`pyro.infer.ELBO`'s interface, so ``pyro.infer.SVI(bnet.model, bnet.guide,
     optim, loss=LocalReparamELBO())`` works; :func:`fit` calls :meth:`differentiable_loss` directly
     with a plain ``torch.optim.Adam``.
@@ -183,8 +187,13 @@ def _lr_factor(schedule: str, total: int | None, start: int):
 
 def _examples(train_loader: Iterable) -> int | None:
     """The training examples ``train_loader`` draws from: its sampler's length (a
-    ``SubsetRandomSampler`` draws from fewer than its dataset holds), else its dataset's."""
-    for source in (getattr(train_loader, "sampler", None), getattr(train_loader, "dataset", None)):
+    ``SubsetRandomSampler`` draws from fewer than its dataset holds), else its dataset's. A
+    sampler that draws with replacement (``WeightedRandomSampler``) counts draws, not examples:
+    then the dataset's length."""
+    sampler = getattr(train_loader, "sampler", None)
+    if getattr(sampler, "replacement", False):
+        sampler = None
+    for source in (sampler, getattr(train_loader, "dataset", None)):
         try:
             return len(source)  # type: ignore[arg-type]
         except TypeError:

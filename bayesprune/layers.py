@@ -18,8 +18,8 @@ exactly its marginal law under :math:`q`; for a convolution the positions of one
 then independent, whereas under :math:`q` they share one weight draw, see ``reparam`` in
 :func:`bayesprune.bayesianize`), then the node multiplier of the prior (a spike-and-slab
 gate :math:`z_j`, a horseshoe scale :math:`\tilde s_j`, or both), drawn independently per
-example (same per-example marginal as one draw per minibatch, hence the same expected
-log-likelihood, with less variance), multiplies node :math:`j`'s output. When the layer's output
+example (the same joint law over the layer's nodes, per example, as one draw per minibatch,
+hence the same expected log-likelihood, with less variance), multiplies node :math:`j`'s output. When the layer's output
 goes straight into a BatchNorm and/or a ReLU used only there, the multiplier acts after them
 instead (a forward hook installed by :func:`bayesprune.bayesianize`): a gated-off channel is then
 exactly zero after the BatchNorm, and a dropped node still receives a gradient (before a ReLU it

@@ -281,8 +281,10 @@ class Prior:
         """Per-node multiplier (gate x scale) of the fast path, or ``None``.
 
         Shape ``[out]`` (one draw shared by the minibatch) or, with ``batch``, ``[batch, out]``: an
-        independent draw per example, which has the same per-example marginal and hence the same
-        expected log-likelihood (the argument of local reparameterization), with far less variance.
+        independent draw per example of the layer's whole multiplier vector, which has the same
+        per-example joint law and hence the same expected log-likelihood (the argument of local
+        reparameterization), with far less variance. Nodes that share a variable under q (the
+        horseshoe's layer scale :math:`\tau`) must share it within each example's draw.
         """
         return None
 
@@ -475,16 +477,28 @@ def _hs_setup(
     layer.tau_b_log_scale = torch.nn.Parameter(torch.tensor(init_log_sd, device=dev, dtype=dt))
 
 
-def _hs_log_scale_moments(layer: BayesianLayer) -> tuple[torch.Tensor, torch.Tensor]:
-    r"""Mean and sd of :math:`\log s_j = \tfrac12(\log a_j + \log b_j + \log a + \log b)` under q."""
-    mean = 0.5 * (layer.lambda_a_loc + layer.lambda_b_loc + layer.tau_a_loc + layer.tau_b_loc)
-    var = 0.25 * (
-        torch.exp(2 * layer.lambda_a_log_scale)
-        + torch.exp(2 * layer.lambda_b_log_scale)
-        + torch.exp(2 * layer.tau_a_log_scale)
-        + torch.exp(2 * layer.tau_b_log_scale)
+def _hs_log_scale_parts(
+    layer: BayesianLayer,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    r"""Means and sds under q of the node part :math:`\tfrac12(\log a_j + \log b_j)` (``[out]``)
+    and of the layer part :math:`\tfrac12(\log a + \log b) = \log \tau` (scalars) of
+    :math:`\log s_j`."""
+    node_mean = 0.5 * (layer.lambda_a_loc + layer.lambda_b_loc)
+    node_sd = 0.5 * torch.sqrt(
+        torch.exp(2 * layer.lambda_a_log_scale) + torch.exp(2 * layer.lambda_b_log_scale)
     )
-    return mean, var.sqrt()
+    tau_mean = 0.5 * (layer.tau_a_loc + layer.tau_b_loc)
+    tau_sd = 0.5 * torch.sqrt(
+        torch.exp(2 * layer.tau_a_log_scale) + torch.exp(2 * layer.tau_b_log_scale)
+    )
+    return node_mean, node_sd, tau_mean, tau_sd
+
+
+def _hs_log_scale_moments(layer: BayesianLayer) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Mean and sd of :math:`\log s_j = \tfrac12(\log a_j + \log b_j + \log a + \log b)` under q
+    (the marginal of each node; the nodes of a layer share the :math:`\tau` part)."""
+    node_mean, node_sd, tau_mean, tau_sd = _hs_log_scale_parts(layer)
+    return node_mean + tau_mean, torch.sqrt(node_sd**2 + tau_sd**2)
 
 
 def _regularize(s: torch.Tensor, c: float | None) -> torch.Tensor:
@@ -496,11 +510,18 @@ def _hs_sample_scale(
 ) -> torch.Tensor:
     r"""Reparameterised draw of the regularised node scales, ``[out]`` or ``[batch, out]``.
 
-    :math:`\log s_j` is Gaussian under q, so one normal draw per node gives it exactly.
+    :math:`\log s_j = \tfrac12(\log a_j + \log b_j) + \log \tau` is Gaussian under q: one normal
+    draw per node for its own part and one per example (or per call) for the layer's
+    :math:`\tau`, which all nodes share. Drawing :math:`\log s_j` in one piece per node would give
+    each node the right marginal but make the nodes independent, and bias the expected
+    log-likelihood (the output variance that :math:`\tau` causes would be understated).
     """
-    mean, sd = _hs_log_scale_moments(layer)
-    shape = mean.shape if batch is None else (batch, *mean.shape)
-    log_s = mean + sd * torch.randn(shape, device=mean.device, dtype=mean.dtype)
+    node_mean, node_sd, tau_mean, tau_sd = _hs_log_scale_parts(layer)
+    shape = node_mean.shape if batch is None else (batch, *node_mean.shape)
+    tau_shape = () if batch is None else (batch, 1)
+    eps = torch.randn(shape, device=node_mean.device, dtype=node_mean.dtype)
+    eps_tau = torch.randn(tau_shape, device=node_mean.device, dtype=node_mean.dtype)
+    log_s = node_mean + node_sd * eps + tau_mean + tau_sd * eps_tau
     return _regularize(torch.exp(log_s), c)
 
 
@@ -914,9 +935,10 @@ class GroupHorseshoe(Prior):
     is included while its weights stay above half the typical size of the layer's nodes before the
     fit. It is pruned once the posterior has shrunk them below that, through its scale or its
     standardised weights. The probability is in closed form because :math:`\tilde s_j` is monotone
-    in :math:`s_j` and :math:`\log s_j` is Gaussian under :math:`q`. It does not change when a
-    layer's weights are rescaled (as when the next layer compensates, leaving the function as it
-    was). A fan-in reference does change: on LeNet-5-Caffe, trained 5x5 first-layer filters sit
+    in :math:`s_j` and :math:`\log s_j` is Gaussian under :math:`q`. Without regularization it
+    does not change when a layer's weights are rescaled (as when the next layer compensates,
+    leaving the function as it was); with it (the default), the slab width :math:`c` is an absolute
+    scale, so a rescaled layer's PIPs move. A fan-in reference does change: on LeNet-5-Caffe, trained 5x5 first-layer filters sit
     near :math:`1/\sqrt{25}`, so :math:`\tilde s_j > 1/\sqrt{m_j}` excluded most of them before
     any fitting, and the fitted posterior then emptied that layer (``benchmarks/compare.py``).
 

@@ -290,7 +290,12 @@ def test_nan_loss_stops_with_an_error_naming_the_step() -> None:
 
 
 def test_n_is_what_the_loader_draws_from() -> None:
-    from torch.utils.data import DataLoader, SubsetRandomSampler, TensorDataset
+    from torch.utils.data import (
+        DataLoader,
+        SubsetRandomSampler,
+        TensorDataset,
+        WeightedRandomSampler,
+    )
 
     x, y = _digits_like()
     data = TensorDataset(x, y)
@@ -300,6 +305,9 @@ def test_n_is_what_the_loader_draws_from() -> None:
     assert bp.fit(bnet, DataLoader(data, 32), epochs=1, progress=False).num_data == 96
     with pytest.warns(UserWarning, match="num_data=50, but train_loader draws from 40 examples"):
         bp.fit(bnet, subset, epochs=1, num_data=50, progress=False)
+    # a sampler with replacement counts draws (here 32), not training examples
+    weighted = DataLoader(data, 16, sampler=WeightedRandomSampler(torch.ones(96), num_samples=32))
+    assert bp.fit(bnet, weighted, epochs=1, progress=False).num_data == 96
 
 
 def test_fit_rejects_bad_arguments() -> None:

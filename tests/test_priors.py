@@ -11,6 +11,7 @@ import torch
 from scipy import stats
 from torch import nn
 
+import bayesprune as bp
 from bayesprune import priors
 from bayesprune.layers import BayesianConv2d, BayesianLinear
 from bayesprune.priors import (
@@ -322,3 +323,35 @@ def test_trapezoid_gate_gradient_is_the_trapezoid_rule(batch) -> None:
     # the draw is Bernoulli(q): frequencies over many examples
     zs = _trapezoid_gate(logit.detach(), 20_000)
     torch.testing.assert_close(zs.mean(0), q, atol=0.015, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "prior",
+    [bp.priors.GroupHorseshoe(global_scale=0.5), bp.priors.SpikeAndSlab(slab="horseshoe")],
+    ids=["group_horseshoe", "spike_and_slab_horseshoe"],
+)
+def test_horseshoe_nodes_share_the_layer_scale_within_an_example(prior) -> None:
+    # every node's scale contains the layer's tau: one draw per example (the fast path) must give
+    # the output the spread of whole posterior draws, not of nodes drawn independently (which
+    # understated it by 30% here)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 32), nn.ReLU(), nn.Linear(32, 1))
+    with torch.no_grad():
+        net[0].weight.abs_(), net[0].bias.fill_(0.5), net[2].weight.fill_(0.3)
+    bnet = bp.bayesianize(net, prior=prior, likelihood="gaussian", noise_scale=0.5)
+    with torch.no_grad():
+        for layer in bnet.bayesian_layers.values():
+            layer.weight_log_scale.fill_(-6.0)
+            layer.bias_log_scale.fill_(-6.0)
+            layer.lambda_a_log_scale.fill_(math.log(0.02))
+            layer.lambda_b_log_scale.fill_(math.log(0.02))
+            layer.tau_a_log_scale.fill_(math.log(0.6))
+            layer.tau_b_log_scale.fill_(math.log(0.6))
+            if hasattr(layer, "gate_logit"):
+                layer.gate_logit.fill_(10.0)  # gates on: the scales alone make the spread
+    x = torch.ones(1, 3)
+    with torch.no_grad():
+        fast = bnet(x.expand(20000, 3)).flatten()  # one draw per example
+        whole = bnet._sample_outputs(x, 1500, seed=0).flatten()  # one guide draw per pass
+    ratio = float(fast.std() / whole.std())
+    assert 0.85 < ratio < 1.15, ratio
