@@ -166,21 +166,36 @@ _PVALUE_FUNCS: dict[str, Callable[..., Any]] = {
 
 
 def min_calibration_size(
-    alpha: float, delta: float, *, n_candidates: int = 1, method: str = "fixed_sequence"
+    alpha: float,
+    delta: float,
+    *,
+    n_candidates: int = 1,
+    method: str = "fixed_sequence",
+    pvalue: str = "hb",
 ) -> int:
     """Smallest calibration size for which a candidate with zero empirical risk can pass.
 
-    At :math:`\\hat R = 0` the HB and binomial p-values both equal :math:`(1-\\alpha)^n`, so some
-    candidate can be certified only when :math:`(1-\\alpha)^n \\le \\delta'` with
-    :math:`\\delta' = \\delta` (fixed sequence) or :math:`\\delta / K` (Bonferroni):
+    At :math:`\\hat R = 0` the HB, Hoeffding and binomial p-values all equal
+    :math:`(1-\\alpha)^n`, so some candidate can be certified only when
+    :math:`(1-\\alpha)^n \\le \\delta'` with :math:`\\delta' = \\delta` (fixed sequence) or
+    :math:`\\delta / K` (Bonferroni):
 
     .. math:: n_{\\min} = \\lceil \\log \\delta' / \\log(1 - \\alpha) \\rceil.
 
+    The Bentkus p-value alone is :math:`e\\,(1-\\alpha)^n` there (``pvalue="bentkus"``: replace
+    :math:`\\delta'` by :math:`\\delta' / e`).
+
     >>> min_calibration_size(0.01, 0.1)
     230
+    >>> min_calibration_size(0.01, 0.1, pvalue="bentkus")
+    329
     """
     alpha, delta = _check_level(alpha, "alpha"), _check_level(delta, "delta")
+    if pvalue not in PVALUES:
+        raise ValueError(f"pvalue must be one of {PVALUES}, got {pvalue!r}")
     level = delta / n_candidates if method == "bonferroni" else delta
+    if pvalue == "bentkus":
+        level /= math.e
     n = max(1, math.ceil(math.log(level) / math.log1p(-alpha)))
     # guard the closed form against rounding at the boundary
     while n > 1 and (1 - alpha) ** (n - 1) <= level:
@@ -304,14 +319,16 @@ def learn_then_test(
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     arr = _check_losses(losses)
     k, n = arr.shape
-    n_min = min_calibration_size(alpha, delta, n_candidates=k, method=method)
+    kind = _resolve_pvalue(pvalue, arr)
+    n_min = min_calibration_size(alpha, delta, n_candidates=k, method=method, pvalue=kind)
     if n < n_min:
+        bound = "e (1 - alpha)^n" if kind == "bentkus" else "(1 - alpha)^n"
         raise ValueError(
             f"{n} calibration points can never certify risk <= alpha={alpha} at delta={delta} "
-            f"({method}, {k} candidates): at least n = {n_min} are needed, since even zero errors "
-            f"give p = (1 - alpha)^n > delta below that. Use more calibration data or a larger alpha."
+            f"({method}, {k} candidates, {kind} p-values): at least n = {n_min} are needed, since "
+            f"even zero errors give p = {bound} > delta below that. Use more calibration data or "
+            "a larger alpha."
         )
-    kind = _resolve_pvalue(pvalue, arr)
     risks = arr.mean(axis=1)
     pvals = np.atleast_1d(np.asarray(_PVALUE_FUNCS[kind](risks, n, alpha), dtype=np.float64))
     rejected = np.zeros(k, dtype=bool)

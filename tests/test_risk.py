@@ -99,6 +99,11 @@ def test_min_calibration_size() -> None:
     assert min_calibration_size(0.01, 0.1, n_candidates=10, method="bonferroni") == math.ceil(
         math.log(0.01) / math.log(0.99)
     )
+    # the Bentkus p-value alone is e (1 - alpha)^n at zero risk: it needs more points
+    n_b = min_calibration_size(0.01, 0.1, pvalue="bentkus")
+    assert bentkus_pvalue(0.0, n_b, 0.01) <= 0.1 < bentkus_pvalue(0.0, n_b - 1, 0.01)
+    with pytest.raises(ValueError, match=r"bentkus p-values\): at least n = 329"):
+        learn_then_test(np.zeros((1, 300)), alpha=0.01, delta=0.1, pvalue="bentkus")
 
 
 # ------------------------------------------------------------------------------------------------
