@@ -1535,16 +1535,6 @@ def prune(
                 "use a node-level prior on the hidden layers, or pass masks="
             )
         masks = _masks_from_scores(ranked, threshold, keep)
-        empty = [k for k, m in masks.items() if not bool(m.any())]
-        # with keep= an empty layer only says where the global ranking fell, not that the
-        # posterior switched the layer off
-        if bayesian and empty and min_nodes > 0 and not never_fitted and threshold is not None:
-            warnings.warn(
-                f"the posterior switched off every node of layer(s) {empty}: the KL term outweighs "
-                "the likelihood (typical on small data sets). Fit with bp.fit(..., kl_weight=0.1) "
-                "or less, or a larger prior inclusion, if you want a usable network",
-                stacklevel=2,
-            )
     plan = plan_pruning(
         base,
         masks,
@@ -1554,6 +1544,10 @@ def prune(
         min_nodes=min_nodes,
         round_to=round_to,
     )
+    # with keep= an empty layer only says where the global ranking fell, not that the posterior
+    # switched the layer off
+    if bayesian and min_nodes > 0 and not never_fitted and threshold is not None:
+        _warn_switched_off(masks, plan)
     # the posterior mean of a Bayesian net depends on the mask (its gates), so build it for the
     # final decisions; a plain module is simply zeroed and sliced
     module = model.mean_module(plan.masks) if bayesian else base
@@ -1563,6 +1557,28 @@ def prune(
         _zero_in_place(reference, plan.masks, _bn_followers(reference))
         _check_exact(reference, small, example_input)
     return small
+
+
+def _warn_switched_off(masks: Mapping[str, torch.Tensor], plan: PruningPlan) -> None:
+    """Warn when the posterior switched off whole channel groups (only the floor keeps them).
+
+    A layer whose channels an addition ties to layers that keep them (a ResNet shortcut) is
+    switched off harmlessly: the group stays, so it is not named.
+    """
+    tied = {p: g.producers for g in plan.groups for p in g.producers}
+    empty = [
+        k
+        for k, m in masks.items()
+        if not bool(m.any())
+        and all(p in masks and not bool(masks[p].any()) for p in tied.get(k, [k]))
+    ]
+    if empty:
+        warnings.warn(
+            f"the posterior switched off every node of layer(s) {empty}: the KL term outweighs "
+            "the likelihood (typical on small data sets). Fit with bp.fit(..., kl_weight=0.1) "
+            "or less, or a larger prior inclusion, if you want a usable network",
+            stacklevel=3,
+        )
 
 
 def finetune(

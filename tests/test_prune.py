@@ -971,3 +971,32 @@ def test_zeroed_but_kept_nodes_are_reported_in_one_warning() -> None:
     assert "'a'" in message and "'b'" in message and "'attn.out_proj'" in message
     assert "never calls as a module" in message
     assert small.a.out_channels == 4
+
+
+def test_a_switched_off_layer_tied_to_kept_channels_is_not_reported_as_empty() -> None:
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1, self.conv2 = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+            self.shortcut, self.head = nn.Conv2d(1, 4, 1), nn.Linear(4, 2)
+
+        def forward(self, x):
+            h = self.conv2(F.relu(self.conv1(x))) + self.shortcut(x)  # conv2 and shortcut tied
+            return self.head(F.relu(h).mean((2, 3)))
+
+    bnet = bp.bayesianize(Block(), prior=bp.priors.SpikeAndSlab(level="node"))
+    bnet.num_data = 100  # as if fitted
+    x = torch.randn(2, 1, 6, 6)
+    with torch.no_grad():
+        bnet.net.shortcut.gate_logit.fill_(-20.0)  # the posterior switches the shortcut off
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        small = bp.prune(bnet, threshold=0.5, example_input=x)
+    assert not any("switched off every node" in str(w.message) for w in caught)
+    assert small.shortcut.out_channels == 4  # kept: conv2 keeps the channels they share
+    with torch.no_grad():
+        bnet.net.conv2.gate_logit.fill_(-20.0)  # now the whole group is off
+    with pytest.warns(
+        UserWarning, match=r"switched off every node of layer\(s\) \['conv2', 'shortcut'\]"
+    ):
+        bp.prune(bnet, threshold=0.5, example_input=x)
