@@ -1,4 +1,5 @@
-"""Datasets and deterministic splits.
+"""Datasets and deterministic splits, and the contract of a batch: what goes into a network and
+what comes out (``batch_xy``, ``input_errors``, ``output_tensor``).
 
 Two real datasets, both available offline:
 
