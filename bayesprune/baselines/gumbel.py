@@ -26,8 +26,8 @@ What we changed: the mask logits have their own Adam learning rate (``mask_lr``)
 :math:`(0, \text{init\_logit})` so the net starts (almost) dense; biases are masked like weights
 (the tutorial masks the weight matrices; ``mask_bias=False`` restores that). For certification we
 need candidates at other levels than the trained one: :meth:`masks` ranks units by the logit margin
-:math:`\ell_{i1} - \ell_{i0}` (the learned keep preference); at :attr:`trained_level` this is exactly
-the argmax mask.
+:math:`\ell_{i1} - \ell_{i0}` (the learned keep preference); at :attr:`trained_level` this is the
+argmax mask, except where the argmax empties a layer: the masks keep at least one unit per layer.
 
 Example
 -------

@@ -14,7 +14,8 @@ them) is scored by
 (the posterior kernel norm and the node's signal-to-noise ratio), each divided by its layer's mean
 so that one global ranking compares nodes of layers of different fan-in and scale. Iterative self-compression: fit; remove the fraction ``round_fraction`` of the remaining
 hidden nodes with the lowest score (globally ranked); keep them at exactly zero and refit for
-``round_epochs``; repeat ``rounds`` times. ``prune(level)`` then removes the fraction ``level`` of
+``round_epochs``; ``rounds - 1`` such rounds after the first fit (the default ``rounds=1`` is one
+fit and a one-shot ranking, not the paper's iteration). ``prune(level)`` then removes the fraction ``level`` of
 all hidden nodes, the ones removed in earlier rounds first, then by final score, from the
 posterior-mean network, physically (:func:`bayesprune.prune_module`).
 

@@ -34,8 +34,9 @@ the rest (:math:`P_{-g}`), which is what the child actually receives from them (
 dimensional group activations directly needs far more than 2,000 points per estimate). Conv
 activations are averaged over space. *EDGE*: random-shift bucket hashing with an ensemble over
 five bucket widths around :math:`\epsilon = 2 n^{-1/(2 + d)}` (plain average, not the paper's
-optimally weighted ensemble) and a Miller-Madow-type bias correction. The child activation is the
-child layer's output after its ReLU when one follows (the output itself otherwise).
+optimally weighted ensemble) and a Miller-Madow-type bias correction. The child activation is what
+the network passes on from the child layer: its output after the BatchNorm and activation that
+follow it alone, the output itself otherwise (the logits, for the output layer).
 No fine-tuning is done here (the paper fine-tunes after pruning; :func:`bayesprune.finetune` does).
 
 Example
@@ -62,12 +63,37 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import fx, nn
 from tqdm.auto import tqdm
 
 from ..data import batch_xy
 from ..prune import dependency_groups
 from .base import PruningMethod, hidden_layers
+
+# what may follow a child layer before the network passes its output on
+_CHILD_MODULES = (
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.CELU, nn.SELU,
+    nn.GELU, nn.SiLU, nn.Mish, nn.Tanh, nn.Hardtanh, nn.Hardswish, nn.Sigmoid, nn.Identity,
+    nn.Dropout,
+)  # fmt: skip
+_CHILD_FUNCTIONS = {F.relu, torch.relu, F.relu6, F.leaky_relu, F.elu, F.gelu, F.silu, torch.tanh}
+_CHILD_METHODS = {"relu", "tanh", "sigmoid"}
+
+
+def _child_node(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
+    """``node`` followed through a BatchNorm and / or activation that only it feeds."""
+    while len(node.users) == 1:
+        user = next(iter(node.users))
+        if (
+            (user.op == "call_module" and isinstance(gm.get_submodule(user.target), _CHILD_MODULES))
+            or (user.op == "call_function" and user.target in _CHILD_FUNCTIONS)
+            or (user.op == "call_method" and user.target in _CHILD_METHODS)
+        ) and user.args[0] is node:
+            node = user
+        else:
+            break
+    return node
+
 
 __all__ = ["SNACS", "edge_conditional_mutual_information", "edge_mutual_information"]
 
@@ -289,17 +315,22 @@ class SNACS(PruningMethod):
 
     # -- activations -----------------------------------------------------------------------------
     @torch.no_grad()
-    def _io(self, net: nn.Module, x: torch.Tensor, layer: str, consumer: str):
-        """Input of ``consumer`` (the parents' activations) and its output after a ReLU."""
+    def _io(self, gm: fx.GraphModule, x: torch.Tensor, consumer: str):
+        """Input of ``consumer`` (the parents' activations) and the child activations: its output
+        after the BatchNorm and activation that follow it alone, as the network passes it on."""
+        node = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == consumer)
+        child = _child_node(gm, node)
+        wanted = {node.args[0]: "in", child: "out"}
         store: dict[str, torch.Tensor] = {}
-        cons = net.get_submodule(consumer)
-        h1 = cons.register_forward_pre_hook(lambda _m, inp: store.__setitem__("in", inp[0]))
-        h2 = cons.register_forward_hook(lambda _m, _i, out: store.__setitem__("out", out))
-        try:
-            net(x)
-        finally:
-            h1.remove()
-            h2.remove()
+
+        class Recorder(fx.Interpreter):
+            def run_node(self, n: fx.Node) -> Any:
+                value = super().run_node(n)
+                if n in wanted:
+                    store[wanted[n]] = value
+                return value
+
+        Recorder(gm).run(x)
         return store["in"], store["out"]
 
     def _contributions(self, cons: nn.Module, a: torch.Tensor, group_of: torch.Tensor, repeat: int):
@@ -334,6 +365,7 @@ class SNACS(PruningMethod):
         example = self._device_input()
         dev = example.device
         layers = hidden_layers(net, example)
+        gm = fx.symbolic_trace(net)  # dependency_groups has traced it already: this cannot fail
         groups = {
             g.producers[0]: g for g in dependency_groups(net, example) if len(g.producers) == 1
         }
@@ -357,9 +389,9 @@ class SNACS(PruningMethod):
             parent_act = None
             for consumer, repeat in groups[name].consumers:
                 cons = net.get_submodule(consumer)
-                a, out = self._io(net, x, name, consumer)
+                a, out = self._io(gm, x, consumer)
                 a = a.flatten(1) if isinstance(cons, nn.Linear) else a
-                child = _spatial_mean(F.relu(out)).cpu().numpy()
+                child = _spatial_mean(out).cpu().numpy()
                 if parent_act is None:
                     pa = (
                         a.view(len(a), width, -1).mean(2)
