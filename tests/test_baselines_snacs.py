@@ -130,21 +130,10 @@ def test_snacs_reads_the_children_as_the_network_passes_them_on():
     # logits zeroed them all and left the ranking to the node order)
     import copy
 
-    torch.manual_seed(0)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(600, 6, generator=g)
-    y = (x[:, 0] - x[:, 1] > 0).long() + (x[:, 2] > 0.5).long()
-    net = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
-    opt = torch.optim.Adam(net.parameters(), 1e-2)
-    for _ in range(200):
-        loss = nn.functional.cross_entropy(net(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    net, data = _setup()
     shifted = copy.deepcopy(net)
     with torch.no_grad():
         shifted[2].bias -= 50.0
-    data = DataLoader(TensorDataset(x, y), batch_size=100)
     scores = [
         SNACS(groups=4, per_class=100, n_ensemble=3, progress=False).fit(n, data).scores["0"]
         for n in (net, shifted)
