@@ -319,19 +319,15 @@ class SNACS(PruningMethod):
         """Input of ``consumer`` (the parents' activations) and the child activations: its output
         after the BatchNorm and activation that follow it alone, as the network passes it on."""
         node = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == consumer)
-        child = _child_node(gm, node)
-        wanted = {node.args[0]: "in", child: "out"}
-        store: dict[str, torch.Tensor] = {}
-
-        class Recorder(fx.Interpreter):
-            def run_node(self, n: fx.Node) -> Any:
-                value = super().run_node(n)
-                if n in wanted:
-                    store[wanted[n]] = value
-                return value
-
-        Recorder(gm).run(x)
-        return store["in"], store["out"]
+        targets = (node.args[0], _child_node(gm, node))
+        # a copy of the graph that returns the two values and stops there
+        graph, env = fx.Graph(), {}
+        for n in gm.graph.nodes:
+            env[n] = graph.node_copy(n, lambda a: env[a])
+            if all(t in env for t in targets):
+                break
+        graph.output(tuple(env[t] for t in targets))
+        return fx.GraphModule(gm, graph)(x)
 
     def _contributions(self, cons: nn.Module, a: torch.Tensor, group_of: torch.Tensor, repeat: int):
         """[G, n, C_out]: what each parent group sends to each child (spatially averaged)."""
