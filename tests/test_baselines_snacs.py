@@ -140,3 +140,21 @@ def test_snacs_reads_the_children_as_the_network_passes_them_on():
     ]
     torch.testing.assert_close(scores[0], scores[1])
     assert scores[0].max() > 0.1  # informative scores, not all zero
+
+
+def test_snacs_scores_information_not_weight_size():
+    # parents 0-3 carry the input; parents 4-7 are constant (no input weights) but have the
+    # largest outgoing weights: mutual information must rank the informative group first
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(600, 4, generator=g)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    with torch.no_grad():
+        net[0].weight.zero_()
+        net[0].weight[:4] = torch.eye(4)
+        net[0].bias.copy_(torch.tensor([1.0] * 8))
+        net[2].weight[:, :4] = 0.3 + 0.3 * torch.rand(3, 4, generator=g)
+        net[2].weight[:, 4:] = 0.8 + 0.2 * torch.rand(3, 4, generator=g)
+    data = DataLoader(TensorDataset(x, y), batch_size=100)
+    scores = SNACS(groups=2, per_class=150, n_ensemble=3, progress=False).fit(net, data).scores["0"]
+    assert scores[:4].min() > scores[4:].max()
