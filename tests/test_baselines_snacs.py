@@ -158,3 +158,25 @@ def test_snacs_scores_information_not_weight_size():
     data = DataLoader(TensorDataset(x, y), batch_size=100)
     scores = SNACS(groups=2, per_class=150, n_ensemble=3, progress=False).fit(net, data).scores["0"]
     assert scores[:4].min() > scores[4:].max()
+
+
+def test_snacs_on_a_net_with_a_head_used_in_training_mode_only():
+    # the pruning analysis traces in training mode (every branch); SNACS must read the same graph,
+    # or the auxiliary head, a consumer of fc1, is missing from it
+    import torch.nn.functional as F
+
+    class Aux(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 8)
+            self.aux, self.head = nn.Linear(8, 3), nn.Linear(8, 3)
+
+        def forward(self, x):
+            h = F.relu(self.fc1(x))
+            out = self.head(F.relu(self.fc2(h)))
+            return (out, self.aux(h)) if self.training else out
+
+    _, data = _setup()
+    net = Aux().eval()
+    scores = SNACS(groups=2, per_class=50, n_ensemble=2, progress=False).fit(net, data).scores
+    assert set(scores) == {"fc1", "fc2"} and not net.training

@@ -67,7 +67,7 @@ from torch import fx, nn
 from tqdm.auto import tqdm
 
 from ..data import batch_xy
-from ..prune import dependency_groups
+from ..prune import _trace, dependency_groups
 from .base import PruningMethod, hidden_layers
 
 # what may follow a child layer before the network passes its output on
@@ -361,7 +361,9 @@ class SNACS(PruningMethod):
         example = self._device_input()
         dev = example.device
         layers = hidden_layers(net, example)
-        gm = fx.symbolic_trace(net)  # dependency_groups has traced it already: this cannot fail
+        # the graph dependency_groups reads (training mode: every branch, auxiliary heads too), so
+        # each consumer it names is in it
+        gm = _trace(net, None)
         groups = {
             g.producers[0]: g for g in dependency_groups(net, example) if len(g.producers) == 1
         }
