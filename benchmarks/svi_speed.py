@@ -22,6 +22,11 @@ forward pass (with the loss), backward pass and optimiser update::
 
 ``--predict`` times one posterior-predictive draw per batch instead (what certifying or predicting
 costs), against the deterministic forward pass.
+
+``--ops`` also counts the ATen operators one step dispatches (forward, backward and optimiser;
+views, aliases such as ``detach``, and profiler markers left out). A small net's GPU step is bound by launching its kernels rather than
+by arithmetic, so the ratio of operator counts, which does not depend on the device, predicts the
+GPU time ratio of such a net better than a CPU time ratio does.
 """
 
 from __future__ import annotations
@@ -32,10 +37,12 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
+from typing import Any
 
 import pyro
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import bayesprune as bp
 from bayesprune.data import load_fashion_mnist
@@ -79,6 +86,36 @@ def _time_round_robin(
         cols = [1000 * statistics.median(c) for c in zip(*rows, strict=True)]
         out[name] = dict(zip(("step", *PHASES), cols, strict=True))
     return out
+
+
+class _OpCounter(TorchDispatchMode):
+    """Counts the ATen operators dispatched inside it (backward ones included) that compute
+    something: views and aliases (``view``, ``t``, ``detach``...) and profiler markers launch no
+    kernel and are left out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None) -> Any:
+        if not func.is_view and func.namespace == "aten" and "lift_fresh" not in func.name():
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _count_ops(methods: dict[str, Method], i: int) -> dict[str, int]:
+    """Computing ATen operators of one whole step (minibatch ``i``) of each method."""
+    counts = {}
+    for name, (loss_of, opt) in methods.items():
+        counter = _OpCounter()
+        with counter:
+            loss = loss_of(i)
+            if opt is not None:
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+        counts[name] = counter.count
+    return counts
 
 
 def _batches(
@@ -139,7 +176,13 @@ def _floor_method(
 
 
 def bench_model(
-    name: str, dev: torch.device, steps: int, warmup: int, batch: int, trace: bool
+    name: str,
+    dev: torch.device,
+    steps: int,
+    warmup: int,
+    batch: int,
+    trace: bool,
+    ops: bool = False,
 ) -> list[dict]:
     xs, ys, n = _batches(dev, batch, 16)
     k = len(xs)
@@ -217,17 +260,21 @@ def bench_model(
         )
 
     ms = _time_round_robin(methods, steps, warmup, dev)
+    if ops:
+        for m, n_ops in _count_ops(methods, warmup + steps).items():
+            ms[m]["ops"] = n_ops
     if trace:
         tnet = bp.bayesianize(get_model(name), prior=bp.priors.SpikeAndSlab(level="node")).to(dev)
         tnet.num_data = n
         svi = pyro.infer.SVI(
             tnet.model, tnet.guide, pyro.optim.Adam({"lr": 1e-3}), pyro.infer.Trace_ELBO()
         )
+        both_methods: dict[str, Method] = {
+            "det": methods["deterministic"],
+            "trace": (lambda i: svi.step(xs[i % k], ys[i % k]), None),
+        }
         both = _time_round_robin(
-            {
-                "det": methods["deterministic"],
-                "trace": (lambda i: svi.step(xs[i % k], ys[i % k]), None),
-            },
+            both_methods,
             max(steps // 4, 5),
             3,
             dev,
@@ -238,10 +285,17 @@ def bench_model(
             step=both["trace"]["step"] * scale,
             **{phase: float("nan") for phase in PHASES},
         )
+        if ops:
+            ms["bayesprune model/guide + pyro Trace_ELBO (SVI, pyro.optim.Adam)"]["ops"] = (
+                _count_ops({"trace": both_methods["trace"]}, 0)["trace"]
+            )
     rows = [
         dict(model=name, method=m, ratio=v["step"] / ms["deterministic"]["step"], **v)
         for m, v in ms.items()
     ]
+    if ops:
+        for r in rows:
+            r["ops_ratio"] = r["ops"] / ms["deterministic"]["ops"]
     if bt_missing:
         rows.append(
             dict(
@@ -295,6 +349,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--trace", action="store_true", help="also time the Trace_ELBO path")
     parser.add_argument(
+        "--ops",
+        action="store_true",
+        help="also count the ATen operators one step dispatches (forward, backward, optimiser)",
+    )
+    parser.add_argument(
         "--predict",
         action="store_true",
         help="time one posterior-predictive draw against a deterministic forward pass instead",
@@ -309,7 +368,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if args.predict:
             rows += bench_predict(name, dev, args.steps, args.warmup, args.batch)
         else:
-            rows += bench_model(name, dev, args.steps, args.warmup, args.batch, args.trace)
+            rows += bench_model(
+                name, dev, args.steps, args.warmup, args.batch, args.trace, args.ops
+            )
     where = (
         torch.cuda.get_device_name(dev)
         if dev.type == "cuda"
@@ -325,16 +386,22 @@ def main(argv: list[str] | None = None) -> list[dict]:
             print(f"| {r['model']} | {r['method']} | {r['step']:.2f} | {r['ratio']:.2f}x |")
         return rows
     print("All optimisers: Adam (fused kernel where available), same settings for every method.\n")
+    ops_head = (" ATen ops/step | ops ratio |", "---:|---:|") if args.ops else ("", "")
     print(
         "| model | method | ms/step | forward + loss | backward | optimizer | ratio to deterministic |"
+        + ops_head[0]
     )
-    print("|---|---|---:|---:|---:|---:|---:|")
+    print("|---|---|---:|---:|---:|---:|---:|" + ops_head[1])
     for r in rows:
         if r.get("note"):
             print(f"| {r['model']} | {r['method']} | n/a | | | | {r['note']} |")
             continue
         phases = " | ".join("" if r[p] != r[p] else f"{r[p]:.2f}" for p in PHASES)
-        print(f"| {r['model']} | {r['method']} | {r['step']:.2f} | {phases} | {r['ratio']:.2f}x |")
+        ops_cells = f" {r['ops']} | {r['ops_ratio']:.2f}x |" if args.ops else ""
+        print(
+            f"| {r['model']} | {r['method']} | {r['step']:.2f} | {phases} | {r['ratio']:.2f}x |"
+            + ops_cells
+        )
     return rows
 
 
