@@ -88,6 +88,10 @@ def recalibrate_batchnorm(
     :math:`b` (``momentum=None`` in torch). No weight changes and no gradient is taken; other
     layers (dropout) stay in eval mode. The network is left in eval mode.
 
+    It does not always help: in four of the pruned ResNet-20s of ``benchmarks/RESULTS.md`` it
+    lowered test accuracy (by 0.1-8.7 points, against gains of up to 12.4 in others), so compare
+    the network before and after on validation data.
+
     Parameters
     ----------
     net

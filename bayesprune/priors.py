@@ -947,8 +947,9 @@ class GroupHorseshoe(Prior):
     global_scale
         :math:`A`, the scale of the layer's half-Cauchy. Smaller values prune more. On
         Fashion-MNIST LeNet-300-100 (``benchmarks/compression.py``, 30 SVI epochs + 5 fine-tuning
-        epochs), 0.01 kept 17% of the parameters at -0.94 points (19% under the older gate-freeze
-        default), and 1 kept 37% at -0.38 points (older default).
+        epochs), 0.01 kept 17% of the parameters at -1.07 points (-0.94 before the τ fix of
+        commit ``fbcd4ca``; 19% under the older gate-freeze default), and 1 kept 37% at -0.38
+        points (older default, before the τ fix).
     regularized
         Use the regularised (slab-width ``slab_scale`` = :math:`c`) scale.
     slab_scale
