@@ -129,11 +129,31 @@ def _gate_points(
     derivative is 0 and a dropped node could never tell the loss it is needed).
     """
     paths = set(paths)
-    try:
-        gm = torch.fx.symbolic_trace(net)
-    except Exception:  # any tracing failure: fall back to gating at the layer output
-        return {}, {}, False
     modules = dict(net.named_modules())
+    found = []
+    # both modes' graphs (fx bakes `if self.training` in): a point holds only if it holds in both,
+    # the rule bayesprune.prune applies to BatchNorms
+    for training in (False, True):
+        with _modes_kept(net):
+            net.train(training)
+            try:
+                gm = torch.fx.symbolic_trace(net)
+            except Exception:  # any tracing failure: fall back to gating at the layer output
+                return {}, {}, False
+        found.append(_gate_points_in(gm, modules, paths))
+    (bn0, act0, _), (bn1, act1, called1) = found
+
+    def agree(k: str) -> bool:  # a layer the training graph skips (LayerDrop) keeps the eval point
+        return k not in called1 or (bn0.get(k) == bn1.get(k) and act0.get(k) == act1.get(k))
+
+    bn = {k: v for k, v in bn0.items() if agree(k)}
+    act = {k: v for k, v in act0.items() if agree(k)}
+    return bn, act, True
+
+
+def _gate_points_in(
+    gm: torch.fx.GraphModule, modules: dict[str, nn.Module], paths: set[str]
+) -> tuple[dict[str, str], dict[str, str], set[str]]:
     calls: dict[str, int] = {}
     for node in gm.graph.nodes:
         if node.op == "call_module":
@@ -159,7 +179,7 @@ def _gate_points(
         user = sole_module_user(cur, (nn.ReLU, nn.LeakyReLU))
         if user is not None:
             act[node.target] = user.target
-    return bn, act, True
+    return bn, act, set(calls)
 
 
 def _unsupported_with_params(module: nn.Module) -> bool:
@@ -305,6 +325,21 @@ class BayesianModule(nn.Module):
             raise TypeError(
                 f"class labels must be integers (torch.long), got {y.dtype}; convert them with "
                 "y.long(), or bayesianize with likelihood='gaussian' for regression"
+            )
+        if y is not None and self.likelihood == "categorical" and y.dim() != 1:
+            fix = (
+                "y.squeeze(1)"
+                if y.dim() == 2 and y.shape[1] == 1
+                else "y.argmax(1) for one-hot labels"
+            )
+            raise ValueError(
+                "class labels must be a 1-D tensor of class indices, one per example; got shape "
+                f"{tuple(y.shape)}: pass {fix}"
+            )
+        if y is not None and y.dim() >= 1 and x.dim() >= 1 and y.shape[0] != x.shape[0]:
+            raise ValueError(
+                f"{y.shape[0]} targets for a batch of {x.shape[0]} inputs: each batch needs one "
+                "target per example"
             )
 
     def _output_and_target(
@@ -516,25 +551,27 @@ class BayesianModule(nn.Module):
     def _sample_outputs(
         self, x: torch.Tensor, num_samples: int, seed: int | None = None
     ) -> torch.Tensor:
-        was_training = self.training
         exact = {layer: layer.exact_draws for layer in self.bayesian_layers.values()}
-        self.eval()
         for layer in exact:
             layer.exact_draws = True
         try:
-            self._check_batch(x)
-            x = x.to(self.device)
-            fix = "inputs of the shape the wrapped network expects, with the batch first"
-            with self.mode("sample"), input_errors(type(self.net).__name__, "inputs", x.shape, fix):
-                if seed is None:
+            with _modes_kept(self):
+                self.eval()
+                self._check_batch(x)
+                x = x.to(self.device)
+                fix = "inputs of the shape the wrapped network expects, with the batch first"
+                with (
+                    self.mode("sample"),
+                    input_errors(type(self.net).__name__, "inputs", x.shape, fix),
+                ):
+                    if seed is None:
+                        return torch.stack(
+                            [output_tensor(self.net(x), self.net) for _ in range(num_samples)]
+                        )
                     return torch.stack(
-                        [output_tensor(self.net(x), self.net) for _ in range(num_samples)]
+                        [self._frozen_pass(x, s) for s in _draw_seeds(seed, num_samples)]
                     )
-                return torch.stack(
-                    [self._frozen_pass(x, s) for s in _draw_seeds(seed, num_samples)]
-                )
         finally:
-            self.train(was_training)
             for layer, value in exact.items():
                 layer.exact_draws = value
 
@@ -543,7 +580,11 @@ class BayesianModule(nn.Module):
         (the global RNG is left as it was)."""
         devices = [x.device] if x.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
+            # only the generators forked here: torch.manual_seed would reseed every CUDA device
+            torch.random.default_generator.manual_seed(seed)
+            for d in devices:
+                with torch.cuda.device(d):
+                    torch.cuda.manual_seed(seed)
             for path, layer in self.bayesian_layers.items():
                 layer._fixed = layer.prior.guide_sites(layer, path)
         return self._run_fixed(x)
@@ -586,13 +627,29 @@ def _is_bayesian(model: Any) -> bool:
     )
 
 
+@contextlib.contextmanager
+def _modes_kept(module: nn.Module) -> Iterator[None]:
+    """Restore every submodule's own train/eval flag on exit (``module.train(flag)`` would set
+    them all alike, e.g. unfreeze a BatchNorm the user keeps in eval mode inside a training net)."""
+    modes = [(m, m.training) for m in module.modules()]
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
 def _with_versions(state: Mapping[str, torch.Tensor], net: nn.Module) -> dict[str, torch.Tensor]:
     """``state`` plus the per-module versions of ``net``, into which it is about to be loaded.
 
     ``torch.save`` keeps them (``state_dict()._metadata``) and safetensors files do not; some
-    modules refuse to load without them (torchvision's MNASNet). The file was saved from the
-    same code, so the freshly built ``net``'s versions are the right ones.
+    modules refuse to load without them (torchvision's MNASNet). A state that has its own (an
+    old ``torch.save`` checkpoint, whose BatchNorms may predate ``num_batches_tracked``) keeps
+    them, so that each module's loader upgrades it; a safetensors file was saved from the same
+    code, so the freshly built ``net``'s versions are the right ones for it.
     """
+    if getattr(state, "_metadata", None) is not None:
+        return state  # type: ignore[return-value]
     out = OrderedDict(state)
     out._metadata = getattr(net.state_dict(), "_metadata", None)  # type: ignore[attr-defined]
     return out
@@ -685,11 +742,18 @@ def load(
     return bnet.to(resolve_device(device))
 
 
-def _draw_seeds(seed: int, num_samples: int) -> list[int]:
-    """``num_samples`` seeds derived from ``seed``: the posterior draws of ``predict(seed=...)``."""
+def _check_seed(seed: Any) -> int:
+    """``seed`` if torch's generators take it, else a clear error."""
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an integer or None, got {seed!r}")
-    gen = torch.Generator().manual_seed(seed)
+    if not -(2**63) <= seed < 2**64:
+        raise ValueError(f"seed must fit in 64 bits (-2**63 <= seed < 2**64), got {seed}")
+    return seed
+
+
+def _draw_seeds(seed: int, num_samples: int) -> list[int]:
+    """``num_samples`` seeds derived from ``seed``: the posterior draws of ``predict(seed=...)``."""
+    gen = torch.Generator().manual_seed(_check_seed(seed))
     return torch.randint(2**62, (num_samples,), generator=gen).tolist()
 
 
@@ -815,15 +879,16 @@ def bayesianize(
         return names
 
     skip_set = set(check_names(skip, "skip")) if skip is not None else set()
+    source = "layers="
     if layers is None and per_layer is not None:
-        layers = list(per_layer)
+        layers, source = list(per_layer), "the prior dict"
     if layers is not None:
-        requested = check_names(layers, "layers")
+        requested = check_names(layers, "layers" if source == "layers=" else "prior")
         for n in requested:
             if bayesian_layer_for(modules[n]) is None:
                 raise TypeError(
                     f"layer {n!r} is a {type(modules[n]).__name__}; bayesprune makes only nn.Linear, "
-                    "nn.Conv1d and nn.Conv2d Bayesian. Leave it out of layers= (it then stays "
+                    f"nn.Conv1d and nn.Conv2d Bayesian. Leave it out of {source} (it then stays "
                     "deterministic)"
                 )
         chosen = [n for n in requested if n not in skip_set]

@@ -58,7 +58,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .bayesianize import _is_bayesian
+from .bayesianize import _check_seed, _is_bayesian
 from .data import batch_xy
 from .metrics import count_nonzero
 from .risk import (
@@ -734,7 +734,7 @@ def _uniforms(n: int, u: Any, seed: int | None, device: torch.device) -> torch.T
     if seed is None:
         gen.seed()
     else:
-        gen.manual_seed(seed)
+        gen.manual_seed(_check_seed(seed))
     return torch.rand(n, generator=gen, device=device, dtype=torch.float64)
 
 
@@ -958,7 +958,7 @@ class ConformalClassifier:
         self.num_classes = num_classes or getattr(model, "num_classes", None)
         self._gen = torch.Generator(device=self.device)
         if seed is not None:
-            self._gen.manual_seed(seed)
+            self._gen.manual_seed(_check_seed(seed))
         else:
             self._gen.seed()
         # drawn once: the predictive must be one fixed function for calibration and test alike

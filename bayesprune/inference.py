@@ -188,10 +188,11 @@ def _lr_factor(schedule: str, total: int | None, start: int):
 def _examples(train_loader: Iterable) -> int | None:
     """The training examples ``train_loader`` draws from: its sampler's length (a
     ``SubsetRandomSampler`` draws from fewer than its dataset holds), else its dataset's. A
-    sampler that draws with replacement (``WeightedRandomSampler``) counts draws, not examples:
-    then the dataset's length."""
+    sampler that draws with replacement (``WeightedRandomSampler``) counts draws, not examples,
+    and so does one given ``num_samples`` (``RandomSampler``, ``WeightedRandomSampler``), which
+    draws other examples each epoch: then the dataset's length."""
     sampler = getattr(train_loader, "sampler", None)
-    if getattr(sampler, "replacement", False):
+    if getattr(sampler, "replacement", False) or hasattr(sampler, "num_samples"):
         sampler = None
     for source in (sampler, getattr(train_loader, "dataset", None)):
         try:

@@ -60,7 +60,8 @@ import math
 import operator
 import statistics
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,7 +70,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .bayesianize import _check_writable, _is_bayesian, _with_versions
+from .bayesianize import _check_writable, _is_bayesian, _modes_kept, _with_versions
 from .data import input_errors
 from .metrics import count_params, flops_by_layer, measure_latency
 from .train import TrainHistory, resolve_device, train
@@ -258,39 +259,50 @@ def _shape(node: fx.Node) -> tuple[int, ...] | None:
     return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
 
 
-def _trace(module: nn.Module, example_input: Any) -> fx.GraphModule:
-    """The module's graph, traced in training mode, with shapes from ``example_input``.
+@contextmanager
+def _rng_kept(example_input: Any) -> Iterator[None]:
+    """Leave torch's global random state as it was (CPU, and the CUDA devices of the inputs):
+    dropout in a traced training-mode graph or in a training-mode check draws from it."""
+    inputs = example_input if isinstance(example_input, tuple) else (example_input,)
+    devices = sorted(
+        {x.device.index or 0 for x in inputs if torch.is_tensor(x) and x.device.type == "cuda"}
+    )
+    with torch.random.fork_rng(devices=devices):
+        yield
 
-    fx bakes ``if self.training`` into the graph; the training-mode forward runs every branch
-    (the auxiliary heads of GoogLeNet / Inception), so their input channels are pruned too and
-    the pruned net can still be fine-tuned.
+
+def _trace(module: nn.Module, example_input: Any, training: bool = False) -> fx.GraphModule:
+    """The module's graph in eval mode (or training mode), with shapes from ``example_input``.
+
+    fx bakes ``if self.training`` (and ``F.dropout(x, training=self.training)``) into the graph,
+    so each mode has its own graph: the eval one is the network that is deployed, the training
+    one may run more branches (the auxiliary heads of GoogLeNet / Inception), or skip some at
+    random (LayerDrop). :class:`_Analysis` walks both.
     """
-    was_training = module.training
-    module.train()
-    try:
-        gm = fx.symbolic_trace(module)
-    except Exception as exc:  # tracing errors come in many types from deep inside torch.fx
-        raise TypeError(
-            f"bayesprune.prune could not trace {type(module).__name__} with torch.fx "
-            f"({type(exc).__name__}: {exc}). Its forward must be symbolically traceable (no "
-            "control flow that depends on tensor values)."
-        ) from exc
-    finally:
-        module.train(was_training)
+    with _modes_kept(module):
+        module.train(training)
+        try:
+            gm = fx.symbolic_trace(module)
+        except Exception as exc:  # tracing errors come in many types from deep inside torch.fx
+            raise TypeError(
+                f"bayesprune.prune could not trace {type(module).__name__} with torch.fx "
+                f"({type(exc).__name__}: {exc}). Its forward must be symbolically traceable (no "
+                "control flow that depends on tensor values)."
+            ) from exc
     if example_input is None:
         return gm
     inputs = example_input if isinstance(example_input, tuple) else (example_input,)
-    module.eval()
-    try:
-        with torch.no_grad():
-            fx.passes.shape_prop.ShapeProp(gm).propagate(*inputs)
-    except Exception as exc:
-        raise ValueError(
-            f"running {type(module).__name__} on example_input failed ({type(exc).__name__}: "
-            f"{exc}); pass an example_input of the shape the network expects, e.g. one batch of data"
-        ) from exc
-    finally:
-        module.train(was_training)
+    with _modes_kept(module), _rng_kept(example_input):
+        module.eval()
+        try:
+            with torch.no_grad():
+                fx.passes.shape_prop.ShapeProp(gm).propagate(*inputs)
+        except Exception as exc:
+            raise ValueError(
+                f"running {type(module).__name__} on example_input failed ({type(exc).__name__}: "
+                f"{exc}); pass an example_input of the shape the network expects, e.g. one batch "
+                "of data"
+            ) from exc
     return gm
 
 
@@ -322,11 +334,16 @@ def _tensor_nodes(args: Any) -> list[fx.Node]:
 
 
 class _Analysis:
-    """Walk the traced graph once and record channel spaces, producers, consumers and norms."""
+    """Walk the traced graphs and record channel spaces, producers, consumers and norms.
+
+    Both the eval-mode and the training-mode graph are walked, into the same channel spaces: a
+    layer met in both is treated like a layer called twice (its spaces are joined), so the plan
+    holds for every branch either mode runs, auxiliary heads included.
+    """
 
     def __init__(self, module: nn.Module, example_input: Any) -> None:
         self.module = module
-        self.gm = _trace(module, example_input)
+        self.graphs = [_trace(module, example_input, training=t) for t in (False, True)]
         self.spaces = _Spaces()
         self.layout: dict[fx.Node, _Layout] = {}
         self.out_space: dict[str, int] = {}  # layer path -> space of its output units
@@ -334,8 +351,10 @@ class _Analysis:
         self.norm_space: dict[str, _Layout] = {}
         self.bn_after: dict[str, set[str]] = {}  # layer path -> BatchNorms fed directly by it
         self.bad_layers: set[str] = set()
-        for node in self.gm.graph.nodes:
-            self._visit(node)
+        for gm in self.graphs:
+            self.gm = gm  # the graph being walked
+            for node in gm.graph.nodes:
+                self._visit(node)
 
     # helpers -------------------------------------------------------------------------------------
     def _fresh_frozen(self, node: fx.Node, reason: str) -> None:
@@ -925,10 +944,13 @@ def _branches(
     empty = {n for n, m in eff.items() if m.numel() and not bool(m.any())}
     if not empty:
         return {}, {}
-    calls: dict[str, int] = {}
-    for node in analysis.gm.graph.nodes:
-        if node.op == "call_module":
-            calls[str(node.target)] = calls.get(str(node.target), 0) + 1
+    calls_per_graph = []
+    for gm in analysis.graphs:
+        calls: dict[str, int] = {}
+        for node in gm.graph.nodes:
+            if node.op == "call_module":
+                calls[str(node.target)] = calls.get(str(node.target), 0) + 1
+        calls_per_graph.append(calls)
     removed: dict[str, list[str]] = {}
     constant: dict[str, list[str]] = {}
     blocked: dict[str, str] = {}
@@ -942,7 +964,12 @@ def _branches(
             live = [p for p in g.producers if p not in empty]
             reason = f"an addition ties its channels to those of {live}, which keep some"
         else:
-            reason, consumers = _dead_region(analysis.gm, calls, g)
+            # the zeros must be bypassable in every mode's graph that runs the group
+            reason, consumers = None, []
+            for gm, calls in zip(analysis.graphs, calls_per_graph, strict=True):
+                if reason is None and any(p in calls for p in g.producers):
+                    reason, found = _dead_region(gm, calls, g)
+                    consumers += [c for c in found if c not in consumers]
         if reason is None:
             for p in g.producers:
                 removed[p] = sorted(analysis.bn_after.get(p, ()))
@@ -978,14 +1005,14 @@ def _branches(
 
 
 def _bn_followers(module: nn.Module) -> dict[str, set[str]]:
-    """Layer path -> the BatchNorms fed only by that layer's output, read off the traced graph."""
-    gm = _trace(module, None)
+    """Layer path -> the BatchNorms fed only by that layer's output, read off the traced graphs."""
     out: dict[str, set[str]] = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), _NORMS):
-            layer = _direct_layer(gm, node)
-            if layer is not None:
-                out.setdefault(layer, set()).add(str(node.target))
+    for gm in (_trace(module, None, training=t) for t in (False, True)):
+        for node in gm.graph.nodes:
+            if node.op == "call_module" and isinstance(gm.get_submodule(node.target), _NORMS):
+                layer = _direct_layer(gm, node)
+                if layer is not None:
+                    out.setdefault(layer, set()).add(str(node.target))
     return out
 
 
@@ -1232,7 +1259,7 @@ def _check_runs_in_training_mode(dense: nn.Module, small: nn.Module, probe: tupl
 
     def runs(net: nn.Module) -> Exception | None:
         try:
-            with torch.no_grad():
+            with torch.no_grad(), _rng_kept(probe):
                 copy.deepcopy(net).train()(*probe)
         except Exception as exc:  # e.g. BatchNorm refuses a batch of one in training mode
             return exc
@@ -1257,9 +1284,8 @@ def _check_exact(dense: nn.Module, small: nn.Module, example_input: Any) -> None
         else x
         for x in inputs
     )
-    modes = dense.training, small.training
-    dense.eval(), small.eval()
-    try:
+    with _modes_kept(dense), _modes_kept(small):
+        dense.eval(), small.eval()
         with torch.no_grad():
             ref = dense(*probe)
             try:
@@ -1270,8 +1296,6 @@ def _check_exact(dense: nn.Module, small: nn.Module, example_input: Any) -> None
                     "probably hard-codes a width (e.g. x.view(-1, 800)); use torch.flatten(x, 1)"
                 ) from exc
         _check_runs_in_training_mode(dense, small, probe)
-    finally:
-        dense.train(modes[0]), small.train(modes[1])
     if torch.is_tensor(ref) and torch.is_tensor(out):
         if ref.shape != out.shape:
             raise RuntimeError(f"pruning changed the output shape from {ref.shape} to {out.shape}")

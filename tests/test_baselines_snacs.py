@@ -160,9 +160,33 @@ def test_snacs_scores_information_not_weight_size():
     assert scores[:4].min() > scores[4:].max()
 
 
+def test_snacs_reads_the_eval_mode_network_without_training_noise():
+    # F.dropout(training=self.training) is baked into a traced graph: traced in training mode it
+    # would drop activations at random while SNACS measures them
+    import torch.nn.functional as F
+
+    class FunctionalDropout(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.fc2, self.fc3 = nn.Linear(6, 16), nn.Linear(16, 16), nn.Linear(16, 3)
+
+        def forward(self, x):
+            x = F.dropout(F.relu(self.fc1(x)), 0.5, training=self.training)
+            return self.fc3(F.relu(self.fc2(x)))
+
+    _, data = _setup()
+    torch.manual_seed(0)
+    net = FunctionalDropout().eval()
+    fits = [
+        SNACS(groups=4, per_class=50, n_ensemble=2, progress=False).fit(net, data).scores
+        for _ in range(2)
+    ]
+    assert all(torch.equal(fits[0][k], fits[1][k]) for k in fits[0])
+
+
 def test_snacs_on_a_net_with_a_head_used_in_training_mode_only():
-    # the pruning analysis traces in training mode (every branch); SNACS must read the same graph,
-    # or the auxiliary head, a consumer of fc1, is missing from it
+    # the pruning analysis also walks the training-mode graph, where the auxiliary head reads fc1;
+    # SNACS scores from the eval-mode network and must skip that consumer, not fail on it
     import torch.nn.functional as F
 
     class Aux(nn.Module):

@@ -86,6 +86,41 @@ def test_row_unsupported_layer_stays_deterministic_with_a_warning(layer: nn.Modu
     assert isinstance(bnet.net["head"], BayesianLinear)
 
 
+def test_row_layernorm_groupnorm_are_deterministic_point_estimates_without_a_warning() -> None:
+    net = nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.GroupNorm(2, 4), nn.ReLU(), nn.Flatten(),
+        nn.Linear(4 * 6 * 6, 5), nn.LayerNorm(5), nn.Linear(5, 3),
+    )  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # supported as deterministic: no warning
+        bnet = bp.bayesianize(net)
+    assert type(bnet.net[1]) is nn.GroupNorm and type(bnet.net[5]) is nn.LayerNorm
+    norm_params = [bnet.net[1].weight, bnet.net[5].bias]
+    assert all(p.requires_grad for p in norm_params)
+    assert {id(p) for p in norm_params} <= {id(p) for p in bnet.parameters()}  # in fit's optimizer
+    data = [(torch.randn(16, 1, 8, 8), torch.randint(0, 3, (16,)))]
+    before = [p.detach().clone() for p in norm_params]
+    bp.fit(bnet, data, epochs=2, lr=1e-2, num_data=16, progress=False)
+    assert all(not torch.equal(b, p) for b, p in zip(before, norm_params, strict=True))
+
+
+def test_row_multihead_attention_stays_deterministic_with_a_warning() -> None:
+    class Attend(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.attn(x, x, x)[0].mean(1))
+
+    with pytest.warns(UserWarning, match=r"'attn' \(MultiheadAttention: in_proj_weight"):
+        bnet = bp.bayesianize(Attend())
+    assert type(bnet.net.attn) is nn.MultiheadAttention
+    assert isinstance(bnet.net.head, BayesianLinear)
+    assert bnet(torch.randn(3, 5, 4)).shape == (3, 2)
+
+
 def test_row_subclass_of_linear_is_not_assumed_compatible() -> None:
     class MyLinear(nn.Linear):
         pass
@@ -103,6 +138,17 @@ def test_unsupported_layer_requested_explicitly_is_an_error() -> None:
         TypeError, match=r"layer '0' is a Conv3d.*only nn.Linear, nn.Conv1d and nn.Conv2d"
     ):
         bp.bayesianize(net, layers=["0"])
+
+
+def test_prior_dict_naming_an_unsupported_layer_is_an_error_that_names_the_dict() -> None:
+    net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    prior = {"0": bp.priors.Gaussian(), "1": bp.priors.Gaussian(), "2": bp.priors.Gaussian()}
+    with pytest.raises(
+        TypeError, match=r"layer '1' is a BatchNorm1d.*Leave it out of the prior dict"
+    ):
+        bp.bayesianize(net, prior=prior)
+    with pytest.raises(KeyError, match=r"prior names modules that are not in the network: \['7'\]"):
+        bp.bayesianize(net, prior={"7": bp.priors.Gaussian()})
 
 
 def test_bad_layer_names_are_an_error_listing_valid_names() -> None:
@@ -204,6 +250,19 @@ def test_predict_with_a_seed_is_one_fixed_function(prior) -> None:
     assert not torch.allclose(bnet.predict(x[2:5], num_samples=3), q[2:5])
     with pytest.raises(TypeError, match="seed must be an integer"):
         bnet.predict(x, seed=0.5)
+    with pytest.raises(ValueError, match="seed must fit in 64 bits"):
+        bnet.predict(x, seed=2**64)
+
+
+def test_predict_with_a_seed_reseeds_no_cuda_device(monkeypatch) -> None:
+    # torch.manual_seed would also reseed every CUDA device (lazily, on a machine without one),
+    # outside the CPU generator that predict forks and restores
+    calls = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda s: calls.append(s))
+    monkeypatch.setattr(torch.cuda, "manual_seed", lambda s: calls.append(s))
+    bnet = bp.bayesianize(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)))
+    bnet.predict(torch.randn(5, 4), num_samples=3, seed=0)
+    assert calls == []
 
 
 def test_frozen_draws_have_the_posterior_predictive_distribution() -> None:
@@ -331,6 +390,13 @@ def test_predict_gives_probabilities() -> None:
         bp.fit(bnet, [(torch.randn(4, 63), torch.zeros(4).long())], num_data=4, progress=False)
     with pytest.raises(TypeError, match=r"labels must be integers.*y\.long\(\)"):
         bp.fit(bnet, [(torch.randn(4, 64), torch.zeros(4))], num_data=4, progress=False)
+    # a target problem is named as one, not blamed on the inputs
+    with pytest.raises(ValueError, match=r"got shape \(4, 1\): pass y\.squeeze\(1\)"):
+        bp.fit(bnet, [(torch.randn(4, 64), torch.zeros(4, 1).long())], num_data=4, progress=False)
+    with pytest.raises(ValueError, match=r"got shape \(4, 3\): pass y\.argmax\(1\)"):
+        bp.fit(bnet, [(torch.randn(4, 64), torch.zeros(4, 3).long())], num_data=4, progress=False)
+    with pytest.raises(ValueError, match="3 targets for a batch of 4 inputs"):
+        bp.fit(bnet, [(torch.randn(4, 64), torch.zeros(3).long())], num_data=4, progress=False)
 
 
 def test_regression_prediction_separates_epistemic_and_aleatoric() -> None:
@@ -351,6 +417,17 @@ def test_regression_prediction_separates_epistemic_and_aleatoric() -> None:
         bp.evaluate(bnet, data)  # an argmax "accuracy" of a regression would be silently 0
     with pytest.raises(ValueError, match="needs a categorical"):
         bp.fit(bnet, data, num_data=6, val_loader=data, progress=False)
+
+
+def test_learned_noise_scale_moves_to_the_true_noise() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(512, 2)
+    y = x @ torch.tensor([1.5, -2.0]) + 0.3 * torch.randn(512)
+    bnet = bp.bayesianize(nn.Linear(2, 1), prior=bp.priors.Gaussian(), likelihood="gaussian")
+    assert bnet.noise_scale.item() == pytest.approx(1.0)  # the learned scale starts at 1
+    loader = torch.utils.data.DataLoader(list(zip(x, y, strict=True)), batch_size=64, shuffle=True)
+    bp.fit(bnet, loader, epochs=60, lr=0.05, progress=False, seed=0)
+    assert 0.25 < bnet.noise_scale.item() < 0.4
 
 
 # -- the genuine Pyro model --------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 import bayesprune as bp
 from bayesprune.cli import main
@@ -168,6 +169,21 @@ def test_fit_with_user_weights(tmp_path, suffix):
     for k, v in net.state_dict().items():
         torch.testing.assert_close(dense[k], v)  # the user's weights, not retrained
     assert json.loads((out / "run.json").read_text())["weights"] == str(path)
+
+
+def test_user_weights_from_an_old_checkpoint_keep_their_module_versions(tmp_path):
+    # a BatchNorm saved before num_batches_tracked existed (version 1): its loader fills the key
+    # in, but only if the checkpoint's own versions reach it
+    from bayesprune.cli import _load_weights
+
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+    state = net.state_dict()
+    del state["1.num_batches_tracked"]
+    state._metadata["1"]["version"] = 1
+    torch.save(state, tmp_path / "old.pt")
+    fresh = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+    _load_weights(fresh, tmp_path / "old.pt", "mynet")
+    torch.testing.assert_close(fresh[1].running_var, net[1].running_var)
 
 
 def test_fit_and_prune_your_own_builder(tmp_path, monkeypatch):

@@ -292,6 +292,7 @@ def test_nan_loss_stops_with_an_error_naming_the_step() -> None:
 def test_n_is_what_the_loader_draws_from() -> None:
     from torch.utils.data import (
         DataLoader,
+        RandomSampler,
         SubsetRandomSampler,
         TensorDataset,
         WeightedRandomSampler,
@@ -308,6 +309,14 @@ def test_n_is_what_the_loader_draws_from() -> None:
     # a sampler with replacement counts draws (here 32), not training examples
     weighted = DataLoader(data, 16, sampler=WeightedRandomSampler(torch.ones(96), num_samples=32))
     assert bp.fit(bnet, weighted, epochs=1, progress=False).num_data == 96
+    # so does one given num_samples without replacement: each epoch draws other examples
+    for sampler in (
+        RandomSampler(data, num_samples=200),
+        RandomSampler(data, num_samples=32),
+        WeightedRandomSampler(torch.ones(96), num_samples=32, replacement=False),
+    ):
+        loader = DataLoader(data, 16, sampler=sampler)
+        assert bp.fit(bnet, loader, epochs=1, progress=False).num_data == 96
 
 
 def test_fit_rejects_bad_arguments() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import warnings
 
 import pytest
@@ -727,22 +728,41 @@ def test_batchnorm_sharing_its_layer_output_is_not_treated_as_direct() -> None:
     assert small.conv.out_channels == 4
 
 
-def test_bayesian_resnet20_prunes_to_its_masked_mean_network() -> None:
-    """The BatchNorm rule of the pruner and of BayesianModule.mean_module agree on a residual net."""
+#: one prior per reference net, so that every prior family meets a conv net and a residual one
+BAYES_PRIORS = {
+    "lenet_300_100": lambda: bp.priors.SpikeAndSlab(level="node"),
+    "lenet5_caffe": lambda: bp.priors.GroupHorseshoe(),
+    "vgg_small": lambda: bp.priors.SpikeAndSlab(level="node", slab="horseshoe"),
+    "resnet20": lambda: bp.priors.GroupHorseshoe(),
+    "resnet18": lambda: bp.priors.SpikeAndSlab(level="node", slab="group_lasso"),
+}
+
+
+@pytest.mark.parametrize("name", list(REFERENCE_NETS))
+def test_bayesian_reference_nets_prune_to_their_masked_mean_network(name: str) -> None:
+    """The pruned net equals the Bayesian net with posterior-mean weights and the pruned nodes
+    masked to zero (issue 4), on the five reference nets; the BatchNorm rule of the pruner and of
+    BayesianModule.mean_module must agree on the residual ones."""
     if not hasattr(bp, "bayesianize"):
         pytest.skip("the Bayesian core (bp.bayesianize, issue 3) is not in this checkout yet")
+    build, shape = REFERENCE_NETS[name]
     gen = torch.Generator().manual_seed(7)
-    net = resnet20()
+    net = build()
     _randomize_bn(net, gen)
-    bnet = bp.bayesianize(net, prior=bp.priors.GroupHorseshoe())
+    bnet = bp.bayesianize(net, prior=BAYES_PRIORS[name]())
+    with torch.no_grad():  # a posterior that is not the initial one: scales and gates move
+        for p in bnet.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=gen))
     masks = _random_masks(net, 0.5, gen)
-    x = torch.randn(2, 1, 28, 28, generator=gen)
+    x = torch.randn(shape, generator=gen)
     small = _quiet(prune, bnet, masks=masks, example_input=x)
     assert count_params(small) < 0.8 * count_params(net)
     plan = _quiet(plan_pruning, bnet.mean_module(), masks, x)
     with torch.no_grad():
         ref = bnet.mean_module(plan.masks).eval()(x)
         assert torch.allclose(small.eval()(x), ref, atol=1e-5)
+        # the masks matter: the unmasked mean network differs
+        assert not torch.allclose(bnet.mean_module().eval()(x), ref, atol=1e-3)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -914,6 +934,54 @@ def test_a_head_used_in_training_mode_only_is_pruned_too() -> None:
     assert small.c1.out_channels == 3 and small.aux.in_channels == 3
     out, aux = small.train()(x)  # fine-tuning needs the training-mode forward
     assert out.shape == (2, 3) and aux.shape == (2, 2)
+
+
+class _LayerDropNet(nn.Module):
+    """The LayerDrop idiom (fairseq, HF encoders): training mode skips blocks at random."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.out = nn.Linear(4, 16), nn.Linear(16, 3)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16)) for _ in range(4)
+        )
+
+    def forward(self, x):
+        x = self.inp(x)
+        for b in self.blocks:
+            if self.training and random.random() < 0.5:
+                continue
+            x = x + b(x)
+        return self.out(x)
+
+
+def test_blocks_that_training_mode_skips_at_random_are_pruned_all_the_same() -> None:
+    torch.manual_seed(0)
+    net = _LayerDropNet().eval()
+    inner = {f"blocks.{i}.0": torch.arange(32) < 16 for i in range(4)}
+    stream = {
+        "inp": torch.arange(16) < 8,
+        **{f"blocks.{i}.2": torch.arange(16) < 8 for i in range(4)},
+    }
+    for seed in range(4):  # each seed drops other blocks from the training-mode trace
+        random.seed(seed)
+        small = _quiet(bp.prune, net, masks=inner, example_input=torch.randn(2, 4))
+        assert [small.blocks[i][0].out_features for i in range(4)] == [16] * 4
+        small = _quiet(bp.prune, net, masks=stream, example_input=torch.randn(2, 4))
+        assert [small.blocks[i][0].in_features for i in range(4)] == [8] * 4
+
+
+def test_prune_keeps_each_module_mode_and_the_global_random_state() -> None:
+    net = nn.Sequential(
+        nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, 8),
+        nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, 2),
+    ).train()  # fmt: skip
+    net[1].eval()  # a BatchNorm the user froze inside a training net
+    x = torch.randn(3, 4)
+    state = torch.random.get_rng_state()
+    bp.prune(net, masks={"0": torch.arange(8) < 4, "4": torch.arange(8) < 5}, example_input=x)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert net.training and not net[1].training and net[3].training
 
 
 class _Versioned(nn.Module):

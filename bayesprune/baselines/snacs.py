@@ -361,13 +361,16 @@ class SNACS(PruningMethod):
         example = self._device_input()
         dev = example.device
         layers = hidden_layers(net, example)
-        # the graph dependency_groups reads (training mode: every branch, auxiliary heads too), so
-        # each consumer it names is in it
-        gm = _trace(net, None)
+        # activations are those of the deployed (eval-mode) graph: training-only noise such as
+        # F.dropout(training=self.training) or stochastic depth is baked in off; consumers that
+        # only training mode runs (auxiliary heads) do not score a parent
+        gm = _trace(net, None, training=False)
+        called = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
         groups = {
             g.producers[0]: g for g in dependency_groups(net, example) if len(g.producers) == 1
         }
-        usable = [n for n in layers if groups[n].consumers]
+        consumers = {n: [c for c in groups[n].consumers if c[0] in called] for n in layers}
+        usable = [n for n in layers if consumers[n]]
         if not usable:
             raise ValueError("the network has no hidden Linear / Conv layer feeding another layer")
         x, y = _balanced(train_loader, self.per_class, self.seed)
@@ -385,7 +388,7 @@ class SNACS(PruningMethod):
             scores = torch.zeros(width, dtype=torch.float64)
             contribution = torch.zeros(width, dtype=torch.float64)
             parent_act = None
-            for consumer, repeat in groups[name].consumers:
+            for consumer, repeat in consumers[name]:
                 cons = net.get_submodule(consumer)
                 a, out = self._io(gm, x, consumer)
                 a = a.flatten(1) if isinstance(cons, nn.Linear) else a
