@@ -55,13 +55,14 @@ True
 from __future__ import annotations
 
 import copy
+import io
 import json
 import math
 import operator
 import statistics
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -295,7 +296,8 @@ def _trace(module: nn.Module, example_input: Any, training: bool = False) -> fx.
     with _modes_kept(module), _rng_kept(example_input):
         module.eval()
         try:
-            with torch.no_grad():
+            # ShapeProp prints the traceback of a failing node before raising; the error says it
+            with torch.no_grad(), redirect_stderr(io.StringIO()):
                 fx.passes.shape_prop.ShapeProp(gm).propagate(*inputs)
         except Exception as exc:
             raise ValueError(
@@ -343,7 +345,20 @@ class _Analysis:
 
     def __init__(self, module: nn.Module, example_input: Any) -> None:
         self.module = module
-        self.graphs = [_trace(module, example_input, training=t) for t in (False, True)]
+        self.graphs = [_trace(module, example_input, training=False)]
+        try:
+            self.graphs.append(_trace(module, example_input, training=True))
+        except ValueError as exc:  # e.g. Inception's auxiliary head needs larger images
+            root: BaseException = exc
+            while root.__cause__ is not None:
+                root = root.__cause__
+            warnings.warn(
+                f"{type(module).__name__} runs on example_input in eval mode but not in training "
+                f"mode ({type(root).__name__}: {root}), so the branches only training mode runs (auxiliary "
+                "heads) are left out of the pruning analysis: the pruned network may fail in "
+                "training mode. Pass an example_input of a size training uses to include them",
+                stacklevel=4,
+            )
         self.spaces = _Spaces()
         self.layout: dict[fx.Node, _Layout] = {}
         self.out_space: dict[str, int] = {}  # layer path -> space of its output units

@@ -936,6 +936,16 @@ def test_a_head_used_in_training_mode_only_is_pruned_too() -> None:
     assert out.shape == (2, 3) and aux.shape == (2, 2)
 
 
+def test_a_head_that_fails_on_the_example_in_training_mode_is_left_out_with_a_warning() -> None:
+    net = _AuxHeadNet().eval()
+    net.aux = nn.Conv2d(8, 2, 7)  # like Inception's: needs larger images than the example
+    x = torch.randn(2, 1, 8, 8)  # eval mode runs on it, training mode does not (6x6 < 7x7)
+    with pytest.warns(UserWarning, match=r"runs on example_input in eval mode but not in training"):
+        small = bp.prune(net, masks={"c1": torch.arange(8) < 3}, example_input=x)
+    assert small.c1.out_channels == 3
+    torch.testing.assert_close(small(x), zero_masked(net, {"c1": torch.arange(8) < 3}).eval()(x))
+
+
 class _LayerDropNet(nn.Module):
     """The LayerDrop idiom (fairseq, HF encoders): training mode skips blocks at random."""
 
