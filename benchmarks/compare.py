@@ -385,7 +385,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                    "of fitting (e.g. one saved by benchmarks/compression.py on the same dense net "
                    "and splits), or save the fit there")  # fmt: skip
     p.add_argument("--gumbel-weight", type=float, default=10.0,
-                   help="λ of the density term (0.01 in the paper's tutorial; see RESULTS.md)")  # fmt: skip
+                   help="λ of the density term (0.01 in the paper's tutorial, too weak on our data: "
+                   "RESULTS.md, 'All methods in one table')")  # fmt: skip
     p.add_argument("--gumbel-epochs", type=int, default=30)
     p.add_argument("--sc-rounds", type=int, default=3, help="self-compression pruning rounds")
     p.add_argument("--sc-round-epochs", type=int, default=5, help="SVI epochs after each round")

@@ -16,6 +16,10 @@ before that.
 
     python benchmarks/frontier.py                        # CPU, 3 seeds, 10% budget
     python benchmarks/frontier.py --budget 0.2 --seeds 0
+    python benchmarks/frontier.py --epochs 60 --inputs 784 500 --second 48   # a longer recipe
+
+``--epochs`` trains every net, the dense ones included, for that many epochs instead of the dense
+recipe's 20 (the cosine schedule spans them all).
 """
 
 from __future__ import annotations
@@ -65,6 +69,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--inputs", nargs="+", type=int, default=list(INPUTS))
     p.add_argument("--second", nargs="+", type=int, default=list(SECOND))
+    p.add_argument("--epochs", type=int, default=None, help="override the recipe's 20 epochs")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--progress", action="store_true")
@@ -77,7 +82,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         raise SystemExit(f"--inputs must lie in 1..784, got {args.inputs}")
 
     device = resolve_device(args.device)
-    cfg = SETTINGS["lenet_300_100"]
+    cfg = dict(SETTINGS["lenet_300_100"])
+    if args.epochs is not None:
+        if args.epochs < 1:
+            raise SystemExit(f"--epochs must be positive, got {args.epochs}")
+        cfg["epochs"] = args.epochs
     splits = load_fashion_mnist(seed=0)
 
     def fit(net: nn.Module, idx: torch.Tensor | None, seed: int) -> float:
