@@ -36,7 +36,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
-from .data import input_errors
+from .data import input_errors, input_tensor
 from .train import resolve_device
 
 __all__ = ["fold_batchnorm", "recalibrate_batchnorm"]
@@ -144,10 +144,13 @@ def recalibrate_batchnorm(
                 x = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
                 if not torch.is_tensor(x):
                     raise TypeError(
-                        "loader must yield input tensors or (inputs, labels) pairs; got a "
-                        f"{type(batch).__name__}"
+                        "loader must yield input tensors or (inputs, labels) pairs of tensors; "
+                        f"got {'inputs of type ' if x is not batch else 'a '}"
+                        f"{type(x).__name__}. Convert arrays with torch.from_numpy(x).float() "
+                        "(or wrap them in a TensorDataset)"
                     )
-                net(x.to(device))
+                with input_errors(type(net).__name__, "a loader batch", tuple(x.shape)):
+                    net(x.to(device))
                 seen += 1
                 bar.update()
             bar.close()
@@ -222,6 +225,7 @@ def fold_batchnorm(
         ) from exc
     if example_input is not None:
         args = example_input if isinstance(example_input, tuple) else (example_input,)
+        input_tensor(args[0], "example_input is")
         fix = "one input batch of the shape the network expects"
         with torch.no_grad(), input_errors(type(net).__name__, "example_input", args[0].shape, fix):
             reference = out(*args)

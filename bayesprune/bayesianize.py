@@ -63,7 +63,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import input_errors, output_tensor
+from .data import check_class_labels, input_errors, input_tensor, output_tensor
 from .layers import INIT_SCALE, WEIGHT_SD_FAMILIES, BayesianLayer, _set_mode, bayesian_layer_for
 from .priors import Prior, SpikeAndSlab, prior_from_dict
 
@@ -141,13 +141,22 @@ def _gate_points(
             except Exception:  # any tracing failure: fall back to gating at the layer output
                 return {}, {}, False
         found.append(_gate_points_in(gm, modules, paths))
-    (bn0, act0, _), (bn1, act1, called1) = found
-
-    def agree(k: str) -> bool:  # a layer the training graph skips (LayerDrop) keeps the eval point
-        return k not in called1 or (bn0.get(k) == bn1.get(k) and act0.get(k) == act1.get(k))
-
-    bn = {k: v for k, v in bn0.items() if agree(k)}
-    act = {k: v for k, v in act0.items() if agree(k)}
+    (bn0, act0, called0), (bn1, act1, called1) = found
+    bn: dict[str, str] = {}
+    act: dict[str, str] = {}
+    for k in paths:
+        # a layer only one graph runs (LayerDrop skips it in training, an auxiliary head runs only
+        # there) takes that graph's point; a layer both run, the point both agree on
+        if k in called0 and k in called1:
+            if (bn0.get(k), act0.get(k)) != (bn1.get(k), act1.get(k)):
+                continue
+            src_bn, src_act = bn0, act0
+        else:
+            src_bn, src_act = (bn0, act0) if k in called0 else (bn1, act1)
+        if k in src_bn:
+            bn[k] = src_bn[k]
+        if k in src_act:
+            act[k] = src_act[k]
     return bn, act, True
 
 
@@ -225,6 +234,9 @@ class BayesianModule(nn.Module):
         self.likelihood = likelihood
         self.num_classes = num_classes
         self.num_data: int | None = None
+        #: shape of one input example, recorded by :func:`bayesprune.fit` from its first batch, so
+        #: that pruning and certifying a conv net need no ``example_input``
+        self.input_shape: tuple[int, ...] | None = None
         self.fixed_noise = noise_scale
         self.gate_after = dict(gate_after)
         if likelihood == "gaussian" and noise_scale is None:
@@ -267,10 +279,21 @@ class BayesianModule(nn.Module):
         self, x: torch.Tensor, mode: Literal["sample", "mean"] | None = None
     ) -> torch.Tensor:
         """Network output: one posterior draw (``"sample"``, default) or the posterior mean (``"mean"``)."""
-        if mode is None:
-            return self.net(x)
-        with self.mode(mode):
-            return self.net(x)
+        try:
+            if mode is None:
+                return self.net(x)
+            with self.mode(mode):
+                return self.net(x)
+        except (RuntimeError, IndexError, TypeError, AttributeError) as exc:
+            if isinstance(exc, torch.OutOfMemoryError):
+                raise
+            self._check_batch(x)  # a non-tensor or a dtype mismatch, named with its fix
+            if isinstance(exc, RuntimeError | IndexError):
+                fix = "inputs of the shape the wrapped network expects, with the batch first"
+                # re-raised inside input_errors, which turns it into a ValueError naming the input
+                with input_errors(type(self.net).__name__, "inputs", tuple(x.shape), fix):
+                    raise
+            raise
 
     @property
     def reparam(self) -> str:
@@ -315,6 +338,7 @@ class BayesianModule(nn.Module):
         Catches what would otherwise surface deep inside torch: inputs of another floating dtype
         than the parameters (NumPy's float64, say) and non-integer class labels.
         """
+        input_tensor(x)
         dtype = next(self.parameters()).dtype
         if torch.is_floating_point(x) and x.dtype != dtype:
             raise TypeError(
@@ -341,6 +365,8 @@ class BayesianModule(nn.Module):
                 f"{y.shape[0]} targets for a batch of {x.shape[0]} inputs: each batch needs one "
                 "target per example"
             )
+        if y is not None and self.likelihood == "categorical" and self.num_classes:
+            check_class_labels(y, self.num_classes)
 
     def _output_and_target(
         self, out: torch.Tensor, y: torch.Tensor | None
@@ -598,6 +624,7 @@ class BayesianModule(nn.Module):
             "likelihood": self.likelihood,
             "num_classes": self.num_classes,
             "num_data": self.num_data,
+            "input_shape": None if self.input_shape is None else list(self.input_shape),
             "noise_scale": self.fixed_noise,
             "reparam": self.reparam,
             "weight_sd": self.weight_sd,
@@ -739,6 +766,8 @@ def load(
             f"the network passed to load does not match the architecture saved in {path}: {exc}"
         ) from None
     bnet.num_data = cfg["num_data"]
+    shape = cfg.get("input_shape")  # files saved before it was recorded have none
+    bnet.input_shape = None if shape is None else tuple(shape)
     return bnet.to(resolve_device(device))
 
 

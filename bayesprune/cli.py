@@ -43,6 +43,7 @@ import argparse
 import importlib
 import inspect
 import json
+import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -53,6 +54,8 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import Subset
+
+from .train import resolve_device
 
 __all__ = ["CLIError", "build_parser", "main"]
 
@@ -93,6 +96,8 @@ def _checked(cast: Callable[[str], Any], ok: Callable[[Any], bool], expected: st
 _positive_int = _checked(int, lambda v: v >= 1, "a positive integer")
 _nonnegative_int = _checked(int, lambda v: v >= 0, "an integer >= 0")
 _probability = _checked(float, lambda v: 0 < v < 1, "a number in (0, 1)")
+_pip_threshold = _checked(float, lambda v: 0 <= v <= 1, "a PIP threshold in [0, 1]")
+_keep_fraction = _checked(float, lambda v: 0 < v <= 1, "a fraction in (0, 1]")
 _positive_float = _checked(float, lambda v: v > 0, "a positive number")
 _fraction = _checked(float, lambda v: 0 <= v < 1, "a fraction in [0, 1)")
 
@@ -245,9 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
         "compression report, and plot accuracy and size against the threshold.",
     )  # fmt: skip
     level = prune.add_mutually_exclusive_group()
-    level.add_argument("--threshold", type=_probability, default=None,
+    level.add_argument("--threshold", type=_pip_threshold, default=None,
                        help="keep nodes with PIP >= threshold (default: 0.5)")  # fmt: skip
-    level.add_argument("--keep", type=_probability, default=None,
+    level.add_argument("--keep", type=_keep_fraction, default=None,
                        help="keep this fraction of nodes, highest PIP first")  # fmt: skip
     prune.add_argument(
         "--levels",
@@ -420,9 +425,15 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle / zip errors of many kinds: all mean "not a state_dict"
+        why = (
+            "it holds objects other than tensors, e.g. a whole pickled model, and bayesprune never "
+            "unpickles arbitrary code"
+            if "Weights only load failed" in str(exc)
+            else re.sub(r"\x1b\[[0-9;]*m", "", str(exc).strip().splitlines()[0])
+        )
         raise CLIError(
-            f"{path} is not a state_dict saved with torch.save (weights_only=True refused or could "
-            f"not read it: {str(exc).splitlines()[0]}); save model.state_dict(), or use .safetensors"
+            f"{path} is not a state_dict saved with torch.save (torch.load(weights_only=True) "
+            f"refused it: {why}); save model.state_dict(), or use .safetensors"
         ) from exc
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]  # a common checkpoint layout: {"state_dict": ..., "epoch": ...}
@@ -884,6 +895,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command is None:
             parser.print_help()
             return 2
+        if getattr(args, "device", None) is not None:
+            try:  # before any data is loaded or trained on
+                resolve_device(args.device)
+            except (RuntimeError, ValueError) as exc:
+                raise CLIError(str(exc).replace("device='cpu'", "--device cpu")) from exc
         if getattr(args, "threads", None):
             torch.set_num_threads(args.threads)
         if hasattr(args, "seed"):

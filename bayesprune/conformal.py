@@ -59,7 +59,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .bayesianize import _check_seed, _is_bayesian
-from .data import batch_xy
+from .data import batch_xy, input_tensor
 from .metrics import count_nonzero
 from .risk import (
     METHODS,
@@ -301,7 +301,7 @@ class Certificate:
         if not self.passed:
             return (
                 f"no candidate could be certified to have {self.risk} <= {self.alpha} at "
-                f"delta={self.delta}; the dense model is returned"
+                f"delta={self.delta}; the unpruned network is returned, without a certificate"
             )
         return (
             f"the {self.risk} of the chosen model on new data is <= {self.alpha}, unless the "
@@ -467,14 +467,20 @@ def certify_candidates(
 
 
 def default_levels(pips: Mapping[str, Any], max_levels: int = 20) -> list[float]:
-    """PIP thresholds from least to most pruned: up to ``max_levels`` PIP quantiles.
+    """PIP thresholds from least to most pruned: the median-probability model, then up to
+    ``max_levels - 1`` PIP quantiles of the nodes it keeps.
 
-    Each threshold :math:`t` keeps the nodes with :math:`\\mathrm{PIP} \\ge t`. The thresholds are
-    snapped to observed PIP values, so each one prunes strictly more nodes than the previous, and
-    the smallest PIP (which would prune nothing) is left out.
+    Each threshold :math:`t` keeps the nodes with :math:`\\mathrm{PIP} \\ge t`. The first is
+    :math:`t = 1/2`, the median-probability model (Barbieri and Berger, 2004). A lower threshold
+    would add nodes that the posterior more likely switches off, at their slab means (the
+    posterior mean given inclusion), which makes the network worse than the predictive, not
+    better; and fixed-sequence testing, which starts at the least pruned candidate, would stop
+    there and certify nothing. The later thresholds are snapped to observed PIP values, so each one
+    prunes strictly more nodes than the previous. For other levels, pass ``levels=`` to
+    :func:`certify`.
 
-    >>> default_levels({"0": [0.1, 0.2, 0.9, 0.95]}, max_levels=10)
-    [0.2, 0.9, 0.95]
+    >>> default_levels({"0": [0.1, 0.2, 0.6, 0.9, 0.95]}, max_levels=10)
+    [0.5, 0.9, 0.95]
     """
     if max_levels < 1:
         raise ValueError(f"max_levels must be at least 1, got {max_levels}")
@@ -495,9 +501,12 @@ def default_levels(pips: Mapping[str, Any], max_levels: int = 20) -> list[float]
         raise ValueError(
             "every node has the same PIP, so no threshold prunes some nodes but not all"
         )
-    qs = np.quantile(flat, np.linspace(0.0, 1.0, max_levels + 1)[1:])
-    snapped = uniq[np.minimum(np.searchsorted(uniq, qs, side="left"), uniq.size - 1)]
-    return [float(t) for t in np.unique(snapped) if t > uniq[0]]
+    kept = np.unique(flat[flat >= 0.5])
+    if kept.size < 2:  # the median-probability model is the only sensible level
+        return [0.5]
+    qs = np.quantile(flat[flat >= 0.5], np.linspace(0.0, 1.0, max_levels)[1:])
+    snapped = kept[np.minimum(np.searchsorted(kept, qs, side="left"), kept.size - 1)]
+    return [0.5] + [float(t) for t in np.unique(snapped) if t > kept[0]]
 
 
 def _prunable_pips(pips: Mapping[str, Any], groups: Sequence[Any]) -> dict[str, torch.Tensor]:
@@ -569,7 +578,8 @@ def pip_candidates(
 
     Candidate :math:`j` keeps the nodes with :math:`\\mathrm{PIP} \\ge t_j` for increasing
     thresholds (or the top fraction :math:`f_j` of nodes by PIP for decreasing fractions with
-    ``by="keep"``), built by :func:`bayesprune.prune` with those masks. Only layers the pruner can
+    ``by="keep"``; by default from the median-probability model's fraction down, see
+    :func:`default_levels`), built by :func:`bayesprune.prune` with those masks. Only layers the pruner can
     shrink take part: a frozen layer such as the output layer is kept whole (zeroing its nodes
     would delete classes without making the network smaller).
 
@@ -594,11 +604,14 @@ def pip_candidates(
     x = x.to(_device_of(dense)) if torch.is_tensor(x) else x
     pips = _prunable_pips(model.inclusion_probs(), dependency_groups(dense, x))
     if levels is None:
-        levels = (
-            default_levels(pips, max_levels)
-            if by == "threshold"
-            else [round(f, 4) for f in np.linspace(0.95, 0.05, 19)]
-        )
+        if by == "threshold":
+            levels = default_levels(pips, max_levels)
+        else:  # from the median-probability model's share of the nodes down (default_levels)
+            flat = torch.cat([p.flatten().float().cpu() for p in pips.values()])
+            top = max(float((flat >= 0.5).float().mean()), 1 / len(flat))
+            levels = [round(top, 4)] + [
+                round(f, 4) for f in np.linspace(0.95, 0.05, 19) if f < top - 1e-4
+            ]
     levels = [float(v) for v in levels]
     if not levels:
         raise ValueError("levels is empty")
@@ -970,7 +983,7 @@ class ConformalClassifier:
     @torch.no_grad()
     def probs(self, x: torch.Tensor) -> torch.Tensor:
         """Class probabilities ``[batch, C]`` on the model's device."""
-        x = x.to(self.device)
+        x = input_tensor(x).to(self.device)
         if self._draw_seed is not None:
             p = self.model.predict(x, num_samples=self.num_samples, seed=self._draw_seed)
         elif self.bayesian:
@@ -1021,11 +1034,15 @@ class ConformalClassifier:
                 "some conformal scores are NaN: the model gave NaN class probabilities for some "
                 "calibration inputs"
             )
-        self.qhat, self.alpha, self.n = (
-            conformal_quantile(all_scores, alpha),
-            alpha,
-            all_scores.numel(),
-        )
+        qhat = conformal_quantile(all_scores, alpha)
+        if math.isinf(qhat):
+            need = math.ceil(round(1 / alpha - 1, 9))
+            raise ValueError(
+                f"{all_scores.numel()} calibration points are too few for alpha={alpha}: the "
+                "conformal threshold is infinite and every prediction set would hold every class; "
+                f"pass at least {need} points, or a larger alpha"
+            )
+        self.qhat, self.alpha, self.n = qhat, alpha, all_scores.numel()
         return self
 
     def predict_sets(self, x: torch.Tensor) -> torch.Tensor:

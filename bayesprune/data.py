@@ -323,9 +323,48 @@ def batch_xy(batch: Any, what: str = "the loader") -> tuple[torch.Tensor, torch.
             f"{what} must yield (inputs, labels) pairs; got {len(batch)} items per batch. {how}"
         )
     x, y = batch
-    if not torch.is_tensor(x):
-        raise TypeError(f"{what} yielded inputs of type {type(x).__name__}; expected a tensor")
+    input_tensor(x, f"{what} yielded inputs that are")
     return x, torch.as_tensor(y)
+
+
+def input_tensor(x: Any, what: str = "inputs are") -> torch.Tensor:
+    """``x`` if it is a tensor; otherwise a ``TypeError`` that says how to make one.
+
+    Example
+    -------
+    >>> import numpy as np
+    >>> input_tensor(np.zeros((2, 3), np.float32))
+    Traceback (most recent call last):
+    ...
+    TypeError: inputs are a ndarray, not a torch.Tensor; convert them with torch.from_numpy(x).float() (or wrap the arrays in a TensorDataset)
+    """
+    if torch.is_tensor(x):
+        return x
+    raise TypeError(
+        f"{what} a {type(x).__name__}, not a torch.Tensor; convert them with "
+        "torch.from_numpy(x).float() (or wrap the arrays in a TensorDataset)"
+    )
+
+
+def check_class_labels(y: torch.Tensor, num_classes: int) -> None:
+    """A ``ValueError`` unless ``y`` holds class indices in ``[0, num_classes)``: otherwise
+    cross-entropy fails deep inside torch, and an accuracy is silently 0.
+
+    Example
+    -------
+    >>> check_class_labels(torch.tensor([0, 10]), 10)
+    Traceback (most recent call last):
+    ...
+    ValueError: class labels must be indices in [0, 10) for a network with 10 outputs; got labels from 0 to 10. Map them to 0..9 (e.g. y - y.min() for consecutive labels)
+    """
+    if y.numel() and not torch.is_floating_point(y):
+        lo, hi = int(y.min()), int(y.max())
+        if lo < 0 or hi >= num_classes:
+            raise ValueError(
+                f"class labels must be indices in [0, {num_classes}) for a network with "
+                f"{num_classes} outputs; got labels from {lo} to {hi}. Map them to "
+                f"0..{num_classes - 1} (e.g. y - y.min() for consecutive labels)"
+            )
 
 
 @contextmanager
@@ -351,7 +390,12 @@ def input_errors(
         yield
     except torch.OutOfMemoryError:
         raise
-    except RuntimeError as exc:
+    except (RuntimeError, IndexError) as exc:  # IndexError: a missing batch axis
+        if "dtype" in str(exc) or "Double" in str(exc):
+            fix = (
+                "inputs of the dtype of the network's parameters, e.g. x.float() (NumPy arrays "
+                "are float64)"
+            )
         raise ValueError(
             f"running {net} on {what} of shape {tuple(shape)} failed ({exc}); pass {fix}"
         ) from exc

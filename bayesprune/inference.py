@@ -355,6 +355,10 @@ def fit(
         )
     if elbo is not None and not isinstance(elbo, pyro.infer.ELBO):
         raise TypeError(f"elbo must be a pyro.infer.ELBO such as Trace_ELBO(), got {elbo!r}")
+    if isinstance(train_loader, list | tuple):  # a list of batches: check it before asking for N
+        if not train_loader:
+            raise ValueError("train_loader is empty")
+        batch_xy(train_loader[0], "train_loader")
     n = _num_data(train_loader, num_data)
     if checkpoint is not None:
         _check_writable(checkpoint)
@@ -410,6 +414,8 @@ def fit(
             for batch in train_loader:
                 x, y = batch_xy(batch, "train_loader")
                 bnet._check_batch(x, y)
+                if not step:
+                    bnet.input_shape = tuple(x.shape[1:])
                 if x.shape[0] > n:
                     raise ValueError(
                         f"a batch of {x.shape[0]} examples is larger than num_data={n}, the "

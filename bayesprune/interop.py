@@ -49,6 +49,7 @@ Example
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
@@ -207,6 +208,13 @@ def to_arviz(
         raise ValueError(f"num_chains must be a positive integer, got {num_chains!r}")
     # at least 4 draws per chain, so that ArviZ does not mistake draws for chains
     num_chains = max(1, min(num_chains, num_samples // 4))
+    if num_chains < 2:
+        warnings.warn(
+            f"the {num_samples} draws form one chain (num_chains={num_chains} requested; at least "
+            "4 draws per chain): ArviZ's split-chain diagnostics (r_hat, ess) will be NaN. Pass "
+            "num_chains >= 2 and num_samples >= 8",
+            stacklevel=2,
+        )
     per_chain = -(-num_samples // num_chains)
     num_samples = per_chain * num_chains
     layers = bnet.bayesian_layers

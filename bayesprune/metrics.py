@@ -32,6 +32,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from .data import input_errors, input_tensor
 from .train import resolve_device
 
 __all__ = ["count_flops", "count_nonzero", "count_params", "flops_by_layer", "measure_latency"]
@@ -68,6 +69,11 @@ def flops_by_layer(module: nn.Module, example_input: torch.Tensor) -> dict[str, 
     ``example_input`` is one batch (its batch size does not matter). The module is run in eval mode
     without gradients and restored to its previous mode.
     """
+    return _macs_by_layer(module, example_input, type(module).__name__)
+
+
+def _macs_by_layer(module: nn.Module, example_input: torch.Tensor, what: str) -> dict[str, int]:
+    """:func:`flops_by_layer`, with ``what`` naming the module in a wrong-input error."""
     counts: dict[str, int] = {}
     hooks = []
 
@@ -80,10 +86,14 @@ def flops_by_layer(module: nn.Module, example_input: torch.Tensor) -> dict[str, 
     for name, layer in module.named_modules():
         if isinstance(layer, _COUNTED):
             hooks.append(layer.register_forward_hook(make_hook(name)))
+    input_tensor(example_input, "example_input is")
     was_training = module.training
     try:
         module.eval()
-        with torch.no_grad():
+        with (
+            torch.no_grad(),
+            input_errors(what, "example_input", tuple(example_input.shape)),
+        ):
             module(example_input)
     finally:
         module.train(was_training)
@@ -113,9 +123,9 @@ def measure_latency(
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats} and {warmup}")
     device = resolve_device(device)
+    x = input_tensor(example_input, "example_input is").to(device)
     was_training = module.training
     module.eval()
-    x = example_input.to(device)
     original_device = next(module.parameters()).device
     module.to(device)
 

@@ -72,8 +72,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .bayesianize import _check_writable, _is_bayesian, _modes_kept, _with_versions
-from .data import input_errors
-from .metrics import count_params, flops_by_layer, measure_latency
+from .data import input_tensor
+from .metrics import _macs_by_layer, count_params, measure_latency
 from .train import TrainHistory, resolve_device, train
 
 __all__ = [
@@ -167,7 +167,8 @@ class _Spaces:
                 f"{self.width[rb]}); prune_module cannot follow this pattern"
             )
         self.parent[rb] = ra
-        self.frozen[ra] += self.frozen[rb]
+        # the second graph walk (training mode) meets the same reasons again
+        self.frozen[ra] += [r for r in self.frozen[rb] if r not in self.frozen[ra]]
         return ra
 
     def freeze(self, s: int, reason: str) -> None:
@@ -293,6 +294,7 @@ def _trace(module: nn.Module, example_input: Any, training: bool = False) -> fx.
     if example_input is None:
         return gm
     inputs = example_input if isinstance(example_input, tuple) else (example_input,)
+    input_tensor(inputs[0], "example_input is")
     with _modes_kept(module), _rng_kept(example_input):
         module.eval()
         try:
@@ -300,10 +302,14 @@ def _trace(module: nn.Module, example_input: Any, training: bool = False) -> fx.
             with torch.no_grad(), redirect_stderr(io.StringIO()):
                 fx.passes.shape_prop.ShapeProp(gm).propagate(*inputs)
         except Exception as exc:
+            root: BaseException = exc  # ShapeProp wraps the real error in a dump of the graph
+            while root.__cause__ is not None:
+                root = root.__cause__
+            shape = tuple(inputs[0].shape)
             raise ValueError(
-                f"running {type(module).__name__} on example_input failed ({type(exc).__name__}: "
-                f"{exc}); pass an example_input of the shape the network expects, e.g. one batch "
-                "of data"
+                f"running {type(module).__name__} on example_input of shape {shape} failed "
+                f"({type(root).__name__}: {root}); pass an example_input of the shape the network "
+                "expects, e.g. one batch of data"
             ) from exc
     return gm
 
@@ -349,12 +355,9 @@ class _Analysis:
         try:
             self.graphs.append(_trace(module, example_input, training=True))
         except ValueError as exc:  # e.g. Inception's auxiliary head needs larger images
-            root: BaseException = exc
-            while root.__cause__ is not None:
-                root = root.__cause__
             warnings.warn(
                 f"{type(module).__name__} runs on example_input in eval mode but not in training "
-                f"mode ({type(root).__name__}: {root}), so the branches only training mode runs (auxiliary "
+                f"mode ({str(exc).split(' failed (', 1)[-1].rsplit('); pass', 1)[0]}), so the branches only training mode runs (auxiliary "
                 "heads) are left out of the pruning analysis: the pruned network may fail in "
                 "training mode. Pass an example_input of a size training uses to include them",
                 stacklevel=4,
@@ -1489,8 +1492,8 @@ def prune(
     scores
         For a plain module: layer path -> score per node, for ``threshold`` / ``keep`` and floors.
     example_input
-        One input batch; inferred (zeros) when the network starts with a Linear layer or the model
-        records its input shape.
+        One input batch; inferred (zeros) when the network starts with a Linear layer, or from
+        ``model.input_shape`` (recorded by :func:`bayesprune.fit` from its first batch).
     min_fraction, min_nodes, round_to, verify
         As in :func:`prune_module`.
 
@@ -1815,9 +1818,7 @@ def _own_params(m: nn.Module) -> int:
 
 
 def _flops_checked(net: nn.Module, what: str, example_input: torch.Tensor) -> dict[str, int]:
-    fix = "one input batch of the shape the network expects"
-    with input_errors(what, "example_input", example_input.shape, fix):
-        return flops_by_layer(net, _to_module_device(example_input, net))
+    return _macs_by_layer(net, _to_module_device(example_input, net), what)
 
 
 def compression_report(
@@ -1967,6 +1968,12 @@ def save_pruned(small: nn.Module, path: str | Path) -> None:
     """
     from safetensors.torch import save_file
 
+    if _is_bayesian(small):
+        raise TypeError(
+            "save_pruned saves a plain pruned network; this is a BayesianModule. Save it with "
+            "bnet.save(path) (reload with bp.load), or prune it first: "
+            "bp.save_pruned(bp.prune(bnet, ...), path)"
+        )
     _check_writable(path)
     widths, identities, replaced = {}, [], {}
     for name, m in small.named_modules():

@@ -23,7 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .bayesianize import _is_bayesian
-from .data import batch_xy, output_tensor
+from .data import batch_xy, check_class_labels, input_errors, output_tensor
 
 __all__ = ["TrainHistory", "evaluate", "resolve_device", "train"]
 
@@ -124,10 +124,13 @@ def train(
         total, count = 0.0, 0
         for batch in train_loader:
             x, y = batch_xy(batch, "train_loader")
+            labels, shape = y, tuple(x.shape)
             x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-            out = net(x)
+            with input_errors(type(net).__name__, "a train_loader batch", shape):
+                out = net(x)
             if loss_fn is F.cross_entropy:  # a custom loss_fn may read auxiliary outputs
                 out = output_tensor(out, net)
+                check_class_labels(labels, out.shape[-1])
             loss = loss_fn(out, y)
             if not torch.isfinite(loss):
                 raise FloatingPointError(
@@ -183,8 +186,12 @@ def evaluate(
         bayesian = _is_bayesian(net) and callable(getattr(net, "predict", None))
         for batch in loader:
             x, y = batch_xy(batch, "loader")
-            x = x.to(dev)
-            pred = (net.predict(x, num_samples=num_samples) if bayesian else net(x)).argmax(-1)
+            with input_errors(type(net).__name__, "a loader batch", tuple(x.shape)):
+                out = (
+                    net.predict(x.to(dev), num_samples=num_samples) if bayesian else net(x.to(dev))
+                )
+            check_class_labels(y, out.shape[-1])  # else the accuracy would be silently 0
+            pred = out.argmax(-1)
             correct += int((pred == y.to(dev)).sum())
             total += len(y)
     finally:

@@ -55,6 +55,25 @@ def test_row_batchnorm_stays_deterministic_and_the_gate_acts_after_it() -> None:
     assert bnet.net.bn1.weight.requires_grad  # a point estimate in the same optimizer
 
 
+def test_gates_act_after_the_batchnorm_in_branches_that_only_one_mode_runs() -> None:
+    class Aux(nn.Module):  # like GoogLeNet: a head that runs in training mode only
+        def __init__(self) -> None:
+            super().__init__()
+            self.c1, self.bn1 = nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4)
+            self.aux, self.aux_bn = nn.Conv2d(4, 2, 1), nn.BatchNorm2d(2)
+            self.head = nn.Linear(4, 3)
+
+        def forward(self, x):
+            h = torch.relu(self.bn1(self.c1(x)))
+            out = self.head(h.mean((2, 3)))
+            return (out, self.aux_bn(self.aux(h)).mean((2, 3))) if self.training else out
+
+    for mode in (True, False):
+        bnet = bp.bayesianize(Aux().train(mode), prior=bp.priors.SpikeAndSlab())
+        assert bnet.gate_after["c1"] == "bn1"
+        assert bnet.gate_after["aux"] == "aux_bn"  # found in the training-mode graph only
+
+
 def test_row_activations_pooling_flatten_dropout_are_deterministic() -> None:
     net = nn.Sequential(
         nn.Conv2d(1, 4, 3),
@@ -385,11 +404,18 @@ def test_predict_gives_probabilities() -> None:
     ):
         bnet.predict(torch.randn(2, 63))
     with pytest.raises(
-        ValueError, match=r"running Sequential on the first batch of shape \(4, 63\) failed"
+        ValueError,
+        match=r"running Sequential on (the first batch|inputs) of shape \(4, 63\) failed",
     ):
         bp.fit(bnet, [(torch.randn(4, 63), torch.zeros(4).long())], num_data=4, progress=False)
     with pytest.raises(TypeError, match=r"labels must be integers.*y\.long\(\)"):
         bp.fit(bnet, [(torch.randn(4, 64), torch.zeros(4))], num_data=4, progress=False)
+    with pytest.raises(TypeError, match=r"inputs are a ndarray, not a torch\.Tensor"):
+        bnet.predict(torch.randn(2, 64).numpy())
+    with pytest.raises(TypeError, match=r"inputs are torch\.float64"):
+        bnet(torch.randn(2, 64, dtype=torch.float64))  # the forward pass names it too
+    with pytest.raises(ValueError, match=r"running Sequential on inputs of shape \(2, 63\)"):
+        bnet(torch.randn(2, 63))
     # a target problem is named as one, not blamed on the inputs
     with pytest.raises(ValueError, match=r"got shape \(4, 1\): pass y\.squeeze\(1\)"):
         bp.fit(bnet, [(torch.randn(4, 64), torch.zeros(4, 1).long())], num_data=4, progress=False)

@@ -128,7 +128,9 @@ def test_certify_candidates_none_pass_returns_dense(net, digits) -> None:
     junk = lenet_300_100(in_features=64)  # untrained: disagrees with the dense net everywhere
     cert = certify_candidates([junk, junk], net, _cal(digits), alpha=0.05, progress=False)
     assert not cert.passed and cert.index is None and cert.model is net
-    assert cert.params_kept == 1.0 and "dense model is returned" in str(cert)
+    assert cert.params_kept == 1.0 and "unpruned network is returned, without a certificate" in str(
+        cert
+    )
     assert cert.to_dict()["passed"] is False
 
 
@@ -201,7 +203,9 @@ def test_default_levels() -> None:
     assert len(set(kept)) == len(kept) and kept[0] < len(
         flat
     )  # each prunes more, first prunes some
+    assert levels[0] == 0.5 and all(t >= 0.5 for t in levels)  # the median-probability model first
     assert len(default_levels({"a": torch.rand(1000)}, max_levels=7)) <= 7
+    assert default_levels({"a": torch.tensor([0.1, 0.2, 0.7])}) == [0.5]
     with pytest.raises(ValueError, match="node-level prior"):
         default_levels({})
     with pytest.raises(ValueError, match="same PIP"):
@@ -384,10 +388,11 @@ def test_conformal_classifier_bayesian_and_errors(net, digits) -> None:
         ConformalClassifier(object())
     cp.calibrate(_cal(digits), 0.1)
     assert cp.evaluate(_cal(digits))["coverage"] >= 0.9  # in-sample: at least 1 - alpha by design
-    # too few calibration points for alpha: every label is in every set
+    # too few calibration points for alpha: every set would hold every label, so it is an error
     tiny = loader(TensorDataset(*(t[:5] for t in digits.cal.tensors)), 5, shuffle=False)
-    cp.calibrate(tiny, 0.1)
-    assert cp.qhat == math.inf and cp.predict_sets(digits.test.tensors[0][:3]).all()
+    with pytest.raises(ValueError, match=r"5 calibration points are too few.*at least 9 points"):
+        cp.calibrate(tiny, 0.1)
+    assert conformal_quantile(np.arange(1, 6), 0.1) == math.inf
 
 
 # ------------------------------------------------------------------------------------------------

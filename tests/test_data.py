@@ -51,7 +51,7 @@ def test_batch_xy_names_what_came_instead_of_a_pair():
         batch_xy((x, y, y))
     with pytest.raises(TypeError, match="got a Tensor"):
         batch_xy(torch.zeros(2, 3))
-    with pytest.raises(TypeError, match="inputs of type list"):
+    with pytest.raises(TypeError, match=r"inputs that are a list, not a torch\.Tensor"):
         batch_xy(([0.0, 1.0], y))
 
 

@@ -131,6 +131,8 @@ def test_bad_inputs(fitted):
         bp.to_arviz(fitted, num_samples=2, data=(torch.zeros(3, 64), torch.zeros(2).long()))
     with pytest.raises(TypeError, match="DataLoader"):
         bp.to_arviz(fitted, num_samples=2, data=42)
+    with pytest.warns(UserWarning, match=r"one chain.*r_hat, ess\) will be NaN"):
+        bp.to_arviz(fitted, num_samples=8, num_chains=1)
     gauss = bp.bayesianize(nn.Sequential(nn.Linear(3, 2)), prior=bp.priors.Gaussian())
     with pytest.raises(ValueError, match="weights='all'"):
         bp.to_arviz(gauss, num_samples=2)

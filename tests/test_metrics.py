@@ -54,6 +54,15 @@ def test_count_nonzero_and_restore_mode():
     assert net.training
 
 
+def test_numpy_or_misshapen_inputs_get_errors_that_name_the_fix():
+    net = nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 2))
+    for fn in (count_flops, measure_latency):
+        with pytest.raises(TypeError, match=r"example_input is a ndarray.*torch\.from_numpy"):
+            fn(net, torch.zeros(2, 8).numpy())
+    with pytest.raises(ValueError, match=r"running Sequential on example_input of shape \(2, 9\)"):
+        count_flops(net, torch.zeros(2, 9))
+
+
 def test_latency_is_positive_and_checks_arguments():
     net = nn.Linear(8, 8)
     assert measure_latency(net, torch.zeros(2, 8), repeats=3, warmup=1) > 0

@@ -561,6 +561,30 @@ def test_compression_report_counts_and_times() -> None:
             compression_report(net, small, x, batch_sizes=(), device="cuda")
 
 
+def test_a_fitted_conv_net_prunes_without_example_input(tmp_path) -> None:
+    net = nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)
+    )  # fmt: skip
+    bnet = bp.bayesianize(net, prior=bp.priors.SpikeAndSlab())
+    with pytest.raises(ValueError, match="cannot infer an input shape"):
+        bp.prune(bnet, threshold=0.5)
+    data = [(torch.randn(8, 1, 8, 8), torch.randint(0, 3, (8,)))]
+    bp.fit(bnet, data, epochs=1, num_data=8, progress=False)
+    assert bnet.input_shape == (1, 8, 8)  # recorded from the first batch
+    assert isinstance(_quiet(bp.prune, bnet, threshold=0.5), nn.Sequential)
+    bnet.save(tmp_path / "b.safetensors")
+    assert bp.load(tmp_path / "b.safetensors", net).input_shape == (1, 8, 8)
+
+
+def test_save_pruned_refuses_a_bayesian_module_and_prune_names_a_bad_example(tmp_path) -> None:
+    bnet = bp.bayesianize(lenet_300_100(in_features=8))
+    with pytest.raises(TypeError, match=r"this is a BayesianModule.*bnet\.save\(path\)"):
+        bp.save_pruned(bnet, tmp_path / "b.safetensors")
+    # the cause, not a dump of the traced graph
+    with pytest.raises(ValueError, match=r"shape \(1, 9\) failed \(RuntimeError: mat1 and mat2"):
+        _quiet(bp.prune, bnet, threshold=0.5, example_input=torch.zeros(1, 9))
+
+
 def test_save_and_load_pruned_reproduce_outputs(tmp_path) -> None:
     gen = torch.Generator().manual_seed(5)
     net = resnet20()

@@ -40,6 +40,14 @@ def test_train_rejects_bad_input():
         train(net, [{"x": x, "y": y}], progress=False)
     with pytest.raises(TypeError, match="got 3 items per batch"):
         evaluate(net, [(x, y, torch.arange(4))])
+    # labels outside the classes: an error, not a silent accuracy of 0 or an IndexError in torch
+    for fn in (evaluate, lambda n, d: train(n, d, progress=False)):
+        with pytest.raises(ValueError, match=r"indices in \[0, 2\).*from 10 to 10"):
+            fn(net, [(x, y + 10)])
+        with pytest.raises(ValueError, match=r"running Linear on a \w+ batch of shape \(4, 3\)"):
+            fn(net, [(torch.zeros(4, 3), y)])
+    with pytest.raises(TypeError, match=r"ndarray, not a torch\.Tensor.*torch\.from_numpy"):
+        evaluate(net, [(x.numpy(), y)])
 
 
 def test_evaluate_scores_a_bayesian_module_by_its_posterior_predictive():
