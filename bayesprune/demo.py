@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     print("4/4 compression report (latency: CPU, median of repeated runs)\n")
     example = splits.test.tensors[0][:1]
-    report = bp.compression_report(dense.cpu(), small.cpu(), example)
+    report = bp.compression_report(dense.cpu(), small.cpu(), example, progress=progress)
     print(report)
     tuned = f", after fine-tuning {small_acc:.4f}" if args.finetune_epochs else ""
     print(f"\ntest accuracy: dense {dense_acc:.4f}, pruned {pruned_acc:.4f}{tuned}")

@@ -70,6 +70,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from tqdm.auto import tqdm
 
 from .bayesianize import _check_writable, _is_bayesian, _modes_kept, _with_versions
 from .data import input_tensor
@@ -1831,6 +1832,7 @@ def compression_report(
     repeats: int = 30,
     warmup: int = 5,
     rounds: int = 3,
+    progress: bool = True,
 ) -> CompressionReport:
     """Per-layer widths, parameters and FLOPs of ``dense`` and ``small``; their measured latency.
 
@@ -1849,6 +1851,8 @@ def compression_report(
         Timed and discarded passes per measurement (:func:`bayesprune.metrics.measure_latency`).
     rounds
         Measurements per net, alternating dense and pruned; the latency is their median.
+    progress
+        Show a progress bar over the latency measurements.
 
     Example
     -------
@@ -1919,6 +1923,10 @@ def compression_report(
     if rounds < 1:
         raise ValueError(f"rounds must be a positive integer, got {rounds}")
     latency = {}
+    batch_sizes = list(batch_sizes)
+    bar = tqdm(
+        total=2 * rounds * len(batch_sizes), desc="latency", disable=not progress, leave=False
+    )
     for bs in batch_sizes:
         x = example_input[:1].expand(bs, *example_input.shape[1:]).contiguous()
         times: tuple[list[float], list[float]] = ([], [])
@@ -1926,7 +1934,9 @@ def compression_report(
         for _ in range(rounds):
             for net, out in ((dense, times[0]), (small, times[1])):
                 out.append(measure_latency(net, x, device=device, repeats=repeats, warmup=warmup))
+                bar.update()
         latency[int(bs)] = (statistics.median(times[0]), statistics.median(times[1]))
+    bar.close()
     return CompressionReport(
         layers=layers,
         params_before=count_params(dense),
