@@ -2,9 +2,9 @@
 
 LeNet-300-100 is trained (or its weights are loaded from ``benchmarks/dense.py``'s ``--out``),
 bayesianized with a node-level spike-and-slab prior and fitted by SVI. The candidates come from
-``bayesprune.conformal.pip_candidates``: the hidden nodes with PIP >= t are kept, for the PIP
-quantile thresholds t of ``default_levels`` (least to most pruned; the output layer is never
-pruned). The loss is ``accuracy_drop``: the pruned net is wrong where the Bayesian posterior
+``bayesprune.conformal.pip_candidates``: the hidden nodes with PIP >= t are kept, for the
+thresholds t of ``default_levels``: the median-probability model (t = 0.5), then PIP quantiles
+above it (least to most pruned; the output layer is never pruned). The loss is ``accuracy_drop``: the pruned net is wrong where the Bayesian posterior
 predictive (``bnet.predict``, 32 draws) is right (``--reference mean``: the posterior-mean net).
 
 1. The certificate: ``bp.conformal.certify`` on the calibration split (5,000 images the training
@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> dict:
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         c = r["cert"]
-        level = "none (dense, uncertified)" if c.index is None else f"{c.level:.6g}"
+        level = "none (unpruned, uncertified)" if c.index is None else f"{c.level:.6g}"
         pk = 1.0 if c.index is None else kept[c.index]
         print(f"| {r['alpha']} | {level} | {100 * pk:.2f}% | {r['test_acc']:.4f} | "
               f"{r['test_risk']:.4f} | {r['violations']} | {100 * r['mean_kept']:.2f}% | "
