@@ -17,6 +17,7 @@ Example
 -------
 >>> import torch
 >>> from torch import nn
+>>> from bayesprune.batchnorm import fold_batchnorm
 >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).eval()
 >>> x = torch.randn(2, 1, 6, 6)
 >>> folded = fold_batchnorm(net, example_input=x)
@@ -109,6 +110,7 @@ def recalibrate_batchnorm(
     -------
     >>> import torch
     >>> from torch import nn
+    >>> from bayesprune.batchnorm import recalibrate_batchnorm
     >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
     >>> batches = [(torch.randn(8, 1, 6, 6) + 3, None) for _ in range(4)]
     >>> _ = recalibrate_batchnorm(net, batches, progress=False)
@@ -207,6 +209,7 @@ def fold_batchnorm(
     Example
     -------
     >>> import torch
+    >>> from bayesprune.batchnorm import fold_batchnorm
     >>> from models import resnet20
     >>> net = resnet20().eval()
     >>> small = fold_batchnorm(net, example_input=torch.randn(2, 1, 28, 28))

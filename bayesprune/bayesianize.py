@@ -542,6 +542,7 @@ class BayesianModule(nn.Module):
 
         >>> import torch
         >>> from torch import nn
+        >>> from bayesprune import bayesianize
         >>> bnet = bayesianize(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)))
         >>> x = torch.randn(6, 4)
         >>> p = bnet.predict(x, num_samples=4, seed=0)

@@ -403,6 +403,7 @@ def certify_candidates(
     >>> import torch
     >>> from torch import nn
     >>> from torch.utils.data import DataLoader, TensorDataset
+    >>> from bayesprune.conformal import certify_candidates
     >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
     <torch._C.Generator object at ...>
     >>> dense = nn.Linear(5, 3)
@@ -479,6 +480,7 @@ def default_levels(pips: Mapping[str, Any], max_levels: int = 20) -> list[float]
     prunes strictly more nodes than the previous. For other levels, pass ``levels=`` to
     :func:`certify`.
 
+    >>> from bayesprune.conformal import default_levels
     >>> default_levels({"0": [0.1, 0.2, 0.6, 0.9, 0.95]}, max_levels=10)
     [0.5, 0.9, 0.95]
     """
@@ -688,6 +690,8 @@ def certify(
 
     Example
     -------
+    >>> from bayesprune.conformal import certify
+    >>> from bayesprune.data import loader
     >>> cert = certify(bnet, loader(splits.cal, shuffle=False), alpha=0.02)  # doctest: +SKIP
     >>> small = cert.model; print(cert); cert.save("certificate.json")  # doctest: +SKIP
     """
@@ -794,6 +798,8 @@ def lac_scores(probs: Any, labels: Any) -> Any:
 
     NumPy in, NumPy out; tensor in, tensor out.
 
+    >>> import numpy as np
+    >>> from bayesprune.conformal import lac_scores
     >>> lac_scores(np.array([[0.7, 0.2, 0.1]]), np.array([1]))
     array([0.8])
     """
@@ -811,6 +817,8 @@ def aps_scores(
 
     :math:`u \\sim \\mathrm{U}(0, 1)` when ``randomized`` (exact coverage), :math:`u = 1` otherwise.
 
+    >>> import numpy as np
+    >>> from bayesprune.conformal import aps_scores
     >>> aps_scores(np.array([[0.7, 0.2, 0.1]]), np.array([1]), randomized=False)
     array([0.9])
     """
@@ -843,6 +851,8 @@ def raps_scores(
     """Regularized APS scores (Angelopoulos, Bates, Malik and Jordan 2021):
     :math:`s_{\\mathrm{APS}}(x, y, u) + \\lambda\\, (o(x, y) - k_{reg})^+`.
 
+    >>> import numpy as np
+    >>> from bayesprune.conformal import raps_scores
     >>> raps_scores(np.array([[0.7, 0.2, 0.1]]), np.array([2]), lam=0.5, k_reg=1, randomized=False)
     array([2.])
     """
@@ -859,6 +869,8 @@ def conformal_quantile(scores: Any, alpha: float) -> float:
     label enters the set). With exchangeable scores, a new score is at most this threshold with
     probability in :math:`[1-\\alpha, 1-\\alpha + 1/(n+1))` (the upper end when there are no ties).
 
+    >>> import numpy as np
+    >>> from bayesprune.conformal import conformal_quantile
     >>> conformal_quantile(np.arange(1, 10), 0.1)  # n = 9: rank ceil(10 * 0.9) = 9
     9.0
     >>> conformal_quantile(np.arange(1, 9), 0.1)  # n = 8: rank 9 > 8
@@ -893,6 +905,8 @@ def prediction_sets(
     For ``aps`` / ``raps`` one uniform ``u`` per row is shared by all labels (Romano et al.), so each
     set is a prefix of the labels sorted by probability.
 
+    >>> import numpy as np
+    >>> from bayesprune.conformal import prediction_sets
     >>> prediction_sets(np.array([[0.7, 0.2, 0.1]]), 0.85).tolist()
     [[True, True, False]]
     """
@@ -934,6 +948,7 @@ class ConformalClassifier:
     Example
     -------
     >>> from bayesprune.data import load_digits, loader
+    >>> from bayesprune.conformal import ConformalClassifier
     >>> from models import lenet_300_100
     >>> splits = load_digits(seed=0)
     >>> net = lenet_300_100(in_features=64)  # untrained: sets are large, but coverage holds

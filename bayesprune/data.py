@@ -215,6 +215,7 @@ def load_fashion_mnist(
 
     Example
     -------
+    >>> from bayesprune.data import load_fashion_mnist
     >>> splits = load_fashion_mnist(subset=1000)  # doctest: +SKIP
     >>> splits.sizes()  # doctest: +SKIP
     {'train': 1000, 'val': 5000, 'cal': 5000, 'test': 1000}
@@ -269,6 +270,7 @@ def load_digits(
 
     Example
     -------
+    >>> from bayesprune.data import load_digits
     >>> load_digits(seed=1).sizes()
     {'train': 898, 'val': 180, 'cal': 359, 'test': 360}
     """
@@ -301,6 +303,8 @@ def batch_xy(batch: Any, what: str = "the loader") -> tuple[torch.Tensor, torch.
 
     Example
     -------
+    >>> import torch
+    >>> from bayesprune.data import batch_xy
     >>> x, y = batch_xy((torch.zeros(2, 3), [0, 1]))
     >>> y
     tensor([0, 1])
@@ -333,6 +337,7 @@ def input_tensor(x: Any, what: str = "inputs are") -> torch.Tensor:
     Example
     -------
     >>> import numpy as np
+    >>> from bayesprune.data import input_tensor
     >>> input_tensor(np.zeros((2, 3), np.float32))
     Traceback (most recent call last):
     ...
@@ -352,6 +357,8 @@ def check_class_labels(y: torch.Tensor, num_classes: int) -> None:
 
     Example
     -------
+    >>> import torch
+    >>> from bayesprune.data import check_class_labels
     >>> check_class_labels(torch.tensor([0, 10]), 10)
     Traceback (most recent call last):
     ...
@@ -380,6 +387,8 @@ def input_errors(
 
     Example
     -------
+    >>> import torch
+    >>> from bayesprune.data import input_errors
     >>> with input_errors("Linear", "inputs", (2, 3)):
     ...     torch.nn.Linear(4, 1)(torch.zeros(2, 3))
     Traceback (most recent call last):
@@ -411,6 +420,9 @@ def output_tensor(out: Any, net: nn.Module) -> torch.Tensor:
 
     Example
     -------
+    >>> import torch
+    >>> from torch import nn
+    >>> from bayesprune.data import output_tensor
     >>> output_tensor((torch.zeros(2, 3), torch.zeros(2, 3)), nn.Identity())
     Traceback (most recent call last):
     ...
@@ -491,6 +503,7 @@ def planted_teacher(
 
     Example
     -------
+    >>> from bayesprune.data import planted_teacher
     >>> task = planted_teacher(n=100)
     >>> task.x.shape, task.y.shape, task.relevant
     (torch.Size([100, 8]), torch.Size([100]), 3)

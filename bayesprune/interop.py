@@ -194,6 +194,8 @@ def to_arviz(
     Example
     -------
     >>> import arviz as az  # doctest: +SKIP
+    >>> import bayesprune as bp
+    >>> from bayesprune.data import loader
     >>> idata = bp.to_arviz(bnet, 200, data=loader(splits.val, 256))  # doctest: +SKIP
     >>> az.plot_forest(idata, var_names=["3.gate"], combined=True)  # doctest: +SKIP
     >>> az.loo(idata)  # doctest: +SKIP

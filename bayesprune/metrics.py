@@ -18,6 +18,7 @@ Example
 -------
 >>> import torch
 >>> from torch import nn
+>>> from bayesprune.metrics import count_flops, count_params
 >>> net = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2, bias=False))
 >>> count_params(net), count_flops(net, torch.zeros(1, 4))
 (21, 21)

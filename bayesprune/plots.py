@@ -139,6 +139,7 @@ def plot_elbo(
 
     Example
     -------
+    >>> from bayesprune.plots import plot_elbo
     >>> fig = plot_elbo([10.0, 5.0, 4.0, 3.9, 3.85])
     >>> fig.axes[0].get_ylabel()
     '-ELBO (loss)'
@@ -229,6 +230,7 @@ def plot_pips(
 
     Example
     -------
+    >>> from bayesprune.plots import plot_pips
     >>> fig = plot_pips({"1": [0.9, 0.1, 0.7], "3": [0.2, 0.95]}, threshold=0.5)
     >>> [a.get_title() for a in fig.axes]
     ['1: 2/3 kept', '3: 1/2 kept']
@@ -298,6 +300,7 @@ def plot_pruning_curve(
 
     Example
     -------
+    >>> from bayesprune.plots import plot_pruning_curve
     >>> fig = plot_pruning_curve([0.0, 0.5, 0.9], [0.9, 0.89, 0.7], [1.0, 0.4, 0.1], chosen=0.5)
     >>> len(fig.axes)  # accuracy axis and its twin for the size
     2
@@ -422,6 +425,7 @@ def plot_risk_curve(
 
     Example
     -------
+    >>> from bayesprune.plots import plot_risk_curve
     >>> fig = plot_risk_curve([0.1, 0.3, 0.5], [0.01, 0.03, 0.2], alpha=0.05, chosen=0.3)
     >>> fig.axes[0].get_ylabel()
     'risk'
@@ -540,6 +544,7 @@ def plot_set_sizes(
 
     Example
     -------
+    >>> from bayesprune.plots import plot_set_sizes
     >>> fig = plot_set_sizes([1, 1, 2, 1, 3, 0])
     >>> fig.axes[0].get_xlabel()
     'prediction-set size'

@@ -215,6 +215,7 @@ def theory_inclusion(num_nodes: int, group_size: int) -> float:
     group (fan-in, +1 with a bias). The constant 0.1 is ours. For a 400-unit layer with fan-in 784
     this gives about 0.0013; for LeNet-300-100's first layer about 0.0017.
 
+    >>> from bayesprune.priors import theory_inclusion
     >>> round(theory_inclusion(400, 785), 4)
     0.0013
     """
@@ -414,6 +415,7 @@ class Gaussian(Prior):
     scale
         Prior standard deviation :math:`s` of every weight and bias.
 
+    >>> from bayesprune.priors import Gaussian
     >>> Gaussian(scale=0.5).scale
     0.5
     """
@@ -671,6 +673,7 @@ class SpikeAndSlab(Prior):
     lasso_rate
         :math:`\lambda` of the group-lasso slab (``None``: :math:`\sqrt{m_j + 1}`).
 
+    >>> from bayesprune.priors import SpikeAndSlab
     >>> SpikeAndSlab(level="node", slab="group_lasso").slab
     'group_lasso'
     """
@@ -958,6 +961,7 @@ class GroupHorseshoe(Prior):
         :math:`\rho`: the node scale, as a fraction of the layer's initial median node scale,
         at which :math:`\kappa_j = 1/2`.
 
+    >>> from bayesprune.priors import GroupHorseshoe
     >>> GroupHorseshoe(global_scale=0.1).node_level
     True
     """

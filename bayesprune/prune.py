@@ -674,6 +674,7 @@ def dependency_groups(module: nn.Module, example_input: Any) -> list[ChannelGrou
 
     Example
     -------
+    >>> from bayesprune.prune import dependency_groups
     >>> from models import resnet20
     >>> import torch
     >>> groups = dependency_groups(resnet20(), torch.zeros(1, 1, 28, 28))
@@ -1067,6 +1068,7 @@ def zero_masked(module: nn.Module, masks: Mapping[str, Any]) -> nn.Module:
     -------
     >>> import torch
     >>> from torch import nn
+    >>> from bayesprune.prune import zero_masked
     >>> net = nn.Sequential(nn.Linear(3, 2), nn.ReLU(), nn.Linear(2, 1))
     >>> zero_masked(net, {"0": torch.tensor([True, False])})[0].weight[1].abs().sum().item()
     0.0
@@ -1380,6 +1382,7 @@ def prune_module(
     Example
     -------
     >>> import torch
+    >>> from bayesprune.prune import prune_module
     >>> from models import lenet5_caffe
     >>> net = lenet5_caffe()
     >>> keep = torch.zeros(20, dtype=torch.bool)
@@ -1503,6 +1506,7 @@ def prune(
     Example
     -------
     >>> import torch
+    >>> from bayesprune.prune import prune
     >>> from models import lenet_300_100
     >>> net = lenet_300_100(in_features=64)
     >>> scores = {"1": torch.rand(300), "3": torch.rand(100)}
@@ -1642,6 +1646,7 @@ def finetune(
     Example
     -------
     >>> from bayesprune.data import load_digits, loader
+    >>> from bayesprune.prune import finetune
     >>> from models import lenet_300_100
     >>> splits = load_digits(seed=0)
     >>> history = finetune(lenet_300_100(in_features=64), loader(splits.train, 64), progress=False)
@@ -1683,6 +1688,7 @@ def architecture_string(net: nn.Module) -> str:
 
     LeNet-5-Caffe gives ``"20-50-800-500"``, LeNet-300-100 ``"784-300-100"``.
 
+    >>> from bayesprune.prune import architecture_string
     >>> from models import lenet5_caffe
     >>> architecture_string(lenet5_caffe())
     '20-50-800-500'
@@ -1857,6 +1863,7 @@ def compression_report(
     Example
     -------
     >>> import torch
+    >>> from bayesprune.prune import compression_report, prune_module
     >>> from models import lenet_300_100
     >>> net = lenet_300_100(in_features=64)
     >>> small = prune_module(net, {"1": torch.arange(300) < 30}, torch.zeros(1, 64))
@@ -1968,6 +1975,7 @@ def save_pruned(small: nn.Module, path: str | Path) -> None:
     Example
     -------
     >>> import tempfile, torch
+    >>> from bayesprune.prune import load_pruned, prune_module, save_pruned
     >>> from models import lenet_300_100
     >>> net = lenet_300_100(in_features=64)
     >>> small = prune_module(net, {"1": torch.arange(300) < 7}, torch.zeros(1, 64))

@@ -104,6 +104,7 @@ def hoeffding_pvalue(risk_hat: Any, n: int, alpha: float) -> float | np.ndarray:
 
     Valid for any losses in [0, 1]. ``risk_hat`` may be an array.
 
+    >>> from bayesprune.risk import hoeffding_pvalue
     >>> round(hoeffding_pvalue(0.0, 100, 0.05), 6)  # (1 - alpha)^n
     0.005921
     """
@@ -117,6 +118,7 @@ def bentkus_pvalue(risk_hat: Any, n: int, alpha: float) -> float | np.ndarray:
     .. math:: p^{\\mathrm{B}} = \\min\\{1,\\; e \\cdot \\Pr(\\mathrm{Binomial}(n, \\alpha)
               \\le \\lceil n \\hat R \\rceil)\\}
 
+    >>> from bayesprune.risk import bentkus_pvalue
     >>> round(bentkus_pvalue(0.0, 100, 0.05), 6)  # e (1 - alpha)^n
     0.016094
     """
@@ -132,6 +134,7 @@ def hoeffding_bentkus_pvalue(risk_hat: Any, n: int, alpha: float) -> float | np.
     .. math:: p^{\\mathrm{HB}} = \\min\\big(\\exp\\{-n h_1(\\min(\\hat R, \\alpha), \\alpha)\\},\\;
               e\\, \\Pr(\\mathrm{Binomial}(n, \\alpha) \\le \\lceil n \\hat R \\rceil)\\big)
 
+    >>> from bayesprune.risk import hoeffding_bentkus_pvalue
     >>> round(hoeffding_bentkus_pvalue(0.01, 1000, 0.02), 6)
     0.027826
     """
@@ -150,6 +153,7 @@ def binomial_pvalue(risk_hat: Any, n: int, alpha: float) -> float | np.ndarray:
     :math:`\\mathrm{Binomial}(n, \\alpha)`, so this is valid (and sharper than HB) when every loss
     is 0 or 1. Do not use it for fractional losses.
 
+    >>> from bayesprune.risk import binomial_pvalue
     >>> round(binomial_pvalue(0.0, 100, 0.05), 6)
     0.005921
     """
@@ -185,6 +189,7 @@ def min_calibration_size(
     The Bentkus p-value alone is :math:`e\\,(1-\\alpha)^n` there (``pvalue="bentkus"``: replace
     :math:`\\delta'` by :math:`\\delta' / e`).
 
+    >>> from bayesprune.risk import min_calibration_size
     >>> min_calibration_size(0.01, 0.1)
     230
     >>> min_calibration_size(0.01, 0.1, pvalue="bentkus")
@@ -309,6 +314,7 @@ def learn_then_test(
     Example
     -------
     >>> import numpy as np
+    >>> from bayesprune.risk import learn_then_test
     >>> losses = np.zeros((3, 500))
     >>> losses[2, :100] = 1  # the most pruned candidate is wrong on 20% of points
     >>> learn_then_test(losses, alpha=0.05, delta=0.1).index
@@ -353,6 +359,7 @@ def risk_losses(candidate_pred: Any, reference_pred: Any, labels: Any, risk: str
 
     ``candidate_pred`` may be ``[n]`` or ``[n_candidates, n]``.
 
+    >>> from bayesprune.risk import risk_losses
     >>> risk_losses([0, 1, 2], [0, 2, 2], [0, 2, 1], "accuracy_drop").tolist()
     [0.0, 1.0, 0.0]
     """
@@ -411,6 +418,8 @@ def conformal_risk_control(
     B
         Upper bound of the loss.
 
+    >>> import numpy as np
+    >>> from bayesprune.risk import conformal_risk_control
     >>> conformal_risk_control(np.array([[1.0, 0.0]] * 19), alpha=0.1).index
     1
     """

@@ -34,6 +34,7 @@ Example
 >>> import torch
 >>> from torch import nn
 >>> from torch.utils.data import DataLoader, TensorDataset
+>>> from bayesprune.baselines import GumbelPruning
 >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
 <torch._C.Generator object at ...>
 >>> x = torch.randn(256, 4)
@@ -76,6 +77,8 @@ def straight_through_mask(logits: torch.Tensor, temperature: float) -> torch.Ten
     Forward: 0 or 1; backward: the gradient of the soft sample
     :math:`\\mathrm{softmax}((\\ell + g)/\\tau)_1`.
 
+    >>> import torch
+    >>> from bayesprune.baselines.gumbel import straight_through_mask
     >>> m = straight_through_mask(torch.zeros(5, 2, requires_grad=True), 3.0)
     >>> sorted(set(m.tolist())) in ([0.0], [1.0], [0.0, 1.0])
     True

@@ -33,6 +33,7 @@ Example
 -------
 >>> import torch
 >>> from torch import nn
+>>> from bayesprune.baselines import MagnitudePruning
 >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
 >>> m = MagnitudePruning().fit(net, example_input=torch.zeros(1, 4))
 >>> pruned = m.prune(0.5)

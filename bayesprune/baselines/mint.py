@@ -43,6 +43,7 @@ Example
 >>> import torch
 >>> from torch import nn
 >>> from torch.utils.data import DataLoader, TensorDataset
+>>> from bayesprune.baselines import MINT
 >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
 <torch._C.Generator object at ...>
 >>> x = torch.randn(400, 6)
@@ -103,6 +104,8 @@ def geometric_conditional_dependence(
 
     Example
     -------
+    >>> import numpy as np
+    >>> from bayesprune.baselines import geometric_conditional_dependence
     >>> rng = np.random.default_rng(0)
     >>> y, z = rng.standard_normal((2, 900))
     >>> dependent = geometric_conditional_dependence(y + 0.1 * z, y, z)

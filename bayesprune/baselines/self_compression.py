@@ -37,6 +37,7 @@ Example
 >>> import torch
 >>> from torch import nn
 >>> from torch.utils.data import DataLoader, TensorDataset
+>>> from bayesprune.baselines import SelfCompression
 >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
 <torch._C.Generator object at ...>
 >>> x = torch.randn(256, 4)

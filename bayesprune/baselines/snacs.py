@@ -44,6 +44,7 @@ Example
 >>> import torch
 >>> from torch import nn
 >>> from torch.utils.data import DataLoader, TensorDataset
+>>> from bayesprune.baselines import SNACS
 >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
 <torch._C.Generator object at ...>
 >>> x = torch.randn(400, 6)
@@ -188,6 +189,8 @@ def edge_mutual_information(
 
     Example
     -------
+    >>> import numpy as np
+    >>> from bayesprune.baselines import edge_mutual_information
     >>> rng = np.random.default_rng(0)
     >>> z = rng.standard_normal((2000, 2))
     >>> x, y = z[:, 0], 0.9 * z[:, 0] + np.sqrt(1 - 0.81) * z[:, 1]
@@ -213,6 +216,8 @@ def edge_conditional_mutual_information(
     shifts, so the :math:`(Y, Z)` buckets refine the :math:`Z` buckets and the difference is
     the information :math:`Y` adds at that resolution.
 
+    >>> import numpy as np
+    >>> from bayesprune.baselines import edge_conditional_mutual_information
     >>> rng = np.random.default_rng(0)
     >>> y, z = rng.standard_normal((2, 2000))
     >>> edge_conditional_mutual_information(y + z, y, z) > edge_conditional_mutual_information(z, y, z)
