@@ -146,17 +146,24 @@ def _gate_points(
     act: dict[str, str] = {}
     for k in paths:
         # a layer only one graph runs (LayerDrop skips it in training, an auxiliary head runs only
-        # there) takes that graph's point; a layer both run, the point both agree on
-        if k in called0 and k in called1:
-            if (bn0.get(k), act0.get(k)) != (bn1.get(k), act1.get(k)):
-                continue
-            src_bn, src_act = bn0, act0
-        else:
-            src_bn, src_act = (bn0, act0) if k in called0 else (bn1, act1)
-        if k in src_bn:
-            bn[k] = src_bn[k]
-        if k in src_act:
-            act[k] = src_act[k]
+        # there) takes that graph's points; a layer both run, the points both agree on: the
+        # BatchNorm on its own, the activation only if the BatchNorm before it agrees too
+        both = k in called0 and k in called1
+        b0, b1 = (bn0, bn1) if both else ((bn0, bn0) if k in called0 else (bn1, bn1))
+        a0, a1 = (act0, act1) if both else ((act0, act0) if k in called0 else (act1, act1))
+        if b0.get(k) == b1.get(k):
+            if k in b0:
+                bn[k] = b0[k]
+            if k in a0 and a0.get(k) == a1.get(k):
+                act[k] = a0[k]
+    # a module that would be the gate point of two layers (one per mode) is nobody's
+    for points in (bn, act):
+        claimed: dict[str, int] = {}
+        for v in points.values():
+            claimed[v] = claimed.get(v, 0) + 1
+        for k in [k for k, v in points.items() if claimed[v] > 1]:
+            del points[k]
+    act = {k: v for k, v in act.items() if bn.get(k) == (bn0 if k in called0 else bn1).get(k)}
     return bn, act, True
 
 
@@ -284,15 +291,20 @@ class BayesianModule(nn.Module):
                 return self.net(x)
             with self.mode(mode):
                 return self.net(x)
-        except (RuntimeError, IndexError, TypeError, AttributeError) as exc:
-            if isinstance(exc, torch.OutOfMemoryError):
+        except (RuntimeError, IndexError) as exc:
+            # the error may be the user's own: keep it, and add what the inputs were
+            if isinstance(exc, torch.OutOfMemoryError) or not torch.is_tensor(x):
                 raise
-            self._check_batch(x)  # a non-tensor or a dtype mismatch, named with its fix
-            if isinstance(exc, RuntimeError | IndexError):
-                fix = "inputs of the shape the wrapped network expects, with the batch first"
-                # re-raised inside input_errors, which turns it into a ValueError naming the input
-                with input_errors(type(self.net).__name__, "inputs", tuple(x.shape), fix):
-                    raise
+            self._check_batch(x)  # a dtype mismatch: a TypeError that names the fix
+            exc.add_note(
+                f"bayesprune: {type(self.net).__name__} was run on inputs of shape "
+                f"{tuple(x.shape)}; if the error is about that shape, pass inputs of the shape "
+                "the wrapped network expects, with the batch first"
+            )
+            raise
+        except (TypeError, AttributeError):
+            if not torch.is_tensor(x) and hasattr(x, "__array__"):
+                input_tensor(x)  # a NumPy array: a TypeError that names the fix
             raise
 
     @property
@@ -365,8 +377,6 @@ class BayesianModule(nn.Module):
                 f"{y.shape[0]} targets for a batch of {x.shape[0]} inputs: each batch needs one "
                 "target per example"
             )
-        if y is not None and self.likelihood == "categorical" and self.num_classes:
-            check_class_labels(y, self.num_classes)
 
     def _output_and_target(
         self, out: torch.Tensor, y: torch.Tensor | None
@@ -380,7 +390,11 @@ class BayesianModule(nn.Module):
         """Per-example log-likelihood of targets ``y`` given network outputs ``out``."""
         out, y = self._output_and_target(output_tensor(out, self.net), y)
         if self.likelihood == "categorical":
-            return -F.cross_entropy(out, y, reduction="none")
+            try:
+                return -F.cross_entropy(out, y, reduction="none")
+            except IndexError:  # a label outside the classes (on a CPU): say which and the fix
+                check_class_labels(y, out.shape[1] if out.dim() > 1 else out.shape[0])
+                raise
         if y.shape != out.shape:
             raise ValueError(
                 f"regression targets of shape {tuple(y.shape)} do not match the network output "

@@ -429,7 +429,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         why = (
             "it holds objects other than tensors, e.g. a whole pickled model, and bayesprune never "
             "unpickles arbitrary code"
-            if "Weights only load failed" in str(exc)
+            if "Unsupported global" in str(exc)
             else re.sub(r"\x1b\[[0-9;]*m", "", str(exc).strip().splitlines()[0])
         )
         raise CLIError(
@@ -646,7 +646,8 @@ def _cmd_prune(args: argparse.Namespace) -> None:
     bnet = run.bayesian()
     dense = run.dense()
     test = run.loader("test")
-    kwargs = {"keep": args.keep} if args.keep is not None else {"threshold": args.threshold or 0.5}
+    threshold = 0.5 if args.threshold is None else args.threshold  # 0 is a valid threshold
+    kwargs = {"keep": args.keep} if args.keep is not None else {"threshold": threshold}
     _say(f"pruning with {', '.join(f'{k}={v}' for k, v in kwargs.items())}")
     small = bp.prune(bnet, example_input=run.example, round_to=args.round_to,
                      min_nodes=args.min_nodes, **kwargs)  # fmt: skip

@@ -610,10 +610,8 @@ def pip_candidates(
             levels = default_levels(pips, max_levels)
         else:  # from the median-probability model's share of the nodes down (default_levels)
             flat = torch.cat([p.flatten().float().cpu() for p in pips.values()])
-            top = max(float((flat >= 0.5).float().mean()), 1 / len(flat))
-            levels = [round(top, 4)] + [
-                round(f, 4) for f in np.linspace(0.95, 0.05, 19) if f < top - 1e-4
-            ]
+            top = max(float((flat >= 0.5).float().mean()), 1 / len(flat))  # at least one node
+            levels = [top] + [round(f, 4) for f in np.linspace(0.95, 0.05, 19) if f < top - 1e-4]
     levels = [float(v) for v in levels]
     if not levels:
         raise ValueError("levels is empty")

@@ -402,8 +402,8 @@ def input_errors(
     except (RuntimeError, IndexError) as exc:  # IndexError: a missing batch axis
         if "dtype" in str(exc) or "Double" in str(exc):
             fix = (
-                "inputs of the dtype of the network's parameters, e.g. x.float() (NumPy arrays "
-                "are float64)"
+                "inputs of the dtype of the network's parameters: "
+                "x.to(next(net.parameters()).dtype) (NumPy arrays are float64)"
             )
         raise ValueError(
             f"running {net} on {what} of shape {tuple(shape)} failed ({exc}); pass {fix}"

@@ -33,6 +33,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from .bayesianize import _modes_kept
 from .data import input_errors, input_tensor
 from .train import resolve_device
 
@@ -75,6 +76,7 @@ def flops_by_layer(module: nn.Module, example_input: torch.Tensor) -> dict[str, 
 
 def _macs_by_layer(module: nn.Module, example_input: torch.Tensor, what: str) -> dict[str, int]:
     """:func:`flops_by_layer`, with ``what`` naming the module in a wrong-input error."""
+    input_tensor(example_input, "example_input is")
     counts: dict[str, int] = {}
     hooks = []
 
@@ -87,17 +89,15 @@ def _macs_by_layer(module: nn.Module, example_input: torch.Tensor, what: str) ->
     for name, layer in module.named_modules():
         if isinstance(layer, _COUNTED):
             hooks.append(layer.register_forward_hook(make_hook(name)))
-    input_tensor(example_input, "example_input is")
-    was_training = module.training
     try:
-        module.eval()
         with (
+            _modes_kept(module),
             torch.no_grad(),
             input_errors(what, "example_input", tuple(example_input.shape)),
         ):
+            module.eval()
             module(example_input)
     finally:
-        module.train(was_training)
         for h in hooks:
             h.remove()
     return counts
@@ -125,10 +125,7 @@ def measure_latency(
         raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats} and {warmup}")
     device = resolve_device(device)
     x = input_tensor(example_input, "example_input is").to(device)
-    was_training = module.training
-    module.eval()
     original_device = next(module.parameters()).device
-    module.to(device)
 
     def sync() -> None:
         if device.type == "cuda":
@@ -136,15 +133,17 @@ def measure_latency(
 
     times = []
     try:
-        with torch.inference_mode():
-            for i in range(warmup + repeats):
-                sync()
-                start = time.perf_counter()
-                module(x)
-                sync()
-                if i >= warmup:
-                    times.append(time.perf_counter() - start)
+        with _modes_kept(module):
+            module.eval()
+            module.to(device)  # outside inference_mode: the parameters must stay trainable
+            with torch.inference_mode():
+                for i in range(warmup + repeats):
+                    sync()
+                    start = time.perf_counter()
+                    module(x)
+                    sync()
+                    if i >= warmup:
+                        times.append(time.perf_counter() - start)
     finally:
         module.to(original_device)
-        module.train(was_training)
     return statistics.median(times)

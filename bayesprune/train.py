@@ -130,8 +130,12 @@ def train(
                 out = net(x)
             if loss_fn is F.cross_entropy:  # a custom loss_fn may read auxiliary outputs
                 out = output_tensor(out, net)
-                check_class_labels(labels, out.shape[-1])
-            loss = loss_fn(out, y)
+            try:
+                loss = loss_fn(out, y)
+            except IndexError:  # a label outside the classes (on a CPU): say which and the fix
+                if loss_fn is F.cross_entropy and out.dim() > 1:
+                    check_class_labels(labels[labels != -100], out.shape[1])  # -100: ignored
+                raise
             if not torch.isfinite(loss):
                 raise FloatingPointError(
                     f"training loss became {loss.item()} at epoch {epoch + 1}, step {len(history.loss) + 1}; "
@@ -190,7 +194,8 @@ def evaluate(
                 out = (
                     net.predict(x.to(dev), num_samples=num_samples) if bayesian else net(x.to(dev))
                 )
-            check_class_labels(y, out.shape[-1])  # else the accuracy would be silently 0
+            if out.dim() == 2:  # else the accuracy would be silently 0
+                check_class_labels(y, out.shape[1])
             pred = out.argmax(-1)
             correct += int((pred == y.to(dev)).sum())
             total += len(y)

@@ -73,6 +73,48 @@ def test_gates_act_after_the_batchnorm_in_branches_that_only_one_mode_runs() -> 
         assert bnet.gate_after["c1"] == "bn1"
         assert bnet.gate_after["aux"] == "aux_bn"  # found in the training-mode graph only
 
+    class SharedRelu(Aux):  # the aux head reuses the ReLU after bn1: only that point differs
+        def __init__(self) -> None:
+            super().__init__()
+            self.relu = nn.ReLU()
+
+        def forward(self, x):
+            h = self.relu(self.bn1(self.c1(x)))
+            out = self.head(h.mean((2, 3)))
+            return (out, self.relu(self.aux(h)).mean((2, 3))) if self.training else out
+
+    bnet = bp.bayesianize(SharedRelu(), prior=bp.priors.SpikeAndSlab())
+    assert bnet.gate_after["c1"] == "bn1"  # the BatchNorm point both modes agree on stays
+
+
+def test_forward_keeps_the_networks_own_errors() -> None:
+    class Buggy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, x):
+            raise RuntimeError("a bug in the user's forward")
+
+    with pytest.raises(RuntimeError, match="a bug in the user's forward"):
+        bp.bayesianize(Buggy())(torch.zeros(2, 3))
+
+
+def test_fit_does_not_guess_the_classes_from_the_last_registered_layer() -> None:
+    class ScoredHead(nn.Module):  # the classifier is registered before a 1-output scorer
+        def __init__(self) -> None:
+            super().__init__()
+            self.classifier, self.score = nn.Linear(4, 10), nn.Linear(4, 1)
+
+        def forward(self, x):
+            return self.classifier(x * torch.sigmoid(self.score(x)))
+
+    bnet = bp.bayesianize(ScoredHead())
+    data = [(torch.randn(8, 4), torch.arange(8))]  # labels up to 7 of 10 classes
+    bp.fit(bnet, data, epochs=1, num_data=8, progress=False)
+    with pytest.raises(ValueError, match=r"indices in \[0, 10\).*from 5 to 12"):
+        bp.fit(bnet, [(torch.randn(8, 4), torch.arange(8) + 5)], num_data=8, progress=False)
+
 
 def test_row_activations_pooling_flatten_dropout_are_deterministic() -> None:
     net = nn.Sequential(
@@ -414,8 +456,11 @@ def test_predict_gives_probabilities() -> None:
         bnet.predict(torch.randn(2, 64).numpy())
     with pytest.raises(TypeError, match=r"inputs are torch\.float64"):
         bnet(torch.randn(2, 64, dtype=torch.float64))  # the forward pass names it too
-    with pytest.raises(ValueError, match=r"running Sequential on inputs of shape \(2, 63\)"):
-        bnet(torch.randn(2, 63))
+    with pytest.raises(RuntimeError, match="mat1 and mat2 shapes") as info:
+        bnet(torch.randn(2, 63))  # torch's own error, with a note on the inputs
+    assert "was run on inputs of shape (2, 63)" in info.value.__notes__[0]
+    with pytest.raises(TypeError, match=r"inputs are a ndarray, not a torch\.Tensor"):
+        bnet(torch.randn(2, 64).numpy())
     # a target problem is named as one, not blamed on the inputs
     with pytest.raises(ValueError, match=r"got shape \(4, 1\): pass y\.squeeze\(1\)"):
         bp.fit(bnet, [(torch.randn(4, 64), torch.zeros(4, 1).long())], num_data=4, progress=False)

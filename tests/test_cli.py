@@ -186,6 +186,13 @@ def test_user_weights_from_an_old_checkpoint_keep_their_module_versions(tmp_path
     torch.testing.assert_close(fresh[1].running_var, net[1].running_var)
 
 
+def test_prune_threshold_zero_is_not_the_default(run_dir, tmp_path):
+    out = tmp_path / "t0"
+    assert main(["prune", "--run", str(run_dir), "--threshold", "0", "--levels", "0.5",
+                 "--no-progress", "--out", str(out)]) == 0  # fmt: skip
+    assert json.loads((out / "compression.json").read_text())["threshold"] == 0.0
+
+
 def test_fit_and_prune_your_own_builder(tmp_path, monkeypatch):
     (tmp_path / "my_nets_cli_test.py").write_text(
         "from torch import nn\n"

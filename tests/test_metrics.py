@@ -61,6 +61,13 @@ def test_numpy_or_misshapen_inputs_get_errors_that_name_the_fix():
             fn(net, torch.zeros(2, 8).numpy())
     with pytest.raises(ValueError, match=r"running Sequential on example_input of shape \(2, 9\)"):
         count_flops(net, torch.zeros(2, 9))
+    # neither leaves hooks behind or unfreezes a module the user keeps in eval mode
+    bn = nn.Sequential(nn.Linear(8, 4), nn.BatchNorm1d(4)).train()
+    bn[1].eval()
+    count_flops(bn, torch.zeros(2, 8))
+    measure_latency(bn, torch.zeros(2, 8), repeats=1, warmup=0)
+    assert bn.training and not bn[1].training
+    assert not bn[0]._forward_hooks and not bn[1]._forward_hooks
 
 
 def test_latency_is_positive_and_checks_arguments():

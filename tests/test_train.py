@@ -50,6 +50,15 @@ def test_train_rejects_bad_input():
         evaluate(net, [(x.numpy(), y)])
 
 
+def test_train_takes_every_target_cross_entropy_takes():
+    seg = nn.Conv2d(1, 3, 1)  # [B, C, H, W] logits: the classes are on axis 1
+    labels = torch.randint(0, 3, (2, 4, 4))
+    labels[0, 0, 0] = -100  # cross_entropy's ignore_index
+    train(seg, [(torch.randn(2, 1, 4, 4), labels)], epochs=1, progress=False)
+    with pytest.raises(ValueError, match=r"indices in \[0, 3\)"):
+        train(seg, [(torch.randn(2, 1, 4, 4), labels + 5)], epochs=1, progress=False)
+
+
 def test_evaluate_scores_a_bayesian_module_by_its_posterior_predictive():
     import bayesprune as bp
 
