@@ -303,9 +303,7 @@ def _trace(module: nn.Module, example_input: Any, training: bool = False) -> fx.
             with torch.no_grad(), redirect_stderr(io.StringIO()):
                 fx.passes.shape_prop.ShapeProp(gm).propagate(*inputs)
         except Exception as exc:
-            root: BaseException = exc  # ShapeProp wraps the real error in a dump of the graph
-            while root.__cause__ is not None:
-                root = root.__cause__
+            root = _root_cause(exc)  # ShapeProp wraps the real error in a dump of the graph
             shape = tuple(inputs[0].shape)
             raise ValueError(
                 f"running {type(module).__name__} on example_input of shape {shape} failed "
@@ -313,6 +311,12 @@ def _trace(module: nn.Module, example_input: Any, training: bool = False) -> fx.
                 "expects, e.g. one batch of data"
             ) from exc
     return gm
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    return exc
 
 
 def _direct_layer(gm: fx.GraphModule, bn_node: fx.Node) -> str | None:
@@ -356,9 +360,10 @@ class _Analysis:
         try:
             self.graphs.append(_trace(module, example_input, training=True))
         except ValueError as exc:  # e.g. Inception's auxiliary head needs larger images
+            root = _root_cause(exc)
             warnings.warn(
                 f"{type(module).__name__} runs on example_input in eval mode but not in training "
-                f"mode ({str(exc).split(' failed (', 1)[-1].rsplit('); pass', 1)[0]}), so the branches only training mode runs (auxiliary "
+                f"mode ({type(root).__name__}: {root}), so the branches only training mode runs (auxiliary "
                 "heads) are left out of the pruning analysis: the pruned network may fail in "
                 "training mode. Pass an example_input of a size training uses to include them",
                 stacklevel=4,
