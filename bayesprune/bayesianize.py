@@ -141,21 +141,22 @@ def _gate_points(
             except Exception:  # any tracing failure: fall back to gating at the layer output
                 return {}, {}, False
         found.append(_gate_points_in(gm, modules, paths))
-    (bn0, act0, called0), (bn1, act1, called1) = found
     bn: dict[str, str] = {}
     act: dict[str, str] = {}
+    agreed_bn: dict[str, str | None] = {}
     for k in paths:
-        # a layer only one graph runs (LayerDrop skips it in training, an auxiliary head runs only
-        # there) takes that graph's points; a layer both run, the points both agree on: the
-        # BatchNorm on its own, the activation only if the BatchNorm before it agrees too
-        both = k in called0 and k in called1
-        b0, b1 = (bn0, bn1) if both else ((bn0, bn0) if k in called0 else (bn1, bn1))
-        a0, a1 = (act0, act1) if both else ((act0, act0) if k in called0 else (act1, act1))
-        if b0.get(k) == b1.get(k):
-            if k in b0:
-                bn[k] = b0[k]
-            if k in a0 and a0.get(k) == a1.get(k):
-                act[k] = a0[k]
+        # the points of every graph that runs the layer (one graph: LayerDrop skips it in
+        # training, or an auxiliary head runs only there) must agree: the BatchNorm on its own,
+        # the activation only where the BatchNorm before it agrees too
+        runs = [(b, a) for b, a, called in found if k in called]
+        bns, acts = {b.get(k) for b, _ in runs}, {a.get(k) for _, a in runs}
+        if len(bns) != 1:
+            continue
+        agreed_bn[k] = next(iter(bns))
+        if agreed_bn[k] is not None:
+            bn[k] = agreed_bn[k]
+        if len(acts) == 1 and None not in acts:
+            act[k] = next(iter(acts))
     # a module that would be the gate point of two layers (one per mode) is nobody's
     for points in (bn, act):
         claimed: dict[str, int] = {}
@@ -163,7 +164,7 @@ def _gate_points(
             claimed[v] = claimed.get(v, 0) + 1
         for k in [k for k, v in points.items() if claimed[v] > 1]:
             del points[k]
-    act = {k: v for k, v in act.items() if bn.get(k) == (bn0 if k in called0 else bn1).get(k)}
+    act = {k: v for k, v in act.items() if bn.get(k) == agreed_bn[k]}
     return bn, act, True
 
 
