@@ -63,7 +63,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import check_class_labels, input_errors, input_tensor, output_tensor
+from .data import input_errors, input_tensor, label_errors, output_tensor
 from .layers import INIT_SCALE, WEIGHT_SD_FAMILIES, BayesianLayer, _set_mode, bayesian_layer_for
 from .priors import Prior, SpikeAndSlab, prior_from_dict
 
@@ -391,11 +391,8 @@ class BayesianModule(nn.Module):
         """Per-example log-likelihood of targets ``y`` given network outputs ``out``."""
         out, y = self._output_and_target(output_tensor(out, self.net), y)
         if self.likelihood == "categorical":
-            try:
+            with label_errors(out, y):
                 return -F.cross_entropy(out, y, reduction="none")
-            except IndexError:  # a label outside the classes (on a CPU): say which and the fix
-                check_class_labels(y, out.shape[1] if out.dim() > 1 else out.shape[0])
-                raise
         if y.shape != out.shape:
             raise ValueError(
                 f"regression targets of shape {tuple(y.shape)} do not match the network output "

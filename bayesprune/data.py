@@ -410,6 +410,34 @@ def input_errors(
         ) from exc
 
 
+@contextmanager
+def label_errors(out: torch.Tensor, labels: torch.Tensor) -> Iterator[None]:
+    """Turn cross-entropy's ``IndexError`` for a label outside the classes of the logits ``out``
+    (``[batch, C, ...]``) into :func:`check_class_labels`' ``ValueError``, which names the fix.
+
+    Checking only when the loss fails keeps the label scan off the training step; labels of
+    cross-entropy's ``ignore_index`` (-100) are left out of the check.
+
+    Example
+    -------
+    >>> import torch
+    >>> import torch.nn.functional as F
+    >>> from bayesprune.data import label_errors
+    >>> out = torch.zeros(2, 3)
+    >>> with label_errors(out, torch.tensor([0, 5])):
+    ...     F.cross_entropy(out, torch.tensor([0, 5]))
+    Traceback (most recent call last):
+    ...
+    ValueError: class labels must be indices in [0, 3) for a network with 3 outputs; got labels from 0 to 5. Map them to 0..2 (e.g. y - y.min() for consecutive labels)
+    """
+    try:
+        yield
+    except IndexError:
+        if out.dim() > 1:
+            check_class_labels(labels[labels != -100], out.shape[1])
+        raise
+
+
 def output_tensor(out: Any, net: nn.Module) -> torch.Tensor:
     """``out``, the output of ``net``, if it is one tensor; otherwise a ``TypeError`` that says how
     to get one.

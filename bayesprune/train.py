@@ -23,7 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .bayesianize import _is_bayesian
-from .data import batch_xy, check_class_labels, input_errors, output_tensor
+from .data import batch_xy, check_class_labels, input_errors, label_errors, output_tensor
 
 __all__ = ["TrainHistory", "evaluate", "resolve_device", "train"]
 
@@ -130,12 +130,10 @@ def train(
                 out = net(x)
             if loss_fn is F.cross_entropy:  # a custom loss_fn may read auxiliary outputs
                 out = output_tensor(out, net)
-            try:
+                with label_errors(out, labels):
+                    loss = loss_fn(out, y)
+            else:
                 loss = loss_fn(out, y)
-            except IndexError:  # a label outside the classes (on a CPU): say which and the fix
-                if loss_fn is F.cross_entropy and out.dim() > 1:
-                    check_class_labels(labels[labels != -100], out.shape[1])  # -100: ignored
-                raise
             if not torch.isfinite(loss):
                 raise FloatingPointError(
                     f"training loss became {loss.item()} at epoch {epoch + 1}, step {len(history.loss) + 1}; "
