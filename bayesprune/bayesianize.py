@@ -340,6 +340,16 @@ class BayesianModule(nn.Module):
             if not n.startswith(("weight_", "bias_"))
         ]
 
+    def gate_parameters(self) -> list[nn.Parameter]:
+        """The spike-and-slab gate logits (a subset of :meth:`structure_parameters`), which
+        :func:`bayesprune.fit` moves with natural-gradient steps (:mod:`bayesprune.natural`)."""
+        return [
+            p
+            for layer in self.bayesian_layers.values()
+            for n, p in layer.named_parameters(recurse=False)
+            if n == "gate_logit"
+        ]
+
     def kl(self) -> torch.Tensor:
         """Sum of the analytic KL terms of all Bayesian layers."""
         return sum(layer.kl() for layer in self.bayesian_layers.values())

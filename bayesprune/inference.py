@@ -47,6 +47,8 @@ from tqdm.auto import tqdm
 
 from .bayesianize import BayesianModule, _check_writable, _param_effect
 from .data import batch_xy, input_errors
+from .diagnostics import hidden_layers, informativeness_warnings, median_model, nodes_off
+from .natural import BernoulliNaturalGradient
 from .train import resolve_device
 
 __all__ = ["FitResult", "LocalReparamELBO", "fit"]
@@ -65,8 +67,19 @@ class FitResult:
         Mean of ``loss`` per epoch.
     kl
         KL term per step (fast ELBO only; empty with a custom ``elbo``).
+    nll
+        Negative expected log-likelihood term per step, full-data scale (fast ELBO only).
     val_accuracy
         Posterior-predictive accuracy on ``val_loader`` after each epoch (categorical only).
+    val_median_accuracy
+        Accuracy on ``val_loader`` of the median-probability model (posterior means, hidden
+        nodes with PIP < 1/2 zeroed: what ``prune(threshold=0.5)`` keeps) after each epoch;
+        node-level priors only.
+    nodes_off
+        Per hidden layer with node PIPs, the share of nodes with PIP < 1/2 after each epoch.
+    warnings
+        The messages of the end-of-fit check that the PIPs separate nodes
+        (:mod:`bayesprune.diagnostics`); each was also issued as a ``UserWarning``.
     num_data
         :math:`N` used for the ELBO scaling.
     kl_weight
@@ -79,7 +92,11 @@ class FitResult:
     loss: list[float] = field(default_factory=list)
     epoch_loss: list[float] = field(default_factory=list)
     kl: list[float] = field(default_factory=list)
+    nll: list[float] = field(default_factory=list)
     val_accuracy: list[float] = field(default_factory=list)
+    val_median_accuracy: list[float] = field(default_factory=list)
+    nodes_off: dict[str, list[float]] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
     num_data: int = 0
     kl_weight: float = 1.0
     seconds: float = 0.0
@@ -117,6 +134,7 @@ class LocalReparamELBO(pyro.infer.ELBO):
         super().__init__(num_particles=1)
         self.kl_scale = 1.0
         self.last_kl: torch.Tensor | None = None
+        self.last_nll: torch.Tensor | None = None
 
     def differentiable_loss(self, model, guide, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         bnet = _bnet_of(model)
@@ -129,6 +147,7 @@ class LocalReparamELBO(pyro.infer.ELBO):
         nll = -bnet.log_likelihood(out, y).sum() * (n / x.shape[0])
         kl = bnet.kl()
         self.last_kl = kl.detach()
+        self.last_nll = nll.detach()
         return nll + self.kl_scale * kl
 
     def _get_trace(self, model, guide, args, kwargs):  # pragma: no cover - not trace based
@@ -224,16 +243,24 @@ def _num_data(train_loader: Iterable, num_data: int | None) -> int:
 
 
 @torch.no_grad()
-def _val_accuracy(bnet: BayesianModule, loader: Iterable, dev: torch.device, samples: int) -> float:
-    correct = total = 0
+def _val_accuracy(
+    bnet: BayesianModule, loader: Iterable, dev: torch.device, samples: int, median=None
+) -> tuple[float, float | None]:
+    """Posterior-predictive accuracy on ``loader``, and that of the plain network ``median``."""
+    correct = correct_median = total = 0
+    if median is not None:
+        median.to(dev).eval()
     for batch in loader:
         x, y = batch_xy(batch, "val_loader")
-        probs = bnet.predict(x.to(dev), num_samples=samples)
-        correct += int((probs.argmax(-1) == y.to(dev)).sum())
+        x, y = x.to(dev), y.to(dev)
+        probs = bnet.predict(x, num_samples=samples)
+        correct += int((probs.argmax(-1) == y).sum())
+        if median is not None:
+            correct_median += int((median(x).argmax(-1) == y).sum())
         total += len(y)
     if total == 0:
         raise ValueError("val_loader is empty")
-    return correct / total
+    return correct / total, (None if median is None else correct_median / total)
 
 
 def fit(
@@ -255,6 +282,7 @@ def fit(
     lr_schedule: str = "cosine",
     val_samples: int = 8,
     checkpoint: str | Path | None = None,
+    gate_step: float = 0.01,
 ) -> FitResult:
     r"""Fit the variational posterior of ``bnet`` by stochastic variational inference.
 
@@ -286,19 +314,25 @@ def fit(
         \mathrm{KL}(q \| p)`. 1 (default) is the ELBO, i.e. Bayesian inference. :math:`\beta < 1` is
         a tempered ("cold") posterior that trusts the data more than the prior: less weight noise,
         fewer nodes pruned. Its PIPs are then those of the tempered posterior, not of the Bayesian one;
-        report :math:`\beta` with any result. Measured on Fashion-MNIST LeNet-300-100 (node
-        spike-and-slab, 60 epochs, ``benchmarks/bayes_lenet.py``): :math:`\beta = 1` pruned 79% of
-        the hidden nodes at 3.7 points below the dense net (older gate-freeze default),
-        :math:`\beta = 0.2` prunes 66-69% within 0.7 points (two seeds); start there when accuracy
-        matters more than the Bayesian reading.
+        report :math:`\beta` with any result. With the default point-weight spike-and-slab the
+        KL is that of the gates alone and :math:`\beta = 1` is the intended setting
+        (``benchmarks/RESULTS.md``, "Robustness of the default fit"); with
+        ``weights="gaussian"`` the weights' KL dominates on small data, and tempering was the
+        only way to keep nodes (the older rows of ``benchmarks/RESULTS.md``).
     elbo
         ``None`` (default): :class:`LocalReparamELBO` with ``torch.optim.Adam`` over
         ``bnet.parameters()``. Any other ``pyro.infer.ELBO`` (e.g. ``Trace_ELBO()``) runs
         ``pyro.infer.SVI(bnet.model, bnet.guide, pyro.optim.Adam, loss=elbo)``.
     structure_lr
-        Learning rate of the gate logits and shrinkage-scale parameters
-        (:meth:`~bayesprune.BayesianModule.structure_parameters`); default ``10 * lr`` (fast ELBO
-        only).
+        Adam learning rate of the shrinkage-scale parameters (horseshoe and group-lasso scales;
+        :meth:`~bayesprune.BayesianModule.structure_parameters` less the gate logits); default
+        ``10 * lr`` (fast ELBO only).
+    gate_step
+        :math:`\rho` of the natural-gradient step of the spike-and-slab gate logits
+        (:mod:`bayesprune.natural`): each step moves a gate :math:`\rho` of the way to its
+        optimum given the rest, so a gate averages its likelihood signal over about
+        :math:`1/\rho` steps. It follows ``lr_schedule`` and waits out ``structure_delay``
+        like the other structure parameters (fast ELBO only).
     structure_delay
         Fraction of the steps during which the structure parameters are frozen, so that the
         weights first settle under the variational noise. The straight-through gate gradient at
@@ -326,6 +360,13 @@ def fit(
         raise ValueError(f"lr must be positive, got {lr}")
     if structure_lr is not None and not structure_lr > 0:
         raise ValueError(f"structure_lr must be positive, got {structure_lr}")
+    if isinstance(gate_step, bool) or not isinstance(gate_step, (int, float)):
+        raise TypeError(f"gate_step must be a number in (0, 1], got {gate_step!r}")
+    if not 0 < gate_step <= 1:
+        raise ValueError(
+            f"gate_step must be in (0, 1] (the fraction of the way to each gate's optimum per "
+            f"step), got {gate_step}"
+        )
     if structure_delay is not None and not 0 <= structure_delay < 1:
         raise ValueError(
             f"structure_delay must be a fraction in [0, 1) or None (10% of the steps, at most "
@@ -381,18 +422,27 @@ def fit(
     fix = "inputs of the shape the wrapped network expects, with the batch first"
     if fast:
         elbo_obj = LocalReparamELBO()
-        structure = bnet.structure_parameters()
-        ids = {id(p) for p in structure}
-        rest = [p for p in bnet.parameters() if id(p) not in ids]
+        gates = bnet.gate_parameters()
+        gate_ids = {id(p) for p in gates}
+        structure = [p for p in bnet.structure_parameters() if id(p) not in gate_ids]
+        ids = {id(p) for p in structure} | gate_ids
+        # point-estimated weights keep frozen sds: they are not fitted
+        rest = [p for p in bnet.parameters() if id(p) not in ids and p.requires_grad]
         groups = [{"params": rest, "lr": lr}]
         if structure:
             groups.append({"params": structure, "lr": structure_lr or 10 * lr})
         opt = make_adam(groups, lr)
+        delay = _delay_steps(structure_delay, total_steps, steps_per_epoch)
         factors = [_lr_factor(lr_schedule, total_steps, 0)]
         if structure:
-            delay = _delay_steps(structure_delay, total_steps, steps_per_epoch)
             factors.append(_lr_factor(lr_schedule, total_steps, delay))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factors)
+        natural = gate_sched = None
+        if gates:
+            natural = BernoulliNaturalGradient(gates, lr=float(gate_step))
+            gate_sched = torch.optim.lr_scheduler.LambdaLR(
+                natural, _lr_factor(lr_schedule, total_steps, delay)
+            )
     else:
         elbo_obj = elbo
         if lr_schedule == "cosine" and total_steps:
@@ -404,6 +454,7 @@ def fit(
         svi = pyro.infer.SVI(bnet.model, bnet.guide, optim, loss=elbo_obj)
 
     result = FitResult(num_data=n, kl_weight=float(kl_weight))
+    hidden: list[str] | None = None
     bar = tqdm(total=total_steps, disable=not progress, desc="fit (SVI)", leave=False)
     start = time.perf_counter()
     step = 0
@@ -440,8 +491,13 @@ def fit(
                     loss.backward()
                     opt.step()
                     sched.step()
+                    if natural is not None:
+                        natural.beta = beta
+                        natural.step()
+                        gate_sched.step()
                     value = loss.item()
                     result.kl.append(elbo_obj.last_kl.item())
+                    result.nll.append(elbo_obj.last_nll.item())
                 else:
                     bnet._kl_scale = beta
                     value = svi.step(x, y)
@@ -459,8 +515,16 @@ def fit(
             if epoch_count == 0:
                 raise ValueError("train_loader is empty")
             result.epoch_loss.append(epoch_sum / epoch_count)
+            if hidden is None:
+                hidden = _hidden(bnet, x)
+            for k, v in nodes_off(bnet, hidden).items():
+                result.nodes_off.setdefault(k, []).append(v)
             if val_loader is not None:
-                result.val_accuracy.append(_val_accuracy(bnet, val_loader, dev, val_samples))
+                median = median_model(bnet, hidden) if hidden else None
+                acc, acc_median = _val_accuracy(bnet, val_loader, dev, val_samples, median)
+                result.val_accuracy.append(acc)
+                if acc_median is not None:
+                    result.val_median_accuracy.append(acc_median)
                 bnet.train()
             if checkpoint is not None:
                 bnet.save(checkpoint)
@@ -468,7 +532,35 @@ def fit(
         bnet._kl_scale = 1.0
         bar.close()
     result.seconds = time.perf_counter() - start
+    result.warnings = informativeness_warnings(
+        bnet,
+        hidden or [],
+        val_accuracy=result.val_accuracy[-1] if result.val_accuracy else None,
+        median_accuracy=result.val_median_accuracy[-1] if result.val_median_accuracy else None,
+    )
+    for message in result.warnings:
+        warnings.warn(message, stacklevel=2)
     return result
+
+
+def _hidden(bnet: BayesianModule, x: torch.Tensor) -> list[str]:
+    """Node-PIP layers whose units are not the network's output, traced on one example of the
+    last batch (an untraceable network gets every node-PIP layer, with a warning)."""
+    if not bnet.inclusion_probs():
+        return []
+    example = x[:1].detach().cpu()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return hidden_layers(bnet, example)
+    except Exception as exc:  # the fit itself succeeded; say what is missing
+        warnings.warn(
+            f"fit could not trace {type(bnet.net).__name__} to tell hidden layers from output "
+            f"layers ({type(exc).__name__}: {exc}); nodes_off and the median-model accuracy "
+            "then count every layer with node PIPs",
+            stacklevel=3,
+        )
+        return list(bnet.inclusion_probs())
 
 
 def _raise_nonfinite(value: float, epoch: int, step: int) -> None:

@@ -311,6 +311,12 @@ class BayesianLayer(PyroModule):
         else:
             self.weight_log_scale = nn.Parameter(torch.full_like(weight, log_sd))
         self.bias_log_scale = None if bias is None else nn.Parameter(torch.full_like(bias, log_sd))
+        if prior.point_weights:
+            # point-estimated weights: the sds are kept for the state dict's shape but never read
+            # on the training path, and not fitted
+            for name, p in self.named_parameters(recurse=False):
+                if name.startswith(("weight_log_scale", "bias_log_scale")):
+                    p.requires_grad_(False)
 
     # PyroModule.__call__ enters a parameter-store context and turns every parameter access into
     # a pyro.param statement, a cost per step; the fast path does not need it.
@@ -425,7 +431,9 @@ class BayesianLayer(PyroModule):
         mode = self.mode
         rank1 = self.weight_sd == "rank1" and not self.prior.weight_level
         local = self.local_reparam and not (self.exact_draws and self._positions_share_weights(x))
-        if mode == "sample" and local and rank1:
+        if mode == "sample" and self.prior.point_weights:
+            out = self._op(x, self.weight_loc, self.bias_loc)
+        elif mode == "sample" and local and rank1:
             # sigma_ji^2 = e^{2a_j} e^{2b_i}: the variance pass is op(x^2, e^{2b}) with ONE output,
             # scaled per node, instead of a second full-width matmul / convolution
             mean = self._op(x, self.weight_loc, self.bias_loc)

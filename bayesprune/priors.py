@@ -246,6 +246,9 @@ class Prior:
     weight_level = False
     #: whether the base weight is the standardised ``beta`` of a non-centred scale mixture
     noncentred = False
+    #: whether the weights are point estimates (type-II maximum likelihood) rather than random
+    #: variables: the layer then runs its posterior-mean weights, with no weight noise or KL
+    point_weights = False
     #: whether :meth:`kl` reads the per-node row statistics of the weights
     #: (:meth:`~bayesprune.layers.BayesianLayer.weight_row_stats`); the training forward pass
     #: computes them alongside the variances only when it does
@@ -641,6 +644,22 @@ class SpikeAndSlab(Prior):
     * ``"horseshoe"`` (SS-GHS): the slab is the group horseshoe of :class:`GroupHorseshoe`:
       node output :math:`= z_j \tilde s_j (\beta_j^\top x)`, :math:`\beta \sim \mathcal N(0, 1)`.
 
+    **Point weights** (``weights="point"``, the default at node level with the Gaussian slab).
+    The node gates are the only random variables: :math:`q(z_j) = \mathrm{Bern}(\sigma(\theta_j))`
+    and the weights are parameters of the model, fitted by type-II maximum likelihood (empirical
+    Bayes), as the weights of Structured Bayesian Pruning (Neklyudov et al. 2017) and of
+    :math:`L_0` gates (Louizos, Welling and Kingma 2018) are. The objective is
+    :math:`\mathbb E_{q(z)}[\log p(y \mid x, w, z)] - \mathrm{KL}(q(z) \| p(z))`, a lower
+    bound on :math:`\log p(y \mid x, w)`, and the PIP :math:`q_j` approximates
+    :math:`p(z_j = 1 \mid \mathcal D, \hat w)`: the posterior inclusion of node :math:`j` given
+    the fitted weights. The slab is not used. Why: under the mean-field Gaussian weight posterior
+    (``weights="gaussian"``) an included node pays the KL of all its incoming weights, at least
+    :math:`\tfrac12 \log(1 + \mu^2/\sigma^2)` nats each; a 784-input node costs hundreds to
+    thousands of nats, which a few thousand examples cannot pay, and the ELBO's optimum switches
+    off nearly every node (variational over-pruning, Trippe and Turner 2018). With point weights
+    a node costs :math:`\log(q_j / \gamma)` nats of prior odds, whatever its fan-in, and stays
+    when it is worth that much likelihood (``benchmarks/robustness.py``).
+
     **Weight level** (``level="weight"``): one gate per weight,
     :math:`w_i = z_i \theta_i`, Gaussian slab only; PIPs per weight from
     :meth:`bayesprune.BayesianModule.weight_inclusion_probs`. Biases keep a Gaussian prior.
@@ -651,6 +670,11 @@ class SpikeAndSlab(Prior):
     ----------
     level
         ``"node"`` or ``"weight"``.
+    weights
+        ``"point"`` (type-II maximum-likelihood weights, see above) or ``"gaussian"`` (the
+        mean-field Gaussian posterior with the slab's KL). Default ``None``: ``"point"`` for
+        ``level="node"`` with the Gaussian slab, ``"gaussian"`` otherwise (the group-lasso and
+        horseshoe slabs are priors on the weights, and weight gates multiply Bayesian weights).
     prior_inclusion
         :math:`\gamma` in (0, 1), or ``"theory"`` for the layer-wise :func:`theory_inclusion`.
     slab
@@ -687,6 +711,7 @@ class SpikeAndSlab(Prior):
     gate_gradient: Literal["trapezoid", "concrete"] = "trapezoid"
     global_scale: float = 1.0
     lasso_rate: float | None = None
+    weights: Literal["point", "gaussian"] | None = None
 
     def __post_init__(self) -> None:
         if self.level not in ("node", "weight"):
@@ -722,6 +747,23 @@ class SpikeAndSlab(Prior):
             raise ValueError(f"lasso_rate acts only with slab='group_lasso', not {self.slab!r}")
         if self.global_scale != 1.0 and self.slab != "horseshoe":
             raise ValueError(f"global_scale acts only with slab='horseshoe', not {self.slab!r}")
+        plain = self.level == "node" and self.slab == "gaussian"
+        if self.weights is None:  # resolved here, so to_dict records what the fit used
+            object.__setattr__(self, "weights", "point" if plain else "gaussian")
+        if self.weights not in ("point", "gaussian"):
+            raise ValueError(
+                f"SpikeAndSlab weights must be 'point' or 'gaussian', got {self.weights!r}"
+            )
+        if self.weights == "point" and not plain:
+            raise ValueError(
+                "weights='point' needs level='node' and slab='gaussian' (the group-lasso and "
+                "horseshoe slabs are priors on the weights); use weights='gaussian' with "
+                f"level={self.level!r}, slab={self.slab!r}"
+            )
+        if self.weights == "point" and self.slab_scale != "he":
+            raise ValueError(
+                "slab_scale acts only with weights='gaussian': point weights have no slab"
+            )
 
     @property
     def node_level(self) -> bool:  # type: ignore[override]
@@ -737,8 +779,13 @@ class SpikeAndSlab(Prior):
 
     @property
     def uses_row_stats(self) -> bool:  # type: ignore[override]
-        # the weight-level KL is a per-weight gated sum, not a function of the row sums
-        return self.level == "node"
+        # the weight-level KL is a per-weight gated sum, not a function of the row sums; point
+        # weights have no KL
+        return self.level == "node" and self.weights == "gaussian"
+
+    @property
+    def point_weights(self) -> bool:  # type: ignore[override]
+        return self.weights == "point"
 
     # -- hyperparameters per layer ----------------------------------------------------------
     def gamma(self, layer: BayesianLayer) -> float:
@@ -821,6 +868,8 @@ class SpikeAndSlab(Prior):
             kb = _bias_kl(layer, self._s0(layer))
             total = kl_z.sum() + kl_w.sum()
             return total if kb is None else total + kb.sum()
+        if self.point_weights:
+            return kl_z.sum()
         if self.slab == "gaussian":
             return (kl_z + q * _node_kl(layer, self._s0(layer))).sum()
         if self.slab == "group_lasso":
@@ -845,6 +894,8 @@ class SpikeAndSlab(Prior):
         if self.level == "weight":
             w, b = _weight_sites_normal(layer, path, self._s0(layer))
             return z * w, b, None
+        if self.point_weights:  # the weights are parameters of the model, not sample sites
+            return layer.weight_loc, layer.bias_loc, z
         if self.slab == "gaussian":
             w, b = _weight_sites_normal(layer, path, self._s0(layer))
             return w, b, z
@@ -867,6 +918,8 @@ class SpikeAndSlab(Prior):
                 layer, path, gate=z, pseudo_scale=self._s0(layer), gate_is_per_weight=True
             )
             return z * w, b, None
+        if self.point_weights:
+            return layer.weight_loc, layer.bias_loc, z
         if self.slab == "gaussian":
             w, b = _guide_weight_sites(layer, path, gate=z, pseudo_scale=self._s0(layer))
             return w, b, z
@@ -1048,6 +1101,9 @@ def prior_from_dict(spec: dict[str, Any]) -> Prior:
     if name not in _PRIORS:
         raise ValueError(f"unknown prior type {name!r}; expected one of {sorted(_PRIORS)}")
     cls = _PRIORS[name]
+    if cls is SpikeAndSlab and "weights" not in spec:
+        # saved before point weights existed: those fits had the Gaussian weight posterior
+        spec["weights"] = "gaussian"
     unknown = sorted(set(spec) - {f.name for f in fields(cls)})
     if unknown:
         raise ValueError(

@@ -248,7 +248,9 @@ def _draws_locally(bnet, x) -> dict[str, bool]:
 
 def test_auto_reparam_is_local_for_linear_layers_and_shared_for_convolutions(tmp_path) -> None:
     x = torch.randn(2, 1, 28, 28)
-    bnet = bp.bayesianize(_small_resnet(), reparam="auto")
+    # the estimators differ only for Bayesian weights (point weights run one pass everywhere)
+    gaussian = bp.priors.SpikeAndSlab(weights="gaussian")
+    bnet = bp.bayesianize(_small_resnet(), gaussian, reparam="auto")
     local = _draws_locally(bnet, x)
     assert local["fc"] and not local["conv1"] and not local["layer2.0.shortcut.0"]
     assert sum(local.values()) == 1
@@ -260,7 +262,9 @@ def test_auto_reparam_is_local_for_linear_layers_and_shared_for_convolutions(tmp
     bnet.set_reparam("shared")
     assert not any(_draws_locally(bnet, x).values())
     # a Linear layer applied to a sequence shares its weights across positions: one draw
-    seq = bp.bayesianize(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)), reparam="auto")
+    seq = bp.bayesianize(
+        nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)), gaussian, reparam="auto"
+    )
     assert _draws_locally(seq, torch.randn(5, 3)) == {"0": True, "2": True}
     assert _draws_locally(seq, torch.randn(5, 7, 3)) == {"0": False, "2": False}
 
@@ -331,7 +335,9 @@ def test_frozen_draws_have_the_posterior_predictive_distribution() -> None:
     # estimate the same predictive, so with many draws they agree to Monte Carlo error
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(3, 6), nn.ReLU(), nn.Linear(6, 4))
-    bnet = bp.bayesianize(net, prior=bp.priors.SpikeAndSlab(level="node", prior_inclusion=0.5))
+    bnet = bp.bayesianize(
+        net, prior=bp.priors.SpikeAndSlab(level="node", prior_inclusion=0.5, weights="gaussian")
+    )
     with torch.no_grad():
         for layer in bnet.bayesian_layers.values():
             layer.weight_log_scale.fill_(-1.0)  # wide posteriors, so that the draws matter
@@ -503,9 +509,15 @@ def test_learned_noise_scale_moves_to_the_true_noise() -> None:
 
 # -- the genuine Pyro model --------------------------------------------------------------------------
 def test_trace_site_names_are_module_paths_and_the_plate_scales_by_n_over_b() -> None:
-    bnet = bp.bayesianize(_small_resnet(), prior=bp.priors.SpikeAndSlab())
-    bnet.num_data = 1000
     x, y = torch.randn(4, 1, 28, 28), torch.randint(0, 10, (4,))
+    # point weights (the default) are parameters of the model: only the gates are sample sites
+    point = bp.bayesianize(_small_resnet(), prior=bp.priors.SpikeAndSlab())
+    point.num_data = 1000
+    tr = poutine.trace(point.model).get_trace(x, y)
+    sites = {n for n, s in tr.nodes.items() if s["type"] == "sample" and n not in ("obs", "data")}
+    assert sites == {f"{p}.gate" for p in point.bayesian_layers}
+    bnet = bp.bayesianize(_small_resnet(), prior=bp.priors.SpikeAndSlab(weights="gaussian"))
+    bnet.num_data = 1000
     tr = poutine.trace(bnet.model).get_trace(x, y)
     layers = set(bnet.bayesian_layers)
     sites = [n for n, s in tr.nodes.items() if s["type"] == "sample" and n not in ("obs", "data")]

@@ -105,7 +105,10 @@ def _planted():
 
 @pytest.mark.parametrize(
     "prior",
-    [bp.priors.SpikeAndSlab(prior_inclusion=0.01), bp.priors.GroupHorseshoe(global_scale=0.01)],
+    [
+        bp.priors.SpikeAndSlab(prior_inclusion=0.01, weights="gaussian"),
+        bp.priors.GroupHorseshoe(global_scale=0.01),
+    ],
     ids=["spike-and-slab", "group-horseshoe"],
 )
 def test_planted_sparse_teacher_is_recovered(prior) -> None:
@@ -128,13 +131,14 @@ def test_a_long_fit_recovers_the_planted_units_and_no_others(seed) -> None:
     epoch."""
     torch.manual_seed(0)
     net, x, y, noise, k = _planted()
-    prior = bp.priors.SpikeAndSlab(prior_inclusion=0.01)
+    # the Gaussian weight posterior: with point weights (the default) five of the nine unused
+    # units stay on (their maximum-likelihood weights fit the noise), see the SpikeAndSlab docs
+    prior = bp.priors.SpikeAndSlab(prior_inclusion=0.01, weights="gaussian")
     bnet = bp.bayesianize(
         net, prior=prior, likelihood="gaussian", noise_scale=noise, layers=["0", "2"]
     )
-    bp.fit(
-        bnet, Batches(x, y, 100), epochs=160, lr=0.01, structure_lr=0.1, progress=False, seed=seed
-    )
+    # no structure_lr: the gates' natural-gradient step needs no tuning
+    bp.fit(bnet, Batches(x, y, 100), epochs=160, lr=0.01, progress=False, seed=seed)
     pip = bnet.inclusion_probs()["0"]
     assert (pip[:k] > 0.9).all(), pip
     assert (pip[k:] < 0.1).all(), pip
@@ -373,3 +377,53 @@ def test_fashion_mnist_lenet_spike_and_slab_short(fmnist_available) -> None:
     assert correct / total > acc_dense - 0.05
     pips = bnet.inclusion_probs()
     assert set(pips) == {"1", "3", "5"} and pips["1"].shape == (300,)
+
+
+# -- robustness of the default fit (a digits-sized slice of benchmarks/robustness.py) ------------
+class _ResidualMLP(torch.nn.Module):
+    def __init__(self, d_in: int = 64, hidden: int = 256) -> None:
+        super().__init__()
+        self.fc1 = torch.nn.Linear(d_in, hidden)
+        self.fc2 = torch.nn.Linear(hidden, hidden)
+        self.out = torch.nn.Linear(hidden, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.fc1(x.flatten(1)))
+        return self.out(torch.relu(self.fc2(h)) + h)
+
+
+def _lenet_300_100():
+    from models import lenet_300_100
+
+    return torch.nn.Sequential(torch.nn.Flatten(), *lenet_300_100(in_features=64))
+
+
+@pytest.mark.parametrize(
+    ("build", "start", "epochs"),
+    [(_ResidualMLP, "dense", 60), (_lenet_300_100, "random", 60)],
+    ids=["residual-mlp-dense-long", "lenet-300-100-random-long"],
+)
+def test_the_default_fit_neither_freezes_nor_collapses_on_digits(build, start, epochs) -> None:
+    """The same default call as benchmarks/robustness.py: (a) the posterior predictive within 1.5
+    points of the dense net, (b) the median-probability pruned net within 1 point of the
+    predictive, and it prunes (the old defaults pruned nothing in short fits and collapsed in
+    long ones)."""
+    from bayesprune.data import load_digits, loader
+
+    splits = load_digits()
+    train = loader(splits.train, 128, seed=0)
+    test = loader(splits.test, 512, shuffle=False)
+    torch.manual_seed(0)
+    dense_net = build()
+    bp.train(dense_net, train, epochs=60, progress=False, seed=0)
+    dense = bp.evaluate(dense_net, test)
+    net = dense_net if start == "dense" else build()
+    bnet = bp.bayesianize(net)
+    result = bp.fit(bnet, train, epochs=epochs, progress=False, seed=0)
+    predictive = bp.evaluate(bnet, test, num_samples=32)
+    small = bp.prune(bnet, threshold=0.5)
+    pruned = bp.evaluate(small, test)
+    assert predictive >= dense - 0.015, (predictive, dense)
+    assert pruned >= predictive - 0.01, (pruned, predictive)
+    assert bp.count_params(small) < 0.7 * bp.count_params(dense_net)
+    assert not result.warnings  # the PIPs separate the nodes

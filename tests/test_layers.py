@@ -265,7 +265,10 @@ def test_weight_level_layers_skip_the_row_statistics_their_kl_never_reads(local:
     statistics, and the step still reaches the means and the scales."""
     torch.manual_seed(0)
     prior = SpikeAndSlab(level="weight")
-    assert not prior.uses_row_stats and SpikeAndSlab(level="node").uses_row_stats
+    assert (
+        not prior.uses_row_stats and SpikeAndSlab(level="node", weights="gaussian").uses_row_stats
+    )
+    assert not SpikeAndSlab(level="node").uses_row_stats  # point weights: no weight KL at all
     _, layer, x = _make("linear", prior)
     layer.local_reparam = local
     out = layer(x)

@@ -1,0 +1,126 @@
+r"""Is a fitted posterior any good for pruning? The checks :func:`bayesprune.fit` runs and records.
+
+Inclusion probabilities are useful for pruning only when they *separate* nodes: most PIPs near 0
+or 1, and the median-probability model (keep node :math:`j` iff :math:`\mathrm{PIP}_j \ge 1/2`,
+Barbieri and Berger 2004) about as accurate as the posterior predictive. Two failures are common
+and silent without a check:
+
+* **uninformative PIPs**: most PIPs between 0.1 and 0.9 (the network then works as a
+  random-dropout ensemble, and the median-probability model keeps an arbitrary subset);
+* **a median model far below the predictive**, measured on validation data.
+
+:func:`bayesprune.fit` records :func:`nodes_off` per epoch in :class:`~bayesprune.FitResult`,
+the median-probability model's validation accuracy when it is given a ``val_loader``
+(:func:`median_model`), and warns with :func:`informativeness_warnings` at the end of the fit.
+
+Example
+-------
+>>> import torch
+>>> import bayesprune as bp
+>>> from bayesprune.diagnostics import nodes_off, uncertain_fraction
+>>> net = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 3))
+>>> bnet = bp.bayesianize(net)
+>>> hidden = ["0"]  # the output layer's units are never pruned
+>>> nodes_off(bnet, hidden)
+{'0': 0.0}
+>>> uncertain_fraction(bnet, hidden)
+0.0
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from .prune import dependency_groups
+
+__all__ = [
+    "MEDIAN_MODEL_TOLERANCE",
+    "UNCERTAIN_SHARE",
+    "hidden_layers",
+    "informativeness_warnings",
+    "median_model",
+    "nodes_off",
+    "uncertain_fraction",
+]
+
+#: the median-probability model may score this much below the posterior predictive on
+#: validation data before :func:`bayesprune.fit` warns (the robustness target of
+#: ``benchmarks/robustness.py`` is 1 point on test data)
+MEDIAN_MODEL_TOLERANCE = 0.02
+#: warn when more than this share of the hidden nodes' PIPs lie in [0.1, 0.9]
+UNCERTAIN_SHARE = 0.5
+
+
+def hidden_layers(bnet, example_input: torch.Tensor) -> list[str]:
+    """Layers with node PIPs whose units are not the network's output (those are never pruned)."""
+    pips = bnet.inclusion_probs()
+    if not pips:
+        return []
+    outputs = {
+        p
+        for g in dependency_groups(bnet.mean_module(), example_input)
+        if "the network output" in g.frozen
+        for p in g.producers
+    }
+    return [k for k in pips if k not in outputs]
+
+
+def nodes_off(bnet, layers: Iterable[str]) -> dict[str, float]:
+    """Per layer, the share of nodes with PIP below 1/2 (what ``prune(threshold=0.5)`` drops)."""
+    pips = bnet.inclusion_probs()
+    return {k: round(float((pips[k] < 0.5).float().mean()), 4) for k in layers}
+
+
+def uncertain_fraction(bnet, layers: Iterable[str]) -> float:
+    """Share of the listed layers' nodes whose PIP lies in [0.1, 0.9]."""
+    pips = bnet.inclusion_probs()
+    values = [pips[k] for k in layers]
+    if not values:
+        return 0.0
+    allp = torch.cat(values)
+    return float(((allp >= 0.1) & (allp <= 0.9)).float().mean())
+
+
+def median_model(bnet, layers: Iterable[str]) -> nn.Module:
+    """The median-probability model as a plain network: posterior means, nodes of ``layers``
+    with PIP below 1/2 zeroed (``bp.prune(bnet, threshold=0.5)`` computes the same function,
+    physically smaller)."""
+    pips = bnet.inclusion_probs()
+    return bnet.mean_module({k: pips[k] >= 0.5 for k in layers})
+
+
+def informativeness_warnings(
+    bnet,
+    layers: list[str],
+    *,
+    val_accuracy: float | None = None,
+    median_accuracy: float | None = None,
+) -> list[str]:
+    """Messages, each with what to try, for PIPs that will not prune well (empty: none)."""
+    messages = []
+    if not layers:
+        return messages
+    share = uncertain_fraction(bnet, layers)
+    if share > UNCERTAIN_SHARE:
+        messages.append(
+            f"{share:.0%} of the hidden nodes have inclusion probabilities between 0.1 and 0.9: "
+            "the posterior does not tell needed nodes from unneeded ones, and "
+            "prune(threshold=0.5) keeps an arbitrary subset. Fit for more steps (epochs=), or "
+            "check the prior: node SpikeAndSlab with weights='point' (the default) separates "
+            "nodes on the nets of benchmarks/robustness.py"
+        )
+    if (
+        val_accuracy is not None
+        and median_accuracy is not None
+        and median_accuracy < val_accuracy - MEDIAN_MODEL_TOLERANCE
+    ):
+        messages.append(
+            f"the median-probability model (nodes with PIP >= 0.5) scores {median_accuracy:.3f} "
+            f"on val_loader against {val_accuracy:.3f} for the posterior predictive: pruning at "
+            "threshold=0.5 will lose accuracy. Fit for more steps, or prune less "
+            "(prune(keep=...) or conformal.certify, which tests each level)"
+        )
+    return messages

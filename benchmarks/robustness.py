@@ -1,0 +1,259 @@
+"""Do the default posteriors prune well on nets, data sizes, starts and budgets never tuned for?
+
+Every cell trains its own dense reference, then runs the *same* default call,
+``bp.fit(bp.bayesianize(net, prior), train_loader, epochs=E)`` (the epochs are the only knob),
+and measures on the test images:
+
+- ``dense``: the dense reference; ``predictive``: the posterior predictive (32 draws);
+- ``pruned``: ``bp.prune(bnet, threshold=0.5)`` (the median-probability model, no fine-tuning),
+  and its share of the dense parameters;
+- ``hidden_off``: the share of hidden nodes with PIP < 0.5; ``uncertain``: with PIP in [0.1, 0.9].
+
+Targets (issue "Posteriors that prune well out of the box"): (a) predictive >= dense - 1.5 points;
+(b) pruned >= predictive - 1 point; (c) long-budget MLP cells prune at least half of the hidden
+nodes, and every long-budget cell gives a smaller network. The cell list is fixed; a cell that
+misses a target stays in the table with what was measured.
+
+    python benchmarks/robustness.py --threads 2                  # the whole matrix (hours on 2 cores)
+    python benchmarks/robustness.py --cells 1 2 3 --threads 1    # some cells
+    python benchmarks/robustness.py --table                      # markdown table from the JSON
+
+Results are merged by cell into ``benchmarks/results/robustness.json`` (written atomically).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import bayesprune as bp
+from bayesprune.data import load_digits, load_fashion_mnist, loader
+from models import lenet5_caffe, lenet_300_100, resnet20
+
+RESULTS = Path(__file__).parent / "results" / "robustness.json"
+BATCH = 128
+
+
+class ResidualMLP(nn.Module):
+    """784-256-256-10 (or 64-... on digits) with a residual addition around the second layer."""
+
+    def __init__(self, d_in: int = 784, hidden: int = 256, classes: int = 10) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(d_in, hidden)
+        self.fc2 = nn.Linear(hidden, hidden)
+        self.out = nn.Linear(hidden, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.fc1(x.flatten(1)))
+        h = F.relu(self.fc2(h)) + h
+        return self.out(h)
+
+
+def build(name: str, data: str) -> nn.Module:
+    d_in = 64 if data == "digits" else 784
+    if name == "resmlp":
+        return ResidualMLP(d_in)
+    if name == "lenet300":
+        return nn.Sequential(nn.Flatten(), *lenet_300_100(in_features=d_in))
+    if name == "lenet5":
+        return lenet5_caffe()
+    if name == "resnet20":
+        return resnet20()
+    raise ValueError(name)
+
+
+PRIORS = {
+    "ss": lambda: bp.priors.SpikeAndSlab(level="node"),
+    "ghs": lambda: bp.priors.GroupHorseshoe(),
+    "ssghs": lambda: bp.priors.SpikeAndSlab(level="node", slab="horseshoe"),
+}
+
+# id: (data, training images, net, start, budget, epochs, prior). "short" is about 300 steps of
+# batch 128; "long" at least 20 epochs. Fixed once chosen: do not drop or change a cell.
+CELLS = {
+    1: ("digits", 898, "resmlp", "random", "short", 38, "ss"),
+    2: ("digits", 898, "resmlp", "dense", "long", 60, "ss"),
+    3: ("digits", 898, "lenet300", "dense", "short", 38, "ghs"),
+    4: ("digits", 898, "lenet300", "random", "long", 60, "ss"),
+    5: ("fmnist", 2000, "resmlp", "dense", "short", 19, "ss"),
+    6: ("fmnist", 2000, "resmlp", "random", "long", 60, "ss"),
+    7: ("fmnist", 2000, "lenet300", "dense", "long", 60, "ghs"),
+    8: ("fmnist", 2000, "lenet5", "dense", "short", 19, "ss"),
+    9: ("fmnist", 2000, "resnet20", "dense", "short", 19, "ss"),
+    10: ("fmnist", 10000, "lenet300", "dense", "long", 20, "ss"),
+    11: ("fmnist", 10000, "resmlp", "random", "short", 4, "ss"),
+    12: ("fmnist", 10000, "lenet5", "random", "long", 20, "ss"),
+    13: ("fmnist", 10000, "resmlp", "dense", "long", 20, "ghs"),
+    14: ("fmnist", 50000, "lenet300", "dense", "short", 1, "ss"),
+    15: ("fmnist", 50000, "resmlp", "random", "long", 20, "ss"),
+    16: ("fmnist", 50000, "lenet300", "dense", "long", 20, "ssghs"),
+    17: ("fmnist", 2000, "resmlp", "dense", "long", 60, "ssghs"),
+    18: ("fmnist", 10000, "lenet5", "dense", "short", 4, "ghs"),
+    19: ("fmnist", 2000, "resnet20", "random", "long", 20, "ghs"),
+}
+DENSE_EPOCHS = {"digits": 60, "fmnist": 20}
+
+
+def _splits(data: str, n: int):
+    if data == "digits":
+        return load_digits(flatten=False)
+    return load_fashion_mnist(subset=n, val_size=2000, cal_size=1000)
+
+
+def run_cell(cell: int, seed: int = 0) -> dict:
+    data, n, net_name, start, budget, epochs, prior = CELLS[cell]
+    splits = _splits(data, n)
+    train = loader(splits.train, BATCH, seed=seed)
+    test = loader(splits.test, 512, shuffle=False)
+    torch.manual_seed(seed)
+    dense_net = build(net_name, data)
+    t0 = time.perf_counter()
+    bp.train(dense_net, train, epochs=DENSE_EPOCHS[data], progress=False, seed=seed)
+    dense_s = time.perf_counter() - t0
+    dense = bp.evaluate(dense_net, test)
+    net = dense_net if start == "dense" else build(net_name, data)
+    bnet = bp.bayesianize(net, PRIORS[prior]())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit = bp.fit(bnet, train, epochs=epochs, progress=False, seed=seed)
+    predictive = bp.evaluate(bnet, test, num_samples=32)
+    pips = bnet.inclusion_probs()
+    hidden = [k for k in pips if k in fit.nodes_off]
+    allp = torch.cat([pips[k] for k in hidden]) if hidden else torch.zeros(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        small = bp.prune(bnet, threshold=0.5)
+    pruned = bp.evaluate(small, test)
+    share = bp.count_params(small) / bp.count_params(dense_net)
+    row = {
+        "cell": cell,
+        "data": data,
+        "train_images": len(splits.train),
+        "net": net_name,
+        "start": start,
+        "budget": budget,
+        "epochs": epochs,
+        "steps": len(fit.loss),
+        "prior": prior,
+        "dense": round(dense, 4),
+        "predictive": round(predictive, 4),
+        "pruned": round(pruned, 4),
+        "params": round(share, 4),
+        "hidden_off": round(float((allp < 0.5).float().mean()), 4),
+        "uncertain": round(float(((allp >= 0.1) & (allp <= 0.9)).float().mean()), 4),
+        "nodes_off": {k: v[-1] for k, v in fit.nodes_off.items()},
+        "fit_warnings": [str(w.message) for w in caught if issubclass(w.category, UserWarning)],
+        "dense_seconds": round(dense_s, 1),
+        "fit_seconds": round(fit.seconds, 1),
+        "kl_weight": fit.kl_weight,
+    }
+    mlp = net_name in ("resmlp", "lenet300")
+    row["a"] = predictive >= dense - 0.015
+    row["b"] = pruned >= predictive - 0.01
+    row["c"] = None if budget != "long" else (share < 1 and (not mlp or row["hidden_off"] >= 0.5))
+    return row
+
+
+def _save(rows: dict[int, dict], meta: dict) -> None:
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"meta": meta, "cells": [rows[k] for k in sorted(rows)]}
+    fd, tmp = tempfile.mkstemp(dir=RESULTS.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(payload, f, indent=1)
+    os.replace(tmp, RESULTS)
+
+
+def table(path: Path = RESULTS) -> str:
+    """The markdown table of the JSON (every cell of CELLS; cells not run yet say so)."""
+    payload = json.loads(path.read_text()) if path.exists() else {"cells": []}
+    done = {r["cell"]: r for r in payload["cells"]}
+    mark = {True: "yes", False: "**no**", None: "-"}
+    lines = [
+        "| cell | data (train images) | net | start | steps | prior | dense | predictive | "
+        "pruned (PIP >= 0.5) | params kept | hidden off | PIPs in [0.1, 0.9] | (a) | (b) | (c) |",
+        "|---:|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---|---|---|",
+    ]
+    for cell, (data, n, net, start, budget, epochs, prior) in CELLS.items():
+        r = done.get(cell)
+        if r is None:
+            lines.append(
+                f"| {cell} | {data} ({n}) | {net} | {start} | {budget}, {epochs} ep | {prior} | "
+                "not run yet |  |  |  |  |  |  |  |  |"
+            )
+            continue
+        lines.append(
+            f"| {cell} | {data} ({r['train_images']}) | {net} | {start} | {budget}, {r['steps']} | "
+            f"{prior} | {r['dense']:.4f} | {r['predictive']:.4f} | {r['pruned']:.4f} | "
+            f"{r['params']:.1%} | {r['hidden_off']:.0%} | {r['uncertain']:.0%} | "
+            f"{mark[r['a']]} | {mark[r['b']]} | {mark[r['c']]} |"
+        )
+    return "\n".join(lines)
+
+
+BEGIN, END = "<!-- robustness table: begin -->", "<!-- robustness table: end -->"
+
+
+def write_docs(doc: Path = Path(__file__).parent / "RESULTS.md") -> None:
+    """Put :func:`table` between the markers of ``doc`` (written atomically)."""
+    text = doc.read_text()
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"{doc} has no robustness markers ({BEGIN} ... {END})")
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    fd, tmp = tempfile.mkstemp(dir=doc.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{head}{BEGIN}\n{table()}\n{END}{tail}")
+    os.replace(tmp, doc)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--cells", nargs="+", type=int, default=sorted(CELLS))
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--table", action="store_true", help="print the markdown table and exit")
+    p.add_argument(
+        "--write-docs",
+        action="store_true",
+        help="replace the table between the robustness markers of benchmarks/RESULTS.md",
+    )
+    args = p.parse_args(argv)
+    if args.table:
+        print(table())
+        return
+    if args.write_docs:
+        write_docs()
+        return
+    unknown = sorted(set(args.cells) - set(CELLS))
+    if unknown:
+        p.error(f"unknown cells {unknown}; the cells are 1..{max(CELLS)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = {}
+    if RESULTS.exists():
+        rows = {r["cell"]: r for r in json.loads(RESULTS.read_text())["cells"]}
+    meta = {
+        "command": "python benchmarks/robustness.py",
+        "device": f"cpu ({platform.processor() or platform.machine()}), "
+        f"{torch.get_num_threads()} thread(s)",
+        "torch": torch.__version__,
+        "bayesprune": bp.__version__,
+    }
+    for cell in args.cells:
+        row = run_cell(cell)
+        rows[cell] = row
+        _save(rows, meta)
+        print(json.dumps({k: v for k, v in row.items() if k != "fit_warnings"}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+import torch
+
+import bayesprune as bp
+from bayesprune.diagnostics import (
+    hidden_layers,
+    informativeness_warnings,
+    median_model,
+    nodes_off,
+    uncertain_fraction,
+)
+
+
+def _bnet():
+    net = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 3))
+    return bp.bayesianize(net)
+
+
+def test_output_layers_are_not_hidden_and_the_median_model_zeroes_the_off_nodes() -> None:
+    bnet = _bnet()
+    assert hidden_layers(bnet, torch.randn(1, 4)) == ["0"]
+    with torch.no_grad():
+        bnet.net[0].gate_logit.copy_(torch.tensor([5.0, -5, 5, -5, 5, -5]))
+    assert nodes_off(bnet, ["0"]) == {"0": 0.5}
+    assert uncertain_fraction(bnet, ["0"]) == 0.0
+    m = median_model(bnet, ["0"])
+    assert (m[0].weight[1::2] == 0).all() and (m[0].weight[0::2] != 0).any()
+
+
+def test_uninformative_pips_and_a_poor_median_model_are_reported_with_advice() -> None:
+    bnet = _bnet()
+    with torch.no_grad():
+        bnet.net[0].gate_logit.zero_()  # every PIP 0.5
+    messages = informativeness_warnings(bnet, ["0"], val_accuracy=0.9, median_accuracy=0.5)
+    assert len(messages) == 2
+    assert "100% of the hidden nodes" in messages[0] and "epochs=" in messages[0]
+    assert "0.500" in messages[1] and "0.900" in messages[1]
+    assert informativeness_warnings(bnet, [], val_accuracy=0.9, median_accuracy=0.5) == []
+
+
+def test_fit_records_the_terms_and_the_median_model_per_epoch() -> None:
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
+    bnet = _bnet()
+    result = bp.fit(bnet, data, epochs=3, progress=False, val_loader=data, seed=0)
+    assert len(result.nll) == len(result.kl) == len(result.loss) == 12
+    torch.testing.assert_close(
+        torch.tensor(result.loss), torch.tensor(result.nll) + torch.tensor(result.kl)
+    )
+    assert list(result.nodes_off) == ["0"] and len(result.nodes_off["0"]) == 3
+    assert len(result.val_median_accuracy) == len(result.val_accuracy) == 3
