@@ -2,9 +2,11 @@ r"""Is a fitted posterior any good for pruning? The checks :func:`bayesprune.fit
 
 Inclusion probabilities are useful for pruning only when they *separate* nodes: most PIPs near 0
 or 1, and the median-probability model (keep node :math:`j` iff :math:`\mathrm{PIP}_j \ge 1/2`,
-Barbieri and Berger 2004) about as accurate as the posterior predictive. Two failures are common
+Barbieri and Berger 2004) about as accurate as the posterior predictive. Three failures are common
 and silent without a check:
 
+* **collapse**: nearly every hidden node switched off (the weights' KL outweighs the likelihood,
+  variational over-pruning);
 * **uninformative PIPs**: most PIPs between 0.1 and 0.9 (the network then works as a
   random-dropout ensemble, and the median-probability model keeps an arbitrary subset);
 * **a median model far below the predictive**, measured on validation data.
@@ -37,6 +39,7 @@ from torch import nn
 from .prune import dependency_groups
 
 __all__ = [
+    "COLLAPSED_SHARE",
     "MEDIAN_MODEL_TOLERANCE",
     "UNCERTAIN_SHARE",
     "hidden_layers",
@@ -52,6 +55,8 @@ __all__ = [
 MEDIAN_MODEL_TOLERANCE = 0.02
 #: warn when more than this share of the hidden nodes' PIPs lie in [0.1, 0.9]
 UNCERTAIN_SHARE = 0.5
+#: warn that the network collapsed when at least this share of the hidden nodes has PIP < 1/2
+COLLAPSED_SHARE = 0.99
 
 
 def hidden_layers(bnet, example_input: torch.Tensor) -> list[str]:
@@ -103,6 +108,16 @@ def informativeness_warnings(
     messages = []
     if not layers:
         return messages
+    pips = bnet.inclusion_probs()
+    off = float((torch.cat([pips[k] for k in layers]) < 0.5).float().mean())
+    if off >= COLLAPSED_SHARE:
+        messages.append(
+            f"the posterior switched off {off:.0%} of the hidden nodes: the network has "
+            "collapsed, and its predictions are near chance. The KL of the weights outweighs "
+            "what the data can pay for; with a node SpikeAndSlab use weights='point' (the "
+            "default for the Gaussian slab), otherwise more data or a tempered fit "
+            "(kl_weight < 1, and report it)"
+        )
     share = uncertain_fraction(bnet, layers)
     if share > UNCERTAIN_SHARE:
         messages.append(

@@ -49,3 +49,14 @@ def test_fit_records_the_terms_and_the_median_model_per_epoch() -> None:
     )
     assert list(result.nodes_off) == ["0"] and len(result.nodes_off["0"]) == 3
     assert len(result.val_median_accuracy) == len(result.val_accuracy) == 3
+
+
+def test_a_collapsed_network_is_reported() -> None:
+    bnet = _bnet()
+    with torch.no_grad():
+        bnet.net[0].gate_logit.fill_(-8.0)
+    (message,) = informativeness_warnings(bnet, ["0"])
+    assert "switched off 100% of the hidden nodes" in message and "weights='point'" in message
+    with torch.no_grad():
+        bnet.net[0].gate_logit[0] = 8.0  # one of six kept: not a collapse
+    assert informativeness_warnings(bnet, ["0"]) == []
