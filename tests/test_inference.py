@@ -34,13 +34,13 @@ class Batches:
 
 
 @pytest.mark.parametrize("weight_sd", ["per_weight", "rank1"])
-def test_fast_elbo_and_trace_elbo_estimate_the_same_objective(weight_sd) -> None:
+@pytest.mark.parametrize("weights", ["gaussian", "point"])
+def test_fast_elbo_and_trace_elbo_estimate_the_same_objective(weight_sd, weights) -> None:
     """Means over many draws of LocalReparamELBO and pyro's Trace_ELBO agree within MC error."""
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
-    bnet = bp.bayesianize(
-        net, prior=bp.priors.SpikeAndSlab(prior_inclusion=0.3), weight_sd=weight_sd
-    )
+    prior = bp.priors.SpikeAndSlab(prior_inclusion=0.3, weights=weights)
+    bnet = bp.bayesianize(net, prior=prior, weight_sd=weight_sd)
     with torch.no_grad():
         for layer in bnet.bayesian_layers.values():
             if weight_sd == "rank1":

@@ -335,12 +335,21 @@ def test_rank1_family_is_the_per_weight_family_at_rank_one_sds(kind: str, prior)
     [
         Gaussian(),
         SpikeAndSlab(level="node"),
+        SpikeAndSlab(level="node", weights="gaussian"),
         SpikeAndSlab(level="node", slab="group_lasso"),
         SpikeAndSlab(level="node", slab="horseshoe"),
         SpikeAndSlab(level="weight"),
         GroupHorseshoe(),
     ],
-    ids=["gaussian", "ss-node", "ss-group-lasso", "ss-horseshoe", "ss-weight", "ghs"],
+    ids=[
+        "gaussian",
+        "ss-node",
+        "ss-node-gaussian-weights",
+        "ss-group-lasso",
+        "ss-horseshoe",
+        "ss-weight",
+        "ghs",
+    ],
 )
 def test_rank1_kl_and_row_stats_match_the_per_weight_ones(prior) -> None:
     r1, full, _ = _rank1_and_twin("conv2d", prior)

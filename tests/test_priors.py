@@ -121,10 +121,11 @@ def _layer(prior: priors.Prior, out: int = 5, inp: int = 7) -> BayesianLinear:
     [
         Gaussian(0.5),
         SpikeAndSlab(level="node", prior_inclusion=0.2),
+        SpikeAndSlab(level="node", prior_inclusion=0.2, weights="gaussian"),
         SpikeAndSlab(level="node", slab="group_lasso"),
         SpikeAndSlab(level="weight"),
     ],
-    ids=["gaussian", "ss-node", "ss-group-lasso", "ss-weight"],
+    ids=["gaussian", "ss-node", "ss-node-gaussian-weights", "ss-group-lasso", "ss-weight"],
 )
 def test_analytic_kl_matches_pyro_guide_and_model(prior: priors.Prior) -> None:
     """E_guide[log q - log p] over the Pyro sites equals the analytic KL of the fast path."""
@@ -355,3 +356,37 @@ def test_horseshoe_nodes_share_the_layer_scale_within_an_example(prior) -> None:
         whole = bnet._sample_outputs(x, 1500, seed=0).flatten()  # one guide draw per pass
     ratio = float(fast.std() / whole.std())
     assert 0.85 < ratio < 1.15, ratio
+
+
+def test_point_weights_are_the_default_of_the_plain_node_spike_and_slab_only() -> None:
+    assert SpikeAndSlab().weights == "point" and SpikeAndSlab().point_weights
+    assert SpikeAndSlab(slab="group_lasso").weights == "gaussian"
+    assert SpikeAndSlab(slab="horseshoe").weights == "gaussian"
+    assert SpikeAndSlab(level="weight").weights == "gaussian"
+    with pytest.raises(ValueError, match="weights='point' needs level='node' and slab='gaussian'"):
+        SpikeAndSlab(slab="horseshoe", weights="point")
+    with pytest.raises(ValueError, match="slab_scale acts only with weights='gaussian'"):
+        SpikeAndSlab(slab_scale=0.1)
+    with pytest.raises(ValueError, match="'point' or 'gaussian'"):
+        SpikeAndSlab(weights="map")
+    # a prior saved before the option existed was fitted with Gaussian weights
+    old = {k: v for k, v in SpikeAndSlab(weights="gaussian").to_dict().items() if k != "weights"}
+    assert prior_from_dict(old).weights == "gaussian"
+    assert prior_from_dict(SpikeAndSlab().to_dict()) == SpikeAndSlab()
+
+
+def test_point_weights_have_no_weight_noise_no_weight_kl_and_fixed_sds() -> None:
+    torch.manual_seed(0)
+    layer = _layer(SpikeAndSlab())
+    with torch.no_grad():
+        layer.gate_logit.fill_(50.0)  # every gate on: the output is then deterministic
+    x = torch.randn(5, layer.weight_loc.shape[1])
+    torch.testing.assert_close(layer(x), layer(x))
+    torch.testing.assert_close(layer.kl(), _kl_of_gates(layer))
+    assert not layer.weight_log_scale.requires_grad and not layer.bias_log_scale.requires_grad
+
+
+def _kl_of_gates(layer) -> torch.Tensor:
+    from bayesprune.priors import _kl_bernoulli
+
+    return _kl_bernoulli(layer.gate_logit, layer.prior.gamma(layer)).sum()
