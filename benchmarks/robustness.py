@@ -137,6 +137,7 @@ def run_cell(cell: int, seed: int = 0) -> dict:
     share = bp.count_params(small) / bp.count_params(dense_net)
     row = {
         "cell": cell,
+        "seed": seed,
         "data": data,
         "train_images": len(splits.train),
         "net": net_name,
@@ -164,13 +165,18 @@ def run_cell(cell: int, seed: int = 0) -> dict:
     return row
 
 
-def _save(rows: dict[int, dict], meta: dict) -> None:
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+def results_path(seed: int = 0) -> Path:
+    """Seed 0 is the table's; other seeds (a check of run-to-run spread) go to their own file."""
+    return RESULTS if seed == 0 else RESULTS.with_name(f"robustness_seed{seed}.json")
+
+
+def _save(rows: dict[int, dict], meta: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"meta": meta, "cells": [rows[k] for k in sorted(rows)]}
-    fd, tmp = tempfile.mkstemp(dir=RESULTS.parent, suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     with os.fdopen(fd, "w") as f:
         json.dump(payload, f, indent=1)
-    os.replace(tmp, RESULTS)
+    os.replace(tmp, path)
 
 
 def table(path: Path = RESULTS) -> str:
@@ -220,6 +226,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cells", nargs="+", type=int, default=sorted(CELLS))
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0, help="data order, dense net and fit seed")
     p.add_argument("--table", action="store_true", help="print the markdown table and exit")
     p.add_argument(
         "--write-docs",
@@ -238,20 +245,22 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"unknown cells {unknown}; the cells are 1..{max(CELLS)}")
     if args.threads:
         torch.set_num_threads(args.threads)
+    path = results_path(args.seed)
     rows = {}
-    if RESULTS.exists():
-        rows = {r["cell"]: r for r in json.loads(RESULTS.read_text())["cells"]}
+    if path.exists():
+        rows = {r["cell"]: r for r in json.loads(path.read_text())["cells"]}
     meta = {
-        "command": "python benchmarks/robustness.py",
+        "command": "python benchmarks/robustness.py"
+        + (f" --seed {args.seed}" if args.seed else ""),
         "device": f"cpu ({platform.processor() or platform.machine()}), "
         f"{torch.get_num_threads()} thread(s)",
         "torch": torch.__version__,
         "bayesprune": bp.__version__,
     }
     for cell in args.cells:
-        row = run_cell(cell)
+        row = run_cell(cell, seed=args.seed)
         rows[cell] = row
-        _save(rows, meta)
+        _save(rows, meta, path)
         print(json.dumps({k: v for k, v in row.items() if k != "fit_warnings"}), flush=True)
 
 
