@@ -324,12 +324,13 @@ def fit(
         ``bnet.parameters()``. Any other ``pyro.infer.ELBO`` (e.g. ``Trace_ELBO()``) runs
         ``pyro.infer.SVI(bnet.model, bnet.guide, pyro.optim.Adam, loss=elbo)``.
     structure_lr
-        Adam learning rate of the shrinkage-scale parameters (horseshoe and group-lasso scales;
-        :meth:`~bayesprune.BayesianModule.structure_parameters` less the gate logits); default
+        Adam learning rate of the structure parameters
+        (:meth:`~bayesprune.BayesianModule.structure_parameters`: shrinkage scales, and the gate
+        logits of layers with Bayesian weights) other than the point-weight gates; default
         ``10 * lr`` (fast ELBO only).
     gate_step
-        :math:`\rho` of the natural-gradient step of the spike-and-slab gate logits
-        (:mod:`bayesprune.natural`): each step moves a gate :math:`\rho` of the way to its
+        :math:`\rho` of the natural-gradient step of the gate logits of point-weight layers
+        (:meth:`~bayesprune.BayesianModule.gate_parameters`, :mod:`bayesprune.natural`): each step moves a gate :math:`\rho` of the way to its
         optimum given the rest, so a gate averages its likelihood signal over about
         :math:`1/\rho` steps. It follows ``lr_schedule`` and waits out ``structure_delay``
         like the other structure parameters (fast ELBO only).

@@ -1,7 +1,7 @@
 r"""Natural-gradient steps for the node gates :math:`q(z_j) = \mathrm{Bernoulli}(\sigma(\theta_j))`.
 
-:func:`bayesprune.fit` moves every gate logit with :class:`BernoulliNaturalGradient`, not with
-Adam. Write the tempered objective (``kl_weight`` :math:`\beta`; 1 is the ELBO) as a function of
+:func:`bayesprune.fit` moves the gate logits of point-weight layers (the default node
+spike-and-slab) with :class:`BernoulliNaturalGradient`, not with Adam. Write the tempered objective (``kl_weight`` :math:`\beta`; 1 is the ELBO) as a function of
 :math:`q_j = \sigma(\theta_j)` with everything else held:
 
 .. math::
@@ -31,6 +31,11 @@ lockstep, and where they end depends on the number of steps, not on the data (a 
 prunes nothing; a long one switches everything off). The natural step moves each gate toward its
 own optimum at a rate set by :math:`\rho`, so gates that the data need stay on and the others
 go off, within a few hundred steps.
+
+With Bayesian weights (:math:`K_j > 0`) the same step reaches the mean-field optimum, and there
+that optimum is usually the empty network: each node alone is worth less likelihood than the KL of
+its weights (hundreds of nats for a 784-input node), although the nodes together are worth far
+more. Those gates stay with Adam (:meth:`bayesprune.BayesianModule.gate_parameters`).
 
 Logits are kept in ``[-max_logit, max_logit]`` (PIPs in about :math:`[3 \cdot 10^{-4},
 1 - 3 \cdot 10^{-4}]` by default): at a saturated :math:`q_j` the division by

@@ -137,8 +137,9 @@ def test_a_long_fit_recovers_the_planted_units_and_no_others(seed) -> None:
     bnet = bp.bayesianize(
         net, prior=prior, likelihood="gaussian", noise_scale=noise, layers=["0", "2"]
     )
-    # no structure_lr: the gates' natural-gradient step needs no tuning
-    bp.fit(bnet, Batches(x, y, 100), epochs=160, lr=0.01, progress=False, seed=seed)
+    bp.fit(
+        bnet, Batches(x, y, 100), epochs=160, lr=0.01, structure_lr=0.1, progress=False, seed=seed
+    )
     pip = bnet.inclusion_probs()["0"]
     assert (pip[:k] > 0.9).all(), pip
     assert (pip[k:] < 0.1).all(), pip

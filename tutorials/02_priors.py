@@ -53,7 +53,8 @@ from models import lenet_300_100
 FULL = os.environ.get("BAYESPRUNE_TUTORIAL_FULL") == "1"
 SUBSET = None if FULL else 3000
 EPOCHS = 10 if FULL else 2
-SVI_EPOCHS = 10 if FULL else 2
+# SVI epochs: the spike-and-slab gates need a few hundred steps (13 epochs of 3,000 images: 312)
+SVI_EPOCHS = 10 if FULL else 13
 SVI_LR = 1e-2
 DRAWS = 400 if FULL else 80  # variational posterior draws for ArviZ
 DEVICE = "cuda" if FULL and torch.cuda.is_available() else "cpu"
