@@ -112,11 +112,11 @@ def informativeness_warnings(
     off = float((torch.cat([pips[k] for k in layers]) < 0.5).float().mean())
     if off >= COLLAPSED_SHARE:
         messages.append(
-            f"the posterior switched off {off:.0%} of the hidden nodes: the network has "
-            "collapsed, and its predictions are near chance. The KL of the weights outweighs "
-            "what the data can pay for; with a node SpikeAndSlab use weights='point' (the "
-            "default for the Gaussian slab), otherwise more data or a tempered fit "
-            "(kl_weight < 1, and report it)"
+            f"the posterior switched off {off:.0%} of the hidden nodes (PIP < 0.5): the "
+            "median-probability model, what prune(threshold=0.5) keeps, has collapsed to an "
+            "empty network. Usually the KL of the weights outweighs what the data can pay for; "
+            "with a node SpikeAndSlab use weights='point' (the default for the Gaussian slab), "
+            "otherwise more data or a tempered fit (kl_weight < 1, and report it)"
         )
     share = uncertain_fraction(bnet, layers)
     if share > UNCERTAIN_SHARE:
