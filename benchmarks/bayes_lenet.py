@@ -20,14 +20,12 @@ accuracy and what tempering buys. ``--dense-weights`` loads the dense net that
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
+from results_io import write_json
 from safetensors.torch import load_file
 
 import bayesprune as bp
@@ -166,7 +164,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         )
         print(f"beta {beta}: done in {t_fit:.0f} s", flush=True)
     if args.json is not None:
-        _write_json(args.json, {"command": " ".join(sys.argv), "rows": rows})
+        write_json(args.json, {"command": " ".join(sys.argv), "rows": rows})
     print(
         f"device {dev}; subset {args.subset}; dense "
         f"{args.dense_weights or f'{args.dense_epochs} epochs'}; SVI epochs {args.epochs}; "
@@ -188,14 +186,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
             f"{row['fit_seconds']:.0f} |"
         )
     return rows
-
-
-def _write_json(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=1)
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

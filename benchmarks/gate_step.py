@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
+from results_io import write_json
 from torch import nn
 
 import bayesprune as bp
@@ -89,11 +88,7 @@ def main(argv: list[str] | None = None) -> None:
         "device": f"cpu ({platform.machine()}), {torch.get_num_threads()} thread(s)",
         "torch": torch.__version__,
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=RESULTS.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    os.replace(tmp, RESULTS)
+    write_json(RESULTS, {"meta": meta, "rows": rows})
 
 
 if __name__ == "__main__":

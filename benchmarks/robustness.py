@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from results_io import write_json
 from torch import nn
 
 import bayesprune as bp
@@ -171,12 +172,7 @@ def results_path(seed: int = 0) -> Path:
 
 
 def _save(rows: dict[int, dict], meta: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"meta": meta, "cells": [rows[k] for k in sorted(rows)]}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=1)
-    os.replace(tmp, path)
+    write_json(path, {"meta": meta, "cells": [rows[k] for k in sorted(rows)]})
 
 
 def table(path: Path = RESULTS) -> str:
