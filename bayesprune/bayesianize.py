@@ -70,6 +70,8 @@ from .priors import Prior, SpikeAndSlab, prior_from_dict
 __all__ = ["BayesianModule", "RegressionPrediction", "bayesianize", "load"]
 
 _FORMAT = "bayesprune.BayesianModule/1"
+#: key prefix of the dense network's weights in a saved BayesianModule
+_DENSE_KEY = "dense_reference/"
 _NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm)
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _LIKELIHOODS = ("categorical", "gaussian")
@@ -238,6 +240,9 @@ class BayesianModule(nn.Module):
         self.net = net
         #: plain copy of the user's architecture, the skeleton of :meth:`mean_module`
         self._template = [template]  # a list hides it from nn.Module (no params, no state_dict)
+        #: whether the template holds the weights of the network given to :func:`bayesianize`
+        #: (False after :func:`load` of a file saved without them); see :meth:`dense_module`
+        self.has_dense_reference = True
         self.priors = dict(priors)
         self.likelihood = likelihood
         self.num_classes = num_classes
@@ -483,6 +488,23 @@ class BayesianModule(nn.Module):
         return out
 
     @torch.no_grad()
+    def inclusion_logits(self) -> dict[str, torch.Tensor]:
+        """Layer path -> log-odds of inclusion per output node (CPU, float64), the same layers as
+        :meth:`inclusion_probs`.
+
+        A PIP of exactly 1.0 (a horseshoe node far above its threshold, after a short fit of a
+        pretrained net) still has a finite log-odds, so rankings (``prune(keep=)``,
+        ``certify(by="keep")``, the pruner's per-layer floors) order nodes by evidence, not by
+        index.
+        """
+        out = {}
+        for path, layer in self.bayesian_layers.items():
+            v = layer.inclusion_logits()
+            if v is not None:
+                out[path] = v.detach().double().cpu()
+        return out
+
+    @torch.no_grad()
     def weight_inclusion_probs(self) -> dict[str, torch.Tensor]:
         """Layer path -> inclusion probability per weight (weight-level spike-and-slab only)."""
         out = {}
@@ -550,7 +572,30 @@ class BayesianModule(nn.Module):
                 if bn is not None and bn.weight is not None:
                     bn.weight[~keep] = 0
                     bn.bias[~keep] = 0
+                elif bn is not None and bn.running_mean is not None:  # affine=False
+                    bn.running_mean[~keep] = 0
         return plain
+
+    def dense_module(self) -> nn.Module:
+        """The dense network given to :func:`bayesianize`, with the weights it had then (eval mode).
+
+        It is the default reference of :func:`bayesprune.conformal.certify` ("how much worse may the
+        pruned network be than the dense one"), and :meth:`save` stores it, so that :func:`load`
+        gives it back. If the network was untrained when it was wrapped, this is that untrained
+        network: certify against ``reference="predictive"`` or your own trained net instead.
+
+        Raises
+        ------
+        ValueError
+            This module was loaded from a file saved without the dense weights.
+        """
+        if not self.has_dense_reference:
+            raise ValueError(
+                "this BayesianModule was loaded from a file saved without the dense network's "
+                "weights (saved by an older bayesprune); pass your trained dense network as the "
+                "reference (certify(bnet, cal, reference=dense_net)) or use reference='predictive'"
+            )
+        return copy.deepcopy(self._template[0]).to(self.device).eval()
 
     @torch.no_grad()
     def predict(
@@ -660,18 +705,25 @@ class BayesianModule(nn.Module):
             "noise_scale": self.fixed_noise,
             "reparam": self.reparam,
             "weight_sd": self.weight_sd,
+            "dense_reference": self.has_dense_reference,
         }
 
     def save(self, path: str | Path) -> None:
         """Save the variational parameters and config to a ``.safetensors`` file (no pickle).
 
         Rebuild with ``bp.load(path, net)`` where ``net`` is a plain network of the same
-        architecture (e.g. ``lenet_300_100()``); its weights are not used.
+        architecture (e.g. ``lenet_300_100()``); its weights are not used. The file also holds the
+        weights of the dense network the module was built from (:meth:`dense_module`), under keys
+        starting with ``dense_reference/``.
         """
         from safetensors.torch import save_file
 
         _check_writable(path)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        state = {k: v.detach().cpu().clone() for k, v in self.state_dict().items()}
+        if self.has_dense_reference:
+            state.update(
+                {_DENSE_KEY + k: v.detach().cpu().clone() for k, v in self._template[0].state_dict().items()}
+            )
         save_file(state, str(path), metadata={"bayesprune": json.dumps(self.config())})
 
     def extra_repr(self) -> str:
@@ -784,6 +836,8 @@ def load(
             weight_sd=cfg.get("weight_sd", "per_weight"),
         )
     state = load_file(str(path))
+    dense_state = {k[len(_DENSE_KEY) :]: v for k, v in state.items() if k.startswith(_DENSE_KEY)}
+    state = {k: v for k, v in state.items() if not k.startswith(_DENSE_KEY)}
     missing = [k for k in bnet.state_dict() if k not in state]
     if missing and all(k.endswith(".hs_reference") for k in missing):
         raise ValueError(
@@ -797,6 +851,16 @@ def load(
         raise ValueError(
             f"the network passed to load does not match the architecture saved in {path}: {exc}"
         ) from None
+    if cfg.get("dense_reference") and dense_state:
+        template = bnet._template[0]
+        try:
+            template.load_state_dict(_with_versions(dense_state, template))
+        except RuntimeError as exc:
+            raise ValueError(
+                f"the dense weights saved in {path} do not fit the network passed to load: {exc}"
+            ) from None
+    else:  # saved before the dense weights were stored: the template holds net's weights
+        bnet.has_dense_reference = False
     bnet.num_data = cfg["num_data"]
     shape = cfg.get("input_shape")  # files saved before it was recorded have none
     bnet.input_shape = None if shape is None else tuple(shape)
@@ -816,6 +880,51 @@ def _draw_seeds(seed: int, num_samples: int) -> list[int]:
     """``num_samples`` seeds derived from ``seed``: the posterior draws of ``predict(seed=...)``."""
     gen = torch.Generator().manual_seed(_check_seed(seed))
     return torch.randint(2**62, (num_samples,), generator=gen).tolist()
+
+
+def _check_plain_float32(net: nn.Module) -> None:
+    """A ``TypeError`` unless every floating parameter and buffer of ``net`` is float32."""
+    found = {
+        t.dtype for t in [*net.parameters(), *net.buffers()] if t.is_floating_point()
+    } - {torch.float32}
+    if found:
+        raise TypeError(
+            f"bayesianize fits float32 networks, and {type(net).__name__} holds "
+            f"{', '.join(sorted(str(d) for d in found))} tensors; convert it with net.float() "
+            "(and feed float32 inputs)"
+        )
+
+
+def _check_untied(net: nn.Module, modules: Mapping[str, nn.Module], chosen: Iterable[str]) -> None:
+    """A ``ValueError`` when a layer to be made Bayesian is registered under two names, or shares
+    a parameter with another module (tied weights): each name would get its own posterior of one
+    set of weights (or one of them none), and :meth:`BayesianModule.mean_module`, ``prune`` and
+    ``certify`` would re-tie them, so the exported net would differ from the fitted one."""
+    aliases: dict[int, list[str]] = {}
+    for name, m in net.named_modules(remove_duplicate=False):
+        aliases.setdefault(id(m), []).append(name)
+    owners: dict[int, list[str]] = {}
+    for name, p in net.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(name)
+    for n in chosen:
+        names = aliases[id(modules[n])]
+        if len(names) > 1:
+            raise ValueError(
+                f"layer {n!r} is registered under {len(names)} names {names} (one module, two "
+                "attributes); bayesianize would give it a posterior under one name only. Register "
+                "it once and call it wherever it is used, or keep it deterministic with "
+                f"skip=[{n!r}]"
+            )
+        for pname, p in modules[n].named_parameters(recurse=False):
+            tied = [o for o in owners[id(p)] if o != (f"{n}.{pname}" if n else pname)]
+            if tied:
+                raise ValueError(
+                    f"parameter {pname!r} of layer {n!r} is shared with {tied} (tied weights), "
+                    "which bayesprune does not support: each layer would get its own posterior of "
+                    "the same weights. Untie them (layer.weight = "
+                    f"nn.Parameter(layer.weight.detach().clone())) or keep layer {n!r} and the "
+                    f"layers it shares with deterministic with skip=[{n!r}, ...]"
+                )
 
 
 def _infer_num_classes(net: nn.Module) -> int | None:
@@ -989,6 +1098,15 @@ def bayesianize(
             "no layer to make Bayesian: bayesianize supports nn.Linear, nn.Conv1d and nn.Conv2d "
             f"and found none{' outside skip=' if skip_set else ''} in {type(net).__name__}"
         )
+    _check_plain_float32(net)
+    _check_untied(net, modules, chosen)
+    frozen = [n for n in chosen if any(not p.requires_grad for p in modules[n].parameters())]
+    if frozen:
+        raise ValueError(
+            f"layers {frozen} have frozen parameters (requires_grad=False), and bayesianize would "
+            "learn a posterior over them anyway. Unfreeze them (requires_grad_(True)) to make them "
+            f"Bayesian, or pass skip={frozen} to keep them deterministic and frozen"
+        )
     if num_classes is None:
         num_classes = _infer_num_classes(net)
 
@@ -1022,6 +1140,7 @@ def bayesianize(
         if layer.gate_after is not None:
             work_modules[layer.gate_after].register_forward_hook(_GateAfter(layer))
     bnet = BayesianModule(work, template, priors, likelihood, num_classes, noise_scale, followers)
+    bnet.training = net.training  # the wrapper's flag only: the copied layers keep their own
     bnet.set_reparam(reparam)
     dev = next((p.device for p in net.parameters()), torch.device("cpu"))
     return bnet.to(dev)

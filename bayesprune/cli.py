@@ -737,19 +737,27 @@ def _cmd_certify(args: argparse.Namespace) -> None:
     ltt_set, conf_set = Subset(cal, perm[:half]), Subset(cal, perm[half:])
     _say(f"certifying {args.risk} <= {args.alpha} with probability >= {1 - args.delta:g} "
          f"on {half} calibration examples")  # fmt: skip
+    dense = run.dense().to(bnet.device)
     cert = bp.conformal.certify(
         bnet, loader(ltt_set, 256, shuffle=False), risk=args.risk, alpha=args.alpha,
         delta=args.delta, levels=args.levels, example_input=run.example, progress=progress,
+        reference=dense,
     )  # fmt: skip
-    cert.save(out / "certificate.json")
+    test = run.loader("test")
+    model = cert.model.cpu().eval()
+    dense_acc, cert_acc = bp.evaluate(dense.cpu(), test), bp.evaluate(model, test)
+    _write_json(out / "certificate.json", {
+        **cert.to_dict(), "reference_file": "dense.safetensors",
+        "test_accuracy": cert_acc, "reference_test_accuracy": dense_acc,
+    })  # fmt: skip
     _save_fig(plots.plot_risk_curve(cert), out / "risk_curve.png")
     print(cert)
-    model = cert.model.cpu().eval()
+    _say(f"test accuracy: certified network {cert_acc:.4f}, dense network (the reference) "
+         f"{dense_acc:.4f}")  # fmt: skip
     bp.save_pruned(model, out / "certified.safetensors")
 
     clf = bp.conformal.ConformalClassifier(model, score="aps")
     clf.calibrate(loader(conf_set, 256, shuffle=False), args.set_alpha)
-    test = run.loader("test")
     sets, labels = [], []
     for x, y in test:
         sets.append(clf.predict_sets(x).cpu())
@@ -825,19 +833,32 @@ def _cmd_report(args: argparse.Namespace) -> None:
     if cert:
         lines += ["## Certificate (Learn then Test)", ""]
         passed = cert.get("index") is not None
+        ref_words = ("the run's dense network (dense.safetensors)"
+                     if cert.get("reference_file") else cert.get("reference", "the reference model"))
+        risk_words = {
+            "accuracy_drop": f"accuracy drop relative to {ref_words} (the rate of points the "
+                             "certified network gets wrong while the dense one gets them right)",
+            "disagreement": f"disagreement with {ref_words}",
+        }.get(cert["risk"], f"{cert['risk']} (no reference)")
         lines += [
-            f"Risk `{cert['risk']}`, alpha = {cert['alpha']}, delta = {cert['delta']}, "
+            f"Risk: {risk_words}; alpha = {cert['alpha']}, delta = {cert['delta']}, "
             f"n = {cert['n']} calibration examples.",
             "",
             (f"**Certified level: {cert.get('level_name', 'level')} {_num(cert['level'])}**, "
              f"{_pct(cert.get('params_kept'))} of the parameters kept "
              f"(empirical risk {cert['risk_hat']:.4f}, p-value {cert['p_value']:.3g})."
-             if passed else "**No level could be certified**: the dense posterior-mean network is kept."),
+             if passed else f"**No level could be certified**: {ref_words} is kept."),
             "",
+        ]  # fmt: skip
+        if "test_accuracy" in cert:
+            lines += ["| | reference (dense) | certified |", "|---|---:|---:|",
+                      f"| test accuracy | {cert['reference_test_accuracy']:.4f} | "
+                      f"{cert['test_accuracy']:.4f} |", ""]  # fmt: skip
+        lines += [
             f"Read it as: with probability at least {1 - cert['delta']:g} over the draw of the "
-            f"calibration set, the {cert['risk'].replace('_', ' ')} of the certified network on new "
-            f"data from the same distribution is at most {cert['alpha']}. It says nothing about "
-            "data from another distribution.",
+            f"calibration set, the certified network's {risk_words} on new data from the same "
+            f"distribution is at most {cert['alpha']}. It says nothing about data from another "
+            "distribution.",
             "", _img(out, run_dir, "risk_curve.png", "risk curve"), "",
         ]  # fmt: skip
     if conf:

@@ -59,7 +59,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .bayesianize import _check_seed, _is_bayesian
-from .data import batch_xy, input_tensor
+from .data import batch_xy, check_finite, input_tensor
 from .metrics import count_nonzero
 from .risk import (
     METHODS,
@@ -155,6 +155,11 @@ def _check_outputs(out: torch.Tensor, num_classes: int | None, who: str) -> int:
             f"{who} returned {out.shape[1]} class scores but the task has {num_classes} classes; "
             "check that the model matches the data"
         )
+    if out.is_floating_point() and bool(torch.isnan(out).any()):
+        raise ValueError(
+            f"{who} returned NaN class scores for finite inputs; their argmax would be "
+            "an arbitrary class. Check the model's weights (bp.evaluate it on training data)"
+        )
     return int(out.shape[1])
 
 
@@ -184,6 +189,7 @@ def _predict_labels(
     labels: list[np.ndarray] = []
     for batch in tqdm(cal_loader, desc="calibrate", disable=not progress, leave=False):
         x, y = batch_xy(batch, "cal_loader")
+        check_finite(x, "calibration inputs")
         for j, (fn, dev) in enumerate(zip(fns, devices, strict=True)):
             out = fn(x.to(dev))
             num_classes = _check_outputs(out, num_classes, names[j])
@@ -233,9 +239,16 @@ class Certificate:
     risk_hat, p_value, params_kept
         The chosen candidate's empirical risk, p-value and fraction of (non-zero) parameters kept.
     curve
-        One dict per candidate: ``level``, ``params_kept``, ``risk_hat``, ``p_value``, ``rejected``.
+        One dict per candidate: ``level``, ``params_kept``, ``risk_hat``, ``p_value``, ``rejected``,
+        ``accuracy`` (on the calibration points).
+    reference
+        In words, what ``accuracy_drop`` and ``disagreement`` are measured against (e.g. "the dense
+        network given to bayesianize").
+    reference_accuracy, accuracy
+        Calibration accuracy of the reference and of the chosen network (of the unpruned network
+        when nothing passed), so that a reference that is itself poor is visible.
     model
-        The chosen network (not serialised by :meth:`save`; save it with
+        The chosen network, in eval mode (not serialised by :meth:`save`; save it with
         :func:`bayesprune.save_pruned`).
     """
 
@@ -252,6 +265,9 @@ class Certificate:
     params_kept: float | None
     curve: list[dict[str, Any]]
     level_name: str = "level"
+    reference: str = "the reference model"
+    reference_accuracy: float | None = None
+    accuracy: float | None = None
     model: nn.Module | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -274,6 +290,9 @@ class Certificate:
             "risk_hat": _json_float(self.risk_hat),
             "p_value": _json_float(self.p_value),
             "params_kept": _json_float(self.params_kept),
+            "reference": self.reference,
+            "reference_accuracy": _json_float(self.reference_accuracy),
+            "accuracy": _json_float(self.accuracy),
             "guarantee": self.guarantee,
             "curve": [
                 {k: _json_level(v) if k == "level" else v for k, v in row.items()}
@@ -294,17 +313,31 @@ class Certificate:
             pvalue=d["pvalue"], index=d["index"], level=d["level"], risk_hat=d["risk_hat"],
             p_value=d["p_value"], params_kept=d["params_kept"], curve=d["curve"],
             level_name=d.get("level_name", "level"),
+            reference=d.get("reference", "the reference model"),
+            reference_accuracy=d.get("reference_accuracy"), accuracy=d.get("accuracy"),
         )  # fmt: skip
+
+    @property
+    def risk_words(self) -> str:
+        """The certified risk in words, with its reference."""
+        if self.risk == "accuracy_drop":
+            return (
+                f"accuracy drop relative to {self.reference} (the rate of points the chosen model "
+                "gets wrong while the reference gets them right)"
+            )
+        if self.risk == "disagreement":
+            return f"disagreement with {self.reference} (the rate of points where their predictions differ)"
+        return f"{self.risk} (the chosen model's own error rate; no reference)"
 
     @property
     def guarantee(self) -> str:
         if not self.passed:
             return (
-                f"no candidate could be certified to have {self.risk} <= {self.alpha} at "
+                f"no candidate could be certified to have {self.risk_words} <= {self.alpha} at "
                 f"delta={self.delta}; the unpruned network is returned, without a certificate"
             )
         return (
-            f"the {self.risk} of the chosen model on new data is <= {self.alpha}, unless the "
+            f"the chosen model's {self.risk_words} on new data is <= {self.alpha}, unless the "
             f"{self.n} calibration points were unlucky: the procedure certifies a model with a "
             f"larger {self.risk} with probability <= {self.delta:.4g}"
         )
@@ -316,6 +349,12 @@ class Certificate:
             f"{self.pvalue} p-values",
             f"  {self.guarantee}",
         ]
+        if self.reference_accuracy is not None and self.accuracy is not None:
+            which = "chosen model" if self.passed else "unpruned model"
+            lines.append(
+                f"  calibration accuracy: {which} {self.accuracy:.4f}, reference "
+                f"({self.reference}) {self.reference_accuracy:.4f}"
+            )
         shown = _fmt_levels([row["level"] for row in self.curve])
         if self.passed:
             kept = "?" if self.params_kept is None else f"{100 * self.params_kept:.2f}%"
@@ -368,6 +407,7 @@ def certify_candidates(
     num_classes: int | None = None,
     train_loader: Iterable | None = None,
     progress: bool = True,
+    reference_name: str | None = None,
 ) -> Certificate:
     """Certify the most pruned of a sequence of candidate networks (the form every method uses).
 
@@ -397,6 +437,14 @@ def certify_candidates(
         Expected number of classes; by default the width of the reference's output.
     train_loader
         The training loader, so that a calibration loader equal to it is refused.
+    reference_name
+        The reference in words, for the certificate (default: "the reference network
+        (<its type>)").
+
+    Returns
+    -------
+    Certificate
+        Its ``model`` is the chosen candidate (``dense`` when none passed), in eval mode.
 
     Example
     -------
@@ -437,6 +485,18 @@ def certify_candidates(
             m.train(mode)
     losses = risk_losses(preds[1:], preds[0], labels, risk)
     res = learn_then_test(losses, alpha, delta, method=method, pvalue=pvalue)
+    accs = (preds == labels[None]).mean(1)
+    if reference_name is None:
+        reference_name = f"the reference network ({type(reference).__name__})"
+    if risk != "error" and accs[0] < accs[1] - 0.1:
+        warnings.warn(
+            f"the reference ({reference_name}) scores {accs[0]:.3f} on the calibration data, "
+            f"{accs[1] - accs[0]:.3f} below the least pruned candidate ({accs[1]:.3f}): a drop "
+            "relative to it says little about accuracy. Was it trained? Certify against a trained "
+            "dense network, or the posterior predictive (reference='predictive')",
+            UserWarning,
+            stacklevel=2,
+        )
     if params_kept is None:
         if isinstance(dense, nn.Module):
             total = count_nonzero(dense)
@@ -452,18 +512,28 @@ def certify_candidates(
             "risk_hat": float(res.risks[j]),
             "p_value": float(res.p_values[j]),
             "rejected": bool(res.rejected[j]),
+            "accuracy": float(accs[j + 1]),
         }
         for j in range(len(candidates))
     ]
     j = res.index
+    chosen = dense if j is None else candidates[j]
+    if isinstance(chosen, nn.Module):
+        chosen.eval()  # a deployable network: BatchNorm uses its running statistics
+    if j is not None:
+        accuracy = float(accs[j + 1])
+    elif dense is reference:
+        accuracy = float(accs[0])
+    else:
+        accuracy = None
     return Certificate(
         alpha=alpha, delta=delta, n=res.n, risk=risk, method=method, pvalue=res.pvalue,
         index=j, level=None if j is None else levels[j],
         risk_hat=None if j is None else float(res.risks[j]),
         p_value=None if j is None else float(res.p_values[j]),
         params_kept=(1.0 if dense is not None else None) if j is None else curve[j]["params_kept"],
-        curve=curve, level_name=level_name,
-        model=dense if j is None else candidates[j],
+        curve=curve, level_name=level_name, reference=reference_name,
+        reference_accuracy=float(accs[0]), accuracy=accuracy, model=chosen,
     )  # fmt: skip
 
 
@@ -501,7 +571,15 @@ def default_levels(pips: Mapping[str, Any], max_levels: int = 20) -> list[float]
     uniq = np.unique(flat)
     if uniq.size < 2:
         raise ValueError(
-            "every node has the same PIP, so no threshold prunes some nodes but not all"
+            f"every prunable node has the same PIP ({uniq[0]:.6g}), so no PIP threshold prunes "
+            "some nodes but not all"
+            + (
+                " (the posterior includes them all with near certainty, typical of a short fit "
+                "of a pretrained net). Certify by keep fraction, certify(..., by='keep'), which "
+                "ranks the nodes by their log-odds of inclusion; or fit for more epochs"
+                if uniq[0] >= 0.5
+                else ". Fit for more epochs, or check the prior (the fit may have collapsed)"
+            )
         )
     kept = np.unique(flat[flat >= 0.5])
     if kept.size < 2:  # the median-probability model is the only sensible level
@@ -534,10 +612,18 @@ def _prunable_pips(pips: Mapping[str, Any], groups: Sequence[Any]) -> dict[str, 
     return out
 
 
-def _masks_at(pips: Mapping[str, torch.Tensor], level: float, by: str) -> dict[str, torch.Tensor]:
-    """Node decisions at one level: PIP >= threshold, or the top ``keep`` fraction (global)."""
+def _masks_at(
+    pips: Mapping[str, torch.Tensor],
+    level: float,
+    by: str,
+    logits: Mapping[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Node decisions at one level: PIP >= threshold, or the top ``keep`` fraction (global),
+    ranked by log-odds of inclusion when given (PIPs saturate at 1.0, their log-odds do not)."""
     if by == "threshold":
         return {k: v >= level for k, v in pips.items()}
+    if logits is not None:
+        pips = {k: logits[k] for k in pips}
     flat = torch.cat(list(pips.values()))
     chosen = torch.zeros(flat.numel(), dtype=torch.bool)
     chosen[torch.argsort(-flat, stable=True)[: max(1, round(level * flat.numel()))]] = True
@@ -559,6 +645,9 @@ class _Predictive:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.predict(x, num_samples=self.num_samples, seed=self.seed)
+
+
+_REFERENCES = ("dense", "predictive", "mean")
 
 
 def _draw_seed(seed: int | None) -> int:
@@ -605,6 +694,7 @@ def pip_candidates(
     x = _infer_example_input(model, dense) if example_input is None else example_input
     x = x.to(_device_of(dense)) if torch.is_tensor(x) else x
     pips = _prunable_pips(model.inclusion_probs(), dependency_groups(dense, x))
+    logits = model.inclusion_logits() if callable(getattr(model, "inclusion_logits", None)) else None
     if levels is None:
         if by == "threshold":
             levels = default_levels(pips, max_levels)
@@ -629,7 +719,7 @@ def pip_candidates(
         # params_kept shows the real size, so one warning per candidate would only be noise
         warnings.filterwarnings("ignore", message="the node decisions keep 0")
         candidates = [
-            prune_network(model, masks=_masks_at(pips, t, by), example_input=x, **kwargs)
+            prune_network(model, masks=_masks_at(pips, t, by, logits), example_input=x, **kwargs)
             for t in tqdm(levels, desc="prune candidates", disable=not progress, leave=False)
         ]
     return levels, candidates
@@ -646,7 +736,7 @@ def certify(
     by: Literal["threshold", "keep"] = "threshold",
     method: Literal["fixed_sequence", "bonferroni"] = "fixed_sequence",
     pvalue: Literal["hb", "hoeffding", "bentkus", "binomial", "auto"] = "auto",
-    reference: Literal["predictive", "mean"] = "predictive",
+    reference: Literal["dense", "predictive", "mean"] | nn.Module | Callable = "dense",
     train_loader: Iterable | None = None,
     example_input: Any = None,
     num_samples: int = 32,
@@ -675,10 +765,22 @@ def certify(
     levels
         PIP thresholds, increasing (default :func:`default_levels`), or keep fractions, decreasing.
     reference
-        ``"predictive"``: the posterior predictive (``model.predict`` with ``num_samples`` draws,
-        frozen: the same ``num_samples`` posterior draws for every calibration batch);
-        ``"mean"``: the dense posterior-mean network. When no candidate passes, the returned model
-        is the posterior-mean network ``model.mean_module()``.
+        What ``accuracy_drop`` and ``disagreement`` are measured against, i.e. "how much worse than
+        what" the certificate promises:
+
+        * ``"dense"`` (default): the dense network given to :func:`bayesprune.bayesianize`, with
+          the weights it had then (:meth:`~bayesprune.BayesianModule.dense_module`; saved with
+          the module). This is the README's promise: how much worse the pruned network may be
+          than the dense one. If that network was untrained, a warning says so;
+        * an ``nn.Module`` (or a callable ``x -> class scores``): your own dense network;
+        * ``"predictive"``: the posterior predictive (``model.predict`` with ``num_samples`` draws,
+          frozen: the same ``num_samples`` posterior draws for every calibration batch);
+        * ``"mean"``: the dense posterior-mean network ``model.mean_module()``.
+
+        The certificate states the reference in words (``cert.reference``) with its calibration
+        accuracy next to the chosen network's. When no candidate passes, the returned model is
+        the reference network (``"dense"``, ``"mean"`` or yours) or, for ``"predictive"``, the
+        posterior-mean network.
     seed
         Seed of the predictive reference's frozen draws (default: drawn from torch's generator).
     train_loader
@@ -693,8 +795,16 @@ def certify(
     >>> cert = certify(bnet, loader(splits.cal, shuffle=False), alpha=0.02)  # doctest: +SKIP
     >>> small = cert.model; print(cert); cert.save("certificate.json")  # doctest: +SKIP
     """
-    if reference not in ("predictive", "mean"):
-        raise ValueError(f"reference must be 'predictive' or 'mean', got {reference!r}")
+    if isinstance(reference, str):
+        if reference not in _REFERENCES:
+            raise ValueError(
+                f"reference must be one of {_REFERENCES}, an nn.Module or a callable, got {reference!r}"
+            )
+    elif not callable(reference):
+        raise TypeError(
+            f"reference must be one of {_REFERENCES}, an nn.Module or a callable x -> class "
+            f"scores, got {type(reference).__name__}"
+        )
     _check_level(alpha, "alpha"), _check_level(delta, "delta")
     if _is_bayesian(model):
         _check_cal_loader(cal_loader, train_loader)
@@ -702,17 +812,32 @@ def certify(
         model, levels, by=by, example_input=example_input, max_levels=max_levels,
         prune_kwargs=prune_kwargs, progress=progress,
     )  # fmt: skip
-    dense = model.mean_module()
     dev = _device_of(model)
-    dense.to(dev)
+    mean = model.mean_module().to(dev)
     for c in candidates:
         c.to(dev)
-    ref = _Predictive(model, num_samples, dev, seed) if reference == "predictive" else dense
+    if reference == "predictive":
+        ref: Any = _Predictive(model, num_samples, dev, seed)
+        name, dense = f"the posterior predictive ({num_samples} frozen posterior draws)", mean
+    elif reference == "mean":
+        ref, name, dense = mean, "the posterior-mean network", mean
+    elif reference == "dense":
+        if not callable(getattr(model, "dense_module", None)):
+            raise TypeError(
+                f"{type(model).__name__} has no dense_module() (ARCHITECTURE.md), so certify cannot "
+                "measure the drop relative to the dense network; pass it: certify(model, cal, "
+                "reference=dense_net), or reference='predictive'"
+            )
+        ref = model.dense_module().to(dev)
+        name, dense = "the dense network given to bayesianize", ref
+    else:
+        ref, name = reference, f"the dense network passed as reference ({type(reference).__name__})"
+        dense = reference if isinstance(reference, nn.Module) else mean
     return certify_candidates(
         candidates, ref, cal_loader, risk=risk, alpha=alpha, delta=delta, levels=levels,
         level_name="PIP threshold" if by == "threshold" else "keep fraction", method=method,
         pvalue=pvalue, dense=dense, num_classes=getattr(model, "num_classes", None),
-        train_loader=train_loader, progress=progress,
+        train_loader=train_loader, progress=progress, reference_name=name,
     )  # fmt: skip
 
 
@@ -996,7 +1121,7 @@ class ConformalClassifier:
     @torch.no_grad()
     def probs(self, x: torch.Tensor) -> torch.Tensor:
         """Class probabilities ``[batch, C]`` on the model's device."""
-        x = input_tensor(x).to(self.device)
+        x = check_finite(input_tensor(x), "inputs").to(self.device)
         if self._draw_seed is not None:
             p = self.model.predict(x, num_samples=self.num_samples, seed=self._draw_seed)
         elif self.bayesian:

@@ -46,6 +46,7 @@ __all__ = [
     "PlantedTeacher",
     "Splits",
     "batch_xy",
+    "check_finite",
     "fashion_mnist_root",
     "input_errors",
     "load_digits",
@@ -349,6 +350,34 @@ def input_tensor(x: Any, what: str = "inputs are") -> torch.Tensor:
         f"{what} a {type(x).__name__}, not a torch.Tensor; convert them with "
         "torch.from_numpy(x).float() (or wrap the arrays in a TensorDataset)"
     )
+
+
+def check_finite(x: torch.Tensor, what: str = "inputs") -> torch.Tensor:
+    """``x`` unless it holds NaN or infinity; then a ``ValueError`` that counts them.
+
+    A NaN input row gives NaN class scores whose argmax is an arbitrary class: an accuracy, a
+    calibration score or a Learn-then-Test loss computed from it is silently wrong. Calibration,
+    evaluation and the conformal sets read their inputs through this.
+
+    Example
+    -------
+    >>> import torch
+    >>> from bayesprune.data import check_finite
+    >>> check_finite(torch.tensor([[0.0, float("nan")], [1.0, 2.0]]), "calibration inputs")
+    Traceback (most recent call last):
+    ...
+    ValueError: calibration inputs hold NaN or infinite values (1 of 2 rows); remove or impute those rows before calibrating or evaluating
+    """
+    if x.is_floating_point() or x.is_complex():
+        bad = ~torch.isfinite(x)
+        if bool(bad.any()):
+            rows = int(bad.reshape(x.shape[0], -1).any(1).sum()) if x.ndim else 1
+            n = x.shape[0] if x.ndim else 1
+            raise ValueError(
+                f"{what} hold NaN or infinite values ({rows} of {n} rows); remove or impute "
+                "those rows before calibrating or evaluating"
+            )
+    return x
 
 
 def check_class_labels(y: torch.Tensor, num_classes: int) -> None:

@@ -459,6 +459,7 @@ def fit(
     bar = tqdm(total=total_steps, disable=not progress, desc="fit (SVI)", leave=False)
     start = time.perf_counter()
     step = 0
+    modes = [(m, m.training) for m in bnet.modules()]  # given back as they were, after the fit
     bnet.train()
     try:
         for epoch in range(epochs):
@@ -532,6 +533,8 @@ def fit(
     finally:
         bnet._kl_scale = 1.0
         bar.close()
+        for m, training in modes:
+            m.training = training
     result.seconds = time.perf_counter() - start
     result.warnings = informativeness_warnings(
         bnet,

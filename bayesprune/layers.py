@@ -395,6 +395,9 @@ class BayesianLayer(PyroModule):
     def inclusion_probs(self) -> torch.Tensor | None:
         return self.prior.inclusion_probs(self)
 
+    def inclusion_logits(self) -> torch.Tensor | None:
+        return self.prior.inclusion_logits(self)
+
     @torch.no_grad()
     def mean_weights(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """(weight, bias, node multiplier) of the posterior-mean network (multiplier may be None)."""

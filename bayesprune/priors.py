@@ -318,6 +318,13 @@ class Prior:
         """Posterior inclusion probability per output node, or ``None`` for priors without one."""
         return None
 
+    def inclusion_logits(self, layer: BayesianLayer) -> torch.Tensor | None:
+        """Log-odds :math:`\log(\mathrm{PIP} / (1 - \mathrm{PIP}))` per output node, in float64,
+        computed where they do not saturate (a PIP of exactly 1.0 still has a finite log-odds),
+        or ``None``. The default takes the logit of :meth:`inclusion_probs`."""
+        p = self.inclusion_probs(layer)
+        return None if p is None else torch.logit(p.double())
+
     def weight_inclusion_probs(self, layer: BayesianLayer) -> torch.Tensor | None:
         return None
 
@@ -587,16 +594,33 @@ def _hs_inclusion(layer: BayesianLayer, c: float | None, threshold: torch.Tensor
     The regularisation is monotone, so :math:`\tilde s_j > t \iff s_j > s^* = t c / \sqrt{c^2 - t^2}`
     (:math:`s^* = t` unregularised; no node passes when :math:`t \ge c`), and :math:`\log s_j` is
     Gaussian under the log-normal factors: the probability is
-    :math:`1 - \Phi((\log s^* - \mathbb E \log s_j) / \mathrm{sd} \log s_j)`.
+    :math:`1 - \Phi(z_j)`, :math:`z_j = (\log s^* - \mathbb E \log s_j) / \mathrm{sd} \log s_j`.
     """
+    z = _hs_inclusion_z(layer, c, threshold)
+    return 0.5 * torch.erfc(z / math.sqrt(2))
+
+
+def _hs_inclusion_logit(
+    layer: BayesianLayer, c: float | None, threshold: torch.Tensor
+) -> torch.Tensor:
+    r"""Log-odds of :func:`_hs_inclusion`, :math:`\log \Phi(-z_j) - \log \Phi(z_j)`, in float64.
+
+    The probability itself is exactly 1 in float32 once :math:`z_j < -5.5` (and in float64 once
+    :math:`z_j < -8.3`), which a short fit of a pretrained net easily reaches; the log-odds keep
+    ranking such nodes by how far their scale is above the threshold.
+    """
+    z = _hs_inclusion_z(layer, c, threshold).double()
+    return torch.special.log_ndtr(-z) - torch.special.log_ndtr(z)
+
+
+def _hs_inclusion_z(layer: BayesianLayer, c: float | None, threshold: torch.Tensor) -> torch.Tensor:
     mean, sd = _hs_log_scale_moments(layer)
     t = threshold.to(mean.device, mean.dtype)
     if c is not None:
         s_star = t * c / torch.sqrt((c**2 - t**2).clamp_min(0))
     else:
         s_star = t
-    z = (torch.log(s_star) - mean) / sd
-    return 0.5 * torch.erfc(z / math.sqrt(2))
+    return (torch.log(s_star) - mean) / sd
 
 
 # --------------------------------------------------------------------------------------------
@@ -940,6 +964,9 @@ class SpikeAndSlab(Prior):
     def inclusion_probs(self, layer):
         return torch.sigmoid(layer.gate_logit) if self.level == "node" else None
 
+    def inclusion_logits(self, layer):
+        return layer.gate_logit.double() if self.level == "node" else None
+
     def weight_inclusion_probs(self, layer):
         return torch.sigmoid(layer.gate_logit) if self.level == "weight" else None
 
@@ -1075,10 +1102,16 @@ class GroupHorseshoe(Prior):
         return w, b, s
 
     def inclusion_probs(self, layer):
+        return _hs_inclusion(layer, self._c(), self._pip_threshold(layer))
+
+    def inclusion_logits(self, layer):
+        return _hs_inclusion_logit(layer, self._c(), self._pip_threshold(layer))
+
+    def _pip_threshold(self, layer: BayesianLayer) -> torch.Tensor:
         threshold = self.pip_reference * layer.hs_reference
         if not layer.batchnorm_follows:
             threshold = threshold / _standardised_rms(layer).clamp_min(1e-12)
-        return _hs_inclusion(layer, self._c(), threshold)
+        return threshold
 
 
 def _positive(cls: str, name: str, value: Any) -> None:

@@ -1059,6 +1059,10 @@ def _zero_in_place(
                 bn.weight[drop.to(bn.weight.device)] = 0
             if bn.bias is not None:
                 bn.bias[drop.to(bn.bias.device)] = 0
+            if bn.weight is None and bn.running_mean is not None:
+                # BatchNorm(affine=False): a zero input channel leaves it as -mean / std; with a
+                # zero running mean it is 0 in eval mode too (as with batch statistics)
+                bn.running_mean[drop.to(bn.running_mean.device)] = 0
 
 
 def zero_masked(module: nn.Module, masks: Mapping[str, Any]) -> nn.Module:
@@ -1066,8 +1070,9 @@ def zero_masked(module: nn.Module, masks: Mapping[str, Any]) -> nn.Module:
 
     The weight rows and bias entries of masked output nodes are set to 0 and, when the layer's
     output goes straight into a BatchNorm (and nowhere else), that BatchNorm's ``weight`` and
-    ``bias`` of those channels too, so the channel is identically 0 after normalisation
-    (ARCHITECTURE.md, "Node decisions"). ``module`` is not modified.
+    ``bias`` of those channels too (its ``running_mean`` when it has no affine parameters), so the
+    channel is identically 0 after normalisation (ARCHITECTURE.md, "Node decisions"). ``module``
+    is not modified.
 
     Example
     -------
@@ -1379,8 +1384,8 @@ def prune_module(
     Returns
     -------
     nn.Module
-        Same classes and module paths as ``module``, with fewer rows / columns / channels.
-        ``prune_module(m, masks, x)(x) == zero_masked(m, plan.masks)(x)`` in eval mode, where
+        Same classes and module paths as ``module``, with fewer rows / columns / channels, in
+        eval mode (call ``.train()`` to fine-tune it). ``prune_module(m, masks, x)(x) == zero_masked(m, plan.masks)(x)`` in eval mode, where
         ``plan = plan_pruning(m, masks, x, ...)`` (``plan.masks == masks`` when no floor or
         rounding applied).
 
@@ -1411,7 +1416,7 @@ def prune_module(
         reference = copy.deepcopy(module)
         _zero_in_place(reference, plan.masks, _bn_followers(reference))
         _check_exact(reference, small, example_input)
-    return small
+    return small.eval()  # a deployable network: BatchNorm uses its running statistics
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1528,12 +1533,16 @@ def prune(
             "prune(bnet, threshold=0.5)"
         )
     bayesian = _is_bayesian(model)
+    rank = None  # what orders nodes (keep=, per-layer floors), when it differs from scores
     if bayesian:
         base = model.mean_module()
         if scores is None:
             scores = {
                 k: torch.as_tensor(v).detach().cpu() for k, v in model.inclusion_probs().items()
             }
+            # PIPs saturate at exactly 1.0; their log-odds still order the nodes by evidence
+            if callable(getattr(model, "inclusion_logits", None)):
+                rank = model.inclusion_logits() or None
             if threshold is not None and not 0.0 <= float(threshold) <= 1.0:
                 raise ValueError(
                     f"threshold is compared with posterior inclusion probabilities, so it must be in "
@@ -1586,12 +1595,14 @@ def prune(
                 "only the output layer has node scores, and output units are never pruned; "
                 "use a node-level prior on the hidden layers, or pass masks="
             )
+        if keep is not None and rank is not None:
+            ranked = {k: rank[k] for k in ranked}
         masks = _masks_from_scores(ranked, threshold, keep)
     plan = plan_pruning(
         base,
         masks,
         example_input,
-        scores=scores,
+        scores=rank if rank is not None else scores,
         min_fraction=min_fraction,
         min_nodes=min_nodes,
         round_to=round_to,
@@ -1608,7 +1619,7 @@ def prune(
         reference = copy.deepcopy(module)
         _zero_in_place(reference, plan.masks, _bn_followers(reference))
         _check_exact(reference, small, example_input)
-    return small
+    return small.eval()  # a deployable network: BatchNorm uses its running statistics
 
 
 def _warn_switched_off(masks: Mapping[str, torch.Tensor], plan: PruningPlan) -> None:

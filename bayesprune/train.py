@@ -23,7 +23,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .bayesianize import _is_bayesian
-from .data import batch_xy, check_class_labels, input_errors, label_errors, output_tensor
+from .data import (
+    batch_xy,
+    check_class_labels,
+    check_finite,
+    input_errors,
+    label_errors,
+    output_tensor,
+)
 
 __all__ = ["TrainHistory", "evaluate", "resolve_device", "train"]
 
@@ -188,6 +195,7 @@ def evaluate(
         bayesian = _is_bayesian(net) and callable(getattr(net, "predict", None))
         for batch in loader:
             x, y = batch_xy(batch, "loader")
+            check_finite(x, "evaluation inputs")
             with input_errors(type(net).__name__, "a loader batch", tuple(x.shape)):
                 out = (
                     net.predict(x.to(dev), num_samples=num_samples) if bayesian else net(x.to(dev))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pyro
@@ -9,6 +10,7 @@ import pytest
 import torch
 from pyro import poutine
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 import bayesprune as bp
 from bayesprune.layers import BayesianConv1d, BayesianConv2d, BayesianLinear
@@ -634,3 +636,69 @@ def test_a_container_with_a_parameter_of_its_own_is_named_with_it() -> None:
     # the attention's out_proj, a Linear subclass that attention reads directly, stays too
     assert "skip=['0', '0.attn', '0.attn.out_proj']" in messages[0]
     assert isinstance(bnet.net[0].mlp, BayesianLinear)
+
+
+# ------------------------------------------------------------------------------------------------
+# shared layers, modes, dtypes, frozen parameters: refused or kept, never silently changed
+# ------------------------------------------------------------------------------------------------
+
+
+class _TwoNames(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+        self.b = self.a  # one module under two attribute names
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+class _TiedWeight(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.out = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+        self.b.weight = self.a.weight  # one Parameter in two layers
+
+    def forward(self, x):
+        return self.out(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+def test_shared_layers_and_tied_weights_are_refused_with_a_fix() -> None:
+    with pytest.raises(ValueError, match=r"registered under 2 names \['a', 'b'\].*skip=\['a'\]"):
+        bp.bayesianize(_TwoNames())
+    with pytest.raises(ValueError, match=r"shared with \['b.weight'\] \(tied weights\)"):
+        bp.bayesianize(_TiedWeight())
+    # the advice works: kept deterministic, the tie survives and the net is what it was
+    net = _TiedWeight()
+    bnet = bp.bayesianize(net, skip=["a", "b"])
+    assert sorted(bnet.bayesian_layers) == ["out"]
+    x = torch.randn(5, 8)
+    plain = bnet.mean_module()
+    assert plain.a.weight is plain.b.weight
+    torch.testing.assert_close(plain(x), net(x))
+
+
+def test_modes_dtype_and_frozen_layers() -> None:
+    net = nn.Sequential(nn.Linear(64, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 10)).eval()
+    assert not bp.bayesianize(net).training  # an eval-mode net gives an eval-mode wrapper
+    with pytest.raises(TypeError, match=r"float32 networks.*torch.float64.*net.float\(\)"):
+        bp.bayesianize(copy.deepcopy(net).double())
+    frozen = copy.deepcopy(net)
+    frozen[0].weight.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"layers \['0'\] have frozen parameters.*skip=\['0'\]"):
+        bp.bayesianize(frozen)
+    # a frozen deterministic layer (here the BatchNorm) stays frozen through fit, and fit gives
+    # the modules back in the modes it found them in
+    net = nn.Sequential(nn.Linear(64, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 10))
+    net[1].requires_grad_(False)
+    bnet = bp.bayesianize(net)
+    bnet.eval()
+    w0 = bnet.net[1].weight.detach().clone()
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 64), torch.randint(0, 10, (64,))
+    bp.fit(bnet, DataLoader(TensorDataset(x, y), batch_size=32), epochs=1, progress=False)
+    assert torch.equal(bnet.net[1].weight, w0) and not bnet.net[1].weight.requires_grad
+    assert not any(m.training for m in bnet.modules())
+    small = bp.prune(bnet, threshold=0.5, example_input=x[:1])
+    assert not small.training and not any(m.training for m in small.modules())

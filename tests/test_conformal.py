@@ -76,6 +76,9 @@ class FakeBayesianModule:
     def mean_module(self, masks=None) -> nn.Module:
         return bp.zero_masked(self.model, masks) if masks else copy.deepcopy(self.model)
 
+    def dense_module(self) -> nn.Module:
+        return copy.deepcopy(self.model).eval()
+
     def predict(
         self, x: torch.Tensor, num_samples: int = 32, seed: int | None = None
     ) -> torch.Tensor:
@@ -447,3 +450,101 @@ def test_bayesian_scores_come_from_one_fixed_predictive(digits) -> None:
 
     ref = _Predictive(bnet, 2, torch.device("cpu"), seed=None)
     torch.testing.assert_close(torch.cat([ref(x[:7]), ref(x[7:])]), ref(x))
+
+
+# ------------------------------------------------------------------------------------------------
+# what the certificate is relative to (issue: the guarantee says what it means)
+# ------------------------------------------------------------------------------------------------
+
+
+def test_certify_measures_the_drop_against_the_dense_network_by_default(
+    fitted_bnet, net, digits, tmp_path
+) -> None:
+    cal = _cal(digits)
+    cert = certify(fitted_bnet, cal, alpha=0.05, delta=0.1, max_levels=5, progress=False)
+    assert cert.reference == "the dense network given to bayesianize"
+    x, y = digits.cal.tensors
+    with torch.no_grad():
+        dense_pred = net.eval()(x).argmax(-1)
+    assert cert.reference_accuracy == pytest.approx(float((dense_pred == y).float().mean()))
+    # every risk of the curve is the drop relative to the user's dense net, recomputed by hand
+    levels, cands = pip_candidates(fitted_bnet, [r["level"] for r in cert.curve])
+    for row, cand in zip(cert.curve, cands, strict=True):
+        with torch.no_grad():
+            pred = cand.eval()(x).argmax(-1)
+        drop = float(((pred != y) & (dense_pred == y)).float().mean())
+        assert row["risk_hat"] == pytest.approx(drop)
+        assert row["accuracy"] == pytest.approx(float((pred == y).float().mean()))
+    text = str(cert)
+    assert "relative to the dense network given to bayesianize" in text
+    assert f"reference (the dense network given to bayesianize) {cert.reference_accuracy:.4f}" in text
+    assert not cert.model.training  # deployable: eval mode
+    cert.save(tmp_path / "c.json")
+    back = Certificate.load(tmp_path / "c.json")
+    assert back.reference == cert.reference and back.accuracy == pytest.approx(cert.accuracy)
+    # the other references say what they are
+    pred_cert = certify(fitted_bnet, cal, max_levels=3, reference="predictive", progress=False)
+    assert pred_cert.reference.startswith("the posterior predictive")
+    mine = certify(fitted_bnet, cal, max_levels=3, reference=net, progress=False)
+    assert mine.reference.startswith("the dense network passed as reference")
+    assert [r["risk_hat"] for r in mine.curve] == pytest.approx(
+        [r["risk_hat"] for r in certify(fitted_bnet, cal, max_levels=3, progress=False).curve]
+    )
+    with pytest.raises(ValueError, match="reference must be one of"):
+        certify(fitted_bnet, cal, reference="dnse", progress=False)
+
+
+def test_the_dense_reference_survives_save_and_load(fitted_bnet, net, digits, tmp_path) -> None:
+    path = tmp_path / "b.safetensors"
+    fitted_bnet.save(path)
+    back = bp.load(path, lenet_300_100(in_features=64))  # fresh weights: not the dense ones
+    x = digits.cal.tensors[0][:50]
+    with torch.no_grad():
+        torch.testing.assert_close(back.dense_module()(x), net.eval()(x))
+    # a file saved without the dense weights (older bayesprune) cannot certify against them
+    from safetensors.torch import load_file, save_file
+
+    state = {k: v for k, v in load_file(path).items() if not k.startswith("dense_reference/")}
+    meta = json.loads(__import__("safetensors").safe_open(str(path), "pt").metadata()["bayesprune"])
+    meta.pop("dense_reference")
+    save_file(state, str(tmp_path / "old.safetensors"), metadata={"bayesprune": json.dumps(meta)})
+    old = bp.load(tmp_path / "old.safetensors", lenet_300_100(in_features=64))
+    with pytest.raises(ValueError, match=r"reference=dense_net"):
+        certify(old, _cal(digits), progress=False)
+    assert certify(old, _cal(digits), reference=net, max_levels=2, progress=False).n > 0
+
+
+def test_an_untrained_reference_is_flagged(fitted_bnet, digits) -> None:
+    torch.manual_seed(0)
+    untrained = lenet_300_100(in_features=64)
+    with pytest.warns(UserWarning, match="Was it trained"):
+        certify(fitted_bnet, _cal(digits), reference=untrained, max_levels=2, progress=False)
+
+
+def test_nan_inputs_are_refused_by_calibration_and_evaluation(fitted_bnet, net, digits) -> None:
+    x, y = (t.clone() for t in digits.cal.tensors)
+    x[::3] = float("nan")
+    bad = loader(TensorDataset(x, y), 128, shuffle=False)
+    with pytest.raises(ValueError, match=r"calibration inputs hold NaN or infinite values \(43 of 128 rows\)"):
+        certify(fitted_bnet, bad, progress=False)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        certify_candidates([net], net, bad, progress=False)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        ConformalClassifier(net).calibrate(bad, 0.1)
+    cp = ConformalClassifier(net).calibrate(_cal(digits), 0.1)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        cp.predict_sets(x[:4])
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        bp.evaluate(net, bad)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        bp.evaluate(fitted_bnet, bad)
+    inf = x.clone()
+    inf[~torch.isnan(inf)] = 0.0
+    inf[torch.isnan(inf)] = float("inf")
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        bp.evaluate(net, loader(TensorDataset(inf, y), 128, shuffle=False))
+    # a model that returns NaN scores for finite inputs is named
+    nan_net = nn.Sequential(net, nn.Dropout(0.0))
+    nan_net[1].register_forward_hook(lambda m, i, o: o * float("nan"))
+    with pytest.raises(ValueError, match="NaN class scores"):
+        certify_candidates([net], nan_net, _cal(digits), progress=False)

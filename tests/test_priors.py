@@ -10,6 +10,7 @@ import pytest
 import torch
 from scipy import stats
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 import bayesprune as bp
 from bayesprune import priors
@@ -390,3 +391,27 @@ def _kl_of_gates(layer) -> torch.Tensor:
     from bayesprune.priors import _kl_bernoulli
 
     return _kl_bernoulli(layer.gate_logit, layer.prior.gamma(layer)).sum()
+
+
+def test_saturated_horseshoe_pips_still_rank_nodes_by_log_odds() -> None:
+    # node scales far above the threshold: every PIP is exactly 1.0 in float32, the log-odds differ
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    bnet = bp.bayesianize(net, prior=bp.priors.GroupHorseshoe())
+    bnet.num_data = 100
+    order = torch.randperm(8)
+    with torch.no_grad():
+        bnet.net[0].lambda_a_loc.copy_(20.0 + 2.0 * order.float())
+    pips, logits = bnet.inclusion_probs()["0"], bnet.inclusion_logits()["0"]
+    assert torch.all(pips == 1.0) and logits.dtype == torch.float64
+    assert torch.equal(torch.argsort(logits), torch.argsort(order))  # ranked by evidence
+    small = bp.prune(bnet, keep=0.5, example_input=torch.zeros(1, 6))
+    kept_rows = bnet.mean_module()[0].weight[order >= 4]
+    torch.testing.assert_close(small[0].weight, kept_rows)  # the 4 largest scales, not nodes 0-3
+    from bayesprune.conformal import certify
+
+    cal = DataLoader(TensorDataset(torch.randn(64, 6), torch.randint(0, 3, (64,))), batch_size=64)
+    with pytest.raises(ValueError, match=r"same PIP \(1\).*by='keep'.*log-odds"):
+        certify(bnet, cal, progress=False)
+    cert = certify(bnet, cal, by="keep", levels=[1.0, 0.5], progress=False, alpha=0.5)
+    assert len(cert.curve) == 2

@@ -1102,3 +1102,31 @@ def test_a_switched_off_layer_tied_to_kept_channels_is_not_reported_as_empty() -
         UserWarning, match=r"switched off every node of layer\(s\) \['conv2', 'shortcut'\]"
     ):
         bp.prune(bnet, threshold=0.5, example_input=x)
+
+
+def test_batchnorm_without_affine_parameters_after_a_pruned_conv_is_exact() -> None:
+    # a masked channel used to leave -running_mean / std behind the BatchNorm, and the only way out
+    # was verify=False (a wrong net); now the masked channel is zero after it, as with affine ones
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4, affine=False), nn.ReLU(),
+        nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 3),
+    )  # fmt: skip
+    with torch.no_grad():
+        net[1].running_mean.uniform_(-1, 1)
+        net[1].running_var.uniform_(0.5, 2)
+    net.eval()
+    keep = torch.tensor([True, False, True, False])
+    small = _assert_exact(net, {"0": keep}, torch.zeros(1, 1, 8, 8))
+    assert small[0].out_channels == 2 and small[1].num_features == 2 and small[3].in_channels == 2
+    x = torch.randn(6, 1, 8, 8)
+    with torch.no_grad():
+        masked = zero_masked(net, {"0": keep}).eval()
+        h = masked[1](masked[0](x))
+    assert torch.all(h[:, ~keep] == 0)  # the switched-off channels are exactly zero
+    # the Bayesian path: gates act after the BatchNorm, and the pruned net matches the masked one
+    bnet = bp.bayesianize(net)
+    bnet.num_data = 10
+    pruned = bp.prune(bnet, masks={"0": keep}, example_input=torch.zeros(1, 1, 8, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), zero_masked(bnet.mean_module(), {"0": keep}).eval()(x))
