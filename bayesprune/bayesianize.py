@@ -64,6 +64,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import input_errors, input_tensor, label_errors, output_tensor
+from .files import atomic_write, check_target
 from .layers import INIT_SCALE, WEIGHT_SD_FAMILIES, BayesianLayer, _set_mode, bayesian_layer_for
 from .priors import Prior, SpikeAndSlab, prior_from_dict
 
@@ -387,6 +388,10 @@ class BayesianModule(nn.Module):
                 f"class labels must be integers (torch.long), got {y.dtype}; convert them with "
                 "y.long(), or bayesianize with likelihood='gaussian' for regression"
             )
+        if y is not None and self.likelihood == "categorical" and y.dtype != torch.long:
+            raise TypeError(
+                f"class labels must be torch.long, got {y.dtype}; convert them with y.long()"
+            )
         if y is not None and self.likelihood == "categorical" and y.dim() != 1:
             fix = (
                 "y.squeeze(1)"
@@ -396,6 +401,19 @@ class BayesianModule(nn.Module):
             raise ValueError(
                 "class labels must be a 1-D tensor of class indices, one per example; got shape "
                 f"{tuple(y.shape)}: pass {fix}"
+            )
+        if (
+            y is not None
+            and self.likelihood == "categorical"
+            and y.device.type == "cpu"  # a scan of labels already on the GPU would sync
+            and y.numel()
+            and int(y.min()) < 0
+        ):
+            raise ValueError(
+                f"class labels must be indices >= 0, got {int(y.min())}"
+                + (" (cross-entropy's ignore_index)" if int(y.min()) == -100 else "")
+                + ": the ELBO's likelihood cannot skip examples, so they would be fitted on the "
+                "prior alone; drop the unlabelled examples from the loader"
             )
         if y is not None and y.dim() >= 1 and x.dim() >= 1 and y.shape[0] != x.shape[0]:
             raise ValueError(
@@ -714,17 +732,17 @@ class BayesianModule(nn.Module):
         Rebuild with ``bp.load(path, net)`` where ``net`` is a plain network of the same
         architecture (e.g. ``lenet_300_100()``); its weights are not used. The file also holds the
         weights of the dense network the module was built from (:meth:`dense_module`), under keys
-        starting with ``dense_reference/``.
+        starting with ``dense_reference/``. The write is atomic (:mod:`bayesprune.files`).
         """
         from safetensors.torch import save_file
 
-        _check_writable(path)
+        check_target(path)
         state = {k: v.detach().cpu().clone() for k, v in self.state_dict().items()}
         if self.has_dense_reference:
-            state.update(
-                {_DENSE_KEY + k: v.detach().cpu().clone() for k, v in self._template[0].state_dict().items()}
-            )
-        save_file(state, str(path), metadata={"bayesprune": json.dumps(self.config())})
+            dense = self._template[0].state_dict()
+            state.update({_DENSE_KEY + k: v.detach().cpu().clone() for k, v in dense.items()})
+        meta = {"bayesprune": json.dumps(self.config())}
+        atomic_write(path, lambda tmp: save_file(state, tmp, metadata=meta))
 
     def extra_repr(self) -> str:
         return f"likelihood={self.likelihood!r}, num_data={self.num_data}"
@@ -767,12 +785,8 @@ def _with_versions(state: Mapping[str, torch.Tensor], net: nn.Module) -> dict[st
 
 
 def _check_writable(path: str | Path) -> None:
-    """Fail before any work when ``path``'s folder does not exist (safetensors would fail after)."""
-    parent = Path(path).parent
-    if not parent.is_dir():
-        raise FileNotFoundError(
-            f"cannot write {path}: folder {parent} does not exist; create it first"
-        )
+    """Fail before any work when ``path`` cannot be written (see :func:`files.check_target`)."""
+    check_target(path)
 
 
 def load(
@@ -824,17 +838,26 @@ def load(
     if cfg.get("format") != _FORMAT:
         raise ValueError(f"{path} has format {cfg.get('format')!r}; this version reads {_FORMAT!r}")
     priors = {p: prior_from_dict(spec) for p, spec in cfg["priors"].items()}
+    mismatch = f"the network passed to load does not match the architecture saved in {path}"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        bnet = bayesianize(
-            net,
-            prior=priors,
-            likelihood=cfg["likelihood"],
-            noise_scale=cfg["noise_scale"],
-            num_classes=cfg["num_classes"],
-            reparam=cfg.get("reparam", "local"),
-            weight_sd=cfg.get("weight_sd", "per_weight"),
-        )
+        try:
+            bnet = bayesianize(
+                net,
+                prior=priors,
+                likelihood=cfg["likelihood"],
+                noise_scale=cfg["noise_scale"],
+                num_classes=cfg["num_classes"],
+                reparam=cfg.get("reparam", "local"),
+                weight_sd=cfg.get("weight_sd", "per_weight"),
+            )
+        except (TypeError, KeyError, ValueError) as exc:
+            msg = exc.args[0] if exc.args else exc
+            raise ValueError(
+                f"{mismatch}: the file holds Bayesian layers {sorted(priors)}, and for this "
+                f"network {msg}. Pass the same architecture that was saved (e.g. the same "
+                "builder call)"
+            ) from None
     state = load_file(str(path))
     dense_state = {k[len(_DENSE_KEY) :]: v for k, v in state.items() if k.startswith(_DENSE_KEY)}
     state = {k: v for k, v in state.items() if not k.startswith(_DENSE_KEY)}
@@ -848,9 +871,10 @@ def load(
     try:
         bnet.load_state_dict(_with_versions(state, bnet))
     except RuntimeError as exc:
-        raise ValueError(
-            f"the network passed to load does not match the architecture saved in {path}: {exc}"
-        ) from None
+        detail = "; ".join(
+            line.strip() for line in str(exc).splitlines()[1:4] if line.strip()
+        )  # the first differences, on one line
+        raise ValueError(f"{mismatch}: {detail}") from None
     if cfg.get("dense_reference") and dense_state:
         template = bnet._template[0]
         try:
@@ -884,9 +908,8 @@ def _draw_seeds(seed: int, num_samples: int) -> list[int]:
 
 def _check_plain_float32(net: nn.Module) -> None:
     """A ``TypeError`` unless every floating parameter and buffer of ``net`` is float32."""
-    found = {
-        t.dtype for t in [*net.parameters(), *net.buffers()] if t.is_floating_point()
-    } - {torch.float32}
+    tensors = [*net.parameters(), *net.buffers()]
+    found = {t.dtype for t in tensors if t.is_floating_point()} - {torch.float32}
     if found:
         raise TypeError(
             f"bayesianize fits float32 networks, and {type(net).__name__} holds "
@@ -928,6 +951,26 @@ def _check_untied(net: nn.Module, modules: Mapping[str, nn.Module], chosen: Iter
 
 
 def _infer_num_classes(net: nn.Module) -> int | None:
+    """Output width of ``net``: the layer that computes its output when torch.fx can trace it
+    (modules may be registered in any order: a head defined before the body), else the last
+    Linear/Conv registered."""
+    try:
+        graph = torch.fx.symbolic_trace(net).graph
+    except Exception:  # untraceable: registration order
+        graph = None
+    if graph is not None:
+        modules = dict(net.named_modules())
+        node = next((n.args[0] for n in graph.nodes if n.op == "output"), None)
+        for _ in range(16):  # back through flatten / view / activations to the producing layer
+            if not isinstance(node, torch.fx.Node):
+                break
+            if node.op == "call_module":
+                m = modules.get(str(node.target))
+                if isinstance(m, nn.Linear):
+                    return m.out_features
+                if isinstance(m, (nn.Conv1d, nn.Conv2d)):
+                    return m.out_channels
+            node = next((a for a in node.args if isinstance(a, torch.fx.Node)), None)
     last = None
     for m in net.modules():
         if isinstance(m, nn.Linear):

@@ -43,9 +43,11 @@ import argparse
 import importlib
 import inspect
 import json
+import os
 import re
 import sys
 import time
+import uuid
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -56,6 +58,7 @@ import torch
 from torch import nn
 from torch.utils.data import Subset
 
+from .files import atomic_write, write_json, write_text
 from .train import resolve_device
 
 __all__ = ["CLIError", "build_parser", "main"]
@@ -63,6 +66,22 @@ __all__ = ["CLIError", "build_parser", "main"]
 DATASETS = ("digits", "fashion-mnist")
 PRIORS = ("spike-and-slab", "horseshoe")
 RUN_FILE = "run.json"
+PREPROCESS = ("standardize", "unit")
+_PREPROCESS_WORDS = {
+    "standardize": "pixels scaled to [0, 1], then standardised with the training set's mean and sd",
+    "unit": "pixels scaled to [0, 1]",
+}
+#: what each command writes into a run directory; each JSON file carries the run's id, and the
+#: last file of each list is written last (a command interrupted before it left no record)
+OUTPUTS = {
+    "fit": ("dense.safetensors", "bayesian.safetensors", "elbo.png", "pips.png", "fit.json"),
+    "prune": ("pruned.safetensors", "pruning_curve.png", "compression.json"),
+    "certify": (
+        "certified.safetensors", "risk_curve.png", "set_sizes.png", "conformal.json",
+        "certificate.json",
+    ),
+    "report": ("report.md",),
+}  # fmt: skip
 
 
 class CLIError(Exception):
@@ -148,7 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
     common = _Parser(add_help=False)
     common.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     common.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    common.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    bars = common.add_mutually_exclusive_group()
+    bars.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    bars.add_argument("--progress", action="store_true",
+                      help="show progress bars even when stderr is not a terminal (default: shown "
+                      "only on a terminal)")  # fmt: skip
     common.add_argument("--threads", type=_positive_int, default=None,
                         help="torch CPU threads (default: torch's choice)")  # fmt: skip
 
@@ -166,6 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
                      "weights_only=True) or .safetensors; skips dense training")  # fmt: skip
     fit.add_argument("--data", choices=DATASETS, default="digits",
                      help="dataset (default: digits, from scikit-learn)")  # fmt: skip
+    fit.add_argument("--preprocess", choices=PREPROCESS, default="standardize",
+                     help="input scaling: 'standardize' (default) scales pixels to [0, 1], then "
+                     "subtracts the training set's mean and divides by its sd; 'unit' stops at "
+                     "[0, 1], as torchvision's ToTensor() does. Use the one your --weights were "
+                     "trained with; it is recorded in run.json")  # fmt: skip
     fit.add_argument(
         "--data-root",
         type=Path,
@@ -329,7 +357,7 @@ def _say(msg: str) -> None:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
+    write_json(path, obj, default=_json_default)
 
 
 def _json_default(o: Any) -> Any:
@@ -343,14 +371,22 @@ def _json_default(o: Any) -> Any:
 
 
 def _save_fig(fig: Any, path: Path) -> None:
-    fig.savefig(path, dpi=120)
+    import matplotlib.pyplot as plt
+
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    finally:
+        plt.close(fig)
 
 
-def _load_splits(data: str, subset: int | None, seed: int, root: Path | None):
+def _load_splits(
+    data: str, subset: int | None, seed: int, root: Path | None, preprocess: str = "standardize"
+):
     from .data import load_digits, load_fashion_mnist
 
+    normalize = preprocess == "standardize"
     if data == "digits":
-        splits = load_digits(seed=seed)
+        splits = load_digits(seed=seed, normalize=normalize)
         if subset is not None:  # as load_fashion_mnist(subset=) does
             splits = type(splits)(
                 train=Subset(splits.train, range(min(subset, len(splits.train)))),
@@ -359,7 +395,7 @@ def _load_splits(data: str, subset: int | None, seed: int, root: Path | None):
                 num_classes=splits.num_classes,
             )  # fmt: skip
         return splits
-    return load_fashion_mnist(root, seed=seed, subset=subset)
+    return load_fashion_mnist(root, seed=seed, subset=subset, normalize=normalize)
 
 
 def _builder(name: str) -> Any:
@@ -424,14 +460,21 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         except Exception as exc:  # safetensors raises its own SafetensorError
             raise CLIError(f"{path} is not a readable safetensors file ({exc})") from exc
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about the file on stderr: one line only
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle / zip errors of many kinds: all mean "not a state_dict"
-        why = (
-            "it holds objects other than tensors, e.g. a whole pickled model, and bayesprune never "
-            "unpickles arbitrary code"
-            if "Unsupported global" in str(exc)
-            else re.sub(r"\x1b\[[0-9;]*m", "", str(exc).strip().splitlines()[0])
-        )
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc).strip())
+        if "Unsupported global" in text or "weights_only" in text or "Weights only" in text:
+            # torch's own message suggests weights_only=False: never relay that advice
+            why = (
+                "it is not a plain file of tensors (it holds other pickled objects, e.g. a whole "
+                "model, or is damaged), and bayesprune never unpickles arbitrary code"
+            )
+        elif "zip archive" in text:
+            why = "it is not a torch.save archive (damaged, or another format)"
+        else:
+            why = text.splitlines()[0] if text else type(exc).__name__
         raise CLIError(
             f"{path} is not a state_dict saved with torch.save (torch.load(weights_only=True) "
             f"refused it: {why}); save model.state_dict(), or use .safetensors"
@@ -469,6 +512,11 @@ def _read_run(run: Path) -> dict[str, Any]:
             f"run directory {run} does not exist; create it with `bayesprune fit --out {run}`"
         )
     if not path.is_file():
+        if any((run / name).exists() for name in OUTPUTS["fit"]):
+            raise CLIError(
+                f"{run} has no {RUN_FILE}: the last `bayesprune fit --out {run}` did not finish "
+                "(interrupted or failed), and its files are not a run; run it again"
+            )
         raise CLIError(
             f"{run} is not a run directory (no {RUN_FILE}); create it with `bayesprune fit`"
         )
@@ -483,6 +531,43 @@ def _read_run(run: Path) -> dict[str, Any]:
             f"edited): run `bayesprune fit --out {run}` again"
         )
     return cfg
+
+
+def _progress(args: argparse.Namespace) -> bool:
+    """Progress bars: on a terminal unless --no-progress, elsewhere (a log) only with --progress."""
+    return bool(args.progress or (not args.no_progress and sys.stderr.isatty()))
+
+
+def _retire(out: Path) -> str | None:
+    """Move a previous run's files out of ``out`` (into ``out/retired/<its run id>/``), run.json
+    first, so that nothing of it can be mistaken for the new run's; returns where they went."""
+    names = [RUN_FILE] + [n for files in OUTPUTS.values() for n in files]
+    present = [n for n in names if (out / n).is_file() or (out / n).is_symlink()]
+    if not present:
+        return None
+    old_id = None
+    try:
+        old_id = json.loads((out / RUN_FILE).read_text()).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        pass
+    dest = out / "retired" / (old_id or time.strftime("unfinished-%Y%m%d-%H%M%S"))
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+        for name in present:
+            (out / name).replace(dest / name)
+    except OSError as exc:
+        raise CLIError(f"cannot move the previous run's files out of {out}: {exc}") from exc
+    return str(dest)
+
+
+def _clear(out: Path, command: str) -> None:
+    """Remove what an earlier ``command`` wrote into ``out``, before writing it anew: an
+    interrupted command then leaves its outputs missing, never an old and a new one mixed."""
+    for name in reversed(OUTPUTS[command]):  # the record first
+        try:
+            (out / name).unlink(missing_ok=True)
+        except OSError as exc:
+            raise CLIError(f"cannot remove the old {out / name}: {exc}") from exc
 
 
 def _out_dir(args: argparse.Namespace) -> Path:
@@ -520,7 +605,9 @@ class _Run:
         self.splits = _load_splits(
             self.cfg["data"], self.cfg.get("subset"), self.cfg["seed"],
             Path(self.cfg["data_root"]) if self.cfg.get("data_root") else None,
+            self.cfg.get("preprocess", "standardize"),  # runs made before the choice existed
         )  # fmt: skip
+        self.run_id = self.cfg.get("run_id")
         self.example = self.splits.test[0][0][None]
 
     def architecture(self) -> nn.Module:
@@ -555,23 +642,29 @@ def _cmd_fit(args: argparse.Namespace) -> None:
     from . import plots
     from .data import loader
 
-    progress = not args.no_progress
+    progress = _progress(args)
     prior = _prior(args)  # option errors before any training
     out = args.out
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise CLIError(f"cannot create output directory {out}: {exc.strerror}") from exc
-    splits = _load_splits(args.data, args.subset, args.seed, args.data_root)
+    splits = _load_splits(args.data, args.subset, args.seed, args.data_root, args.preprocess)
     input_shape = list(splits.test[0][0].shape)
     net = _build_model(args.model, input_shape, splits.num_classes)
+    if args.weights is not None:  # a bad file fails before the old run is moved away
+        _load_weights(net, args.weights, args.model)
+    retired = _retire(out)
+    if retired:
+        _say(f"moved the previous run's files from {out} to {retired}")
+    run_id = uuid.uuid4().hex[:12]
     train_loader = loader(splits.train, args.batch_size, seed=args.seed)
     # validation accuracies are a progress report, not a result: 1,000 images are enough
     val_loader = loader(Subset(splits.val, range(min(1000, len(splits.val)))), 512, shuffle=False)
     t0 = time.perf_counter()
     if args.weights is not None:
-        _say(f"1/3 loading your weights for {args.model} from {args.weights}")
-        _load_weights(net, args.weights, args.model)
+        _say(f"1/3 loading your weights for {args.model} from {args.weights} (inputs: "
+             f"--preprocess {args.preprocess}, {_PREPROCESS_WORDS[args.preprocess]})")  # fmt: skip
     else:
         _say(
             f"1/3 training the dense {args.model} for {args.pretrain_epochs} epoch(s) on {args.data}"
@@ -582,9 +675,8 @@ def _cmd_fit(args: argparse.Namespace) -> None:
     dense_acc = bp.evaluate(net, val_loader)
     from safetensors.torch import save_file
 
-    save_file(
-        {k: v.contiguous() for k, v in net.state_dict().items()}, str(out / "dense.safetensors")
-    )
+    dense_state = {k: v.contiguous() for k, v in net.state_dict().items()}
+    atomic_write(out / "dense.safetensors", lambda tmp: save_file(dense_state, tmp))
 
     _say(f"2/3 fitting the posterior ({args.prior} prior) by SVI for {args.epochs} epoch(s)")
     bnet = bp.bayesianize(net, prior=prior, reparam=args.reparam, weight_sd=args.weight_sd)
@@ -600,28 +692,34 @@ def _cmd_fit(args: argparse.Namespace) -> None:
         "model": args.model, "weights": str(args.weights) if args.weights else None,
         "data": args.data, "data_root": str(args.data_root) if args.data_root else None,
         "subset": args.subset, "seed": args.seed, "prior": args.prior, "prior_spec": prior.to_dict(),
-        "reparam": bnet.reparam, "weight_sd": bnet.weight_sd,
-        "input_shape": input_shape, "num_classes": splits.num_classes,
+        "reparam": bnet.reparam, "weight_sd": bnet.weight_sd, "preprocess": args.preprocess,
+        "input_shape": input_shape, "num_classes": splits.num_classes, "run_id": run_id,
     }  # fmt: skip
-    _write_json(out / RUN_FILE, cfg)
     losses = _history(result)
+    epoch_loss = [float(v) for v in getattr(result, "epoch_loss", [])]
     _write_json(out / "fit.json", {
-        "loss": losses, "epochs": args.epochs, "lr": args.lr, "kl_weight": args.kl_weight,
+        "run_id": run_id, "loss": losses, "epoch_loss": epoch_loss,
+        "epochs": args.epochs, "lr": args.lr, "kl_weight": args.kl_weight,
         "structure_delay": args.structure_delay,
         "dense_val_accuracy": dense_acc, "bayes_val_accuracy": bayes_acc,
         "pips": {k: v.tolist() for k, v in pips.items()},
         "nodes_pip_ge_0.5": {k: int((v >= 0.5).sum()) for k, v in pips.items()},
         "nodes": {k: len(v) for k, v in pips.items()},
         "kept_whole": _kept_whole(net, splits.test[0][0][None]),
+        "preprocess": args.preprocess,
         "seconds": time.perf_counter() - t0,
     })  # fmt: skip
     _save_fig(plots.plot_elbo(losses), out / "elbo.png")
     if pips:
         _save_fig(plots.plot_pips(pips), out / "pips.png")
-    kept = sum(int((v >= 0.5).sum()) for v in pips.values())
-    total = sum(len(v) for v in pips.values())
-    _say(f"dense validation accuracy {dense_acc:.4f}; {kept}/{total} nodes with PIP >= 0.5")
-    _say(f"wrote {out}")
+    _write_json(out / RUN_FILE, cfg)  # last: a fit interrupted before here left no run
+    whole = _kept_whole(net, splits.test[0][0][None])
+    prunable = {k: v for k, v in pips.items() if k not in whole}  # the output layer is never pruned
+    kept = sum(int((v >= 0.5).sum()) for v in prunable.values())
+    total = sum(len(v) for v in prunable.values())
+    _say(f"validation accuracy: dense {dense_acc:.4f}, posterior predictive {bayes_acc:.4f}; "
+         f"{kept}/{total} prunable nodes with PIP >= 0.5")  # fmt: skip
+    _say(f"wrote {out} (run id {run_id})")
 
 
 def _history(result: Any) -> list[float]:
@@ -642,7 +740,7 @@ def _cmd_prune(args: argparse.Namespace) -> None:
 
     run = _Run(args.run, args.device)
     out = _out_dir(args)
-    progress = not args.no_progress
+    progress = _progress(args)
     bnet = run.bayesian()
     dense = run.dense()
     test = run.loader("test")
@@ -664,6 +762,7 @@ def _cmd_prune(args: argparse.Namespace) -> None:
         bp.finetune(small, run.loader("train", shuffle=True), epochs=args.finetune_epochs,
                     device=args.device, progress=progress, seed=args.seed)  # fmt: skip
     small.cpu().eval()
+    _clear(out, "prune")  # just before the first write: an error above leaves the old files
     bp.save_pruned(small, out / "pruned.safetensors")
     report = bp.compression_report(dense, small, run.example, repeats=10, progress=progress)
     dense_acc, small_acc = bp.evaluate(dense, test), bp.evaluate(small, test)
@@ -701,7 +800,7 @@ def _cmd_prune(args: argparse.Namespace) -> None:
         fig.axes[0].invert_xaxis()
         _save_fig(fig, out / "pruning_curve.png")
     _write_json(out / "compression.json", {
-        **kwargs, "finetune_epochs": args.finetune_epochs,
+        "run_id": run.run_id, "run": str(run.dir), **kwargs, "finetune_epochs": args.finetune_epochs,
         "dense_test_accuracy": dense_acc, "pruned_test_accuracy": small_acc,
         "report": report.to_dict(), "curve": curve,
     })  # fmt: skip
@@ -726,7 +825,7 @@ def _cmd_certify(args: argparse.Namespace) -> None:
 
     run = _Run(args.run, args.device)
     out = _out_dir(args)
-    progress = not args.no_progress
+    progress = _progress(args)
     bnet = run.bayesian()
     # Two disjoint halves of the calibration split: one chooses the level (Learn then Test), the
     # other calibrates the conformal sets of the chosen network. Re-using one half for both would
@@ -746,10 +845,12 @@ def _cmd_certify(args: argparse.Namespace) -> None:
     test = run.loader("test")
     model = cert.model.cpu().eval()
     dense_acc, cert_acc = bp.evaluate(dense.cpu(), test), bp.evaluate(model, test)
-    _write_json(out / "certificate.json", {
-        **cert.to_dict(), "reference_file": "dense.safetensors",
-        "test_accuracy": cert_acc, "reference_test_accuracy": dense_acc,
-    })  # fmt: skip
+    record = {
+        "run_id": run.run_id, "run": str(run.dir), **cert.to_dict(),
+        "reference_file": "dense.safetensors", "test_accuracy": cert_acc,
+        "reference_test_accuracy": dense_acc,
+    }  # fmt: skip
+    _clear(out, "certify")  # just before the first write: an error above leaves the old files
     _save_fig(plots.plot_risk_curve(cert), out / "risk_curve.png")
     print(cert)
     _say(f"test accuracy: certified network {cert_acc:.4f}, dense network (the reference) "
@@ -768,10 +869,11 @@ def _cmd_certify(args: argparse.Namespace) -> None:
     _save_fig(plots.plot_set_sizes(sizes, num_classes=run.cfg["num_classes"], alpha=args.set_alpha),
               out / "set_sizes.png")  # fmt: skip
     _write_json(out / "conformal.json", {
-        "alpha": args.set_alpha, "calibration_examples": len(conf_set),
+        "run_id": run.run_id, "alpha": args.set_alpha, "calibration_examples": len(conf_set),
         "test_coverage": float(covered.mean()), "mean_set_size": float(sizes.mean()),
         "size_histogram": np.bincount(sizes.astype(int), minlength=run.cfg["num_classes"] + 1),
     })  # fmt: skip
+    _write_json(out / "certificate.json", record)  # last: the record of a finished certify
     _say(f"conformal sets (alpha={args.set_alpha}): test coverage {covered.mean():.3f}, "
          f"mean size {sizes.mean():.2f}")  # fmt: skip
     _say(f"wrote {out / 'certificate.json'}")
@@ -782,25 +884,45 @@ def _cmd_report(args: argparse.Namespace) -> None:
     cfg = _read_run(run_dir)
     out = _out_dir(args)
 
+    run_id = cfg.get("run_id")
+    command = {"fit.json": "fit --out", "compression.json": "prune --run",
+               "certificate.json": "certify --run", "conformal.json": "certify --run"}  # fmt: skip
+
     def load(name: str) -> dict[str, Any] | None:
         p = run_dir / name
-        return json.loads(p.read_text()) if p.is_file() else None
+        if not p.is_file():
+            return None
+        try:
+            rec = json.loads(p.read_text())
+        except ValueError as exc:
+            raise CLIError(f"{p} is not valid JSON ({exc}); run `bayesprune "
+                           f"{command[name]} {run_dir}` again") from exc  # fmt: skip
+        if rec.get("run_id") != run_id:
+            raise CLIError(
+                f"{p} comes from another fit (run id {rec.get('run_id')}, this run is {run_id}); "
+                f"run `bayesprune {command[name]} {run_dir}` again, or delete it"
+            )
+        return rec
 
     fit, comp, cert, conf = (
         load(n) for n in ("fit.json", "compression.json", "certificate.json", "conformal.json")
     )
     lines = [f"# bayesprune report: {cfg['model']} on {cfg['data']}", ""]
+    pre = cfg.get("preprocess", "standardize")
     lines += [
         f"- model: `{cfg['model']}`" + (f" with weights `{cfg['weights']}`" if cfg.get("weights") else ""),
-        f"- data: {cfg['data']}" + (f" (subset {cfg['subset']})" if cfg.get("subset") else ""),
-        f"- prior: {cfg['prior']}, seed {cfg['seed']}",
+        f"- data: {cfg['data']}" + (f" (subset {cfg['subset']})" if cfg.get("subset") else "")
+        + f"; inputs: {_PREPROCESS_WORDS[pre]} (`--preprocess {pre}`)",
+        f"- prior: {cfg['prior']}, seed {cfg['seed']}" + (f", run id `{run_id}`" if run_id else ""),
         "",
     ]  # fmt: skip
     if fit:
         lines += ["## Posterior (SVI)", ""]
         beta = fit.get("kl_weight", 1.0)
         objective = "-ELBO" if beta == 1 else f"tempered -ELBO, KL weight {beta:g}"
-        lines += [f"Final loss ({objective} per step) {fit['loss'][-1]:.4g} after {fit['epochs']} epoch(s); "
+        final = (fit.get("epoch_loss") or fit["loss"])[-1]  # the last epoch's mean, when recorded
+        lines += [f"Loss ({objective} per step, mean of the last epoch) {final:.4g} after "
+                  f"{fit['epochs']} epoch(s); "
                   f"validation accuracy: dense {fit['dense_val_accuracy']:.4f}, posterior "
                   f"predictive {fit.get('bayes_val_accuracy', float('nan')):.4f}.", ""]  # fmt: skip
         whole = fit.get("kept_whole", {})
@@ -818,9 +940,13 @@ def _cmd_report(args: argparse.Namespace) -> None:
         ]
     if comp:
         r = comp["report"]
-        level = f"threshold {comp['threshold']}" if "threshold" in comp else f"keep {comp['keep']}"
+        level = (
+            f"the nodes with PIP >= {comp['threshold']} kept"
+            if "threshold" in comp
+            else f"the {100 * comp['keep']:.0f}% of the nodes with the highest PIPs kept"
+        )
         lines += ["## Pruning", "",
-                  f"Pruned at PIP {level}: architecture `{r['architecture_before']}` -> "
+                  f"Pruned with {level}: architecture `{r['architecture_before']}` -> "
                   f"`{r['architecture_after']}`.", "",
                   "| | dense | pruned |", "|---|---:|---:|",
                   f"| parameters | {r['params_before']:,} | {r['params_after']:,} ({100 * r['params_kept']:.1f}%) |",
@@ -833,11 +959,14 @@ def _cmd_report(args: argparse.Namespace) -> None:
     if cert:
         lines += ["## Certificate (Learn then Test)", ""]
         passed = cert.get("index") is not None
-        ref_words = ("the run's dense network (dense.safetensors)"
-                     if cert.get("reference_file") else cert.get("reference", "the reference model"))
+        ref_words = (
+            "the run's dense network (dense.safetensors)"
+            if cert.get("reference_file")
+            else cert.get("reference", "the reference model")
+        )
         risk_words = {
             "accuracy_drop": f"accuracy drop relative to {ref_words} (the rate of points the "
-                             "certified network gets wrong while the dense one gets them right)",
+            "certified network gets wrong while the dense one gets them right)",
             "disagreement": f"disagreement with {ref_words}",
         }.get(cert["risk"], f"{cert['risk']} (no reference)")
         lines += [
@@ -867,9 +996,12 @@ def _cmd_report(args: argparse.Namespace) -> None:
                   f"{conf['test_coverage']:.3f}, mean set size {conf['mean_set_size']:.2f} "
                   f"({conf['calibration_examples']} calibration examples).", "",
                   _img(out, run_dir, "set_sizes.png", "set sizes"), ""]  # fmt: skip
-    if not (fit or comp or cert):
-        lines += ["Nothing to report yet: run `bayesprune fit`, `prune` and `certify` first.", ""]
-    (out / "report.md").write_text("\n".join(lines))
+    missing = [f"`bayesprune {c} --run {run_dir}`" for c, rec in (("prune", comp), ("certify", cert))
+               if rec is None]  # fmt: skip
+    if missing:
+        lines += [f"Not in {run_dir} yet (run {' and '.join(missing)}; results written elsewhere "
+                  "with --out are not read):", ""]  # fmt: skip
+    write_text(out / "report.md", "\n".join(lines))
     _say(f"wrote {out / 'report.md'}")
 
 
@@ -896,10 +1028,7 @@ def _img(out: Path, run_dir: Path, name: str, alt: str) -> str:
     src = run_dir / name
     if not src.is_file():
         return ""
-    try:
-        rel = src.resolve().relative_to(out.resolve())
-    except ValueError:
-        rel = src.resolve()
+    rel = Path(os.path.relpath(src.resolve(), out.resolve())).as_posix()
     return f"![{alt}]({rel})"
 
 
@@ -934,6 +1063,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         _COMMANDS[args.command](args)
     except SystemExit as exc:  # --help
         return int(exc.code or 0)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(
+            "bayesprune: interrupted; every file is either complete or absent (a fit that did not "
+            "finish leaves no run.json: run it again)",
+            file=sys.stderr,
+        )
+        return 130
     except CLIError as exc:
         if debug:
             raise
@@ -946,6 +1084,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         print(f"bayesprune: error: {first} (--debug shows the traceback)", file=sys.stderr)
+        return 2
+    except OSError as exc:  # disk full, read-only file system, permissions
+        if debug:
+            raise
+        print(f"bayesprune: error: {exc}", file=sys.stderr)
         return 2
     return 0
 

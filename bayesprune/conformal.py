@@ -60,6 +60,7 @@ from tqdm.auto import tqdm
 
 from .bayesianize import _check_seed, _is_bayesian
 from .data import batch_xy, check_finite, input_tensor
+from .files import write_json
 from .metrics import count_nonzero
 from .risk import (
     METHODS,
@@ -301,8 +302,8 @@ class Certificate:
         }
 
     def save(self, path: str | Path) -> None:
-        """Write :meth:`to_dict` as JSON."""
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        """Write :meth:`to_dict` as JSON (atomically: :mod:`bayesprune.files`)."""
+        write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> Certificate:
@@ -694,7 +695,9 @@ def pip_candidates(
     x = _infer_example_input(model, dense) if example_input is None else example_input
     x = x.to(_device_of(dense)) if torch.is_tensor(x) else x
     pips = _prunable_pips(model.inclusion_probs(), dependency_groups(dense, x))
-    logits = model.inclusion_logits() if callable(getattr(model, "inclusion_logits", None)) else None
+    logits = (
+        model.inclusion_logits() if callable(getattr(model, "inclusion_logits", None)) else None
+    )
     if levels is None:
         if by == "threshold":
             levels = default_levels(pips, max_levels)

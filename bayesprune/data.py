@@ -263,11 +263,12 @@ def load_digits(
     seed: int = 0,
     fractions: tuple[float, float, float, float] = (0.5, 0.1, 0.2, 0.2),
     flatten: bool = False,
+    normalize: bool = True,
 ) -> Splits:
     """Load scikit-learn's bundled 8x8 digits as deterministic train / val / cal / test splits.
 
-    Pixels (0..16) are scaled to [0, 1] and standardised; images are ``[1, 8, 8]`` (or 64-vectors
-    with ``flatten=True``). Requires scikit-learn (``pip install bayesprune[sklearn]``).
+    Pixels (0..16) are scaled to [0, 1] and, with ``normalize=True`` (default), standardised with
+    the mean and sd of all pixels; images are ``[1, 8, 8]`` (or 64-vectors with ``flatten=True``). Requires scikit-learn (``pip install bayesprune[sklearn]``).
 
     Example
     -------
@@ -287,7 +288,8 @@ def load_digits(
         )
     bunch = _sk_load_digits()
     x = bunch.data.astype(np.float32) / 16.0
-    x = (x - x.mean()) / x.std()
+    if normalize:
+        x = (x - x.mean()) / x.std()
     x = x if flatten else x.reshape(-1, 1, 8, 8)
     y = bunch.target.astype(np.int64)
     train, val, cal, test = (
@@ -464,6 +466,12 @@ def label_errors(out: torch.Tensor, labels: torch.Tensor) -> Iterator[None]:
     except IndexError:
         if out.dim() > 1:
             check_class_labels(labels[labels != -100], out.shape[1])
+        raise
+    except RuntimeError as exc:
+        if "target dtype" in str(exc) or "expected scalar type Long" in str(exc):
+            raise TypeError(
+                f"class labels must be torch.long, got {labels.dtype}; convert them with y.long()"
+            ) from None
         raise
 
 

@@ -319,7 +319,7 @@ class Prior:
         return None
 
     def inclusion_logits(self, layer: BayesianLayer) -> torch.Tensor | None:
-        """Log-odds :math:`\log(\mathrm{PIP} / (1 - \mathrm{PIP}))` per output node, in float64,
+        r"""Log-odds :math:`\log(\mathrm{PIP} / (1 - \mathrm{PIP}))` per output node, in float64,
         computed where they do not saturate (a PIP of exactly 1.0 still has a finite log-odds),
         or ``None``. The default takes the logit of :meth:`inclusion_probs`."""
         p = self.inclusion_probs(layer)

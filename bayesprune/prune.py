@@ -72,8 +72,9 @@ import torch.nn.functional as F
 from torch import fx, nn
 from tqdm.auto import tqdm
 
-from .bayesianize import _check_writable, _is_bayesian, _modes_kept, _with_versions
+from .bayesianize import _is_bayesian, _modes_kept, _with_versions
 from .data import input_tensor
+from .files import atomic_write, check_target
 from .metrics import _macs_by_layer, count_params, measure_latency
 from .train import TrainHistory, resolve_device, train
 
@@ -2008,7 +2009,7 @@ def save_pruned(small: nn.Module, path: str | Path) -> None:
             "bnet.save(path) (reload with bp.load), or prune it first: "
             "bp.save_pruned(bp.prune(bnet, ...), path)"
         )
-    _check_writable(path)
+    check_target(path)
     widths, identities, replaced = {}, [], {}
     for name, m in small.named_modules():
         if isinstance(m, _LAYERS + _NORMS):
@@ -2032,7 +2033,7 @@ def save_pruned(small: nn.Module, path: str | Path) -> None:
         "identities": json.dumps(identities),
         "replaced": json.dumps(replaced),
     }
-    save_file(state, str(path), metadata=meta)
+    atomic_write(path, lambda tmp: save_file(state, tmp, metadata=meta))
 
 
 def _conv_config(m: nn.Module) -> dict[str, Any]:

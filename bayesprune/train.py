@@ -142,6 +142,12 @@ def train(
             else:
                 loss = loss_fn(out, y)
             if not torch.isfinite(loss):
+                if loss_fn is F.cross_entropy and bool((labels == -100).all()):
+                    raise ValueError(
+                        f"every label of a batch (epoch {epoch + 1}) is -100, cross-entropy's "
+                        "ignore_index, so its loss is 0/0; drop the unlabelled examples from the "
+                        "loader"
+                    )
                 raise FloatingPointError(
                     f"training loss became {loss.item()} at epoch {epoch + 1}, step {len(history.loss) + 1}; "
                     "lower the learning rate"

@@ -468,7 +468,7 @@ def test_certify_measures_the_drop_against_the_dense_network_by_default(
         dense_pred = net.eval()(x).argmax(-1)
     assert cert.reference_accuracy == pytest.approx(float((dense_pred == y).float().mean()))
     # every risk of the curve is the drop relative to the user's dense net, recomputed by hand
-    levels, cands = pip_candidates(fitted_bnet, [r["level"] for r in cert.curve])
+    _, cands = pip_candidates(fitted_bnet, [r["level"] for r in cert.curve])
     for row, cand in zip(cert.curve, cands, strict=True):
         with torch.no_grad():
             pred = cand.eval()(x).argmax(-1)
@@ -477,7 +477,9 @@ def test_certify_measures_the_drop_against_the_dense_network_by_default(
         assert row["accuracy"] == pytest.approx(float((pred == y).float().mean()))
     text = str(cert)
     assert "relative to the dense network given to bayesianize" in text
-    assert f"reference (the dense network given to bayesianize) {cert.reference_accuracy:.4f}" in text
+    assert (
+        f"reference (the dense network given to bayesianize) {cert.reference_accuracy:.4f}" in text
+    )
     assert not cert.model.training  # deployable: eval mode
     cert.save(tmp_path / "c.json")
     back = Certificate.load(tmp_path / "c.json")
@@ -525,7 +527,9 @@ def test_nan_inputs_are_refused_by_calibration_and_evaluation(fitted_bnet, net, 
     x, y = (t.clone() for t in digits.cal.tensors)
     x[::3] = float("nan")
     bad = loader(TensorDataset(x, y), 128, shuffle=False)
-    with pytest.raises(ValueError, match=r"calibration inputs hold NaN or infinite values \(43 of 128 rows\)"):
+    with pytest.raises(
+        ValueError, match=r"calibration inputs hold NaN or infinite values \(43 of 128 rows\)"
+    ):
         certify(fitted_bnet, bad, progress=False)
     with pytest.raises(ValueError, match="NaN or infinite"):
         certify_candidates([net], net, bad, progress=False)

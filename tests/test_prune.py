@@ -716,16 +716,18 @@ def test_end_to_end_with_the_bayesian_core() -> None:
     pips = bnet.inclusion_probs()
     assert set(pips) == {"1", "3", "5"}
     small = bp.prune(bnet, keep=0.25)
-    # the 100 hidden nodes (of 400) with the highest PIPs, ranked across layers; the output layer
-    # is never pruned nor masked, whatever its PIPs
-    hidden = torch.cat([pips["1"], pips["3"]])
+    # the 100 hidden nodes (of 400) with the highest PIPs, ranked across layers by their log-odds
+    # (PIPs that saturate at 1.0 still differ there); the output layer is never pruned nor masked,
+    # whatever its PIPs
+    logits = bnet.inclusion_logits()
+    hidden = torch.cat([logits["1"], logits["3"]])
     top = torch.zeros(400, dtype=torch.bool)
     top[torch.argsort(-hidden, stable=True)[:100]] = True
     masks = {"1": top[:300], "3": top[300:]}
     assert small[1].out_features == max(1, int(masks["1"].sum()))
     assert small[3].out_features == max(1, int(masks["3"].sum()))
     assert small[5].out_features == 10 and bool((small[5].weight.abs().sum(1) > 0).all())
-    plan = _quiet(plan_pruning, bnet.mean_module(), masks, torch.zeros(1, 64), scores=pips)
+    plan = _quiet(plan_pruning, bnet.mean_module(), masks, torch.zeros(1, 64), scores=logits)
     x = splits.test.tensors[0][:64]
     with torch.no_grad():
         ref = bnet.mean_module(plan.masks).eval()(x)
@@ -1129,4 +1131,6 @@ def test_batchnorm_without_affine_parameters_after_a_pruned_conv_is_exact() -> N
     bnet.num_data = 10
     pruned = bp.prune(bnet, masks={"0": keep}, example_input=torch.zeros(1, 1, 8, 8))
     with torch.no_grad():
-        torch.testing.assert_close(pruned(x), zero_masked(bnet.mean_module(), {"0": keep}).eval()(x))
+        torch.testing.assert_close(
+            pruned(x), zero_masked(bnet.mean_module(), {"0": keep}).eval()(x)
+        )
