@@ -14,7 +14,7 @@ True
 
 from __future__ import annotations
 
-from . import data, metrics
+from . import data, files, metrics
 from .metrics import count_flops, count_nonzero, count_params, measure_latency
 from .train import evaluate, train
 
@@ -69,6 +69,7 @@ __all__ = [
     "data",
     "dependency_groups",
     "evaluate",
+    "files",
     "finetune",
     "fit",
     "fold_batchnorm",

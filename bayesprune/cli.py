@@ -28,8 +28,15 @@ file in the run directory          written by
 ``--model`` names a reference network of ``models/`` or your own builder as ``module:function``
 (called with whichever of ``num_classes``, ``in_features``, ``in_channels``, ``image_size`` it
 accepts, read from the data). Your trained weights come in with ``--weights`` (a ``state_dict``
-saved by ``torch.save`` -- read with ``weights_only=True`` -- or a ``.safetensors`` file). Errors in paths
-or options are reported on one line with exit status 2; ``--debug`` shows the traceback instead.
+saved by ``torch.save`` -- read with ``weights_only=True`` -- or a ``.safetensors`` file); inputs are
+scaled as ``--preprocess`` says (recorded in ``run.json``). Errors in paths or options, a full disk
+or a read-only target are reported on one line with exit status 2 (130 for Ctrl-C); ``--debug``
+shows the traceback instead.
+
+Every file is written atomically (:mod:`bayesprune.files`). ``run.json`` holds the run's id, and so
+does every JSON record of ``prune`` and ``certify``; ``fit`` writes ``run.json`` last (an
+interrupted fit leaves no run) and first moves an earlier run's files to ``retired/<its id>/``;
+``report`` refuses records of another fit.
 
 Example
 -------
@@ -955,6 +962,10 @@ def _cmd_report(args: argparse.Namespace) -> None:
         for bs, lat in r.get("latency_s", {}).items():
             lines.append(f"| latency, batch {bs} ({r['device']}) | {1e3 * lat['dense']:.3f} ms | "
                          f"{1e3 * lat['pruned']:.3f} ms |")  # fmt: skip
+            lo_hi = r.get("speedup_range", {}).get(bs)
+            if lo_hi:
+                lines.append(f"| speed-up, batch {bs} (median; single rounds) | | "
+                             f"{r['speedup'][bs]:.2f}x ({lo_hi[0]:.2f}-{lo_hi[1]:.2f}x) |")  # fmt: skip
         lines += ["", _img(out, run_dir, "pruning_curve.png", "accuracy and size"), ""]
     if cert:
         lines += ["## Certificate (Learn then Test)", ""]

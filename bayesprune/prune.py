@@ -1741,8 +1741,11 @@ class CompressionReport:
     """Size and measured speed of a dense network and its pruned version.
 
     ``latency`` maps batch size -> ``(dense seconds, pruned seconds)``, medians of repeated
-    wall-clock runs after warm-up on ``device``; ``speedup`` is their ratio. ``flop_reduction`` is
-    the ratio of FLOP counts: a property of the architecture, not a measured speed-up.
+    wall-clock runs after warm-up on ``device``; ``speedup`` is their ratio, and
+    ``speedup_range`` the lowest and highest speed-up of the single rounds (one dense and one
+    pruned measurement, taken back to back): two runs of the same comparison differ by about that
+    much. ``flop_reduction`` is the ratio of FLOP counts: a property of the architecture, not a
+    measured speed-up.
     """
 
     layers: list[LayerStats]
@@ -1751,6 +1754,7 @@ class CompressionReport:
     flops_before: int
     flops_after: int
     latency: dict[int, tuple[float, float]] = field(default_factory=dict)
+    speedup_range: dict[int, tuple[float, float]] = field(default_factory=dict)
     device: str = "cpu"
     threads: int = 1
     architecture_before: str = ""
@@ -1787,6 +1791,7 @@ class CompressionReport:
                 str(bs): {"dense": d, "pruned": s} for bs, (d, s) in self.latency.items()
             },
             "speedup": {str(bs): v for bs, v in self.speedup.items()},
+            "speedup_range": {str(bs): list(v) for bs, v in self.speedup_range.items()},
             "device": self.device,
             "threads": self.threads,
             "architecture_before": self.architecture_before,
@@ -1830,9 +1835,11 @@ class CompressionReport:
         lines.append(f"architecture: {self.architecture_before} -> {self.architecture_after}")
         lines.append(f"FLOP reduction: {self.flop_reduction:.2f}x (a count, not a timing)")
         for bs, (d, s) in self.latency.items():
+            lo_hi = self.speedup_range.get(bs)
+            spread = f" (single rounds {lo_hi[0]:.2f}-{lo_hi[1]:.2f}x)" if lo_hi else ""
             lines.append(
                 f"latency on {self.device} ({self.threads} thread(s)), batch {bs}: dense "
-                f"{d * 1e3:.3f} ms, pruned {s * 1e3:.3f} ms, measured speed-up {d / s:.2f}x"
+                f"{d * 1e3:.3f} ms, pruned {s * 1e3:.3f} ms, measured speed-up {d / s:.2f}x{spread}"
             )
         return "\n".join(lines)
 
@@ -1946,7 +1953,7 @@ def compression_report(
         )
     if rounds < 1:
         raise ValueError(f"rounds must be a positive integer, got {rounds}")
-    latency = {}
+    latency, spread = {}, {}
     batch_sizes = list(batch_sizes)
     bar = tqdm(
         total=2 * rounds * len(batch_sizes), desc="latency", disable=not progress, leave=False
@@ -1960,6 +1967,8 @@ def compression_report(
                 out.append(measure_latency(net, x, device=device, repeats=repeats, warmup=warmup))
                 bar.update()
         latency[int(bs)] = (statistics.median(times[0]), statistics.median(times[1]))
+        ratios = [d / s for d, s in zip(*times, strict=True)]
+        spread[int(bs)] = (min(ratios), max(ratios))
     bar.close()
     return CompressionReport(
         layers=layers,
@@ -1968,6 +1977,7 @@ def compression_report(
         flops_before=sum(f_dense.values()),
         flops_after=sum(f_small.values()),
         latency=latency,
+        speedup_range=spread,
         device=str(device),
         threads=torch.get_num_threads(),
         architecture_before=architecture_string(dense),

@@ -544,7 +544,10 @@ def test_compression_report_counts_and_times() -> None:
     assert rep.architecture_after == "5-10-160-50" == architecture_string(small)
     assert set(rep.latency) == {1, 4} and all(d > 0 and s > 0 for d, s in rep.latency.values())
     assert rep.speedup[1] == pytest.approx(rep.latency[1][0] / rep.latency[1][1])
+    lo, hi = rep.speedup_range[1]  # the spread of single rounds brackets the median's ratio
+    assert 0 < lo <= hi and set(rep.speedup_range) == {1, 4}
     text = str(rep)
+    assert "single rounds" in text
     assert "measured speed-up" in text and "20 -> 5" in text and "not a timing" in text
     d = json.loads(json.dumps(rep.to_dict()))
     assert d["params_kept"] == pytest.approx(rep.params_after / rep.params_before)
