@@ -27,7 +27,7 @@ from .inference import FitResult, fit
 # -- pruning (issue 4) --
 # isort: split
 from .batchnorm import fold_batchnorm, recalibrate_batchnorm
-from .prune import (
+from .pruning import (
     CompressionReport,
     compression_report,
     dependency_groups,
@@ -42,7 +42,7 @@ from .prune import (
 
 # -- conformal (issue 5) --
 # isort: split
-from . import conformal
+from . import certificate, conformal
 
 # -- baselines (issue 6) --
 # isort: split
@@ -61,6 +61,7 @@ __all__ = [
     "FitResult",
     "baselines",
     "bayesianize",
+    "certificate",
     "compression_report",
     "conformal",
     "count_flops",

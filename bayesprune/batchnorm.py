@@ -89,9 +89,9 @@ def recalibrate_batchnorm(
     :math:`b` (``momentum=None`` in torch). No weight changes and no gradient is taken; other
     layers (dropout) stay in eval mode. The network is left in eval mode.
 
-    It does not always help: in four of the pruned ResNet-20s of ``benchmarks/RESULTS.md`` it
-    lowered test accuracy (by 0.1-8.7 points, against gains of up to 12.4 in others), so compare
-    the network before and after on validation data.
+    It does not always help: it lowered the test accuracy of some pruned ResNet-20s before
+    fine-tuning and raised others' (``docs/notes/benchmark-history.md``, the ResNet-20 compression
+    runs), so compare the network before and after on validation data.
 
     Parameters
     ----------
@@ -210,7 +210,7 @@ def fold_batchnorm(
     -------
     >>> import torch
     >>> from bayesprune.batchnorm import fold_batchnorm
-    >>> from models import resnet20
+    >>> from bayesprune.models import resnet20
     >>> net = resnet20().eval()
     >>> small = fold_batchnorm(net, example_input=torch.randn(2, 1, 28, 28))
     >>> sum(isinstance(m, torch.nn.BatchNorm2d) for m in small.modules())

@@ -38,7 +38,7 @@ Example
 -------
 >>> import torch
 >>> import bayesprune as bp
->>> from models import lenet_300_100
+>>> from bayesprune.models import lenet_300_100
 >>> bnet = bp.bayesianize(lenet_300_100(in_features=64), prior=bp.priors.SpikeAndSlab(level="node"))
 >>> sorted(bnet.inclusion_probs())
 ['1', '3', '5']
@@ -355,7 +355,8 @@ class BayesianModule(nn.Module):
         parameters: there the natural step reaches the mean-field ELBO's coordinate-wise optimum,
         which at the data sizes of ``benchmarks/robustness.py`` is the empty network (each node
         alone is worth less than the KL of its weights), whereas Adam's slow, uniform moves stop
-        short of it (``benchmarks/RESULTS.md``, "Robustness of the default fit").
+        short of it (``benchmarks/README.md#robustness``, the ``ssghs`` cells; the natural-step
+        runs in ``docs/notes/benchmark-history.md``).
         """
         return [
             p

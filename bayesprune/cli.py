@@ -25,7 +25,7 @@ file in the run directory          written by
 ``report.md``                      ``report``: everything above in one Markdown page
 =================================  ==============================================================
 
-``--model`` names a reference network of ``models/`` or your own builder as ``module:function``
+``--model`` names a network of ``bayesprune.models`` or your own builder as ``module:function``
 (called with whichever of ``num_classes``, ``in_features``, ``in_channels``, ``image_size`` it
 accepts, read from the data). Your trained weights come in with ``--weights`` (a ``state_dict``
 saved by ``torch.save`` -- read with ``weights_only=True`` -- or a ``.safetensors`` file); inputs are
@@ -155,7 +155,7 @@ _threshold_list = _number_list(lambda v: 0 <= v <= 1, "PIP thresholds in [0, 1] 
 # ---------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``bayesprune`` command (exposed for documentation tools)."""
-    from models import MODELS
+    from bayesprune.models import MODELS
 
     parser = _Parser(
         prog="bayesprune",
@@ -188,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
         "sparsity prior and fit the variational posterior by SVI. Writes the run directory.",
     )  # fmt: skip
     fit.add_argument("--model", required=True, metavar="NAME",
-                     help=f"architecture from models/ ({', '.join(sorted(MODELS))}), or your own "
+                     help=f"architecture from bayesprune.models ({', '.join(sorted(MODELS))}), or your own "
                      "builder as module:function (e.g. mynets:build, imported from the current "
                      "directory or the Python path)")  # fmt: skip
     fit.add_argument("--weights", type=Path, default=None, metavar="PATH",
@@ -406,8 +406,8 @@ def _load_splits(
 
 
 def _builder(name: str) -> Any:
-    """``models.MODELS[name]``, or the callable named by ``module:function``."""
-    from models import MODELS
+    """``bayesprune.models.MODELS[name]``, or the callable named by ``module:function``."""
+    from bayesprune.models import MODELS
 
     if name in MODELS:
         return MODELS[name]
@@ -472,16 +472,13 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle / zip errors of many kinds: all mean "not a state_dict"
         text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc).strip())
-        if "Unsupported global" in text or "weights_only" in text or "Weights only" in text:
-            # torch's own message suggests weights_only=False: never relay that advice
-            why = (
-                "it is not a plain file of tensors (it holds other pickled objects, e.g. a whole "
-                "model, or is damaged), and bayesprune never unpickles arbitrary code"
-            )
-        elif "zip archive" in text:
-            why = "it is not a torch.save archive (damaged, or another format)"
-        else:
-            why = text.splitlines()[0] if text else type(exc).__name__
+        # torch's own message may suggest weights_only=False: never relay that advice
+        detail = "" if "weights_only" in text or "Weights only" in text or not text else text
+        why = (
+            "it is not a plain file of tensors (damaged, another format, or other pickled objects "
+            "such as a whole model), and bayesprune never unpickles arbitrary code"
+            + (f"; torch said: {detail.splitlines()[0]}" if detail else "")
+        )
         raise CLIError(
             f"{path} is not a state_dict saved with torch.save (torch.load(weights_only=True) "
             f"refused it: {why}); save model.state_dict(), or use .safetensors"
@@ -1026,7 +1023,7 @@ def _pct(v: float | None) -> str:
 
 def _kept_whole(net: nn.Module, example: torch.Tensor) -> dict[str, str]:
     """Layers that pruning must keep whole (e.g. the output layer), with the reason."""
-    from .prune import dependency_groups
+    from .pruning import dependency_groups
 
     try:
         groups = dependency_groups(net, example)

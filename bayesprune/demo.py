@@ -18,14 +18,16 @@ import torch
 
 import bayesprune as bp
 from bayesprune.data import load_fashion_mnist, loader
-from models import get_model
+from bayesprune.models import get_model
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(
         prog="python -m bayesprune.demo", description=__doc__.splitlines()[0]
     )
-    parser.add_argument("--model", default="lenet_300_100", help="a name from models.MODELS")
+    parser.add_argument(
+        "--model", default="lenet_300_100", help="a name from bayesprune.models.list_models()"
+    )
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--epochs", type=int, default=3, help="dense training epochs")
     parser.add_argument("--bayes-epochs", type=int, default=3, help="SVI epochs")
@@ -34,7 +36,7 @@ def main(argv: list[str] | None = None) -> dict:
         type=float,
         default=1.0,
         help="weight of the KL term (1, the default: the ELBO; below 1 a tempered posterior "
-        "that prunes less; benchmarks/RESULTS.md)",
+        "that prunes less; benchmarks/README.md#baselines)",
     )
     parser.add_argument(
         "--threshold", type=float, default=0.5, help="keep nodes with PIP >= threshold"

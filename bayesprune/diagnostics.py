@@ -36,7 +36,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from .prune import dependency_groups
+from .pruning import dependency_groups
 
 __all__ = [
     "COLLAPSED_SHARE",

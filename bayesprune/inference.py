@@ -45,6 +45,7 @@ import pyro.infer
 import torch
 from tqdm.auto import tqdm
 
+from . import checkpoint as ckpt
 from .bayesianize import BayesianModule, _check_writable, _param_effect
 from .data import batch_xy, input_errors
 from .diagnostics import hidden_layers, informativeness_warnings, median_model, nodes_off
@@ -181,8 +182,8 @@ def _delay_steps(
     The default (``None``) is 10% of the steps but at most one epoch. The freeze is there for the
     weights to settle under the variational noise, which should take a number of steps rather
     than a share of the fit. Frozen for longer, gates that are on let units the data do not need
-    take on work (``benchmarks/planted.py``: 16 frozen epochs of 160 recruited two extra units
-    in each of 4 fits; at most one epoch, none).
+    take on work (``benchmarks/planted.py``; its runs are in ``docs/notes/benchmark-history.md``,
+    "Gate freeze").
     """
     if not total:
         return 0
@@ -282,6 +283,7 @@ def fit(
     lr_schedule: str = "cosine",
     val_samples: int = 8,
     checkpoint: str | Path | None = None,
+    resume: str | Path | None = None,
     gate_step: float = 0.01,
 ) -> FitResult:
     r"""Fit the variational posterior of ``bnet`` by stochastic variational inference.
@@ -308,7 +310,25 @@ def fit(
     kl_warmup
         Epochs over which the KL weight grows linearly from 0 to 1 (0 = no warm-up).
     seed
-        Seeds torch and Pyro.
+        Makes the fit repeatable: run twice from the same ``bnet`` state on the same loader with
+        the same ``seed``, it gives the same result (bit for bit on the CPU). At the start it
+        seeds torch's generators (CPU and every CUDA device), Python's ``random`` and NumPy's
+        global generator (``pyro.set_rng_seed``). They drive every random draw of the fit
+        (weights, gates, the validation draws), the shuffling of a ``DataLoader`` whose sampler
+        has no generator of its own (``shuffle=True``: the sampler draws its seed from torch's
+        generator) and the seeds of its worker processes (``num_workers > 0``: each worker's
+        torch, ``random`` and NumPy generators are seeded from a base seed drawn the same way). A
+        ``torch.Generator`` the loader brings is seeded with ``seed`` too, or it would go on from
+        where the last pass over the loader left it: ``DataLoader(generator=g)`` (as
+        :func:`bayesprune.data.loader` builds), its sampler's or batch sampler's ``generator``, or
+        the ``generator`` attribute of a custom loader. Not covered: the state of ``bnet`` before
+        the fit (set by the network and ``bayesianize``), other random sources of the loader (a
+        ``DistributedSampler``'s ``seed`` and ``epoch``, worker processes kept with
+        ``persistent_workers=True``, which keep their random state from pass to pass, generators
+        held by the dataset or its transforms), and GPU kernels that are not deterministic (see
+        ``torch.use_deterministic_algorithms``). Bit-identical results also need the same torch
+        version, device and number of threads. ``None``: nothing is seeded. With ``resume`` the
+        random states saved in the checkpoint are restored instead.
     kl_weight
         :math:`\beta` of the tempered objective :math:`\mathbb E_q[\log p(y \mid x, w)] - \beta\,
         \mathrm{KL}(q \| p)`. 1 (default) is the ELBO, i.e. Bayesian inference. :math:`\beta < 1` is
@@ -316,9 +336,9 @@ def fit(
         fewer nodes pruned. Its PIPs are then those of the tempered posterior, not of the Bayesian one;
         report :math:`\beta` with any result. With the default point-weight spike-and-slab the
         KL is that of the gates alone and :math:`\beta = 1` is the intended setting
-        (``benchmarks/RESULTS.md``, "Robustness of the default fit"); with
-        ``weights="gaussian"`` the weights' KL dominates on small data, and tempering was the
-        only way to keep nodes (the older rows of ``benchmarks/RESULTS.md``).
+        (``benchmarks/README.md#robustness``); with ``weights="gaussian"`` the weights' KL
+        dominates on small data, and tempering was the only way to keep nodes
+        (``docs/notes/benchmark-history.md``, "Accuracy and sparsity of node spike-and-slab").
     elbo
         ``None`` (default): :class:`LocalReparamELBO` with ``torch.optim.Adam`` over
         ``bnet.parameters()``. Any other ``pyro.infer.ELBO`` (e.g. ``Trace_ELBO()``) runs
@@ -344,12 +364,40 @@ def fit(
     lr_schedule
         ``"cosine"`` (decay to 0 over all steps) or ``"constant"``.
     checkpoint
-        Save ``bnet`` there (``bnet.save``) after every epoch.
+        A file path. After every epoch ``bnet`` is saved there in the format of
+        :meth:`~bayesprune.BayesianModule.save` (``bp.load(path, net)`` reads it), and the fit
+        state at ``path.resume``, which ``resume=`` reads (default fit only;
+        :mod:`bayesprune.checkpoint`). The fit state holds the module, so it is about three
+        times the size of the module file. Each file is written to a temporary file in the same
+        folder and then moved into place: an interruption leaves the previous file whole and no
+        partial file.
+    resume
+        Continue the fit that was given ``checkpoint=resume``, from the end of the last epoch
+        it saved. Pass a ``bnet`` built the same way (``bp.bayesianize`` of the same network,
+        prior and options; its own parameters are overwritten), the same training data, batch
+        size and sampler, and the same options (``epochs``, the learning rates, schedule, KL
+        settings, ``val_loader`` given or not, ...; ``seed`` may be left out): a ``ValueError``
+        lists the options that differ, and also says when the file is not a fit checkpoint or
+        holds a finished fit. It restores the module's parameters and buffers; the optimizers'
+        states (Adam's moments and step counts, and the gate logits' gradients, which carry
+        over from step to step); the learning-rate schedules' position, so that the schedule
+        over all ``epochs`` and the ``structure_delay`` freeze carry on instead of restarting;
+        the epoch and step reached; the :class:`FitResult` history (``seconds`` adds up the
+        time of all the runs); and the random states (torch's CPU generator, the fit device's
+        CUDA generator, Python's ``random``, NumPy's global generator, and the
+        ``torch.Generator`` objects of ``train_loader`` listed under ``seed``). On the CPU a fit
+        stopped after any epoch and resumed ends bit-identical to the same fit run straight
+        through. Pass ``checkpoint=`` too to keep saving. Default fit only: with ``elbo=`` it is
+        a ``ValueError``, as the state of Pyro's optimizer is not saved.
 
     Raises
     ------
     FloatingPointError
         The loss became NaN or infinite; the message names the epoch and step.
+    KeyboardInterrupt
+        (and any other error during training) The history so far, the steps of the unfinished
+        epoch included, is attached to the exception as ``exc.fit_result``; a note on the
+        exception says from which epoch ``resume=`` would continue.
     """
     if not isinstance(bnet, BayesianModule):
         raise TypeError(
@@ -404,12 +452,13 @@ def fit(
     n = _num_data(train_loader, num_data)
     if checkpoint is not None:
         _check_writable(checkpoint)
-    if seed is not None:
-        torch.manual_seed(seed)
-        pyro.set_rng_seed(seed)
-    dev = resolve_device(device) if device is not None else bnet.device
-    bnet.to(dev)
-    bnet.num_data = n
+        ckpt.check_path(checkpoint)
+    if resume is not None and elbo is not None:
+        raise ValueError(
+            "resume= continues the default fit only (elbo=None): the state of the Pyro optimizer "
+            "that elbo= uses is not saved. Drop elbo=, or start a new fit"
+        )
+    saved = ckpt.load_fit_state(resume) if resume is not None else None
     steps_per_epoch = len(train_loader) if hasattr(train_loader, "__len__") else None
     if steps_per_epoch == 0:
         raise ValueError("train_loader is empty")
@@ -417,6 +466,31 @@ def fit(
     warmup_steps = kl_warmup * steps_per_epoch if steps_per_epoch else 0
     if kl_warmup and not steps_per_epoch:
         raise ValueError("kl_warmup needs a train_loader with a length")
+    # what a resumed fit must repeat (the random states are restored, so seed may be left out)
+    options = {
+        "epochs": epochs,
+        "lr": lr,
+        "structure_lr": structure_lr,
+        "structure_delay": structure_delay,
+        "gate_step": gate_step,
+        "lr_schedule": lr_schedule,
+        "kl_warmup": kl_warmup,
+        "kl_weight": kl_weight,
+        "num_data": n,
+        "batches_per_epoch": steps_per_epoch,
+        "val_loader": val_loader is not None,
+        "val_samples": val_samples,
+        "seed": seed,
+    }
+    if saved is not None:
+        ckpt.check_resumable(saved, options, bnet)
+    elif seed is not None:
+        torch.manual_seed(seed)
+        pyro.set_rng_seed(seed)
+        ckpt.seed_loader(train_loader, seed)
+    dev = resolve_device(device) if device is not None else bnet.device
+    bnet.to(dev)
+    bnet.num_data = n
 
     fast = elbo is None
     net_name = type(bnet.net).__name__
@@ -444,6 +518,9 @@ def fit(
             gate_sched = torch.optim.lr_scheduler.LambdaLR(
                 natural, _lr_factor(lr_schedule, total_steps, delay)
             )
+        stateful = {"optimizer": opt, "scheduler": sched}
+        if natural is not None:
+            stateful.update(gate_optimizer=natural, gate_scheduler=gate_sched)
     else:
         elbo_obj = elbo
         if lr_schedule == "cosine" and total_steps:
@@ -456,13 +533,28 @@ def fit(
 
     result = FitResult(num_data=n, kl_weight=float(kl_weight))
     hidden: list[str] | None = None
-    bar = tqdm(total=total_steps, disable=not progress, desc="fit (SVI)", leave=False)
-    start = time.perf_counter()
-    step = 0
+    step = first_epoch = 0
+    if saved is not None:
+        hidden, step, first_epoch = ckpt.restore(saved, bnet, stateful, result)
+    saved_epochs = None  # epochs that the fit state at `checkpoint` holds, for a stop's note
+    if saved is not None and checkpoint is not None:
+        same = ckpt.state_path(checkpoint).resolve() == Path(saved["file"]).resolve()
+        saved_epochs = first_epoch if same else None
+    bar = tqdm(total=total_steps, initial=step, disable=not progress, desc="fit (SVI)", leave=False)
+    start = time.perf_counter() - result.seconds
     modes = [(m, m.training) for m in bnet.modules()]  # given back as they were, after the fit
     bnet.train()
+    if saved is not None:  # last, so that nothing above draws from the restored generators
+        lost = ckpt.set_rng_state(saved["state"]["rng"], dev, train_loader)
+        if lost:
+            warnings.warn(
+                f"resume: could not restore {'; '.join(lost)}: the fit goes on, but not exactly "
+                "as it would have without the interruption",
+                stacklevel=2,
+            )
+    epoch = first_epoch
     try:
-        for epoch in range(epochs):
+        for epoch in range(first_epoch, epochs):
             epoch_sum, epoch_count = 0.0, 0
             for batch in train_loader:
                 x, y = batch_xy(batch, "train_loader")
@@ -490,6 +582,10 @@ def fit(
                     if not torch.isfinite(loss):
                         _raise_nonfinite(loss.item(), epoch, step)
                     opt.zero_grad(set_to_none=True)
+                    # The gate gradients are NOT cleared: every natural step uses their running
+                    # sum since the start of the fit (see bayesprune.natural, "What bp.fit runs").
+                    # Clearing them gives the damped CAVI step, whose fixed point leaves most PIPs
+                    # undecided (issue 22's closing note); kept until a principled replacement.
                     loss.backward()
                     opt.step()
                     sched.step()
@@ -529,7 +625,35 @@ def fit(
                     result.val_median_accuracy.append(acc_median)
                 bnet.train()
             if checkpoint is not None:
-                bnet.save(checkpoint)
+                if fast:
+                    result.seconds = time.perf_counter() - start
+                    progress_made = {"epoch": epoch + 1, "step": step, "hidden": hidden}
+                    # the gate logits' gradients are never zeroed: they sum over the steps
+                    grads = {k: p.grad for k, p in bnet.named_parameters() if id(p) in gate_ids}
+                    ckpt.save_fit_state(
+                        ckpt.state_path(checkpoint),
+                        bnet,
+                        {name: obj.state_dict() for name, obj in stateful.items()},
+                        result,
+                        rng=ckpt.rng_state(dev, train_loader),
+                        options=options,
+                        grads=grads,
+                        **progress_made,
+                    )
+                ckpt.save_module(bnet, checkpoint)
+                saved_epochs = epoch + 1 if fast else None
+    except (KeyboardInterrupt, Exception) as exc:
+        result.seconds = time.perf_counter() - start
+        exc.fit_result = result  # type: ignore[attr-defined]
+        if step or isinstance(exc, KeyboardInterrupt):
+            where = f"fit stopped in epoch {epoch + 1} of {epochs}, after {step} steps"
+            if saved_epochs:
+                where += (
+                    f"; fit(..., resume={str(checkpoint)!r}) continues from the end of epoch "
+                    f"{saved_epochs}, which the checkpoint holds"
+                )
+            exc.add_note(f"{where}. The history so far is in this exception's .fit_result")
+        raise
     finally:
         bnet._kl_scale = 1.0
         bar.close()

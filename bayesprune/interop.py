@@ -40,7 +40,7 @@ Example
 -------
 >>> import arviz as az
 >>> import bayesprune as bp
->>> from models import lenet_300_100
+>>> from bayesprune.models import lenet_300_100
 >>> bnet = bp.bayesianize(lenet_300_100(in_features=64), prior=bp.priors.SpikeAndSlab(level="node"))
 >>> idata = bp.to_arviz(bnet, num_samples=50)
 >>> az.summary(idata, var_names=["5.gate"], kind="stats").index[0]

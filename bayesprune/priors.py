@@ -1028,11 +1028,8 @@ class GroupHorseshoe(Prior):
     Parameters
     ----------
     global_scale
-        :math:`A`, the scale of the layer's half-Cauchy. Smaller values prune more. On
-        Fashion-MNIST LeNet-300-100 (``benchmarks/compression.py``, 30 SVI epochs + 5 fine-tuning
-        epochs), 0.01 kept 17% of the parameters at -1.07 points (-0.94 before the τ fix of
-        commit ``fbcd4ca``; 19% under the older gate-freeze default), and 1 kept 37% at -0.38
-        points (older default, before the τ fix).
+        :math:`A`, the scale of the layer's half-Cauchy. Smaller values prune more: the
+        group-horseshoe rows of ``benchmarks/README.md#compression`` use 0.01.
     regularized
         Use the regularised (slab-width ``slab_scale`` = :math:`c`) scale.
     slab_scale

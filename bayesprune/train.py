@@ -4,7 +4,7 @@ Example
 -------
 >>> from bayesprune.data import load_digits, loader
 >>> from bayesprune.train import train, evaluate
->>> from models import lenet_300_100
+>>> from bayesprune.models import lenet_300_100
 >>> splits = load_digits(seed=0)
 >>> net = lenet_300_100(in_features=64)
 >>> history = train(net, loader(splits.train, 64), epochs=2, progress=False)

@@ -30,8 +30,8 @@ from safetensors.torch import load_file
 
 import bayesprune as bp
 from bayesprune.data import load_fashion_mnist, loader
+from bayesprune.models import lenet_300_100
 from bayesprune.train import evaluate, resolve_device, train
-from models import lenet_300_100
 
 
 @torch.no_grad()

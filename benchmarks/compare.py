@@ -33,6 +33,10 @@ long comparison can be run method by method (``--methods``) and printed at the e
     python benchmarks/compare.py --models lenet5_caffe --methods spike_slab --svi-epochs 5
     python benchmarks/compare.py --table                             # print the saved rows
     python benchmarks/compare.py --quick                             # CPU smoke run, LeNet-300-100
+
+``--json PATH`` merges the results (of this run, or with ``--table`` the saved ones) into the JSON
+at ``PATH`` by (model, method, settings), written atomically: the table of
+``benchmarks/README.md#baselines`` is generated from ``benchmarks/results/baselines.json``.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from results_io import merge_rows
 from safetensors.torch import load_file, save_file
 
 import bayesprune as bp
@@ -61,8 +66,8 @@ from bayesprune.baselines import (
 )
 from bayesprune.data import load_fashion_mnist, loader
 from bayesprune.metrics import count_flops, count_nonzero, count_params, flops_by_layer
+from bayesprune.models import get_model
 from bayesprune.train import evaluate, resolve_device, train
-from models import get_model
 
 MODELS = ("lenet_300_100", "lenet5_caffe", "resnet20")
 METHODS = (
@@ -386,7 +391,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                    "and splits), or save the fit there")  # fmt: skip
     p.add_argument("--gumbel-weight", type=float, default=10.0,
                    help="λ of the density term (0.01 in the paper's tutorial, too weak on our data: "
-                   "RESULTS.md, 'All methods in one table')")  # fmt: skip
+                   "benchmarks/README.md#baselines)")  # fmt: skip
     p.add_argument("--gumbel-epochs", type=int, default=30)
     p.add_argument("--sc-rounds", type=int, default=3, help="self-compression pruning rounds")
     p.add_argument("--sc-round-epochs", type=int, default=5, help="SVI epochs after each round")
@@ -396,6 +401,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--progress", action="store_true")
     p.add_argument("--out", type=Path, default=Path("runs/compare"))
+    p.add_argument("--json", type=Path, default=None,
+                   help="merge the results into this JSON (e.g. benchmarks/results/baselines.json)")  # fmt: skip
     args = p.parse_args(argv)
     if args.models is None:
         args.models = ["lenet_300_100"] if args.quick else ["lenet_300_100", "lenet5_caffe"]
@@ -404,6 +411,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if not results:
             p.error(f"no saved results under {args.out}; run without --table first")
         print_table(results)
+        _merge_json(args.json, results)
         return results
     if args.dense_dir is not None and args.cal_size != 5000:
         p.error("--dense-dir nets were trained with 5,000 calibration images held out: "
@@ -447,7 +455,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
             results.append(res)
     print()
     print_table(results)
+    _merge_json(args.json, results)
     return results
+
+
+def _merge_json(path: Path | None, results: list[dict]) -> None:
+    """Merge ``results`` into the JSON at ``path`` by (model, method, settings)."""
+    if path is not None:
+        merge_rows(path, results, key=lambda r: (r["row"]["model"], r["row"]["method"],
+                   r["settings"]), field="results")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -17,6 +17,9 @@ largest weight norms, then fine-tune) checks the plumbing without the Bayesian c
 
 Each model's rows are saved to ``<out>/<model>.json`` (a rerun of one method replaces that
 method's row), so long runs can be split per model and method; ``--table`` prints every saved row.
+``--json PATH`` merges the rows (of this run, with its command, or with ``--table`` the saved ones)
+into the JSON at ``PATH`` by (model, method, settings), written atomically: the table of
+``benchmarks/README.md#compression`` is generated from ``benchmarks/results/compression.json``.
 
 Latency is always measured on the CPU (``--threads`` threads, median of repeated runs after warm-up),
 whatever device trains the nets. The dense row's speed-up compares the dense net with itself: it
@@ -33,17 +36,20 @@ import argparse
 import copy
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 
+import tables
 import torch
+from results_io import merge_rows
 from safetensors.torch import load_file, save_file
 
 import bayesprune as bp
 from bayesprune.data import load_fashion_mnist, loader
-from bayesprune.prune import architecture_string, compression_report, prune_module, save_pruned
+from bayesprune.models import get_model
+from bayesprune.pruning import architecture_string, compression_report, prune_module, save_pruned
 from bayesprune.train import evaluate, resolve_device, train
-from models import get_model
 
 MODELS = ("lenet_300_100", "lenet5_caffe", "resnet20")
 # dense training (as benchmarks/dense.py) and SVI settings per net
@@ -211,6 +217,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--repeats", type=int, default=50, help="timed runs per latency")
     parser.add_argument("--dense-dir", type=Path, default=Path("runs/dense"))
     parser.add_argument("--out", type=Path, default=Path("runs/compression"))
+    parser.add_argument(
+        "--json",
+        type=Path,
+        default=None,
+        help="merge the rows into this JSON (e.g. benchmarks/results/compression.json)",
+    )
     args = parser.parse_args(argv)
     if args.table:
         rows = []
@@ -219,6 +231,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         order = {m: i for i, m in enumerate(MODELS)}
         rows.sort(key=lambda r: order.get(r["model"], len(order)))
         _print_table(rows)
+        _merge_json(args.json, rows)
         return rows
 
     device = resolve_device(args.device)
@@ -248,6 +261,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if args.kl_weight != 1:
             label += f" (β={args.kl_weight:g})"
         estimator = f"reparam={args.reparam}, sd family {args.weight_sd}"
+        if method == "group_horseshoe":
+            estimator += f", global scale {args.global_scale:g}"
         if args.structure_delay is not None:
             estimator += f", structure_delay {args.structure_delay:g}"
         return dict(
@@ -312,7 +327,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
         _save_rows(args.out / f"{name}{'-quick' if args.quick else ''}.json", rows)
         all_rows += rows
     _print_table(all_rows)
+    command = "python benchmarks/compression.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    _merge_json(args.json, [dict(r, command=command) for r in all_rows])
     return all_rows
+
+
+def _merge_json(path: Path | None, rows: list[dict]) -> None:
+    """Merge ``rows`` into the JSON at ``path`` by (model, method, settings without the clauses
+    every row shares)."""
+    if path is not None:
+        merge_rows(
+            path,
+            rows,
+            key=lambda r: (r["model"], r["method"], tables.short_settings(r.get("settings", ""))),
+        )
 
 
 def _save_rows(path: Path, rows: list[dict]) -> None:

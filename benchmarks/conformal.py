@@ -19,8 +19,11 @@ predictive (``bnet.predict``, 32 draws) is right (``--reference mean``: the post
    ``raps`` scores: coverage and mean set size on the test set (calibrated on the calibration
    split) and the coverage averaged over the same 100 random splits.
 
-    python benchmarks/conformal.py --device cuda        # the recorded run
+    python benchmarks/conformal.py --device cuda        # on a GPU
     python benchmarks/conformal.py --quick              # CPU smoke run (subset, 1 epoch each)
+
+``--json PATH`` also writes both tables there (atomically); the table of
+``benchmarks/README.md#conformal`` is generated from ``benchmarks/results/conformal.json``.
 """
 
 from __future__ import annotations
@@ -28,11 +31,13 @@ from __future__ import annotations
 import argparse
 import copy
 import platform
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from results_io import write_json
 from safetensors.torch import load_file
 from torch.utils.data import ConcatDataset
 
@@ -47,8 +52,8 @@ from bayesprune.conformal import (
     risk_losses,
 )
 from bayesprune.data import load_fashion_mnist, loader
+from bayesprune.models import lenet_300_100
 from bayesprune.train import evaluate, resolve_device, train
-from models import lenet_300_100
 
 ALPHAS = (0.01, 0.02, 0.05)
 DELTA = 0.1
@@ -105,6 +110,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--dense-dir", type=Path, default=Path("runs/dense"))
+    parser.add_argument(
+        "--json", type=Path, default=None, help="also write the tables there (written atomically)"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
@@ -225,7 +233,25 @@ def main(argv: list[str] | None = None) -> dict:
     for r in set_rows:
         print(f"| {r['score']} | {r['coverage']:.4f} | {r['size']:.3f} | "
               f"{r['split_cov']:.4f} ± {r['split_sd']:.4f} |")  # fmt: skip
-    print(f"\ntotal time {time.perf_counter() - start:.0f} s", flush=True)
+    seconds = time.perf_counter() - start
+    print(f"\ntotal time {seconds:.0f} s", flush=True)
+    if args.json is not None:
+        meta = dict(
+            command="python benchmarks/conformal.py " + " ".join(sys.argv[1:] if argv is None else argv),
+            device=f"{dev_name or 'CPU'}, {torch.get_num_threads()} thread(s)",
+            torch=torch.__version__, seconds=round(seconds), svi_epochs=svi_epochs, delta=DELTA,
+            set_alpha=SET_ALPHA, splits=args.splits, n_cal=n_cal, pool=n_pool,
+            risk=f"accuracy_drop vs the {reference_name}", dense_acc=dense_acc, mean_acc=mean_acc,
+            mean_drop=mean_drop, predictive_acc=pred_acc,
+        )  # fmt: skip
+        certificates = [
+            dict(alpha=r["alpha"], level=None if r["cert"].index is None else r["cert"].level,
+                 params_kept=1.0 if r["cert"].index is None else float(kept[r["cert"].index]),
+                 test_acc=r["test_acc"], test_risk=float(r["test_risk"]),
+                 violations=r["violations"], mean_kept=r["mean_kept"], mean_risk=r["mean_risk"])
+            for r in rows
+        ]  # fmt: skip
+        write_json(args.json, {"meta": meta, "certificates": certificates, "sets": set_rows})
     return dict(rows=rows, sets=set_rows)
 
 

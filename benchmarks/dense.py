@@ -1,8 +1,10 @@
 """Dense reference rows: train each reference net on Fashion-MNIST; print accuracy, params and FLOPs.
 
-Every pruning result in ``benchmarks/RESULTS.md`` is compared with these rows.
+The pruning benchmarks load these nets (``--dense-dir runs/dense``) and compare their pruned nets
+with them (``benchmarks/README.md``); the dense reference rows of an H100 run are in
+``docs/notes/benchmark-history.md``.
 
-    python benchmarks/dense.py --device cuda            # the recorded run
+    python benchmarks/dense.py --device cuda            # the H100 run of the notes
     python benchmarks/dense.py --quick                  # a smoke run on the CPU (subset, 1 epoch)
 
 Trained weights are written to ``--out`` (safetensors) for later benchmarks to reuse.
@@ -20,8 +22,8 @@ from safetensors.torch import save_file
 
 from bayesprune.data import load_fashion_mnist, loader
 from bayesprune.metrics import count_flops, count_params
+from bayesprune.models import get_model
 from bayesprune.train import evaluate, resolve_device, train
-from models import get_model
 
 # epochs and learning rate per net: enough for the dense nets to converge on Fashion-MNIST
 SETTINGS = {

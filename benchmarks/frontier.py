@@ -10,16 +10,18 @@ the same run (the input pruning of the MNIST literature, e.g. Bayesian Compressi
 rows, done here with a magnitude criterion).
 For each ``(k, h2)`` the first hidden layer gets the largest width the budget allows.
 
-Node pruning followed by fine-tuning beat training the same widths from scratch by 0.15-0.43 points
-in ``benchmarks/scratch.py``; this table says how far the best small shapes are from the goal
-before that.
+``benchmarks/scratch.py`` measures what node pruning and fine-tuning add over training the same
+widths from scratch (``docs/notes/benchmark-history.md``, "Pruned widths from scratch"); this table
+says how far the best small shapes are from the goal before that.
 
     python benchmarks/frontier.py                        # CPU, 3 seeds, 10% budget
     python benchmarks/frontier.py --budget 0.2 --seeds 0
     python benchmarks/frontier.py --epochs 60 --inputs 784 500 --second 48   # a longer recipe
 
 ``--epochs`` trains every net, the dense ones included, for that many epochs instead of the dense
-recipe's 20 (the cosine schedule spans them all).
+recipe's 20 (the cosine schedule spans them all). ``--json PATH`` also writes the table there
+(atomically); the table of ``benchmarks/README.md#frontier`` is generated from
+``benchmarks/results/frontier.json``.
 """
 
 from __future__ import annotations
@@ -36,11 +38,12 @@ from torch.utils.data import TensorDataset
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from compression import SETTINGS
+from results_io import write_json
 
 from bayesprune.data import load_fashion_mnist, loader
 from bayesprune.metrics import count_params
+from bayesprune.models import lenet_300_100
 from bayesprune.train import evaluate, resolve_device, train
-from models import lenet_300_100
 
 INPUTS = (784, 600, 500, 400, 300)
 SECOND = (24, 48)
@@ -73,6 +76,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--progress", action="store_true")
+    p.add_argument(
+        "--json", type=Path, default=None, help="also write the table there (written atomically)"
+    )
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -129,6 +135,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 f"{max(accs):.4f} | {100 * (mean - dense_acc):+.2f} |",
                 flush=True,
             )
+    if args.json is not None:
+        meta = dict(
+            command="python benchmarks/frontier.py " + " ".join(sys.argv[1:] if argv is None else argv),
+            device=f"{device}, {torch.get_num_threads()} thread(s)", torch=torch.__version__,
+            seeds=args.seeds, epochs=cfg["epochs"], budget=budget, dense_accs=dense_accs,
+            dense_mean=dense_acc,
+        )  # fmt: skip
+        rows = [
+            dict(r, params_kept=r["params"] / full, min=min(r["accs"]), max=max(r["accs"]),
+                 delta_points=100 * (r["mean"] - dense_acc))
+            for r in results
+        ]  # fmt: skip
+        write_json(args.json, {"meta": meta, "rows": rows})
     best = max(results, key=lambda r: r["mean"])
     print(
         f"\nBest mean: {best['inputs']}-{best['h1']}-{best['h2']}-10 at {best['mean']:.4f}, "

@@ -27,7 +27,7 @@ from torch import nn
 
 import bayesprune as bp
 from bayesprune.data import load_digits, load_fashion_mnist, loader
-from models import lenet_300_100
+from bayesprune.models import lenet_300_100
 
 RESULTS = Path(__file__).parent / "results" / "gate_step.json"
 CASES = {"digits": [1, 3, 5, 10], "fmnist-2000": [2, 5, 19]}  # data -> SVI epochs

@@ -19,7 +19,8 @@ is printed next to it, with their ratio (issue 4's latency goal: at least 0.6). 
 time of the aten operators: convolution, batch norm, add, ReLU, pooling, linear, other), and
 forward hooks time every Conv / Linear layer of the saved nets (ms and GMAC/s per layer), which
 says what the FLOP count does not see: how efficiently each layer runs at its width. Everything
-is also written to ``<run>/latency-<model>.json``.
+is also written to ``benchmarks/results/latency/<run name>-<model>.json`` (atomically; ``--out``
+chooses another path).
 
     python benchmarks/compression.py ... --out runs/compression_r20_e6_b02    # writes the nets
     python benchmarks/latency.py --run runs/compression_r20_e6_b02 --model resnet20 --threads 1
@@ -29,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import platform
 import statistics
 import sys
@@ -38,13 +38,14 @@ from pathlib import Path
 from time import perf_counter
 
 import torch
+from results_io import RESULTS_DIR, write_json
 from safetensors.torch import load_file
 from torch.profiler import ProfilerActivity, profile
 
 import bayesprune as bp
 from bayesprune.metrics import flops_by_layer
-from bayesprune.prune import compression_report, load_pruned
-from models import get_model
+from bayesprune.models import get_model
+from bayesprune.pruning import compression_report, load_pruned
 
 LAYERS = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d)
 KINDS = ("convolution", "batch norm", "add", "relu", "pooling", "linear", "other")
@@ -170,7 +171,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--profile-batch", type=int, default=256)
     p.add_argument(
-        "--out", type=Path, default=None, help="JSON (default <run>/latency-<model>.json)"
+        "--out",
+        type=Path,
+        default=None,
+        help="JSON (default benchmarks/results/latency/<run name>-<model>.json)",
     )
     args = p.parse_args(argv)
 
@@ -222,8 +226,8 @@ def main(argv: list[str] | None = None) -> dict:
         f"(CPU: {platform.processor() or platform.machine()}, {args.threads} thread(s), "
         f"torch {torch.__version__})"
     )
-    out = args.out or args.run / f"latency-{args.model}.json"
-    out.write_text(json.dumps(results, indent=1))
+    out = args.out or RESULTS_DIR / "latency" / f"{args.run.name}-{args.model}.json"
+    write_json(out, results)
     print_tables(results, args.batch_sizes)
     return results
 

@@ -17,21 +17,22 @@ misses a target stays in the table with what was measured.
     python benchmarks/robustness.py --threads 2                  # the whole matrix (hours on 2 cores)
     python benchmarks/robustness.py --cells 1 2 3 --threads 1    # some cells
     python benchmarks/robustness.py --table                      # markdown table from the JSON
+    python benchmarks/robustness.py --write-docs                 # that table into README.md
 
-Results are merged by cell into ``benchmarks/results/robustness.json`` (written atomically).
+Results are merged by cell into ``benchmarks/results/robustness.json`` (written atomically); the
+table of ``benchmarks/README.md#robustness`` is generated from it by ``benchmarks/tables.py``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
-import tempfile
 import time
 import warnings
 from pathlib import Path
 
+import tables
 import torch
 import torch.nn.functional as F
 from results_io import write_json
@@ -39,7 +40,7 @@ from torch import nn
 
 import bayesprune as bp
 from bayesprune.data import load_digits, load_fashion_mnist, loader
-from models import lenet5_caffe, lenet_300_100, resnet20
+from bayesprune.models import lenet5_caffe, lenet_300_100, resnet20
 
 RESULTS = Path(__file__).parent / "results" / "robustness.json"
 BATCH = 128
@@ -178,44 +179,12 @@ def _save(rows: dict[int, dict], meta: dict, path: Path) -> None:
 def table(path: Path = RESULTS) -> str:
     """The markdown table of the JSON (every cell of CELLS; cells not run yet say so)."""
     payload = json.loads(path.read_text()) if path.exists() else {"cells": []}
-    done = {r["cell"]: r for r in payload["cells"]}
-    mark = {True: "yes", False: "**no**", None: "-"}
-    lines = [
-        "| cell | data (train images) | net | start | steps | prior | dense | predictive | "
-        "pruned (PIP >= 0.5) | params kept | hidden off | PIPs in [0.1, 0.9] | (a) | (b) | (c) |",
-        "|---:|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---|---|---|",
-    ]
-    for cell, (data, n, net, start, budget, epochs, prior) in CELLS.items():
-        r = done.get(cell)
-        if r is None:
-            lines.append(
-                f"| {cell} | {data} ({n}) | {net} | {start} | {budget}, {epochs} ep | {prior} | "
-                "not run yet |  |  |  |  |  |  |  |  |"
-            )
-            continue
-        lines.append(
-            f"| {cell} | {data} ({r['train_images']}) | {net} | {start} | {budget}, {r['steps']} | "
-            f"{prior} | {r['dense']:.4f} | {r['predictive']:.4f} | {r['pruned']:.4f} | "
-            f"{r['params']:.1%} | {r['hidden_off']:.0%} | {r['uncertain']:.0%} | "
-            f"{mark[r['a']]} | {mark[r['b']]} | {mark[r['c']]} |"
-        )
-    return "\n".join(lines)
+    return "\n".join(tables.robustness_table(payload, CELLS))
 
 
-BEGIN, END = "<!-- robustness table: begin -->", "<!-- robustness table: end -->"
-
-
-def write_docs(doc: Path = Path(__file__).parent / "RESULTS.md") -> None:
-    """Put :func:`table` between the markers of ``doc`` (written atomically)."""
-    text = doc.read_text()
-    if BEGIN not in text or END not in text:
-        raise SystemExit(f"{doc} has no robustness markers ({BEGIN} ... {END})")
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    fd, tmp = tempfile.mkstemp(dir=doc.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(f"{head}{BEGIN}\n{table()}\n{END}{tail}")
-    os.replace(tmp, doc)
+def write_docs() -> None:
+    """Regenerate the robustness table of ``benchmarks/README.md`` (written atomically)."""
+    tables.write(["robustness"])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -227,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--write-docs",
         action="store_true",
-        help="replace the table between the robustness markers of benchmarks/RESULTS.md",
+        help="regenerate the robustness table of benchmarks/README.md from the JSON",
     )
     args = p.parse_args(argv)
     if args.table:

@@ -26,9 +26,9 @@ from compression import SETTINGS
 
 from bayesprune.data import load_fashion_mnist, loader
 from bayesprune.metrics import count_params
-from bayesprune.prune import architecture_string, load_pruned
+from bayesprune.models import get_model
+from bayesprune.pruning import architecture_string, load_pruned
 from bayesprune.train import evaluate, resolve_device, train
-from models import get_model
 
 
 def _reinitialise(net: torch.nn.Module) -> torch.nn.Module:

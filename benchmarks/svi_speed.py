@@ -23,6 +23,11 @@ forward pass (with the loss), backward pass and optimiser update::
 ``--predict`` times one posterior-predictive draw per batch instead (what certifying or predicting
 costs), against the deterministic forward pass.
 
+``--json PATH`` also writes the rows there (atomically), each with the command, device and torch
+version: step timings are merged into the file by (model, method), so that runs of different
+models add up; ``--predict`` rows replace the file. The tables of ``benchmarks/README.md#svi-speed``
+are generated from ``benchmarks/results/svi_speed.json`` and ``svi_predict.json``.
+
 ``--ops`` also counts the ATen operators one step dispatches (forward, backward and optimiser;
 views, aliases such as ``detach``, and profiler markers left out). A small net's GPU step is bound by launching its kernels rather than
 by arithmetic, so the ratio of operator counts, which does not depend on the device, predicts the
@@ -35,20 +40,23 @@ import argparse
 import copy
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pyro
 import torch
 import torch.nn.functional as F
+from results_io import merge_rows, write_json
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import bayesprune as bp
 from bayesprune.data import load_fashion_mnist
 from bayesprune.inference import LocalReparamELBO, make_adam
+from bayesprune.models import get_model
 from bayesprune.train import resolve_device
-from models import get_model
 
 #: a method under test: (loss of minibatch i, its optimiser), or (a whole step on minibatch i, None)
 Method = tuple[Callable[[int], torch.Tensor | None], torch.optim.Optimizer | None]
@@ -339,6 +347,18 @@ def bench_predict(name: str, dev: torch.device, steps: int, warmup: int, batch: 
     ]
 
 
+def _write_json(args: argparse.Namespace, rows: list[dict], device: str) -> None:
+    """The rows with their provenance: predictive draws replace ``args.json``, step timings are
+    merged into it by (model, method)."""
+    command = "python benchmarks/svi_speed.py " + " ".join(sys.argv[1:])
+    rows = [dict(r, command=command, device=device, torch=torch.__version__) for r in rows]
+    if args.predict:
+        meta = {"command": command, "device": device, "torch": torch.__version__}
+        write_json(args.json, {"meta": meta, "rows": rows})
+    else:
+        merge_rows(args.json, rows, key=lambda r: (r["model"], r["method"]))
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -357,6 +377,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "--predict",
         action="store_true",
         help="time one posterior-predictive draw against a deterministic forward pass instead",
+    )
+    parser.add_argument(
+        "--json", type=Path, default=None, help="also write the rows there (written atomically)"
     )
     args = parser.parse_args(argv)
     if args.threads:
@@ -379,6 +402,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(
         f"device: {dev} ({where}); torch {torch.__version__}; pyro {pyro.__version__}; batch {args.batch}; median of {args.steps} steps\n"
     )
+    if args.json is not None:
+        _write_json(args, rows, f"{where}, batch {args.batch}, median of {args.steps} steps")
     if args.predict:
         print("| model | method | ms/batch | ratio to deterministic forward |")
         print("|---|---|---:|---:|")

@@ -11,6 +11,7 @@ def lenet_300_100(in_features: int = 784, num_classes: int = 10) -> nn.Sequentia
     Accepts images of any shape with ``in_features`` pixels: the first layer flattens them.
 
     >>> import torch
+    >>> from bayesprune.models import lenet_300_100
     >>> lenet_300_100()(torch.zeros(2, 1, 28, 28)).shape
     torch.Size([2, 10])
     """
@@ -32,6 +33,7 @@ def lenet5_caffe(
     For 28x28 input the flattened feature size is 50 x 4 x 4 = 800, as in Caffe's LeNet.
 
     >>> import torch
+    >>> from bayesprune.models import lenet5_caffe
     >>> lenet5_caffe()(torch.zeros(2, 1, 28, 28)).shape
     torch.Size([2, 10])
     """

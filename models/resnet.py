@@ -75,6 +75,7 @@ def resnet20(
     """ResNet-20: 3 stages x 3 basic blocks, 16/32/64 channels, about 0.27 M parameters.
 
     >>> import torch
+    >>> from bayesprune.models import resnet20
     >>> resnet20()(torch.zeros(2, 1, 28, 28)).shape
     torch.Size([2, 10])
     """

@@ -19,6 +19,7 @@ def vgg_small(
     With the default ``cfg`` a 28x28 image becomes 128 x 3 x 3 features, then fc ``hidden``-classes.
 
     >>> import torch
+    >>> from bayesprune.models import vgg_small
     >>> vgg_small()(torch.zeros(2, 1, 28, 28)).shape
     torch.Size([2, 10])
     """

@@ -20,8 +20,8 @@ from torch.func import functional_call
 import bayesprune as bp
 from bayesprune.baselines import MINT, SNACS, GumbelPruning, MagnitudePruning, SelfCompression
 from bayesprune.data import load_digits, loader
+from bayesprune.models import lenet_300_100
 from bayesprune.train import evaluate, train
-from models import lenet_300_100
 
 N_RANDOM = 5
 
@@ -179,7 +179,7 @@ def test_ours_beats_random(setup, prior, kl_weight):
     (~2,000 nats), and the full ELBO switches every hidden node off (a probe, not a benchmark: with
     spike-and-slab, PIP >= 0.5 kept 0 of 400 nodes at kl_weight 1, at lr 1e-3 x 60 epochs and at lr
     3e-3 x 20 epochs). The group horseshoe's default global scale 1 prunes nothing on digits in 20
-    epochs; 0.01 prunes (as on Fashion-MNIST, benchmarks/RESULTS.md).
+    epochs; 0.01 prunes (as on Fashion-MNIST, benchmarks/README.md#compression).
     """
     net, tr, te, _ = setup
     bnet = bp.bayesianize(net, prior=prior())

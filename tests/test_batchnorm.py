@@ -11,8 +11,8 @@ from torch import nn
 
 import bayesprune as bp
 from bayesprune.batchnorm import fold_batchnorm, recalibrate_batchnorm
-from bayesprune.prune import load_pruned, prune_module, save_pruned
-from models import resnet20
+from bayesprune.models import resnet20
+from bayesprune.pruning import load_pruned, prune_module, save_pruned
 
 
 def _random_statistics(net: nn.Module, seed: int = 0) -> nn.Module:

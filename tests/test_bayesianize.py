@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import bayesprune as bp
 from bayesprune.layers import BayesianConv1d, BayesianConv2d, BayesianLinear
-from models import lenet5_caffe, lenet_300_100, resnet20
+from bayesprune.models import lenet5_caffe, lenet_300_100, resnet20
 
 
 def _small_resnet() -> nn.Module:

@@ -15,7 +15,7 @@ from torch import nn
 import bayesprune as bp
 from bayesprune.cli import main
 from bayesprune.conformal import Certificate
-from models import lenet_300_100
+from bayesprune.models import lenet_300_100
 
 PNG = b"\x89PNG\r\n\x1a\n"
 QUICK = ["--epochs", "1", "--pretrain-epochs", "2", "--no-progress", "--threads", "1"]

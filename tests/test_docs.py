@@ -4,7 +4,8 @@
 ``torch``, ``np`` or the documented function without importing it passes there and fails with a
 NameError for a user who pastes it into Python. Here every example of every public object (module
 docstrings, functions, classes and their methods and properties whose names do not start with
-``_``) of every module under ``bayesprune/`` runs with empty globals, under the doctest option
+``_``) of every module under ``bayesprune/`` and of ``bayesprune.models`` (the repository's
+``models/``, installed inside the package) runs with empty globals, under the doctest option
 flags pytest is configured with (``doctest_optionflags``); ``# doctest: +SKIP`` still skips.
 """
 
@@ -19,21 +20,26 @@ from pathlib import Path
 import pytest
 
 import bayesprune
+import bayesprune.models
 
 PACKAGE_DIR = Path(bayesprune.__file__).parent
+# `bayesprune.models` is the repository's top-level `models/` folder (`package-dir` in
+# pyproject.toml): in an editable install it is not under PACKAGE_DIR, so it is walked on its own.
+ROOTS = {"bayesprune": PACKAGE_DIR, "bayesprune.models": Path(bayesprune.models.__file__).parent}
 
 
 def _module_names() -> list[str]:
-    """``bayesprune`` and its public submodules (every ``.py`` file under ``bayesprune/``)."""
-    names = []
-    for path in sorted(PACKAGE_DIR.rglob("*.py")):
-        parts = path.relative_to(PACKAGE_DIR.parent).with_suffix("").parts
-        if parts[-1] == "__init__":
-            parts = parts[:-1]
-        if any(p.startswith("_") for p in parts):
-            continue  # a private module
-        names.append(".".join(parts))
-    return names
+    """``bayesprune`` and its public submodules (every ``.py`` file under each of ``ROOTS``)."""
+    names = set()
+    for prefix, root in ROOTS.items():
+        for path in root.rglob("*.py"):
+            parts = (prefix, *path.relative_to(root).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            if any(p.startswith("_") for p in parts):
+                continue  # a private module
+            names.add(".".join(parts))
+    return sorted(names)
 
 
 def _public_examples() -> list[doctest.DocTest]:
@@ -58,8 +64,9 @@ def test_examples_found() -> None:
     assert len(EXAMPLES) > 50
     assert {
         "bayesprune",
-        "bayesprune.prune.prune_module",
+        "bayesprune.pruning.api.prune_module",
         "bayesprune.priors.SpikeAndSlab",
+        "bayesprune.models.get_model",
     } <= names
 
 

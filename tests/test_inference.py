@@ -12,7 +12,7 @@ from torch import nn
 import bayesprune as bp
 from bayesprune.data import planted_teacher
 from bayesprune.inference import LocalReparamELBO, _delay_steps
-from models import lenet_300_100
+from bayesprune.models import lenet_300_100
 
 
 class Batches:
@@ -394,7 +394,7 @@ class _ResidualMLP(torch.nn.Module):
 
 
 def _lenet_300_100():
-    from models import lenet_300_100
+    from bayesprune.models import lenet_300_100
 
     return torch.nn.Sequential(torch.nn.Flatten(), *lenet_300_100(in_features=64))
 

@@ -11,7 +11,7 @@ from torch import nn
 
 import bayesprune as bp
 from bayesprune.data import load_digits, loader
-from models import lenet_300_100
+from bayesprune.models import lenet_300_100
 
 az = pytest.importorskip("arviz")
 

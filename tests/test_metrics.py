@@ -9,7 +9,7 @@ from bayesprune.metrics import (
     flops_by_layer,
     measure_latency,
 )
-from models import lenet5_caffe, lenet_300_100
+from bayesprune.models import lenet5_caffe, lenet_300_100
 
 
 def test_linear_counts_by_hand():

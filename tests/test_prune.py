@@ -15,7 +15,8 @@ from torch import nn
 
 import bayesprune as bp
 from bayesprune.metrics import count_flops, count_params
-from bayesprune.prune import (
+from bayesprune.models import lenet5_caffe, lenet_300_100, resnet20, vgg_small
+from bayesprune.pruning import (
     CompressionReport,
     ConstantLayer,
     RemovedLayer,
@@ -30,7 +31,6 @@ from bayesprune.prune import (
     save_pruned,
     zero_masked,
 )
-from models import lenet5_caffe, lenet_300_100, resnet20, vgg_small
 
 # ------------------------------------------------------------------------------------------------
 # helpers

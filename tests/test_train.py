@@ -3,8 +3,8 @@ import torch
 from torch import nn
 
 from bayesprune.data import load_digits, loader
+from bayesprune.models import lenet_300_100
 from bayesprune.train import evaluate, resolve_device, train
-from models import lenet_300_100
 
 
 def test_train_learns_digits():

@@ -35,7 +35,7 @@ import torch
 import bayesprune as bp
 from bayesprune import plots
 from bayesprune.data import load_fashion_mnist, loader
-from models import lenet_300_100
+from bayesprune.models import lenet_300_100
 
 FULL = os.environ.get("BAYESPRUNE_TUTORIAL_FULL") == "1"
 SUBSET = None if FULL else 2000  # training images (and test images) used
@@ -76,11 +76,11 @@ print(f"dense test accuracy: {dense_acc:.4f}")
 # posterior means start at the trained weights. Every node $j$ of a layer gets a gate
 # $z_j \sim \mathrm{Bernoulli}(\gamma)$ multiplying its output.
 #
-# Two options trade a little for speed (measured in `benchmarks/RESULTS.md`, "SVI speed"):
+# Two options trade a little for speed (measured in `benchmarks/README.md#svi-speed`):
 # `weight_sd="rank1"` gives the weights rank-one posterior sds (one factor per node, one per
-# input), 30% cheaper SVI steps for an MLP on a CPU at the same accuracy in our runs;
-# `reparam="auto"` draws convolution weights once per minibatch, 4x cheaper steps for ResNet-20 on
-# a CPU (0.6 points lower at equal epochs in our short fits).
+# input), cheaper SVI steps for an MLP on a CPU at the same accuracy in our runs;
+# `reparam="auto"` draws convolution weights once per minibatch, much cheaper steps for ResNet-20
+# on a CPU (less accurate at equal epochs in our short fits).
 
 # %%
 bnet = bp.bayesianize(dense, prior=bp.priors.SpikeAndSlab(level="node"))
@@ -97,7 +97,7 @@ bnet
 # natural-gradient steps (`bayesprune.natural`), so their PIPs end near 0 or 1 after a few hundred
 # steps. `weights="gaussian"` gives the weights a mean-field Gaussian posterior too; its KL then
 # weighs hundreds of nats per node and, on small data, switches nearly every node off
-# (`benchmarks/RESULTS.md`, "Robustness of the default fit").
+# (`benchmarks/README.md#robustness`).
 
 # %%
 result = bp.fit(bnet, train_loader, epochs=SVI_EPOCHS, device=DEVICE, seed=0, progress=False)

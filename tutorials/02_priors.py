@@ -48,7 +48,7 @@ import torch
 import bayesprune as bp
 from bayesprune import plots
 from bayesprune.data import load_fashion_mnist, loader
-from models import lenet_300_100
+from bayesprune.models import lenet_300_100
 
 FULL = os.environ.get("BAYESPRUNE_TUTORIAL_FULL") == "1"
 SUBSET = None if FULL else 3000

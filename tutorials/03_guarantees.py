@@ -45,7 +45,7 @@ import bayesprune as bp
 from bayesprune import plots
 from bayesprune.conformal import ConformalClassifier, learn_then_test, risk_losses
 from bayesprune.data import FASHION_MNIST_CLASSES, load_fashion_mnist, loader
-from models import lenet_300_100
+from bayesprune.models import lenet_300_100
 
 FULL = os.environ.get("BAYESPRUNE_TUTORIAL_FULL") == "1"
 SUBSET = None if FULL else 5000

@@ -46,7 +46,7 @@ from torch.utils.data import Subset
 import bayesprune as bp
 from bayesprune import plots
 from bayesprune.data import load_fashion_mnist, loader
-from models import resnet20
+from bayesprune.models import resnet20
 
 FULL = os.environ.get("BAYESPRUNE_TUTORIAL_FULL") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -133,9 +133,10 @@ print(f"test accuracy: dense {dense_acc:.4f}, certified {bp.evaluate(small, test
 # filters run far below their kernels' efficiency, so `round_to=8` rounds each kept width up to a
 # multiple of 8. A block whose first convolution the posterior switches off entirely still keeps
 # one filter by default (`min_nodes=1`); `min_nodes=0` removes the whole branch, and the block
-# becomes `relu(shortcut(x) + c)`. In a 6-epoch CPU fit that removed 5 of the 9 blocks: 1.1-1.4x
-# faster than the floor, but 2.8-3.2 points less accurate after 3 fine-tuning epochs and 1.1-1.5
-# after 15 (RESULTS.md, "Removing switched-off residual branches" and the section after it). Fine-tune (`bp.finetune`) before comparing accuracies.
+# becomes `relu(shortcut(x) + c)`. It is faster but less accurate after fine-tuning
+# (`benchmarks/README.md#compression`, the `min_nodes 0` rows; the timings in
+# `docs/notes/benchmark-history.md`, "Removing switched-off residual branches"). Fine-tune
+# (`bp.finetune`) before comparing accuracies.
 
 # %%
 with warnings.catch_warnings(record=True) as caught:  # one warning per removed or floored layer

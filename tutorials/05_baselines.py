@@ -42,7 +42,7 @@ from torch.utils.data import Subset
 import bayesprune as bp
 from bayesprune.baselines import SNACS, GumbelPruning, MagnitudePruning, SelfCompression
 from bayesprune.data import load_fashion_mnist, loader
-from models import lenet_300_100
+from bayesprune.models import lenet_300_100
 
 FULL = os.environ.get("BAYESPRUNE_TUTORIAL_FULL") == "1"
 SUBSET = None if FULL else 5000
@@ -138,5 +138,5 @@ for name, cert in certs.items():
 # %% [markdown]
 # Reading the table: a method that cannot certify any level returns its unpruned network; among the
 # others, fewer parameters at the same guarantee is better. With the small settings the numbers are
-# noisy; the benchmark tables in `benchmarks/RESULTS.md` use the full data (seed 0; shorter runs
+# noisy; the benchmark table in `benchmarks/README.md#baselines` uses the full data (seed 0; shorter runs
 # for LeNet-5-Caffe and ResNet-20).

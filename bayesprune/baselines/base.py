@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from ..metrics import count_nonzero, count_params
-from ..prune import dependency_groups, prune_module
+from ..pruning import dependency_groups, prune_module
 
 __all__ = [
     "PruningMethod",

@@ -58,7 +58,7 @@ from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from ..data import batch_xy
-from ..prune import dependency_groups
+from ..pruning import dependency_groups
 from ..train import resolve_device
 from .base import (
     PruningMethod,

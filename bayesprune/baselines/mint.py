@@ -67,7 +67,7 @@ from scipy.spatial.distance import cdist
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..prune import dependency_groups
+from ..pruning import dependency_groups
 from .base import _LAYERS, PruningMethod, hidden_layers
 from .snacs import _balanced, _paired, _spatial_mean
 

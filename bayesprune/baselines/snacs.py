@@ -68,7 +68,8 @@ from torch import fx, nn
 from tqdm.auto import tqdm
 
 from ..data import batch_xy
-from ..prune import _trace, dependency_groups
+from ..pruning import dependency_groups
+from ..pruning.graph import trace
 from .base import PruningMethod, hidden_layers
 
 # what may follow a child layer before the network passes its output on
@@ -369,7 +370,7 @@ class SNACS(PruningMethod):
         # activations are those of the deployed (eval-mode) graph: training-only noise such as
         # F.dropout(training=self.training) or stochastic depth is baked in off; consumers that
         # only training mode runs (auxiliary heads) do not score a parent
-        gm = _trace(net, None, training=False)
+        gm = trace(net, None, training=False)
         called = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
         groups = {
             g.producers[0]: g for g in dependency_groups(net, example) if len(g.producers) == 1

@@ -1,0 +1,182 @@
+"""What the pruner knows about layer types: which layers have nodes, their widths and geometry,
+and the two modules that surgery puts in place of a removed layer (:class:`RemovedLayer`,
+:class:`ConstantLayer`)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "CONV_TYPES",
+    "LAYER_TYPES",
+    "NORM_TYPES",
+    "REPLACED_TYPES",
+    "ConstantLayer",
+    "RemovedLayer",
+    "conv_config",
+    "geometry",
+    "layer_widths",
+    "set_tensor",
+    "slice_tensors",
+]
+
+
+LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def geometry(layer: nn.Module) -> tuple[tuple[int, int, int, int], ...] | None:
+    """Per spatial axis of a convolution: (padding before, padding after, reach, stride).
+
+    ``reach = dilation * (kernel - 1)``; ``None`` for a Linear layer.
+    """
+    if isinstance(layer, nn.Linear):
+        return None
+    axes = []
+    for i, k in enumerate(layer.kernel_size):
+        reach = layer.dilation[i] * (k - 1)
+        if layer.padding == "valid":
+            before = after = 0
+        elif layer.padding == "same":  # torch puts the odd extra pixel after
+            before, after = reach // 2, reach - reach // 2
+        else:
+            before = after = layer.padding[i]
+        axes.append((before, after, reach, layer.stride[i]))
+    return tuple(axes)
+
+
+def _positions(x: torch.Tensor, geometry: tuple | None) -> torch.Tensor:
+    """A one-channel zero tensor shaped like a layer's output for input ``x`` (its positions).
+
+    Written with tensor operations only (padding and strided slicing of one channel, no shape
+    arithmetic), so that the pruned network stays ``torch.fx``-traceable.
+    """
+    if geometry is None:  # Linear: every leading axis stays
+        return torch.zeros_like(x[..., :1])
+    one = x[:, :1]
+    pads = [p for before, after, _, _ in reversed(geometry) for p in (before, after)]
+    if any(pads):
+        one = F.pad(one, pads)
+    # a kernel of reach r at stride s has outputs at 0, s, 2s, ... < L - r (L = padded length)
+    window = tuple(slice(0, -reach if reach else None, stride) for _, _, reach, stride in geometry)
+    return torch.zeros_like(one[(slice(None), slice(None), *window)])
+
+
+class RemovedLayer(nn.Module):
+    r"""Stands in for a layer all of whose output nodes were pruned (``prune(..., min_nodes=0)``).
+
+    The layer computed zeros only (its masked nodes, and a BatchNorm right after it, are zeroed),
+    and every layer reading those zeros became a :class:`ConstantLayer`, which needs only the
+    positions of its input. So this module returns a one-channel zero tensor with the spatial size
+    the layer's output had: no weights, no multiply-adds.
+
+    Attributes
+    ----------
+    kind, in_width
+        The replaced layer's class name and input width (for reports).
+    norms
+        Paths of the BatchNorms that followed it and are now ``nn.Identity``.
+    """
+
+    def __init__(self, layer: nn.Module, in_width: int, norms: Iterable[str] = ()) -> None:
+        super().__init__()
+        self.kind = type(layer).__name__
+        self.in_width = int(in_width)
+        self.norms = tuple(norms)
+        self.geometry = geometry(layer)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _positions(x, self.geometry)
+
+    def extra_repr(self) -> str:
+        return f"{self.kind}, {self.in_width} -> 0"
+
+
+class ConstantLayer(nn.Module):
+    r"""A layer whose every input channel was removed: it outputs one value per node everywhere.
+
+    With an all-zero input a Linear or Conv layer outputs its bias at every position (zero padding
+    keeps a zero map zero), and a BatchNorm right after it maps that to
+    :math:`\gamma (b - \mu) / \sqrt{\sigma^2 + \epsilon} + \beta`, one number per channel. That is
+    ``value``, broadcast to the positions of the layer's output, so a residual branch switched off
+    by the posterior costs one write instead of its convolutions.
+
+    Attributes
+    ----------
+    value
+        One trainable number per output node (the bias, with the BatchNorm folded in).
+    kind
+        The replaced layer's class name.
+    norms
+        Paths of the BatchNorms folded into ``value`` (now ``nn.Identity``).
+    """
+
+    def __init__(self, layer: nn.Module, value: torch.Tensor, norms: Iterable[str] = ()) -> None:
+        super().__init__()
+        self.kind = type(layer).__name__
+        self.norms = tuple(norms)
+        self.geometry = geometry(layer)
+        self.value = nn.Parameter(value.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pos = _positions(x, self.geometry)
+        if self.geometry is None:
+            return pos + self.value
+        return pos + self.value.view(-1, *([1] * len(self.geometry)))
+
+    def extra_repr(self) -> str:
+        return f"{self.kind}, 0 -> {self.value.numel()}"
+
+
+REPLACED_TYPES = (RemovedLayer, ConstantLayer)
+
+
+def set_tensor(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    old = getattr(module, name)
+    if isinstance(old, nn.Parameter):
+        setattr(module, name, nn.Parameter(value, requires_grad=old.requires_grad))
+    elif old is None and name in module._parameters:  # an empty slot, e.g. a bias=False conv
+        setattr(module, name, nn.Parameter(value))
+    else:
+        setattr(module, name, value)
+
+
+@torch.no_grad()
+def slice_tensors(module: nn.Module, names: Iterable[str], idx: torch.Tensor, dim: int) -> None:
+    for n in names:
+        t = getattr(module, n, None)
+        if t is not None:
+            set_tensor(module, n, t.index_select(dim, idx.to(t.device)).clone())
+
+
+def layer_widths(m: nn.Module) -> tuple[int, int]:
+    """(output width, input width) of a counted layer."""
+    if isinstance(m, RemovedLayer):
+        return 0, m.in_width
+    if isinstance(m, ConstantLayer):
+        return m.value.numel(), 0
+    if isinstance(m, nn.Linear):
+        return m.out_features, m.in_features
+    if isinstance(m, CONV_TYPES):
+        return m.out_channels, m.in_channels
+    return m.num_features, m.num_features
+
+
+def conv_config(m: nn.Module) -> dict[str, Any]:
+    """What a convolution computes besides its widths (empty for other layers), JSON-able."""
+    if not isinstance(m, CONV_TYPES):
+        return {}
+    keys = ("kernel_size", "stride", "padding", "dilation", "groups", "padding_mode")
+    return {
+        k: list(v) if isinstance(v, tuple) else v for k, v in ((k, getattr(m, k)) for k in keys)
+    }

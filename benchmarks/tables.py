@@ -1,0 +1,452 @@
+"""Results as data: the tables of ``benchmarks/README.md``, rendered from ``benchmarks/results/``.
+
+Each table of the README sits between ``<!-- table:NAME -->`` and ``<!-- /table:NAME -->``
+and is generated from the JSON files under ``benchmarks/results/`` by the renderer ``NAME``
+below; nothing between the markers is written by hand. The renderers only format the numbers
+the JSON holds (no arithmetic beyond comparing the two robustness seeds and taking the range of a
+list of per-seed accuracies). The JSON is what the scripts write with ``--json`` (robustness.py
+and gate_step.py always); a file or row with a ``source`` field was transcribed from the old
+results page, and its renderer says so under the table.
+
+    python benchmarks/tables.py --write               # regenerate every table of the README
+    python benchmarks/tables.py --write robustness    # one table
+    python benchmarks/tables.py --check               # exit 1 when a table is stale
+    python benchmarks/tables.py --print baselines     # print one table
+
+Standard library only, so that it runs in a second anywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+HERE = Path(__file__).parent
+RESULTS = HERE / "results"
+README = HERE / "README.md"
+
+
+def load(name: str) -> dict:
+    return json.loads((RESULTS / name).read_text())
+
+
+def _pct(v, digits: int = 2) -> str:
+    return "–" if v is None else f"{100 * v:.{digits}f}%"
+
+
+def _acc(v) -> str:
+    return "–" if v is None else f"{v:.4f}"
+
+
+def _x(v) -> str:
+    return "–" if v is None else f"{v:.2f}x"
+
+
+def _pts(v) -> str:
+    return "–" if v is None else f"{v:+.2f}"
+
+
+def _origin(payload: dict, name: str) -> str:
+    """The provenance line under a table: the file, its note, and where its numbers came from."""
+    parts = [f"From `results/{name}`."]
+    if payload.get("note"):
+        parts.append(payload["note"])
+    if payload.get("source"):
+        parts.append(f"Numbers {payload['source']}.")
+    elif payload.get("meta"):
+        m = payload["meta"]
+        parts.append(
+            f"Measured by `{m.get('command', '?')}` on {m.get('device', '?')}, "
+            f"torch {m.get('torch', '?')}."
+        )
+    return "*" + " ".join(parts) + "*"
+
+
+def _composite_origin(payload: dict, rows: list[dict], name: str) -> str:
+    """The provenance of a table assembled from several commands, each row with its own."""
+    parts = [f"From `results/{name}`."]
+    if payload.get("note"):
+        parts.append(payload["note"])
+    transcribed = sum(1 for r in rows if r.get("source"))
+    if transcribed == len(rows) and payload.get("source"):
+        parts.append(f"Numbers {payload['source']}.")
+    elif transcribed:
+        parts.append(
+            f"{transcribed} of {len(rows)} rows transcribed from benchmarks/RESULTS.md (their "
+            "`source`); every row records its command."
+        )
+    else:
+        parts.append("Every row records the command that measured it.")
+    return " ".join(parts)
+
+
+# -- the default fit ------------------------------------------------------------------------------
+
+
+def _robustness_cells() -> dict[int, tuple]:
+    """``CELLS`` of ``robustness.py`` (read from its source: importing it would import torch)."""
+    tree = ast.parse((HERE / "robustness.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(
+            isinstance(t, ast.Name) and t.id == "CELLS" for t in node.targets
+        ):
+            return ast.literal_eval(node.value)
+    raise RuntimeError("benchmarks/robustness.py defines no CELLS")
+
+
+def robustness_table(payload: dict, cells: dict[int, tuple]) -> list[str]:
+    """The markdown table of robustness.py's JSON (every cell; cells not run yet say so)."""
+    done = {r["cell"]: r for r in payload["cells"]}
+    mark = {True: "yes", False: "**no**", None: "-"}
+    lines = [
+        "| cell | data (train images) | net | start | steps | prior | dense | predictive | "
+        "pruned (PIP >= 0.5) | params kept | hidden off | PIPs in [0.1, 0.9] | (a) | (b) | (c) |",
+        "|---:|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---|---|---|",
+    ]
+    for cell, (data, n, net, start, budget, epochs, prior) in cells.items():
+        r = done.get(cell)
+        if r is None:
+            lines.append(
+                f"| {cell} | {data} ({n}) | {net} | {start} | {budget}, {epochs} ep | {prior} | "
+                "not run yet |  |  |  |  |  |  |  |  |"
+            )
+            continue
+        lines.append(
+            f"| {cell} | {data} ({r['train_images']}) | {net} | {start} | {budget}, {r['steps']} | "
+            f"{prior} | {r['dense']:.4f} | {r['predictive']:.4f} | {r['pruned']:.4f} | "
+            f"{r['params']:.1%} | {r['hidden_off']:.0%} | {r['uncertain']:.0%} | "
+            f"{mark[r['a']]} | {mark[r['b']]} | {mark[r['c']]} |"
+        )
+    return lines
+
+
+def render_robustness() -> list[str]:
+    payload = load("robustness.json")
+    lines = robustness_table(payload, _robustness_cells())
+    notes = [_origin(payload, "robustness.json")]
+    seed0 = {r["cell"]: r for r in payload["cells"]}
+    other = load("robustness_seed1.json")
+    both = [(seed0[r["cell"]], r) for r in other["cells"] if r["cell"] in seed0]
+    if both:
+        same = sum(all(a[k] == b[k] for k in "abc") for a, b in both)
+        d_pred = max(abs(a["predictive"] - b["predictive"]) for a, b in both)
+        d_params = max(abs(a["params"] - b["params"]) for a, b in both)
+        cells = ", ".join(str(b["cell"]) for _, b in both)
+        notes.append(
+            f"*Seed 1 (`results/robustness_seed1.json`, `{other['meta']['command']}`, cells "
+            f"{cells}): the same targets met and missed as seed 0 in {same} of {len(both)} cells; "
+            f"predictive within {100 * d_pred:.1f} points, params kept within "
+            f"{100 * d_params:.1f} points.*"
+        )
+    full = load("bayes_lenet_defaults.json")
+    for r in full["rows"]:
+        per = ", ".join(f"{v:.0%}" for v in r["per_layer_below_half"].values())
+        notes.append(
+            f"*LeNet-300-100 on all 50,000 training images (`results/bayes_lenet_defaults.json`, "
+            f"`{full['command']}`): dense {r['dense_acc']:.4f}, predictive {r['bayes_acc']:.4f}, "
+            f"median-probability model {r['median_model_acc']:.4f}, hidden nodes with PIP < 0.5 "
+            f"{r['hidden_below_half']:.0%} ({per} per layer).*"
+        )
+    return [*lines, "", " ".join(notes)]
+
+
+def render_gate_step() -> list[str]:
+    payload = load("gate_step.json")
+    cases: dict[tuple, dict] = {}
+    for r in payload["rows"]:
+        cases.setdefault((r["data"], r["epochs"], r["steps"], r["dense"]), {})[r["rule"]] = r
+    lines = [
+        "| data | SVI steps | dense | fixed 0.01: predictive / pruned | params | PIPs in "
+        "[0.1, 0.9] | tied: step | predictive / pruned | params | PIPs in [0.1, 0.9] |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for (data, _, steps, dense), rules in cases.items():
+        cells = []
+        for rule in ("fixed", "tied"):
+            r = rules.get(rule)
+            if r is None:
+                cells.append("– | – | – |" if rule == "fixed" else "– | – | – | – |")
+                continue
+            step = f" {r['gate_step']:g} |" if rule == "tied" else ""
+            cells.append(
+                f"{step} {r['predictive']:.4f} / {r['pruned']:.4f} | {r['params']:.1%} | "
+                f"{r['uncertain']:.0%} |"
+            )
+        lines.append(f"| {data} | {steps} | {dense:.4f} |" + "".join(cells))
+    lines += ["", _origin(payload, "gate_step.json")]
+    return lines
+
+
+# -- cost -----------------------------------------------------------------------------------------
+
+
+def render_svi_speed() -> list[str]:
+    payload = load("svi_speed.json")
+    cells: dict[str, dict[str, str]] = {}
+    models: list[str] = []
+    order: list[str] = []  # methods in the order of the rows; a new one after its predecessor
+    before, model = None, None
+    for r in payload["rows"]:
+        if r["model"] != model:
+            before, model = None, r["model"]
+        if model not in models:
+            models.append(model)
+        if r["method"] not in order:
+            order.insert(order.index(before) + 1 if before else len(order), r["method"])
+        before = r["method"]
+        value = "n/a" if r.get("step") is None else f"{r['ratio']:.2f}x ({r['step']:.2f} ms)"
+        cells.setdefault(r["method"], {})[model] = value
+    lines = [
+        "| method | " + " | ".join(models) + " |",
+        "|---|" + "---:|" * len(models),
+    ]
+    for method in order:
+        row = cells[method]
+        lines.append(f"| {method} | " + " | ".join(row.get(m, "–") for m in models) + " |")
+    origin = _composite_origin(payload, payload["rows"], "svi_speed.json")
+    lines += ["", f"*Ratio to the deterministic step of the same run (ms per step). {origin}*"]
+    # the predictive draws go on the same line (one paragraph under the table)
+    predict = load("svi_predict.json")
+    draws = [r for r in predict["rows"] if r["method"].startswith("posterior draw, bnet.predict")]
+    if draws:
+        lines[-1] += (
+            " *One posterior draw of `bnet.predict` per batch against one deterministic forward "
+            "pass: "
+            + ", ".join(f"{r['model']} {r['ratio']:.2f}x ({r['step']:.2f} ms)" for r in draws)
+            + " ("
+            + _origin(predict, "svi_predict.json").strip("*")
+            + ")*"
+        )
+    return lines
+
+
+# -- pruning against the baselines ---------------------------------------------------------------
+
+
+LABELS = {
+    "dense": "dense",
+    "magnitude": "magnitude (Alvarez, unstructured)",
+    "magnitude_structured": "magnitude (structured)",
+    "snacs": "SNACS",
+    "mint": "MINT",
+    "gumbel": "Gumbel masks (weights)",
+    "self_compression": "self-compression (SNR)",
+    "spike_slab": "spike-and-slab (ours)",
+    "group_horseshoe": "group horseshoe (ours)",
+}
+
+
+def render_baselines() -> list[str]:
+    payload = load("baselines.json")
+    lines = [
+        "| model | method | settings | test acc | params kept | FLOPs kept | certified acc "
+        "(α=0.02, δ=0.1) | certified params |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    dense = []
+    for res in payload["results"]:
+        r = res["row"]
+        if r["method"] == "dense":
+            dense.append(f"{r['model']} {_acc(r['acc'])} ({res['settings']})")
+            continue
+        kind = "" if r.get("structured", True) else " (non-zeros)"
+        lines.append(
+            f"| {r['model']} | {LABELS.get(r['method'], r['method'])} | {res['settings']} | "
+            f"{_acc(r['acc'])} | {_pct(r['params'])}{kind} | {_pct(r['flops'])} | "
+            f"{_acc(r.get('cert_acc'))} | {_pct(r.get('cert_params'))} |"
+        )
+    origin = _composite_origin(payload, payload["results"], "baselines.json")
+    lines += ["", f"*Dense nets: {', '.join(dense)}. {origin}*"]
+    return lines
+
+
+def render_conformal() -> list[str]:
+    payload = load("conformal.json")
+    m = payload["meta"]
+    lines = [
+        "| procedure | α | test file: risk or coverage | 100 random splits: violations or "
+        "coverage | params kept or mean set size | test acc |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for c in payload["certificates"]:
+        what = "nothing certified" if c["level"] is None else f"PIP >= {c['level']:.6g}"
+        lines.append(
+            f"| Learn then Test, {what} | {c['alpha']:g} | risk {c['test_risk']:.4f} | "
+            f"{c['violations']} violations | {_pct(c['params_kept'])} | {_acc(c['test_acc'])} |"
+        )
+    for s in payload["sets"]:
+        lines.append(
+            f"| prediction sets, {s['score']} | {m['set_alpha']:g} | coverage "
+            f"{s['coverage']:.4f} | coverage {s['split_cov']:.4f} ± {s['split_sd']:.4f} | "
+            f"{s['size']:.3f} | – |"
+        )
+    lines.append("")
+    lines.append(
+        f"*δ = {m['delta']:g}, risk: {m['risk']}; dense {m['dense_acc']:.4f}, unpruned "
+        f"posterior-mean net {m['mean_acc']:.4f}, predictive {m['predictive_acc']:.4f}; splits "
+        f"of the {m['pool']:,}-image held-out pool with n_cal = {m['n_cal']:,}. "
+        + _origin(payload, "conformal.json").strip("*")
+        + "*"
+    )
+    return lines
+
+
+# -- structured compression -----------------------------------------------------------------------
+
+_DEFAULT_CLAUSES = re.compile(
+    r", (PIP >= 0\.5|min_nodes 1|sd family per_weight|reparam=local|posterior saved in / loaded "
+    r"from [^,;]*)"
+)
+
+
+def short_settings(settings: str) -> str:
+    """compression.py's settings without the clauses every row shares (defaults, machine)."""
+    return _DEFAULT_CLAUSES.sub("", settings.split(";")[0])
+
+
+def render_compression() -> list[str]:
+    payload = load("compression.json")
+    lines = [
+        "| model | method | settings | test acc | Δ (points) | params kept | FLOPs kept | "
+        "FLOP reduction | speed-up b1 | b256 |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in payload["rows"]:
+        if r["method"] == "dense":
+            continue
+        lines.append(
+            f"| {r['model']} | {r.get('label', r['method'])} | {short_settings(r.get('settings', ''))} | "
+            f"{_acc(r['test_acc'])} | {_pts(r.get('delta_points'))} | "
+            f"{_pct(r.get('params_kept'))} | {_pct(r.get('flops_kept'))} | "
+            f"{_x(r.get('flop_reduction'))} | {_x(r.get('speedup_b1'))} | "
+            f"{_x(r.get('speedup_b256'))} |"
+        )
+    origin = _composite_origin(payload, payload["rows"], "compression.json")
+    lines += ["", f"*{origin}*"]
+    return lines
+
+
+def render_frontier() -> list[str]:
+    payload = load("frontier.json")
+    m = payload["meta"]
+    second = sorted({r["h2"] for r in payload["rows"]})
+    by_inputs: dict[int, dict[int, str]] = {}
+    for r in payload["rows"]:
+        accs = r.get("accs") or []
+        lo, hi = r.get("min", min(accs, default=None)), r.get("max", max(accs, default=None))
+        by_inputs.setdefault(r["inputs"], {})[r["h2"]] = (
+            f"{r['inputs']}-{r['h1']}-{r['h2']}-10: {r['mean']:.4f} ({lo:.4f}-{hi:.4f}), "
+            f"{_pts(r.get('delta_points'))}"
+        )
+    lines = [
+        "| inputs | "
+        + " | ".join(f"second layer {h}: widths: mean (min-max), Δ" for h in second)
+        + " |",
+        "|---:|" + "---|" * len(second),
+    ]
+    for k, cells in by_inputs.items():
+        lines.append(f"| {k} | " + " | ".join(cells.get(h, "–") for h in second) + " |")
+    dense = ", ".join(f"{a:.4f}" for a in m["dense_accs"])
+    lines.append("")
+    lines.append(
+        f"*Mean test accuracy over seeds {', '.join(map(str, m['seeds']))}, {m['epochs']} "
+        f"epochs, budget {m['budget']:,} parameters; Δ against the dense LeNet-300-100 of the same "
+        f"run ({dense}; mean {m['dense_mean']:.4f}). "
+        + _origin(payload, "frontier.json").strip("*")
+        + "*"
+    )
+    return lines
+
+
+RENDERERS: dict[str, Callable[[], list[str]]] = {
+    "robustness": render_robustness,
+    "gate-step": render_gate_step,
+    "svi-speed": render_svi_speed,
+    "baselines": render_baselines,
+    "conformal": render_conformal,
+    "compression": render_compression,
+    "frontier": render_frontier,
+}
+
+
+def render(name: str) -> str:
+    return "\n".join(RENDERERS[name]())
+
+
+def _markers(name: str) -> tuple[str, str]:
+    return f"<!-- table:{name} -->", f"<!-- /table:{name} -->"
+
+
+def rewrite(text: str, names: list[str]) -> str:
+    """``text`` with the tables ``names`` regenerated between their markers."""
+    for name in names:
+        begin, end = _markers(name)
+        if text.count(begin) != 1 or text.count(end) != 1:
+            raise SystemExit(f"{README.name}: need exactly one {begin} ... {end}")
+        head, rest = text.split(begin, 1)
+        _, tail = rest.split(end, 1)
+        text = f"{head}{begin}\n{render(name)}\n{end}{tail}"
+    return text
+
+
+def names_in(text: str) -> list[str]:
+    """The table names whose markers ``text`` holds, in order."""
+    return re.findall(r"<!-- table:([\w-]+) -->", text)
+
+
+def write(names: list[str] | None = None, readme: Path = README) -> None:
+    """Regenerate ``names`` (default: every table) in ``readme``, atomically."""
+    if str(HERE) not in sys.path:
+        sys.path.insert(0, str(HERE))
+    from results_io import write_text
+
+    text = readme.read_text()
+    write_text(readme, rewrite(text, names or list(RENDERERS)))
+
+
+def stale(readme: Path = README) -> list[str]:
+    """The tables of ``readme`` that differ from their JSON, and the renderers it lacks."""
+    text = readme.read_text()
+    present = names_in(text)
+    out = [f"{n} (no markers)" for n in RENDERERS if n not in present]
+    out += [f"{n} (no renderer)" for n in present if n not in RENDERERS]
+    for name in (n for n in present if n in RENDERERS):
+        if rewrite(text, [name]) != text:
+            out.append(name)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--write", nargs="*", metavar="NAME", help="regenerate these tables (all)")
+    g.add_argument("--check", action="store_true", help="exit 1 when the README is stale")
+    g.add_argument("--print", metavar="NAME", choices=list(RENDERERS), help="print one table")
+    args = p.parse_args(argv)
+    if args.print:
+        print(render(args.print))
+        return 0
+    if args.check:
+        bad = stale()
+        if bad:
+            print(
+                f"{README} is stale: {', '.join(bad)}; run python benchmarks/tables.py --write",
+                file=sys.stderr,
+            )
+            return 1
+        print(f"{README}: every table matches benchmarks/results/")
+        return 0
+    unknown = [n for n in args.write if n not in RENDERERS]
+    if unknown:
+        p.error(f"unknown tables {unknown}; the tables are {', '.join(RENDERERS)}")
+    write(args.write or None)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
