@@ -45,8 +45,7 @@ from __future__ import annotations
 import json
 import os
 import random
-import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +53,7 @@ import numpy as np
 import torch
 
 from .bayesianize import BayesianModule
+from .files import atomic_write
 
 __all__ = ["FORMAT", "SUFFIX", "load_fit_state", "restore", "save_fit_state", "state_path"]
 
@@ -82,29 +82,11 @@ def state_path(path: str | Path) -> Path:
 
 # -- atomic writes ---------------------------------------------------------------------------------
 def _write_bytes(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` (a new temporary file) and flush it to disk."""
-    with open(path, "xb") as f:
+    """Write ``data`` to ``path`` (the temporary file of :func:`files.atomic_write`) and flush it."""
+    with open(path, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-
-
-def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
-    """``write(tmp)`` to a temporary file next to ``path``, then move it over ``path``.
-
-    On any failure the temporary file is removed and ``path`` is left as it was.
-    """
-    path = Path(path)
-    tmp = str(path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp"))
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def save_module(bnet: BayesianModule, path: str | Path) -> None:

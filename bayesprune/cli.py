@@ -81,7 +81,10 @@ _PREPROCESS_WORDS = {
 #: what each command writes into a run directory; each JSON file carries the run's id, and the
 #: last file of each list is written last (a command interrupted before it left no record)
 OUTPUTS = {
-    "fit": ("dense.safetensors", "bayesian.safetensors", "elbo.png", "pips.png", "fit.json"),
+    "fit": (
+        "fit.partial.json", "dense.safetensors", "checkpoint.safetensors",
+        "checkpoint.safetensors.resume", "bayesian.safetensors", "elbo.png", "pips.png", "fit.json",
+    ),
     "prune": ("pruned.safetensors", "pruning_curve.png", "compression.json"),
     "certify": (
         "certified.safetensors", "risk_curve.png", "set_sizes.png", "conformal.json",
@@ -274,6 +277,10 @@ def build_parser() -> argparse.ArgumentParser:
         "the steps and at most one epoch)",
     )
     fit.add_argument("--lr", type=_positive_float, default=1e-3, help="SVI learning rate")
+    fit.add_argument("--resume", action="store_true",
+                     help="continue the fit in --out that was interrupted (Ctrl-C, a full disk), "
+                     "from the end of its last epoch; give the same options. It ends exactly as "
+                     "the fit run straight through would have")  # fmt: skip
     fit.add_argument("--batch-size", type=_positive_int, default=128, metavar="B")
     fit.add_argument(
         "--out", type=Path, required=True, metavar="DIR", help="run directory to write"
@@ -519,7 +526,8 @@ def _read_run(run: Path) -> dict[str, Any]:
         if any((run / name).exists() for name in OUTPUTS["fit"]):
             raise CLIError(
                 f"{run} has no {RUN_FILE}: the last `bayesprune fit --out {run}` did not finish "
-                "(interrupted or failed), and its files are not a run; run it again"
+                "(interrupted or failed), and its files are not a run; run it again, or continue "
+                "it with the same options and --resume"
             )
         raise CLIError(
             f"{run} is not a run directory (no {RUN_FILE}); create it with `bayesprune fit`"
@@ -658,15 +666,24 @@ def _cmd_fit(args: argparse.Namespace) -> None:
     net = _build_model(args.model, input_shape, splits.num_classes)
     if args.weights is not None:  # a bad file fails before the old run is moved away
         _load_weights(net, args.weights, args.model)
-    retired = _retire(out)
-    if retired:
-        _say(f"moved the previous run's files from {out} to {retired}")
-    run_id = uuid.uuid4().hex[:12]
+    options = {k: _json_default(v) if isinstance(v, Path) else v for k, v in vars(args).items()
+               if k in _FIT_OPTIONS}  # fmt: skip
+    ckpt_path = out / "checkpoint.safetensors"
+    if args.resume:
+        run_id = _resumable(out, options)
+    else:
+        retired = _retire(out)
+        if retired:
+            _say(f"moved the previous run's files from {out} to {retired}")
+        run_id = uuid.uuid4().hex[:12]
     train_loader = loader(splits.train, args.batch_size, seed=args.seed)
     # validation accuracies are a progress report, not a result: 1,000 images are enough
     val_loader = loader(Subset(splits.val, range(min(1000, len(splits.val)))), 512, shuffle=False)
     t0 = time.perf_counter()
-    if args.weights is not None:
+    if args.resume:
+        _say(f"1/3 the dense {args.model} of the interrupted fit ({out / 'dense.safetensors'})")
+        _load_weights(net, out / "dense.safetensors", args.model)
+    elif args.weights is not None:
         _say(f"1/3 loading your weights for {args.model} from {args.weights} (inputs: "
              f"--preprocess {args.preprocess}, {_PREPROCESS_WORDS[args.preprocess]})")  # fmt: skip
     else:
@@ -677,16 +694,19 @@ def _cmd_fit(args: argparse.Namespace) -> None:
                  progress=progress, seed=args.seed)  # fmt: skip
     net.cpu().eval()
     dense_acc = bp.evaluate(net, val_loader)
-    from safetensors.torch import save_file
+    if not args.resume:
+        from safetensors.torch import save_file
 
-    dense_state = {k: v.contiguous() for k, v in net.state_dict().items()}
-    atomic_write(out / "dense.safetensors", lambda tmp: save_file(dense_state, tmp))
+        dense_state = {k: v.contiguous() for k, v in net.state_dict().items()}
+        atomic_write(out / "dense.safetensors", lambda tmp: save_file(dense_state, tmp))
+        _write_json(out / "fit.partial.json", {"run_id": run_id, "options": options})
 
     _say(f"2/3 fitting the posterior ({args.prior} prior) by SVI for {args.epochs} epoch(s)")
     bnet = bp.bayesianize(net, prior=prior, reparam=args.reparam, weight_sd=args.weight_sd)
     result = bp.fit(bnet, train_loader, epochs=args.epochs, lr=args.lr, device=args.device,
                     progress=progress, seed=args.seed, kl_weight=args.kl_weight,
-                    structure_delay=args.structure_delay)  # fmt: skip
+                    structure_delay=args.structure_delay, checkpoint=ckpt_path,
+                    resume=ckpt_path if args.resume else None)  # fmt: skip
     bnet.save(out / "bayesian.safetensors")
     pips = {k: v.detach().cpu().numpy() for k, v in bnet.inclusion_probs().items()}
     bayes_acc = bp.evaluate(bnet, val_loader, num_samples=8)  # posterior predictive
@@ -717,6 +737,8 @@ def _cmd_fit(args: argparse.Namespace) -> None:
     if pips:
         _save_fig(plots.plot_pips(pips), out / "pips.png")
     _write_json(out / RUN_FILE, cfg)  # last: a fit interrupted before here left no run
+    for name in ("fit.partial.json", "checkpoint.safetensors", "checkpoint.safetensors.resume"):
+        (out / name).unlink(missing_ok=True)  # the run is complete: nothing left to resume
     whole = _kept_whole(net, splits.test[0][0][None])
     prunable = {k: v for k, v in pips.items() if k not in whole}  # the output layer is never pruned
     kept = sum(int((v >= 0.5).sum()) for v in prunable.values())
@@ -724,6 +746,39 @@ def _cmd_fit(args: argparse.Namespace) -> None:
     _say(f"validation accuracy: dense {dense_acc:.4f}, posterior predictive {bayes_acc:.4f}; "
          f"{kept}/{total} prunable nodes with PIP >= 0.5")  # fmt: skip
     _say(f"wrote {out} (run id {run_id})")
+
+
+#: the options of `fit` that a resumed fit must repeat
+_FIT_OPTIONS = (
+    "model", "weights", "data", "data_root", "subset", "seed", "prior", "prior_inclusion",
+    "global_scale", "reparam", "weight_sd", "pretrain_epochs", "epochs", "kl_weight",
+    "structure_delay", "lr", "batch_size", "preprocess",
+)  # fmt: skip
+
+
+def _resumable(out: Path, options: dict[str, Any]) -> str:
+    """The run id of the interrupted fit in ``out``, after checking that it can be resumed with
+    ``options``; a ``CLIError`` that says why not otherwise."""
+    partial = out / "fit.partial.json"
+    if (out / RUN_FILE).is_file():
+        raise CLIError(f"the fit in {out} finished (it has {RUN_FILE}): nothing to resume")
+    if not partial.is_file() or not (out / "checkpoint.safetensors.resume").is_file():
+        raise CLIError(
+            f"nothing to resume in {out}: no interrupted fit that finished an epoch there; run "
+            "`bayesprune fit` without --resume"
+        )
+    try:
+        saved = json.loads(partial.read_text())
+    except ValueError as exc:
+        raise CLIError(f"{partial} is not valid JSON ({exc}); run the fit again") from exc
+    differ = [
+        f"--{k.replace('_', '-')} {saved['options'].get(k)!r} then, {v!r} now"
+        for k, v in options.items()
+        if saved["options"].get(k) != v
+    ]
+    if differ:
+        raise CLIError(f"--resume needs the options of the interrupted fit: {'; '.join(differ)}")
+    return saved["run_id"]
 
 
 def _history(result: Any) -> list[float]:
@@ -1076,7 +1131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(
             "bayesprune: interrupted; every file is either complete or absent (a fit that did not "
-            "finish leaves no run.json: run it again)",
+            "finish leaves no run.json: continue it with the same command and --resume)",
             file=sys.stderr,
         )
         return 130

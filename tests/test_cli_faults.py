@@ -98,15 +98,16 @@ def test_full_disk_during_fit(tmp_path, monkeypatch, capsys) -> None:
     real = files.os.fsync
     calls = {"n": 0}
 
-    def full(fd):  # the disk fills up while fit.json is written (after the safetensors)
+    def full(fd):  # the disk fills up at the first file that is flushed (a checkpoint or record)
         calls["n"] += 1
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(files.os, "fsync", full)
+    monkeypatch.setattr("bayesprune.checkpoint.os.fsync", full)
     out = tmp_path / "run"
     assert main([*FIT, "--out", str(out), *QUICK]) == 2
     err = _error_line(capsys, 2)
-    assert "No space left on device" in err and "fit.json" in err, err
+    assert "No space left on device" in err and "cannot write" in err, err
     monkeypatch.setattr(files.os, "fsync", real)
     assert calls["n"] == 1
     assert not (out / "run.json").exists() and not (out / "fit.json").exists()
@@ -254,3 +255,37 @@ def test_ignored_labels_are_named(tmp_path) -> None:
         bp.train(net, data, epochs=1, progress=False)
     with pytest.raises(ValueError, match=r"ignore_index.*drop the unlabelled examples"):
         bp.fit(bp.bayesianize(net), data, epochs=1, progress=False)
+
+
+def test_an_interrupted_fit_resumes_to_the_same_result(tmp_path, monkeypatch, capsys) -> None:
+    from safetensors.torch import load_file
+
+    from bayesprune import checkpoint
+
+    argv = [*FIT, "--epochs", "3", "--pretrain-epochs", "1", "--no-progress", "--threads", "1"]
+    straight = tmp_path / "straight"
+    assert main([*argv, "--out", str(straight)]) == 0
+    run = tmp_path / "run"
+    real, calls = checkpoint.save_fit_state, []
+
+    def then_ctrl_c(*args, **kwargs):
+        real(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt  # right after the state of epoch 1 is on disk
+
+    monkeypatch.setattr(checkpoint, "save_fit_state", then_ctrl_c)
+    assert main([*argv, "--out", str(run)]) == 130
+    assert "--resume" in _error_line(capsys, 130)
+    monkeypatch.undo()
+    assert not (run / "run.json").exists()
+    assert main(["prune", "--run", str(run)]) == 2
+    assert "--resume" in _error_line(capsys, 2)
+    assert main([*argv, "--out", str(run), "--lr", "0.01", "--resume"]) == 2  # other options
+    assert "--lr 0.001 then, 0.01 now" in _error_line(capsys, 2)
+    assert main([*argv, "--out", str(run), "--resume"]) == 0
+    a, b = load_file(straight / "bayesian.safetensors"), load_file(run / "bayesian.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not (run / "checkpoint.safetensors.resume").exists()  # finished: nothing to resume
+    assert main([*argv, "--out", str(run), "--resume"]) == 2
+    assert "nothing to resume" in _error_line(capsys, 2)
