@@ -37,8 +37,8 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
+from ._utils import resolve_device
 from .data import input_errors, input_tensor
-from .train import resolve_device
 
 __all__ = ["fold_batchnorm", "recalibrate_batchnorm"]
 

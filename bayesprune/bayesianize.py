@@ -52,7 +52,6 @@ import contextlib
 import copy
 import json
 import warnings
-from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -63,9 +62,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._utils import check_seed, modes_kept, param_effect, resolve_device, with_versions
 from .data import input_errors, input_tensor, label_errors, output_tensor
 from .files import atomic_write, check_target
-from .layers import INIT_SCALE, WEIGHT_SD_FAMILIES, BayesianLayer, _set_mode, bayesian_layer_for
+from .layers import INIT_SCALE, WEIGHT_SD_FAMILIES, BayesianLayer, bayesian_layer_for, set_mode
 from .priors import Prior, SpikeAndSlab, prior_from_dict
 
 __all__ = ["BayesianModule", "RegressionPrediction", "bayesianize", "load"]
@@ -104,20 +104,6 @@ class _GateAfter:
         return output if mult is None else self.layer.apply_multiplier(output, mult)
 
 
-def _param_effect(name: str, p: torch.Tensor) -> None:
-    """Emit a ``param`` site for an ``nn.Parameter`` without touching Pyro's global param store.
-
-    ``pyro.infer.SVI`` collects the parameters to optimise from these sites, so the guide can be run
-    with ``SVI`` and ``pyro.optim`` while the module keeps owning its parameters.
-    """
-    import weakref
-
-    p.unconstrained = weakref.ref(p)  # what the param store attaches to its values
-    pyro.poutine.runtime.effectful(type="param")(lambda *_, **__: p)(
-        name, p, constraint=torch.distributions.constraints.real, name=name
-    )
-
-
 def _gate_points(
     net: nn.Module, paths: Iterable[str]
 ) -> tuple[dict[str, str], dict[str, str], bool]:
@@ -137,7 +123,7 @@ def _gate_points(
     # both modes' graphs (fx bakes `if self.training` in): a point holds only if it holds in both,
     # the rule bayesprune.prune applies to BatchNorms
     for training in (False, True):
-        with _modes_kept(net):
+        with modes_kept(net):
             net.train(training)
             try:
                 gm = torch.fx.symbolic_trace(net)
@@ -282,7 +268,7 @@ class BayesianModule(nn.Module):
     def mode(self, mode: Literal["sample", "mean", "fixed"]) -> Iterator[BayesianModule]:
         """Context manager switching every Bayesian layer to ``mode``."""
         old = {p: m.mode for p, m in self.bayesian_layers.items()}
-        _set_mode(self.net, mode)
+        set_mode(self.net, mode)
         try:
             yield self
         finally:
@@ -478,7 +464,7 @@ class BayesianModule(nn.Module):
     def guide(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
         """Variational posterior over the same sites (and the ``param`` sites of every parameter)."""
         for name, p in self.named_parameters():
-            _param_effect(f"bnet.{name}", p)
+            param_effect(f"bnet.{name}", p)
         with pyro.poutine.scale(scale=self._kl_scale):
             for path, layer in self.bayesian_layers.items():
                 layer._fixed = layer.prior.guide_sites(layer, path)
@@ -677,7 +663,7 @@ class BayesianModule(nn.Module):
         for layer in exact:
             layer.exact_draws = True
         try:
-            with _modes_kept(self):
+            with modes_kept(self):
                 self.eval()
                 self._check_batch(x)
                 x = x.to(self.device)
@@ -749,47 +735,6 @@ class BayesianModule(nn.Module):
         return f"likelihood={self.likelihood!r}, num_data={self.num_data}"
 
 
-def _is_bayesian(model: Any) -> bool:
-    """Whether ``model`` follows the BayesianModule contract of ARCHITECTURE.md (duck-typed, so
-    that test doubles and wrappers qualify)."""
-    return callable(getattr(model, "inclusion_probs", None)) and callable(
-        getattr(model, "mean_module", None)
-    )
-
-
-@contextlib.contextmanager
-def _modes_kept(module: nn.Module) -> Iterator[None]:
-    """Restore every submodule's own train/eval flag on exit (``module.train(flag)`` would set
-    them all alike, e.g. unfreeze a BatchNorm the user keeps in eval mode inside a training net)."""
-    modes = [(m, m.training) for m in module.modules()]
-    try:
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
-
-
-def _with_versions(state: Mapping[str, torch.Tensor], net: nn.Module) -> dict[str, torch.Tensor]:
-    """``state`` plus the per-module versions of ``net``, into which it is about to be loaded.
-
-    ``torch.save`` keeps them (``state_dict()._metadata``) and safetensors files do not; some
-    modules refuse to load without them (torchvision's MNASNet). A state that has its own (an
-    old ``torch.save`` checkpoint, whose BatchNorms may predate ``num_batches_tracked``) keeps
-    them, so that each module's loader upgrades it; a safetensors file was saved from the same
-    code, so the freshly built ``net``'s versions are the right ones for it.
-    """
-    if getattr(state, "_metadata", None) is not None:
-        return state  # type: ignore[return-value]
-    out = OrderedDict(state)
-    out._metadata = getattr(net.state_dict(), "_metadata", None)  # type: ignore[attr-defined]
-    return out
-
-
-def _check_writable(path: str | Path) -> None:
-    """Fail before any work when ``path`` cannot be written (see :func:`files.check_target`)."""
-    check_target(path)
-
-
 def load(
     path: str | Path, net: nn.Module, device: str | torch.device | None = None
 ) -> BayesianModule:
@@ -820,8 +765,6 @@ def load(
     """
     from safetensors import safe_open
     from safetensors.torch import load_file
-
-    from .train import resolve_device
 
     path = Path(path)
     if not path.is_file():
@@ -870,7 +813,7 @@ def load(
             "measured against) and it cannot be recovered from the file: fit the network again"
         )
     try:
-        bnet.load_state_dict(_with_versions(state, bnet))
+        bnet.load_state_dict(with_versions(state, bnet))
     except RuntimeError as exc:
         detail = "; ".join(
             line.strip() for line in str(exc).splitlines()[1:4] if line.strip()
@@ -879,7 +822,7 @@ def load(
     if cfg.get("dense_reference") and dense_state:
         template = bnet._template[0]
         try:
-            template.load_state_dict(_with_versions(dense_state, template))
+            template.load_state_dict(with_versions(dense_state, template))
         except RuntimeError as exc:
             raise ValueError(
                 f"the dense weights saved in {path} do not fit the network passed to load: {exc}"
@@ -892,18 +835,9 @@ def load(
     return bnet.to(resolve_device(device))
 
 
-def _check_seed(seed: Any) -> int:
-    """``seed`` if torch's generators take it, else a clear error."""
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an integer or None, got {seed!r}")
-    if not -(2**63) <= seed < 2**64:
-        raise ValueError(f"seed must fit in 64 bits (-2**63 <= seed < 2**64), got {seed}")
-    return seed
-
-
 def _draw_seeds(seed: int, num_samples: int) -> list[int]:
     """``num_samples`` seeds derived from ``seed``: the posterior draws of ``predict(seed=...)``."""
-    gen = torch.Generator().manual_seed(_check_seed(seed))
+    gen = torch.Generator().manual_seed(check_seed(seed))
     return torch.randint(2**62, (num_samples,), generator=gen).tolist()
 
 

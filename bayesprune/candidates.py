@@ -14,7 +14,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ._guarantee_checks import device_of
-from .bayesianize import _is_bayesian
+from ._utils import is_bayesian
 
 __all__ = ["default_levels", "pip_candidates"]
 
@@ -142,7 +142,7 @@ def pip_candidates(
     from .pruning import prune as prune_network
     from .pruning.api import infer_example_input
 
-    if not _is_bayesian(model):
+    if not is_bayesian(model):
         raise TypeError(
             f"expected a bayesprune BayesianModule, got {type(model).__name__}; for a plain "
             "network's sequence of pruned candidates use certify_candidates(candidates, dense, "

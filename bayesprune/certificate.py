@@ -68,12 +68,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ._guarantee_checks import check_cal_loader, check_labels, check_outputs, device_of, draw_seed
-from .bayesianize import _is_bayesian
+from ._utils import check_level, is_bayesian
 from .candidates import default_levels, pip_candidates  # re-exported: the candidates certify tests
 from .data import batch_xy, check_finite
 from .files import write_json
 from .metrics import count_nonzero
-from .risk import RISKS, _check_level, learn_then_test, risk_losses
+from .risk import RISKS, learn_then_test, risk_losses
 
 __all__ = ["Certificate", "certify", "certify_candidates", "default_levels", "pip_candidates"]
 
@@ -369,7 +369,7 @@ def certify_candidates(
     >>> cert.index, cert.risk_hat
     (1, 0.0)
     """
-    alpha, delta = _check_level(alpha, "alpha"), _check_level(delta, "delta")
+    alpha, delta = check_level(alpha, "alpha"), check_level(delta, "delta")
     if risk not in RISKS:
         raise ValueError(f"risk must be one of {RISKS}, got {risk!r}")
     candidates = list(candidates)
@@ -545,8 +545,8 @@ def certify(
             f"reference must be one of {_REFERENCES}, an nn.Module or a callable x -> class "
             f"scores, got {type(reference).__name__}"
         )
-    _check_level(alpha, "alpha"), _check_level(delta, "delta")
-    if _is_bayesian(model):
+    check_level(alpha, "alpha"), check_level(delta, "delta")
+    if is_bayesian(model):
         check_cal_loader(cal_loader, train_loader)
     levels, candidates = pip_candidates(
         model, levels, by=by, example_input=example_input, max_levels=max_levels,

@@ -65,8 +65,8 @@ import torch
 from torch import nn
 from torch.utils.data import Subset
 
+from ._utils import resolve_device, with_versions
 from .files import atomic_write, write_json, write_text
-from .train import resolve_device
 
 __all__ = ["CLIError", "build_parser", "main"]
 
@@ -498,12 +498,11 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _load_weights(net: nn.Module, path: Path, model: str) -> None:
-    from .bayesianize import _with_versions
 
     state = _read_state_dict(path)
     missing, unexpected = [], []
     try:
-        result = net.load_state_dict(_with_versions(state, net), strict=False)
+        result = net.load_state_dict(with_versions(state, net), strict=False)
         missing, unexpected = result.missing_keys, result.unexpected_keys
     except RuntimeError as exc:  # shape mismatch
         raise CLIError(

@@ -52,7 +52,7 @@ import torch
 from torch import nn
 
 from ._guarantee_checks import check_cal_loader, check_labels, check_outputs, device_of, draw_seed
-from .bayesianize import _check_seed, _is_bayesian
+from ._utils import check_level, check_seed, is_bayesian
 from .certificate import Certificate, certify, certify_candidates, default_levels, pip_candidates
 from .data import batch_xy, check_finite, input_tensor
 from .risk import (
@@ -61,7 +61,6 @@ from .risk import (
     RISKS,
     LTTResult,
     RiskControlResult,
-    _check_level,
     bentkus_pvalue,
     binomial_pvalue,
     conformal_risk_control,
@@ -137,7 +136,7 @@ def _uniforms(n: int, u: Any, seed: int | None, device: torch.device) -> torch.T
     if seed is None:
         gen.seed()
     else:
-        gen.manual_seed(_check_seed(seed))
+        gen.manual_seed(check_seed(seed))
     return torch.rand(n, generator=gen, device=device, dtype=torch.float64)
 
 
@@ -262,7 +261,7 @@ def conformal_quantile(scores: Any, alpha: float) -> float:
     >>> conformal_quantile(np.arange(1, 9), 0.1)  # n = 8: rank 9 > 8
     inf
     """
-    alpha = _check_level(alpha, "alpha")
+    alpha = check_level(alpha, "alpha")
     s, _ = _to_torch(scores, torch.float64)
     s = s.detach().cpu().ravel()
     n = s.numel()
@@ -359,7 +358,7 @@ class ConformalClassifier:
             raise ValueError(f"score must be one of {_SCORES}, got {score!r}")
         lam, k_reg = _raps_params(lam, k_reg)
         # a BayesianModule gives posterior predictive probabilities; anything else is a plain net
-        self.bayesian = _is_bayesian(model) or (
+        self.bayesian = is_bayesian(model) or (
             callable(getattr(model, "predict", None)) and not isinstance(model, nn.Module)
         )
         if not self.bayesian and not isinstance(model, nn.Module):
@@ -372,11 +371,11 @@ class ConformalClassifier:
         self.num_classes = num_classes or getattr(model, "num_classes", None)
         self._gen = torch.Generator(device=self.device)
         if seed is not None:
-            self._gen.manual_seed(_check_seed(seed))
+            self._gen.manual_seed(check_seed(seed))
         else:
             self._gen.seed()
         # drawn once: the predictive must be one fixed function for calibration and test alike
-        self._draw_seed = draw_seed(seed) if _is_bayesian(model) else None
+        self._draw_seed = draw_seed(seed) if is_bayesian(model) else None
         self.qhat: float | None = None
         self.alpha: float | None = None
         self.n: int | None = None
@@ -418,7 +417,7 @@ class ConformalClassifier:
         self, cal_loader: Iterable, alpha: float = 0.1, *, train_loader: Iterable | None = None
     ) -> ConformalClassifier:
         """Compute the conformal threshold from held-out ``(inputs, labels)`` batches."""
-        alpha = _check_level(alpha, "alpha")
+        alpha = check_level(alpha, "alpha")
         check_cal_loader(cal_loader, train_loader)
         scores = []
         for x, y in self._batches(cal_loader, "cal_loader"):

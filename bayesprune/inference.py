@@ -46,11 +46,12 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
-from .bayesianize import BayesianModule, _check_writable, _param_effect
+from ._utils import param_effect, resolve_device
+from .bayesianize import BayesianModule
 from .data import batch_xy, input_errors
 from .diagnostics import hidden_layers, informativeness_warnings, median_model, nodes_off
+from .files import check_target
 from .natural import BernoulliNaturalGradient
-from .train import resolve_device
 
 __all__ = ["FitResult", "LocalReparamELBO", "fit"]
 
@@ -142,7 +143,7 @@ class LocalReparamELBO(pyro.infer.ELBO):
         if pyro.poutine.runtime.am_i_wrapped():
             # make the parameters visible to pyro.infer.SVI's param capture
             for name, p in bnet.named_parameters():
-                _param_effect(f"bnet.{name}", p)
+                param_effect(f"bnet.{name}", p)
         out = bnet(x)
         n = bnet.num_data or x.shape[0]
         nll = -bnet.log_likelihood(out, y).sum() * (n / x.shape[0])
@@ -451,7 +452,7 @@ def fit(
         batch_xy(train_loader[0], "train_loader")
     n = _num_data(train_loader, num_data)
     if checkpoint is not None:
-        _check_writable(checkpoint)
+        check_target(checkpoint)
         ckpt.check_path(checkpoint)
     if resume is not None and elbo is not None:
         raise ValueError(

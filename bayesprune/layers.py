@@ -605,7 +605,7 @@ def bayesian_layer_for(module: nn.Module) -> type[BayesianLayer] | None:
     return SUPPORTED_LAYERS.get(type(module))
 
 
-def _set_mode(module: nn.Module, mode: str) -> None:
+def set_mode(module: nn.Module, mode: str) -> None:
     if mode not in _MODES:
         raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
     for m in module.modules():

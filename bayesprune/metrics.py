@@ -33,9 +33,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .bayesianize import _modes_kept
+from ._utils import modes_kept, resolve_device
 from .data import input_errors, input_tensor
-from .train import resolve_device
 
 __all__ = ["count_flops", "count_nonzero", "count_params", "flops_by_layer", "measure_latency"]
 
@@ -71,10 +70,10 @@ def flops_by_layer(module: nn.Module, example_input: torch.Tensor) -> dict[str, 
     ``example_input`` is one batch (its batch size does not matter). The module is run in eval mode
     without gradients and restored to its previous mode.
     """
-    return _macs_by_layer(module, example_input, type(module).__name__)
+    return macs_by_layer(module, example_input, type(module).__name__)
 
 
-def _macs_by_layer(module: nn.Module, example_input: torch.Tensor, what: str) -> dict[str, int]:
+def macs_by_layer(module: nn.Module, example_input: torch.Tensor, what: str) -> dict[str, int]:
     """:func:`flops_by_layer`, with ``what`` naming the module in a wrong-input error."""
     input_tensor(example_input, "example_input is")
     counts: dict[str, int] = {}
@@ -91,7 +90,7 @@ def _macs_by_layer(module: nn.Module, example_input: torch.Tensor, what: str) ->
             hooks.append(layer.register_forward_hook(make_hook(name)))
     try:
         with (
-            _modes_kept(module),
+            modes_kept(module),
             torch.no_grad(),
             input_errors(what, "example_input", tuple(example_input.shape)),
         ):
@@ -133,7 +132,7 @@ def measure_latency(
 
     times = []
     try:
-        with _modes_kept(module):
+        with modes_kept(module):
             module.eval()
             module.to(device)  # outside inference_mode: the parameters must stay trainable
             with torch.inference_mode():

@@ -36,6 +36,8 @@ import numpy as np
 import torch
 from scipy.stats import binom
 
+from ._utils import check_level
+
 __all__ = [
     "METHODS",
     "PVALUES",
@@ -59,13 +61,6 @@ PVALUES = ("hb", "hoeffding", "bentkus", "binomial", "auto")
 # --------------------------------------------------------------------------------------------------
 # p-values for H: R > alpha, from the empirical risk of n i.i.d. losses in [0, 1]
 # --------------------------------------------------------------------------------------------------
-
-
-def _check_level(value: float, name: str) -> float:
-    value = float(value)
-    if not 0.0 < value < 1.0:
-        raise ValueError(f"{name} must be in (0, 1), got {value}")
-    return value
 
 
 def _check_n(n: int) -> int:
@@ -108,7 +103,7 @@ def hoeffding_pvalue(risk_hat: Any, n: int, alpha: float) -> float | np.ndarray:
     >>> round(hoeffding_pvalue(0.0, 100, 0.05), 6)  # (1 - alpha)^n
     0.005921
     """
-    n, alpha, r = _check_n(n), _check_level(alpha, "alpha"), _risk_array(risk_hat)
+    n, alpha, r = _check_n(n), check_level(alpha, "alpha"), _risk_array(risk_hat)
     return _out(np.exp(-n * _h1(np.minimum(r, alpha), alpha)))
 
 
@@ -122,7 +117,7 @@ def bentkus_pvalue(risk_hat: Any, n: int, alpha: float) -> float | np.ndarray:
     >>> round(bentkus_pvalue(0.0, 100, 0.05), 6)  # e (1 - alpha)^n
     0.016094
     """
-    n, alpha, r = _check_n(n), _check_level(alpha, "alpha"), _risk_array(risk_hat)
+    n, alpha, r = _check_n(n), check_level(alpha, "alpha"), _risk_array(risk_hat)
     # n * r is an integer for 0/1 losses; the rounding guard keeps 3/n * n from becoming 3.0000001
     k = np.ceil(np.round(n * r, 9))
     return _out(np.minimum(1.0, math.e * binom.cdf(k, n, alpha)))
@@ -157,7 +152,7 @@ def binomial_pvalue(risk_hat: Any, n: int, alpha: float) -> float | np.ndarray:
     >>> round(binomial_pvalue(0.0, 100, 0.05), 6)
     0.005921
     """
-    n, alpha, r = _check_n(n), _check_level(alpha, "alpha"), _risk_array(risk_hat)
+    n, alpha, r = _check_n(n), check_level(alpha, "alpha"), _risk_array(risk_hat)
     return _out(binom.cdf(np.floor(np.round(n * r, 9)), n, alpha))
 
 
@@ -195,7 +190,7 @@ def min_calibration_size(
     >>> min_calibration_size(0.01, 0.1, pvalue="bentkus")
     329
     """
-    alpha, delta = _check_level(alpha, "alpha"), _check_level(delta, "delta")
+    alpha, delta = check_level(alpha, "alpha"), check_level(delta, "delta")
     if pvalue not in PVALUES:
         raise ValueError(f"pvalue must be one of {PVALUES}, got {pvalue!r}")
     level = delta / n_candidates if method == "bonferroni" else delta
@@ -320,7 +315,7 @@ def learn_then_test(
     >>> learn_then_test(losses, alpha=0.05, delta=0.1).index
     1
     """
-    alpha, delta = _check_level(alpha, "alpha"), _check_level(delta, "delta")
+    alpha, delta = check_level(alpha, "alpha"), check_level(delta, "delta")
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     arr = _check_losses(losses)
@@ -423,7 +418,7 @@ def conformal_risk_control(
     >>> conformal_risk_control(np.array([[1.0, 0.0]] * 19), alpha=0.1).index
     1
     """
-    alpha = _check_level(alpha, "alpha")
+    alpha = check_level(alpha, "alpha")
     if callable(losses):
         if lambdas is None:
             raise ValueError("lambdas= is required when losses is a function of lambda")

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .bayesianize import _is_bayesian
+from ._utils import is_bayesian, resolve_device
 from .data import (
     batch_xy,
     check_class_labels,
@@ -33,24 +33,6 @@ from .data import (
 )
 
 __all__ = ["TrainHistory", "evaluate", "resolve_device", "train"]
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """Turn ``"cpu"``, ``"cuda"``, ``"cuda:1"``, a ``torch.device`` or ``None`` (CPU) into a device.
-
-    Raises a clear error when CUDA is asked for but not available, instead of falling back silently.
-    """
-    if device is None:
-        return torch.device("cpu")
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"unknown device {device!r}; use 'cpu', 'cuda' or 'cuda:N'") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(
-            f"device {device} was requested but CUDA is not available on this machine; use device='cpu'"
-        )
-    return device
 
 
 @dataclass
@@ -198,7 +180,7 @@ def evaluate(
     net.eval()
     correct = total = 0
     try:
-        bayesian = _is_bayesian(net) and callable(getattr(net, "predict", None))
+        bayesian = is_bayesian(net) and callable(getattr(net, "predict", None))
         for batch in loader:
             x, y = batch_xy(batch, "loader")
             check_finite(x, "evaluation inputs")

@@ -167,6 +167,21 @@ def run_cell(cell: int, seed: int = 0) -> dict:
     return row
 
 
+def _fresh_gate_gradients() -> None:
+    """Make every natural gate step see only the current gradient (the textbook damped CAVI step):
+    ``bp.fit`` clears Adam's gradients but not the gates', so its steps use their running sum."""
+    from bayesprune.natural import BernoulliNaturalGradient
+
+    step = BernoulliNaturalGradient.step
+
+    def fresh(self, closure=None):
+        out = step(self, closure)
+        self.zero_grad(set_to_none=True)
+        return out
+
+    BernoulliNaturalGradient.step = fresh
+
+
 def results_path(seed: int = 0) -> Path:
     """Seed 0 is the table's; other seeds (a check of run-to-run spread) go to their own file."""
     return RESULTS if seed == 0 else RESULTS.with_name(f"robustness_seed{seed}.json")
@@ -192,6 +207,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cells", nargs="+", type=int, default=sorted(CELLS))
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0, help="data order, dense net and fit seed")
+    p.add_argument(
+        "--fresh-gate-gradients",
+        action="store_true",
+        help="a check of the default gate step: clear the gate gradients after every natural "
+        "step (bp.fit sums them; see bayesprune/natural.py); results go to "
+        "robustness_fresh_gates.json",
+    )
     p.add_argument("--table", action="store_true", help="print the markdown table and exit")
     p.add_argument(
         "--write-docs",
@@ -211,12 +233,16 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     path = results_path(args.seed)
+    if args.fresh_gate_gradients:
+        _fresh_gate_gradients()
+        path = path.with_name(path.stem + "_fresh_gates.json")
     rows = {}
     if path.exists():
         rows = {r["cell"]: r for r in json.loads(path.read_text())["cells"]}
     meta = {
         "command": "python benchmarks/robustness.py"
-        + (f" --seed {args.seed}" if args.seed else ""),
+        + (f" --seed {args.seed}" if args.seed else "")
+        + (" --fresh-gate-gradients" if args.fresh_gate_gradients else ""),
         "device": f"cpu ({platform.processor() or platform.machine()}), "
         f"{torch.get_num_threads()} thread(s)",
         "torch": torch.__version__,

@@ -52,7 +52,7 @@ __all__ = [
     "prunable_parameters",
 ]
 
-_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
+LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
 
 @dataclass
@@ -99,14 +99,16 @@ def hidden_layers(net: nn.Module, example_input: Any) -> list[str]:
         for g in dependency_groups(net, example_input)
         if g.prunable and len(g.producers) == 1
     }
-    return [name for name, m in net.named_modules() if name in single and isinstance(m, _LAYERS)]
+    return [
+        name for name, m in net.named_modules() if name in single and isinstance(m, LAYER_TYPES)
+    ]
 
 
 def prunable_parameters(net: nn.Module) -> dict[str, nn.Parameter]:
     """Weights and biases of every Linear / Conv layer (what unstructured methods prune)."""
     out: dict[str, nn.Parameter] = {}
     for name, m in net.named_modules():
-        if isinstance(m, _LAYERS):
+        if isinstance(m, LAYER_TYPES):
             for pname, p in m.named_parameters(recurse=False):
                 out[f"{name}.{pname}" if name else pname] = p
     return out

@@ -68,8 +68,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..pruning import dependency_groups
-from .base import _LAYERS, PruningMethod, hidden_layers
-from .snacs import _balanced, _paired, _spatial_mean
+from ._common import balanced, paired, spatial_mean
+from .base import LAYER_TYPES, PruningMethod, hidden_layers
 
 __all__ = ["MINT", "geometric_conditional_dependence"]
 
@@ -114,10 +114,10 @@ def geometric_conditional_dependence(
     (0.65, 0.3)
     """
     if z is None:
-        x, y = _paired((x, "x"), (y, "y"))
+        x, y = paired((x, "x"), (y, "y"))
         z = np.zeros((len(x), 1))
     else:
-        x, y, z = _paired((x, "x"), (y, "y"), (z, "z"))
+        x, y, z = paired((x, "x"), (y, "y"), (z, "z"))
     n = len(x)
     if n < 30:
         raise ValueError(f"need at least 30 paired samples for the geometric estimate, got {n}")
@@ -195,7 +195,7 @@ class MINT(PruningMethod):
         store: dict[str, np.ndarray] = {}
         hooks = [
             net.get_submodule(p).register_forward_hook(
-                lambda _m, _i, out, p=p: store.__setitem__(p, _spatial_mean(out).cpu().numpy())
+                lambda _m, _i, out, p=p: store.__setitem__(p, spatial_mean(out).cpu().numpy())
             )
             for p in paths
         ]
@@ -220,8 +220,8 @@ class MINT(PruningMethod):
         usable = [n for n in layers if producers[n].consumers]
         if not usable:
             raise ValueError("the network has no hidden Linear / Conv layer feeding another layer")
-        output_layer = [n for n, m in net.named_modules() if isinstance(m, _LAYERS)][-1]
-        x, y = _balanced(train_loader, self.per_class, self.seed)
+        output_layer = [n for n, m in net.named_modules() if isinstance(m, LAYER_TYPES)][-1]
+        x, y = balanced(train_loader, self.per_class, self.seed)
         if len(torch.unique(y)) < 2:
             raise ValueError("MINT needs labelled data of at least two classes")
         pairs = [(n, c) for n in usable for c, _ in producers[n].consumers]

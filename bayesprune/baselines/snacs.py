@@ -67,9 +67,9 @@ import torch.nn.functional as F
 from torch import fx, nn
 from tqdm.auto import tqdm
 
-from ..data import batch_xy
 from ..pruning import dependency_groups
 from ..pruning.graph import trace
+from ._common import balanced, paired, spatial_mean
 from .base import PruningMethod, hidden_layers
 
 # what may follow a child layer before the network passes its output on
@@ -103,17 +103,6 @@ __all__ = ["SNACS", "edge_conditional_mutual_information", "edge_mutual_informat
 # --------------------------------------------------------------------------------------------------
 # the EDGE estimator
 # --------------------------------------------------------------------------------------------------
-
-
-def _as_2d(a: Any, name: str) -> np.ndarray:
-    a = a.detach().cpu().numpy() if torch.is_tensor(a) else np.asarray(a)
-    if a.ndim == 1:
-        a = a[:, None]
-    if a.ndim != 2:
-        raise ValueError(f"{name} must be [n] or [n, d], got shape {a.shape}")
-    if len(a) and not np.isfinite(a).all():
-        raise ValueError(f"{name} contains NaN or infinite values")
-    return a.astype(np.float64)
 
 
 def _quantise(z: np.ndarray, eps: float, shift: np.ndarray) -> np.ndarray:
@@ -153,14 +142,6 @@ def _widths(n: int, dim: int, eps: float | None, n_ensemble: int) -> np.ndarray:
     return base * np.geomspace(0.7, 1.4, n_ensemble)
 
 
-def _paired(*arrays: tuple[Any, str]) -> list[np.ndarray]:
-    out = [_as_2d(a, name) for a, name in arrays]
-    if len({len(a) for a in out}) != 1:
-        sizes = ", ".join(f"{name}: {len(a)}" for a, (_, name) in zip(out, arrays, strict=True))
-        raise ValueError(f"the variables must have the same number of samples, got {sizes}")
-    return out
-
-
 def edge_mutual_information(
     x: Any, y: Any, *, eps: float | None = None, n_ensemble: int = 5, seed: int = 0
 ) -> float:
@@ -198,7 +179,7 @@ def edge_mutual_information(
     >>> round(float(-0.5 * np.log(1 - 0.81)), 2), round(edge_mutual_information(x, y), 1)
     (0.83, 0.8)
     """
-    x, y = _paired((x, "x"), (y, "y"))
+    x, y = paired((x, "x"), (y, "y"))
     rng = np.random.default_rng(seed)
     estimates = []
     for e in _widths(len(x), x.shape[1] + y.shape[1], eps, n_ensemble):
@@ -224,7 +205,7 @@ def edge_conditional_mutual_information(
     >>> edge_conditional_mutual_information(y + z, y, z) > edge_conditional_mutual_information(z, y, z)
     True
     """
-    x, y, z = _paired((x, "x"), (y, "y"), (z, "z"))
+    x, y, z = paired((x, "x"), (y, "y"), (z, "z"))
     rng = np.random.default_rng(seed)
     estimates = []
     for e in _widths(len(x), x.shape[1] + y.shape[1] + z.shape[1], eps, n_ensemble):
@@ -240,26 +221,6 @@ def edge_conditional_mutual_information(
 # --------------------------------------------------------------------------------------------------
 # SNACS
 # --------------------------------------------------------------------------------------------------
-
-
-def _balanced(loader: Iterable, per_class: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    xs, ys = [], []
-    for batch in loader:
-        x, y = batch_xy(batch)
-        xs.append(x)
-        ys.append(y)
-    x, y = torch.cat(xs), torch.cat(ys)
-    gen = torch.Generator().manual_seed(seed)
-    idx = []
-    for c in torch.unique(y):
-        where = (y == c).nonzero().flatten()
-        idx.append(where[torch.randperm(len(where), generator=gen)[:per_class]])
-    idx = torch.cat(idx)
-    return x[idx], y[idx]
-
-
-def _spatial_mean(t: torch.Tensor) -> torch.Tensor:
-    return t.flatten(2).mean(2) if t.dim() > 2 else t
 
 
 class SNACS(PruningMethod):
@@ -355,7 +316,7 @@ class SNACS(PruningMethod):
                 y = fn(
                     masked, cons.weight, None, cons.stride, cons.padding, cons.dilation, cons.groups
                 )
-                out.append(_spatial_mean(y))
+                out.append(spatial_mean(y))
         return out
 
     @torch.no_grad()
@@ -379,7 +340,7 @@ class SNACS(PruningMethod):
         usable = [n for n in layers if consumers[n]]
         if not usable:
             raise ValueError("the network has no hidden Linear / Conv layer feeding another layer")
-        x, y = _balanced(train_loader, self.per_class, self.seed)
+        x, y = balanced(train_loader, self.per_class, self.seed)
         if len(torch.unique(y)) < 2:
             raise ValueError("SNACS needs labelled data of at least two classes")
         x = x.to(dev)
@@ -398,12 +359,12 @@ class SNACS(PruningMethod):
                 cons = net.get_submodule(consumer)
                 a, out = self._io(gm, x, consumer)
                 a = a.flatten(1) if isinstance(cons, nn.Linear) else a
-                child = _spatial_mean(out).cpu().numpy()
+                child = spatial_mean(out).cpu().numpy()
                 if parent_act is None:
                     pa = (
                         a.view(len(a), width, -1).mean(2)
                         if isinstance(cons, nn.Linear)
-                        else _spatial_mean(a)
+                        else spatial_mean(a)
                     )
                     parent_act = pa.cpu().numpy()
                 contrib = self._contributions(cons, a, group_of.to(dev), repeat)

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..bayesianize import _is_bayesian
+from .._utils import is_bayesian
 from ..train import TrainHistory, train
 from .graph import DependencyGraph, dependency_groups, to_module_device
 from .layers import LAYER_TYPES
@@ -209,7 +209,7 @@ def prune(
             f"give exactly one of threshold=, keep= or masks= (got {given or 'none'}), e.g. "
             "prune(bnet, threshold=0.5)"
         )
-    bayesian = _is_bayesian(model)
+    bayesian = is_bayesian(model)
     rank = None  # what orders nodes (keep=, per-layer floors), when it differs from scores
     if bayesian:
         base = model.mean_module()

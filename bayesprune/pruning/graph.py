@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ..bayesianize import _modes_kept
+from .._utils import modes_kept
 from ..data import input_tensor
 from .layers import CONV_TYPES, LAYER_TYPES, NORM_TYPES
 from .ops import (
@@ -193,7 +193,7 @@ def trace(module: nn.Module, example_input: Any, training: bool = False) -> fx.G
     one may run more branches (the auxiliary heads of GoogLeNet / Inception), or skip some at
     random (LayerDrop). :class:`Analysis` walks both.
     """
-    with _modes_kept(module):
+    with modes_kept(module):
         module.train(training)
         try:
             gm = fx.symbolic_trace(module)
@@ -207,7 +207,7 @@ def trace(module: nn.Module, example_input: Any, training: bool = False) -> fx.G
         return gm
     inputs = example_input if isinstance(example_input, tuple) else (example_input,)
     input_tensor(inputs[0], "example_input is")
-    with _modes_kept(module), rng_kept(example_input):
+    with modes_kept(module), rng_kept(example_input):
         module.eval()
         try:
             # ShapeProp prints the traceback of a failing node before raising; the error says it

@@ -11,9 +11,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..bayesianize import _is_bayesian, _with_versions
+from .._utils import is_bayesian, resolve_device, with_versions
 from ..files import atomic_write, check_target
-from ..train import resolve_device
 from .layers import (
     CONV_TYPES,
     LAYER_TYPES,
@@ -57,7 +56,7 @@ def save_pruned(small: nn.Module, path: str | Path) -> None:
     """
     from safetensors.torch import save_file
 
-    if _is_bayesian(small):
+    if is_bayesian(small):
         raise TypeError(
             "save_pruned saves a plain pruned network; this is a BayesianModule. Save it with "
             "bnet.save(path) (reload with bp.load), or prune it first: "
@@ -210,7 +209,7 @@ def load_pruned(
         else:
             m.num_features = w["out"]
     try:
-        net.load_state_dict(_with_versions(state, net), strict=True)
+        net.load_state_dict(with_versions(state, net), strict=True)
     except RuntimeError as exc:
         raise ValueError(
             f"the weights in {path} do not fit base {type(net).__name__}: {exc}"

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..metrics import _macs_by_layer, count_params, measure_latency
-from ..train import resolve_device
+from .._utils import resolve_device
+from ..metrics import count_params, macs_by_layer, measure_latency
 from .graph import to_module_device
 from .layers import CONV_TYPES, NORM_TYPES, REPLACED_TYPES, RemovedLayer, layer_widths
 
@@ -173,7 +173,7 @@ def _own_params(m: nn.Module) -> int:
 
 
 def _flops_checked(net: nn.Module, what: str, example_input: torch.Tensor) -> dict[str, int]:
-    return _macs_by_layer(net, to_module_device(example_input, net), what)
+    return macs_by_layer(net, to_module_device(example_input, net), what)
 
 
 def compression_report(

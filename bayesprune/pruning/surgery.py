@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..bayesianize import _modes_kept
+from .._utils import modes_kept
 from .graph import bn_followers, rng_kept
 from .layers import ConstantLayer, RemovedLayer, layer_widths, slice_tensors
 from .plan import PruningPlan, check_masks, prunable_layers
@@ -176,7 +176,7 @@ def check_exact(dense: nn.Module, small: nn.Module, example_input: Any) -> None:
         else x
         for x in inputs
     )
-    with _modes_kept(dense), _modes_kept(small):
+    with modes_kept(dense), modes_kept(small):
         dense.eval(), small.eval()
         with torch.no_grad():
             ref = dense(*probe)
