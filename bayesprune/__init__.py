@@ -23,6 +23,7 @@ from .train import evaluate, train
 from . import priors
 from .bayesianize import BayesianModule, bayesianize, load
 from .inference import FitResult, fit
+from .priors import register_prior
 
 # -- pruning (issue 4) --
 # isort: split
@@ -84,6 +85,7 @@ __all__ = [
     "prune",
     "prune_module",
     "recalibrate_batchnorm",
+    "register_prior",
     "save_pruned",
     "to_arviz",
     "train",

@@ -320,7 +320,8 @@ class BayesianModule(nn.Module):
             layer.exact_draws = reparam == "auto"
 
     def structure_parameters(self) -> list[nn.Parameter]:
-        """Gate logits and shrinkage-scale parameters (the variables that decide which nodes stay).
+        """Gate logits and shrinkage-scale parameters (the variables that decide which nodes stay),
+        as each layer's prior declares them (:meth:`bayesprune.priors.Prior.structure_parameter_names`).
 
         :func:`bayesprune.fit` gives them their own, larger learning rate: they must travel several
         units in logit / log space, whereas weights move little from their pretrained values.
@@ -328,8 +329,7 @@ class BayesianModule(nn.Module):
         return [
             p
             for layer in self.bayesian_layers.values()
-            for n, p in layer.named_parameters(recurse=False)
-            if not n.startswith(("weight_", "bias_"))
+            for p in layer.prior.structure_parameters(layer)
         ]
 
     def gate_parameters(self) -> list[nn.Parameter]:

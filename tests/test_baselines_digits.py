@@ -23,6 +23,8 @@ from bayesprune.data import load_digits, loader
 from bayesprune.models import lenet_300_100
 from bayesprune.train import evaluate, train
 
+pytestmark = pytest.mark.slow  # real training of every baseline on digits
+
 N_RANDOM = 5
 
 

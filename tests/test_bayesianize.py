@@ -332,6 +332,7 @@ def test_predict_with_a_seed_reseeds_no_cuda_device(monkeypatch) -> None:
     assert calls == []
 
 
+@pytest.mark.slow
 def test_frozen_draws_have_the_posterior_predictive_distribution() -> None:
     # the seeded predictive averages whole guide draws, the default one per-example draws: both
     # estimate the same predictive, so with many draws they agree to Monte Carlo error

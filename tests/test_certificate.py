@@ -400,3 +400,17 @@ def test_certify_traces_the_architecture_once_for_all_levels(monkeypatch) -> Non
                    progress=False, alpha=0.5)  # fmt: skip
     assert len(cert.curve) == 5
     assert len(calls) <= 2, len(calls)  # eval and training mode, once
+
+
+def test_the_readme_promises_what_certify_certifies() -> None:
+    # word for word where they overlap: the README's reading of the guarantee is the certificate's
+    from pathlib import Path
+
+    readme = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text().split())
+    cert = Certificate(
+        alpha=0.02, delta=0.1, n=100, risk="accuracy_drop", method="fixed_sequence",
+        pvalue="binomial", index=0, level=0.5, risk_hat=0.0, p_value=0.01, params_kept=0.5,
+        curve=[], reference="the dense network given to bayesianize",
+    )  # fmt: skip
+    assert f"the chosen model's {cert.risk_words} on new data is at most 0.02" in readme
+    assert cert.guarantee.startswith(f"the chosen model's {cert.risk_words} on new data is <= 0.02")

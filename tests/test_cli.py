@@ -178,7 +178,7 @@ def test_fit_with_user_weights(tmp_path, suffix):
 def test_user_weights_from_an_old_checkpoint_keep_their_module_versions(tmp_path):
     # a BatchNorm saved before num_batches_tracked existed (version 1): its loader fills the key
     # in, but only if the checkpoint's own versions reach it
-    from bayesprune.cli import _load_weights
+    from bayesprune.cli import load_weights
 
     net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
     state = net.state_dict()
@@ -186,7 +186,7 @@ def test_user_weights_from_an_old_checkpoint_keep_their_module_versions(tmp_path
     state._metadata["1"]["version"] = 1
     torch.save(state, tmp_path / "old.pt")
     fresh = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
-    _load_weights(fresh, tmp_path / "old.pt", "mynet")
+    load_weights(fresh, tmp_path / "old.pt", "mynet")
     torch.testing.assert_close(fresh[1].running_var, net[1].running_var)
 
 
@@ -307,7 +307,7 @@ def test_debug_shows_the_traceback(tmp_path):
 
 
 def test_subset_shrinks_the_training_and_test_splits_as_its_help_says():
-    from bayesprune.cli import _load_splits
+    from bayesprune.cli import load_splits
 
-    splits = _load_splits("digits", 50, seed=0, root=None)
+    splits = load_splits("digits", 50, seed=0, root=None)
     assert len(splits.train) == len(splits.test) == 50

@@ -210,9 +210,9 @@ def test_preprocessing_is_recorded_and_chosen(tmp_path) -> None:
     assert main([*FIT, "--out", str(out), "--preprocess", "unit", *QUICK]) == 0
     cfg = json.loads((out / "run.json").read_text())
     assert cfg["preprocess"] == "unit"
-    from bayesprune.cli import _Run
+    from bayesprune.cli import Run
 
-    x = _Run(out, "cpu").splits.train.tensors[0]
+    x = Run(out, "cpu").splits.train.tensors[0]
     assert float(x.min()) >= 0.0 and float(x.max()) <= 1.0  # [0, 1], not standardised
     assert main(["report", "--run", str(out)]) == 0
     assert "--preprocess unit" in (out / "report.md").read_text()

@@ -65,7 +65,7 @@ def test_examples_found() -> None:
     assert {
         "bayesprune",
         "bayesprune.pruning.api.prune_module",
-        "bayesprune.priors.SpikeAndSlab",
+        "bayesprune.priors.spike_slab.SpikeAndSlab",
         "bayesprune.models.get_model",
     } <= names
 

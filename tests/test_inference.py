@@ -33,6 +33,7 @@ class Batches:
             yield self.x[idx], self.y[idx]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("weight_sd", ["per_weight", "rank1"])
 @pytest.mark.parametrize("weights", ["gaussian", "point"])
 def test_fast_elbo_and_trace_elbo_estimate_the_same_objective(weight_sd, weights) -> None:
@@ -123,6 +124,7 @@ def test_planted_sparse_teacher_is_recovered(prior) -> None:
     assert (pip[k:] < 0.1).all(), pip
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 3])
 def test_a_long_fit_recovers_the_planted_units_and_no_others(seed) -> None:
     """Long fits used to fail here: with the gates frozen for 10% of the steps (16 of 160 epochs),
@@ -399,6 +401,7 @@ def _lenet_300_100():
     return torch.nn.Sequential(torch.nn.Flatten(), *lenet_300_100(in_features=64))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("build", "start", "epochs"),
     [(_ResidualMLP, "dense", 60), (_lenet_300_100, "random", 60)],

@@ -108,6 +108,7 @@ def test_installed_distribution_has_no_top_level_models():
             assert "bayesprune/models/__init__.py" in files
 
 
+@pytest.mark.slow
 def test_outside_the_repository_only_bayesprune_models_imports(tmp_path):
     """In a fresh interpreter started outside the checkout (editable or regular install alike),
     ``bayesprune.models`` imports and the installation provides no top-level ``models``."""

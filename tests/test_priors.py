@@ -14,21 +14,28 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import bayesprune as bp
 from bayesprune import priors
-from bayesprune.layers import BayesianConv2d, BayesianLinear
+from bayesprune.layers import BayesianConv2d, BayesianLayer, BayesianLinear
 from bayesprune.priors import (
     Gaussian,
     GroupHorseshoe,
     SpikeAndSlab,
-    _hs_mean_scale,
-    _kl_bernoulli,
-    _kl_lognormal_gamma,
-    _kl_lognormal_invgamma,
-    _kl_normal,
-    _node_kl,
-    _standardised_rms,
     prior_from_dict,
     theory_inclusion,
 )
+from bayesprune.priors._math import (
+    kl_bernoulli,
+    kl_lognormal_gamma,
+    kl_lognormal_invgamma,
+    kl_normal,
+    trapezoid_gate,
+)
+from bayesprune.priors._weights import node_kl
+from bayesprune.priors.horseshoe import HalfCauchyScale, _standardised_rms
+
+
+def _hs_mean_scale(layer: BayesianLayer, c: float | None) -> torch.Tensor:
+    """Posterior mean of the regularised node scale (the global scale plays no part in it)."""
+    return HalfCauchyScale(slab_width=c).mean(layer)
 
 
 def _mc_kl(q: dist.Distribution, p: dist.Distribution, n: int = 400_000) -> tuple[float, float]:
@@ -40,7 +47,7 @@ def _mc_kl(q: dist.Distribution, p: dist.Distribution, n: int = 400_000) -> tupl
 
 def test_kl_normal_matches_torch() -> None:
     loc, log_scale = torch.randn(50), torch.randn(50) * 0.5
-    ours = _kl_normal(loc, log_scale, 0.7)
+    ours = kl_normal(loc, log_scale, 0.7)
     ref = torch.distributions.kl_divergence(
         torch.distributions.Normal(loc, log_scale.exp()), torch.distributions.Normal(0.0, 0.7)
     )
@@ -57,9 +64,9 @@ def test_node_kl_value_and_gradients_match_autograd() -> None:
         layer.bias_log_scale.normal_(-1, 0.3)
     scale = (torch.rand(6) + 0.5).requires_grad_()
     params = (layer.weight_loc, layer.weight_log_scale, layer.bias_loc, layer.bias_log_scale, scale)
-    fused = _node_kl(layer, scale)
-    plain = _kl_normal(layer.weight_loc, layer.weight_log_scale, scale[:, None]).sum(1)
-    plain = plain + _kl_normal(layer.bias_loc, layer.bias_log_scale, scale)
+    fused = node_kl(layer, scale)
+    plain = kl_normal(layer.weight_loc, layer.weight_log_scale, scale[:, None]).sum(1)
+    plain = plain + kl_normal(layer.bias_loc, layer.bias_log_scale, scale)
     torch.testing.assert_close(fused, plain)
     w = torch.randn(6)
     g1 = torch.autograd.grad((fused * w).sum(), params)
@@ -73,7 +80,7 @@ def test_kl_bernoulli_matches_torch() -> None:
     ref = torch.distributions.kl_divergence(
         torch.distributions.Bernoulli(logits=logit), torch.distributions.Bernoulli(probs=0.03)
     )
-    torch.testing.assert_close(_kl_bernoulli(logit, 0.03), ref, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(kl_bernoulli(logit, 0.03), ref, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("family", ["gamma", "invgamma"])
@@ -84,11 +91,11 @@ def test_lognormal_kls_match_monte_carlo(family: str) -> None:
     if family == "gamma":
         shape, rate = 1.7, 2.5
         p = dist.Gamma(shape, rate)
-        ours = _kl_lognormal_gamma(loc, log_scale, shape, rate).item()
+        ours = kl_lognormal_gamma(loc, log_scale, shape, rate).item()
     else:
         shape, rate = 0.5, 1.0
         p = dist.InverseGamma(shape, rate)
-        ours = _kl_lognormal_invgamma(loc, log_scale, shape, rate).item()
+        ours = kl_lognormal_invgamma(loc, log_scale, shape, rate).item()
     mc, se = _mc_kl(q, p)
     assert abs(ours - mc) < 5 * se + 1e-3, (ours, mc, se)
 
@@ -310,11 +317,9 @@ def test_prior_from_dict_rejects_unknown_type() -> None:
 def test_trapezoid_gate_gradient_is_the_trapezoid_rule(batch) -> None:
     """Forward: an exact Bernoulli(q) draw; backward: q(1-q) times the mean of the loss's slopes
     weighted 1/(2q) on drawn-in gates and 1/(2(1-q)) on drawn-out ones."""
-    from bayesprune.priors import _trapezoid_gate
-
     torch.manual_seed(0)
     logit = torch.linspace(-3, 3, 9, requires_grad=True)
-    z = _trapezoid_gate(logit, batch)
+    z = trapezoid_gate(logit, batch)
     assert set(z.unique().tolist()) <= {0.0, 1.0}
     g = torch.randn_like(z)
     (grad,) = torch.autograd.grad((z * g).sum(), logit)
@@ -323,7 +328,7 @@ def test_trapezoid_gate_gradient_is_the_trapezoid_rule(batch) -> None:
     expected = (g * k * q * (1 - q)).reshape(-1, 9).sum(0)
     torch.testing.assert_close(grad, expected)
     # the draw is Bernoulli(q): frequencies over many examples
-    zs = _trapezoid_gate(logit.detach(), 20_000)
+    zs = trapezoid_gate(logit.detach(), 20_000)
     torch.testing.assert_close(zs.mean(0), q, atol=0.015, rtol=0)
 
 
@@ -388,9 +393,7 @@ def test_point_weights_have_no_weight_noise_no_weight_kl_and_fixed_sds() -> None
 
 
 def _kl_of_gates(layer) -> torch.Tensor:
-    from bayesprune.priors import _kl_bernoulli
-
-    return _kl_bernoulli(layer.gate_logit, layer.prior.gamma(layer)).sum()
+    return kl_bernoulli(layer.gate_logit, layer.prior.gamma(layer)).sum()
 
 
 def test_saturated_horseshoe_pips_still_rank_nodes_by_log_odds() -> None:

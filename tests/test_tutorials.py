@@ -43,6 +43,7 @@ def test_tutorials_open_as_notebooks():
         assert nb.cells[0].source.startswith(f"# {p.name[:2]} "), p.name  # numbered title
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", _tutorials(), ids=lambda p: p.stem)
 def test_tutorial_runs(path: Path, tmp_path, monkeypatch, request):
     if path.name in FMNIST:

@@ -1,0 +1,551 @@
+r"""The spike-and-slab prior: a Bernoulli gate per node (or per weight) over a slab.
+
+:class:`SpikeAndSlab` owns the gates: their Bernoulli factors, the gate draws of the fast path,
+their KL and their Pyro sites. What an included node's weights follow is the *slab*, a small
+strategy object per ``slab`` option (Gaussian, group lasso, group horseshoe) with the slab's own
+latent variables, its KL given inclusion and its sample sites. :func:`theory_inclusion` is the
+layer-wise prior inclusion of ``prior_inclusion="theory"``.
+
+Example
+-------
+>>> from bayesprune.priors import SpikeAndSlab
+>>> prior = SpikeAndSlab(level="node", slab="horseshoe")
+>>> prior.weights, prior.noncentred
+('gaussian', True)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import cached_property
+from typing import TYPE_CHECKING, Any, Literal
+
+import pyro
+import pyro.distributions as dist
+import torch
+
+from ._checks import check_positive, check_probability
+from ._math import hard_concrete, kl_bernoulli, kl_lognormal_gamma, kl_normal, trapezoid_gate
+from ._weights import (
+    bias_kl,
+    guide_weight_sites,
+    node_kl,
+    node_view,
+    row_stats,
+    site_prefix,
+    weight_sites,
+)
+from .base import Prior, register_prior
+from .horseshoe import HalfCauchyScale
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..layers import BayesianLayer
+
+__all__ = ["SpikeAndSlab", "theory_inclusion"]
+
+
+def theory_inclusion(num_nodes: int, group_size: int) -> float:
+    r"""Layer-wise prior inclusion :math:`\gamma_l` derived from the posterior-contraction theory.
+
+    Following the rate condition of Jantre, Bhattacharya and Maiti (2023), which asks for
+    :math:`-\log \gamma_l \asymp \log N_l` up to lower-order terms in the fan-in, we use
+
+    .. math:: \gamma_l = \exp\{-(\log N_l + 0.1 \log m_l)\} = N_l^{-1} \, m_l^{-0.1},
+
+    with :math:`N_l` the number of nodes of the layer and :math:`m_l` the size of one node's weight
+    group (fan-in, +1 with a bias). The constant 0.1 is ours. For a 400-unit layer with fan-in 784
+    this gives about 0.0013; for LeNet-300-100's first layer about 0.0017.
+
+    >>> from bayesprune.priors import theory_inclusion
+    >>> round(theory_inclusion(400, 785), 4)
+    0.0013
+    """
+    if num_nodes < 1 or group_size < 1:
+        raise ValueError("num_nodes and group_size must be positive")
+    return float(math.exp(-(math.log(num_nodes) + 0.1 * math.log(group_size))))
+
+
+def _slab_sd(slab_scale: float | str, layer: BayesianLayer) -> float:
+    r"""Slab scale :math:`\sigma_0` of a layer: ``slab_scale``, or He's :math:`\sqrt{2 / \text{fan-in}}`."""
+    if slab_scale == "he":
+        return math.sqrt(2.0 / layer.weight_loc[0].numel())
+    return float(slab_scale)
+
+
+# --------------------------------------------------------------------------------------------
+# slabs: what an included node's weights follow
+# --------------------------------------------------------------------------------------------
+class _Slab:
+    r"""A node-level slab :math:`p_{\text{slab}}(w_j)` and its variational factor.
+
+    The gates are :class:`SpikeAndSlab`'s; a slab adds its own latents (registered by
+    :meth:`setup`, named in ``parameter_names``), the node scale they put on the fast path, and its
+    part of the KL: :math:`q_j\, \mathrm{KL}(q(w_j \mid z_j{=}1) \| p_{\text{slab}})` plus the KL
+    of its own latents.
+    """
+
+    #: the layer parameters :meth:`setup` registers, in registration order
+    parameter_names: tuple[str, ...] = ()
+    #: whether the base weights are the standardised ``beta`` of a scale mixture
+    noncentred = False
+
+    def setup(self, layer: BayesianLayer) -> None:
+        """Register the slab's own variational parameters (none by default)."""
+
+    def base_scale(self, layer: BayesianLayer) -> float:
+        raise NotImplementedError
+
+    def init_weight_loc(self, layer: BayesianLayer, weight: torch.Tensor) -> torch.Tensor:
+        return weight
+
+    def init_bias_loc(self, layer: BayesianLayer, bias: torch.Tensor) -> torch.Tensor:
+        return bias
+
+    def sample_scale(self, layer: BayesianLayer, batch: int | None) -> torch.Tensor | None:
+        """A draw of the node scales that multiply the gates on the fast path (``None`` = 1)."""
+        return None
+
+    def mean_scale(self, layer: BayesianLayer) -> torch.Tensor | None:
+        """Posterior-mean node scale (``None`` = 1)."""
+        return None
+
+    def kl(self, layer: BayesianLayer, kl_z: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """The layer's KL given the gates' Bernoulli KL ``kl_z`` and inclusion ``q`` per node."""
+        raise NotImplementedError
+
+    def model_sites(self, layer: BayesianLayer, path: str):
+        """Prior sites of the slab's latents and of the weights: (weight, bias, scale or None)."""
+        raise NotImplementedError
+
+    def guide_sites(self, layer: BayesianLayer, path: str, z: torch.Tensor):
+        """Guide sites given the gate draw ``z``: (weight, bias, scale or None)."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class _GaussianSlab(_Slab):
+    r""":math:`w_j \sim \mathcal N(0, \sigma_0^2 I)`."""
+
+    slab_scale: float | str
+
+    def base_scale(self, layer):
+        return _slab_sd(self.slab_scale, layer)
+
+    def kl(self, layer, kl_z, q):
+        return (kl_z + q * node_kl(layer, _slab_sd(self.slab_scale, layer))).sum()
+
+    def model_sites(self, layer, path):
+        w, b = weight_sites(layer, path, _slab_sd(self.slab_scale, layer))
+        return w, b, None
+
+    def guide_sites(self, layer, path, z):
+        s0 = _slab_sd(self.slab_scale, layer)
+        w, b = guide_weight_sites(layer, path, gate=z, pseudo_scale=s0)
+        return w, b, None
+
+
+@dataclass(frozen=True)
+class _GroupLassoSlab(_Slab):
+    r""":math:`w_j \mid \tau_j^2 \sim \mathcal N(0, \sigma_0^2 \tau_j^2 I)`,
+    :math:`\tau_j^2 \sim \mathrm{Gamma}((m_j + 1)/2, \text{rate } \lambda^2/2)`,
+    :math:`q(\tau_j^2) = \mathrm{LogNormal}(\nu_j, \psi_j^2)`."""
+
+    slab_scale: float | str
+    lasso_rate: float | None
+
+    parameter_names = ("tau2_loc", "tau2_log_scale")
+
+    def _rate2(self, layer: BayesianLayer) -> float:
+        return (layer.group_size + 1.0) if self.lasso_rate is None else self.lasso_rate**2
+
+    def setup(self, layer):
+        n = layer.weight_loc.shape[0]
+        layer.tau2_loc = torch.nn.Parameter(layer.weight_loc.new_zeros(n))
+        layer.tau2_log_scale = torch.nn.Parameter(layer.weight_loc.new_full((n,), math.log(0.1)))
+
+    def base_scale(self, layer):
+        return _slab_sd(self.slab_scale, layer)
+
+    def kl(self, layer, kl_z, q):
+        nu, log_psi = layer.tau2_loc, layer.tau2_log_scale
+        inv_tau2 = torch.exp(-nu + 0.5 * torch.exp(2 * log_psi))  # E[1/tau^2]
+        s0 = _slab_sd(self.slab_scale, layer)
+        c = inv_tau2 / s0**2
+        half_sq, ls_sum = row_stats(layer)
+        kl_w = c * half_sq - ls_sum + layer.group_size * (0.5 * (nu - 1) + math.log(s0))
+        shape = (layer.group_size + 1) / 2
+        kl_tau = kl_lognormal_gamma(nu, log_psi, shape, self._rate2(layer) / 2)
+        return (kl_z + q * kl_w + kl_tau).sum()
+
+    def model_sites(self, layer, path):
+        n = layer.weight_loc.shape[0]
+        conc = layer.weight_loc.new_full((n,), (layer.group_size + 1) / 2)
+        rate = layer.weight_loc.new_full((n,), self._rate2(layer) / 2)
+        tau2 = pyro.sample(f"{site_prefix(path)}tau2", dist.Gamma(conc, rate).to_event(1))
+        s0 = _slab_sd(self.slab_scale, layer)
+        w, b = weight_sites(layer, path, s0 * torch.sqrt(tau2))
+        return w, b, None
+
+    def guide_sites(self, layer, path, z):
+        tau2 = pyro.sample(
+            f"{site_prefix(path)}tau2",
+            dist.LogNormal(layer.tau2_loc, torch.exp(layer.tau2_log_scale)).to_event(1),
+        )
+        s0 = _slab_sd(self.slab_scale, layer)
+        w, b = guide_weight_sites(layer, path, gate=z, pseudo_scale=s0 * torch.sqrt(tau2))
+        return w, b, None
+
+
+@dataclass(frozen=True)
+class _HorseshoeSlab(_Slab):
+    r"""Node output :math:`z_j \tilde s_j (\beta_j^\top x)`, :math:`\beta \sim \mathcal N(0, 1)`:
+    the standardised weights under the group horseshoe's node scales (not gated)."""
+
+    scales: HalfCauchyScale
+
+    parameter_names = HalfCauchyScale.parameter_names
+    noncentred = True
+
+    def setup(self, layer):
+        self.scales.setup(layer)
+
+    def base_scale(self, layer):
+        return 1.0
+
+    def init_weight_loc(self, layer, weight):
+        return weight / node_view(layer, self.scales.mean(layer), w=True)
+
+    def init_bias_loc(self, layer, bias):
+        return bias / self.scales.mean(layer)
+
+    def sample_scale(self, layer, batch):
+        return self.scales.sample(layer, batch)
+
+    def mean_scale(self, layer):
+        return self.scales.mean(layer)
+
+    def kl(self, layer, kl_z, q):
+        # beta ~ N(0, 1) pseudo-prior, scales are not gated
+        return (kl_z + q * node_kl(layer, 1.0)).sum() + self.scales.kl(layer)
+
+    def model_sites(self, layer, path):
+        s = self.scales.model_sites(layer, path)
+        w, b = weight_sites(layer, path, 1.0)
+        return w, b, s
+
+    def guide_sites(self, layer, path, z):
+        s = self.scales.guide_sites(layer, path)
+        w, b = guide_weight_sites(layer, path, gate=z, pseudo_scale=1.0)
+        return w, b, s
+
+
+# --------------------------------------------------------------------------------------------
+# the prior
+# --------------------------------------------------------------------------------------------
+@register_prior
+@dataclass(frozen=True)
+class SpikeAndSlab(Prior):
+    r"""Spike-and-slab prior at node or weight level (SS-IG / SS-GL of Jantre et al. 2023, and SS-GHS).
+
+    **Node level** (``level="node"``). For node :math:`j` with weight group :math:`w_j`:
+
+    .. math::
+        z_j \sim \mathrm{Bernoulli}(\gamma), \qquad
+        w_j \mid z_j \sim z_j\, p_{\text{slab}}(w_j) + (1 - z_j)\, \delta_0 ,
+
+    implemented as the node's output multiplied by :math:`z_j` (which is the same thing, and lets the
+    gate act after a following BatchNorm). Variational family (Jantre et al.):
+    :math:`q(z_j) = \mathrm{Bernoulli}(\sigma(\theta_j))`,
+    :math:`q(w_j \mid z_j) = z_j \mathcal N(\mu_j, \mathrm{diag}\,\sigma_j^2) + (1 - z_j)\delta_0`, so
+
+    .. math::
+        \mathrm{KL} = \sum_j \mathrm{KL}(\mathrm{Bern}(q_j) \| \mathrm{Bern}(\gamma))
+                      + q_j\, \mathrm{KL}(q(w_j \mid z_j{=}1) \| p_{\text{slab}}),
+        \qquad q_j = \sigma(\theta_j).
+
+    The PIP of node :math:`j` is :math:`q_j`. In training :math:`z_j` is an exact Bernoulli draw per
+    example; its logit gets the trapezoid-rule gradient of
+    :func:`~bayesprune.priors._math.trapezoid_gate` (default) or
+    Jantre et al.'s straight-through binary Concrete at ``temperature`` (``gate_gradient="concrete"``).
+
+    Slabs:
+
+    * ``"gaussian"``: :math:`p_{\text{slab}} = \mathcal N(0, \sigma_0^2 I)`, :math:`\sigma_0` = ``slab_scale``.
+    * ``"group_lasso"``: :math:`w_j \mid \tau_j^2 \sim \mathcal N(0, \sigma_0^2 \tau_j^2 I)`,
+      :math:`\tau_j^2 \sim \mathrm{Gamma}((m_j + 1)/2, \text{rate } \lambda^2/2)` (marginally a group
+      lasso), :math:`q(\tau_j^2) = \mathrm{LogNormal}(\nu_j, \psi_j^2)`. With
+      :math:`\mathbb E[\log \tau^2] = \nu`, :math:`\mathbb E[1/\tau^2] = e^{-\nu + \psi^2/2}`:
+
+      .. math::
+          \mathbb E_q\,\mathrm{KL}(\mathcal N(\mu_j, \sigma_j^2) \| \mathcal N(0, \sigma_0^2\tau_j^2))
+          = \sum_i \tfrac12\Big[\frac{\sigma_{ij}^2 + \mu_{ij}^2}{\sigma_0^2} e^{-\nu_j + \psi_j^2/2}
+            - 1 + \nu_j + \log\sigma_0^2 - \log \sigma_{ij}^2\Big],
+
+      plus :math:`\mathrm{KL}(q(\tau_j^2) \| p(\tau_j^2))` in closed form. ``lasso_rate`` is
+      :math:`\lambda`; by default :math:`\lambda^2 = m_j + 1`, so that :math:`\mathbb E[\tau_j^2] = 1`.
+    * ``"horseshoe"`` (SS-GHS): the slab is the group horseshoe of
+      :class:`~bayesprune.priors.GroupHorseshoe`, with the same node scales
+      (:class:`~bayesprune.priors.horseshoe.HalfCauchyScale`):
+      node output :math:`= z_j \tilde s_j (\beta_j^\top x)`, :math:`\beta \sim \mathcal N(0, 1)`.
+
+    **Point weights** (``weights="point"``, the default at node level with the Gaussian slab).
+    The node gates are the only random variables: :math:`q(z_j) = \mathrm{Bern}(\sigma(\theta_j))`
+    and the weights are parameters of the model, fitted by type-II maximum likelihood (empirical
+    Bayes), as the weights of Structured Bayesian Pruning (Neklyudov et al. 2017) and of
+    :math:`L_0` gates (Louizos, Welling and Kingma 2018) are. The objective is
+    :math:`\mathbb E_{q(z)}[\log p(y \mid x, w, z)] - \mathrm{KL}(q(z) \| p(z))`, a lower
+    bound on :math:`\log p(y \mid x, w)`, and the PIP :math:`q_j` approximates
+    :math:`p(z_j = 1 \mid \mathcal D, \hat w)`: the posterior inclusion of node :math:`j` given
+    the fitted weights. The slab is not used. Why: under the mean-field Gaussian weight posterior
+    (``weights="gaussian"``) an included node pays the KL of all its incoming weights, at least
+    :math:`\tfrac12 \log(1 + \mu^2/\sigma^2)` nats each; a 784-input node costs hundreds to
+    thousands of nats, which a few thousand examples cannot pay, and the ELBO's optimum switches
+    off nearly every node (variational over-pruning, Trippe and Turner 2018). With point weights
+    a node costs :math:`\log(q_j / \gamma)` nats of prior odds, whatever its fan-in, and stays
+    when it is worth that much likelihood (``benchmarks/robustness.py``).
+
+    **Weight level** (``level="weight"``): one gate per weight,
+    :math:`w_i = z_i \theta_i`, Gaussian slab only; PIPs per weight from
+    :meth:`bayesprune.BayesianModule.weight_inclusion_probs`. Biases keep a Gaussian prior.
+    These PIPs are for inspection: :func:`bayesprune.prune`, :func:`bayesprune.conformal.certify`
+    and the PIP plots remove or rank whole nodes, so they need ``level="node"``.
+
+    Parameters
+    ----------
+    level
+        ``"node"`` or ``"weight"``.
+    weights
+        ``"point"`` (type-II maximum-likelihood weights, see above) or ``"gaussian"`` (the
+        mean-field Gaussian posterior with the slab's KL). Default ``None``: ``"point"`` for
+        ``level="node"`` with the Gaussian slab, ``"gaussian"`` otherwise (the group-lasso and
+        horseshoe slabs are priors on the weights, and weight gates multiply Bayesian weights).
+    prior_inclusion
+        :math:`\gamma` in (0, 1), or ``"theory"`` for the layer-wise :func:`theory_inclusion`.
+    slab
+        ``"gaussian"``, ``"group_lasso"`` or ``"horseshoe"``.
+    slab_scale
+        :math:`\sigma_0` (Gaussian / group-lasso slabs), or ``"he"`` (default) for
+        :math:`\sigma_0 = \sqrt{2 / \text{fan-in}}` per layer, the scale that keeps activations of
+        order one (a unit slab makes every node of a 784-input layer cost thousands of nats of
+        KL and prunes everything); the horseshoe slab's width :math:`c` (``"he"``: 2).
+    temperature
+        Binary Concrete temperature (``gate_gradient="concrete"`` only).
+    gate_gradient
+        Gradient estimator of the gate logits on the training path (the forward value is an exact
+        Bernoulli draw either way): ``"trapezoid"`` (default,
+        :func:`~bayesprune.priors._math.trapezoid_gate`) or ``"concrete"`` (Jantre et al.'s
+        straight-through binary Concrete, :func:`~bayesprune.priors._math.hard_concrete`).
+    init_inclusion
+        Initial :math:`q_j`; high for a pretrained net so it starts near its accuracy.
+    global_scale
+        Scale of the layer half-Cauchy of the horseshoe slab.
+    lasso_rate
+        :math:`\lambda` of the group-lasso slab (``None``: :math:`\sqrt{m_j + 1}`).
+
+    >>> from bayesprune.priors import SpikeAndSlab
+    >>> SpikeAndSlab(level="node", slab="group_lasso").slab
+    'group_lasso'
+    """
+
+    level: Literal["node", "weight"] = "node"
+    prior_inclusion: float | Literal["theory"] = 0.1
+    slab: Literal["gaussian", "group_lasso", "horseshoe"] = "gaussian"
+    slab_scale: float | Literal["he"] = "he"
+    temperature: float = 0.5
+    init_inclusion: float = 0.95
+    gate_gradient: Literal["trapezoid", "concrete"] = "trapezoid"
+    global_scale: float = 1.0
+    lasso_rate: float | None = None
+    weights: Literal["point", "gaussian"] | None = None
+
+    def __post_init__(self) -> None:
+        if self.level not in ("node", "weight"):
+            raise ValueError(f"SpikeAndSlab level must be 'node' or 'weight', got {self.level!r}")
+        if self.slab not in ("gaussian", "group_lasso", "horseshoe"):
+            raise ValueError(
+                f"SpikeAndSlab slab must be 'gaussian', 'group_lasso' or 'horseshoe', got {self.slab!r}"
+            )
+        if self.level == "weight" and self.slab != "gaussian":
+            raise ValueError(
+                f"slab={self.slab!r} is a group prior over a node's weights and needs level='node'; "
+                "use slab='gaussian' with level='weight'"
+            )
+        if self.prior_inclusion != "theory":
+            p = self.prior_inclusion
+            if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p < 1:
+                raise ValueError(
+                    f"prior_inclusion must be a probability in (0, 1) or 'theory', got {p!r}"
+                )
+        if self.gate_gradient not in ("trapezoid", "concrete"):
+            raise ValueError(
+                f"gate_gradient must be 'trapezoid' or 'concrete', got {self.gate_gradient!r}"
+            )
+        check_probability("SpikeAndSlab", "init_inclusion", self.init_inclusion)
+        if self.slab_scale != "he":
+            check_positive("SpikeAndSlab", "slab_scale", self.slab_scale)
+        check_positive("SpikeAndSlab", "temperature", self.temperature)
+        check_positive("SpikeAndSlab", "global_scale", self.global_scale)
+        if self.lasso_rate is not None:
+            check_positive("SpikeAndSlab", "lasso_rate", self.lasso_rate)
+        # an option of another slab would be silently ignored: refuse it
+        if self.lasso_rate is not None and self.slab != "group_lasso":
+            raise ValueError(f"lasso_rate acts only with slab='group_lasso', not {self.slab!r}")
+        if self.global_scale != 1.0 and self.slab != "horseshoe":
+            raise ValueError(f"global_scale acts only with slab='horseshoe', not {self.slab!r}")
+        plain = self.level == "node" and self.slab == "gaussian"
+        if self.weights is None:  # resolved here, so to_dict records what the fit used
+            object.__setattr__(self, "weights", "point" if plain else "gaussian")
+        if self.weights not in ("point", "gaussian"):
+            raise ValueError(
+                f"SpikeAndSlab weights must be 'point' or 'gaussian', got {self.weights!r}"
+            )
+        if self.weights == "point" and not plain:
+            raise ValueError(
+                "weights='point' needs level='node' and slab='gaussian' (the group-lasso and "
+                "horseshoe slabs are priors on the weights); use weights='gaussian' with "
+                f"level={self.level!r}, slab={self.slab!r}"
+            )
+        if self.weights == "point" and self.slab_scale != "he":
+            raise ValueError(
+                "slab_scale acts only with weights='gaussian': point weights have no slab"
+            )
+
+    @classmethod
+    def from_dict(cls, options: Mapping[str, Any]) -> SpikeAndSlab:
+        if "weights" not in options:
+            # saved before point weights existed: those fits had the Gaussian weight posterior
+            options = {**options, "weights": "gaussian"}
+        return super().from_dict(options)
+
+    @property
+    def node_level(self) -> bool:  # type: ignore[override]
+        return self.level == "node"
+
+    @property
+    def weight_level(self) -> bool:  # type: ignore[override]
+        return self.level == "weight"
+
+    @property
+    def noncentred(self) -> bool:  # type: ignore[override]
+        return self._slab.noncentred
+
+    @property
+    def uses_row_stats(self) -> bool:  # type: ignore[override]
+        # the weight-level KL is a per-weight gated sum, not a function of the row sums; point
+        # weights have no KL
+        return self.level == "node" and self.weights == "gaussian"
+
+    @property
+    def point_weights(self) -> bool:  # type: ignore[override]
+        return self.weights == "point"
+
+    @cached_property
+    def _slab(self) -> _Slab:
+        """The slab strategy of the ``slab`` option."""
+        if self.slab == "group_lasso":
+            return _GroupLassoSlab(self.slab_scale, self.lasso_rate)
+        if self.slab == "horseshoe":
+            # slab width c of the horseshoe slab; "he" means the GroupHorseshoe default c = 2
+            c = 2.0 if self.slab_scale == "he" else float(self.slab_scale)
+            return _HorseshoeSlab(HalfCauchyScale(global_scale=self.global_scale, slab_width=c))
+        return _GaussianSlab(self.slab_scale)
+
+    # -- hyperparameters per layer ----------------------------------------------------------
+    def gamma(self, layer: BayesianLayer) -> float:
+        """Prior inclusion of the layer (resolves ``"theory"``)."""
+        if self.prior_inclusion == "theory":
+            return theory_inclusion(layer.weight_loc.shape[0], layer.group_size)
+        return float(self.prior_inclusion)
+
+    def base_scale(self, layer: BayesianLayer) -> float:
+        return self._slab.base_scale(layer)
+
+    # -- parameters ---------------------------------------------------------------------------
+    def setup(self, layer: BayesianLayer, init_scale: float) -> None:
+        shape = layer.weight_loc.shape if self.level == "weight" else layer.weight_loc.shape[:1]
+        logit = math.log(self.init_inclusion / (1 - self.init_inclusion))
+        layer.gate_logit = torch.nn.Parameter(layer.weight_loc.new_full(shape, logit))
+        self._slab.setup(layer)
+
+    def structure_parameter_names(self, layer: BayesianLayer) -> tuple[str, ...]:
+        return ("gate_logit", *self._slab.parameter_names)
+
+    def init_weight_loc(self, layer, weight):
+        return self._slab.init_weight_loc(layer, weight)
+
+    def init_bias_loc(self, layer, bias):
+        return self._slab.init_bias_loc(layer, bias)
+
+    # -- fast path ----------------------------------------------------------------------------
+    def _gate(self, logit: torch.Tensor, batch: int | None) -> torch.Tensor:
+        if self.gate_gradient == "concrete":
+            return hard_concrete(logit, self.temperature, batch)
+        return trapezoid_gate(logit, batch)
+
+    def weight_gate(self, layer):
+        if self.level != "weight":
+            return None
+        return self._gate(layer.gate_logit, None)
+
+    def node_multiplier(self, layer, batch=None):
+        if self.level != "node":
+            return None
+        z = self._gate(layer.gate_logit, batch)
+        s = self._slab.sample_scale(layer, batch)
+        return z if s is None else z * s
+
+    def mean_multiplier(self, layer):
+        # conditional on inclusion (the median-probability model): the gate is 1 for kept nodes
+        return self._slab.mean_scale(layer)
+
+    def kl(self, layer):
+        gamma = self.gamma(layer)
+        kl_z = kl_bernoulli(layer.gate_logit, gamma)
+        q = torch.sigmoid(layer.gate_logit)
+        if self.level == "weight":
+            s0 = _slab_sd(self.slab_scale, layer)
+            kl_w = q * kl_normal(layer.weight_loc, layer.weight_log_sd, s0)
+            kb = bias_kl(layer, s0)
+            total = kl_z.sum() + kl_w.sum()
+            return total if kb is None else total + kb.sum()
+        if self.point_weights:
+            return kl_z.sum()
+        return self._slab.kl(layer, kl_z, q)
+
+    # -- Pyro sites ---------------------------------------------------------------------------
+    def model_sites(self, layer, path):
+        gamma = self.gamma(layer)
+        shape = layer.gate_logit.shape
+        probs = layer.weight_loc.new_full(shape, gamma)
+        z = pyro.sample(f"{site_prefix(path)}gate", dist.Bernoulli(probs).to_event(len(shape)))
+        if self.level == "weight":
+            w, b = weight_sites(layer, path, _slab_sd(self.slab_scale, layer))
+            return z * w, b, None
+        if self.point_weights:  # the weights are parameters of the model, not sample sites
+            return layer.weight_loc, layer.bias_loc, z
+        w, b, s = self._slab.model_sites(layer, path)
+        return w, b, z if s is None else z * s
+
+    def guide_sites(self, layer, path):
+        q = torch.sigmoid(layer.gate_logit)
+        z = pyro.sample(f"{site_prefix(path)}gate", dist.Bernoulli(q).to_event(q.dim()))
+        if self.level == "weight":
+            s0 = _slab_sd(self.slab_scale, layer)
+            w, b = guide_weight_sites(layer, path, gate=z, pseudo_scale=s0, gate_is_per_weight=True)
+            return z * w, b, None
+        if self.point_weights:
+            return layer.weight_loc, layer.bias_loc, z
+        w, b, s = self._slab.guide_sites(layer, path, z)
+        return w, b, z if s is None else z * s
+
+    # -- inclusion ------------------------------------------------------------------------------
+    def inclusion_probs(self, layer):
+        return torch.sigmoid(layer.gate_logit) if self.level == "node" else None
+
+    def inclusion_logits(self, layer):
+        return layer.gate_logit.double() if self.level == "node" else None
+
+    def weight_inclusion_probs(self, layer):
+        return torch.sigmoid(layer.gate_logit) if self.level == "weight" else None
