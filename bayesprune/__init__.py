@@ -24,6 +24,7 @@ from . import priors
 from .bayesianize import BayesianModule, bayesianize, load
 from .inference import FitResult, fit
 from .priors import register_prior
+from .registry import register_layer
 
 # -- pruning (issue 4) --
 # isort: split
@@ -85,6 +86,7 @@ __all__ = [
     "prune",
     "prune_module",
     "recalibrate_batchnorm",
+    "register_layer",
     "register_prior",
     "save_pruned",
     "to_arviz",

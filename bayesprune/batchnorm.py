@@ -39,6 +39,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
 from ._utils import resolve_device
 from .data import input_errors, input_tensor
+from .registry import symbolic_trace
 
 __all__ = ["fold_batchnorm", "recalibrate_batchnorm"]
 
@@ -220,7 +221,7 @@ def fold_batchnorm(
     out = net if inplace else copy.deepcopy(net)
     out.eval()
     try:
-        gm = fx.symbolic_trace(out)
+        gm = symbolic_trace(out)
     except Exception as exc:
         raise ValueError(
             f"fold_batchnorm traces {type(net).__name__} with torch.fx and could not ({exc}); "

@@ -60,6 +60,7 @@ from pyro.nn import PyroModule
 from torch import nn
 
 from .priors import Prior
+from .registry import layer_family
 
 __all__ = [
     "INIT_SCALE",
@@ -592,7 +593,8 @@ class BayesianConv2d(_BayesianConv):
     _dims = 2
 
 
-#: plain layer type -> Bayesian layer class (exact type match: subclasses are not assumed compatible)
+#: plain layer family -> Bayesian layer class (exact types, or subclasses registered with
+#: :func:`bayesprune.register_layer`: others are not assumed to compute what their base does)
 SUPPORTED_LAYERS: dict[type[nn.Module], type[BayesianLayer]] = {
     nn.Linear: BayesianLinear,
     nn.Conv1d: BayesianConv1d,
@@ -602,7 +604,8 @@ SUPPORTED_LAYERS: dict[type[nn.Module], type[BayesianLayer]] = {
 
 def bayesian_layer_for(module: nn.Module) -> type[BayesianLayer] | None:
     """The Bayesian class replacing ``module``, or ``None`` when its type is not supported."""
-    return SUPPORTED_LAYERS.get(type(module))
+    family = layer_family(module)
+    return None if family is None else SUPPORTED_LAYERS.get(family)
 
 
 def set_mode(module: nn.Module, mode: str) -> None:

@@ -3,13 +3,16 @@
 FLOPs are counted as multiply-accumulate operations (MACs) per input example, the convention of the
 pruning literature (e.g. "158K FLOPs" for a pruned LeNet-5). Counted layers:
 
-=====================  ==============================================================
-layer                  MACs per example
-=====================  ==============================================================
-``nn.Linear``          ``in * out`` (+ ``out`` for the bias)
-``nn.Conv1d/2d``       ``out_elements * in_channels / groups * prod(kernel)`` (+ ``out_elements`` for the bias)
-``nn.BatchNorm1d/2d``  ``elements`` (one fused multiply-add per element at inference)
-=====================  ==============================================================
+========================  ============================================================
+layer                     MACs per example
+========================  ============================================================
+``nn.Linear``             ``in * out`` (+ ``out`` for the bias)
+``nn.Conv1d/2d/3d``       ``out_elements * in_channels / groups * prod(kernel)``
+                          (+ ``out_elements`` for the bias)
+``nn.BatchNorm1d/2d/3d``  ``elements`` (one fused multiply-add per element at inference)
+========================  ============================================================
+
+The counted types are :mod:`bayesprune.registry`'s (and subclasses registered there).
 
 Activations, pooling and additions are not counted (they are cheap and the same before and
 after pruning up to the width change).
@@ -35,10 +38,11 @@ from torch import nn
 
 from ._utils import modes_kept, resolve_device
 from .data import input_errors, input_tensor
+from .registry import CONV_TYPES, LAYER_TYPES, NORM_TYPES
 
 __all__ = ["count_flops", "count_nonzero", "count_params", "flops_by_layer", "measure_latency"]
 
-_COUNTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d)
+_COUNTED = LAYER_TYPES + NORM_TYPES
 
 
 def count_params(module: nn.Module, trainable_only: bool = False) -> int:
@@ -55,7 +59,7 @@ def _layer_macs(layer: nn.Module, out: torch.Tensor) -> int:
     per_example = out[0].numel() if out.dim() > 1 else out.numel()
     if isinstance(layer, nn.Linear):
         return per_example * layer.in_features + (per_example if layer.bias is not None else 0)
-    if isinstance(layer, nn.Conv1d | nn.Conv2d):
+    if isinstance(layer, CONV_TYPES):
         kernel = 1
         for k in layer.kernel_size:
             kernel *= k

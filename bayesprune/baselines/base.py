@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import registry
 from ..metrics import count_nonzero, count_params
 from ..pruning import dependency_groups, prune_module
 
@@ -52,7 +53,8 @@ __all__ = [
     "prunable_parameters",
 ]
 
-LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)
+#: the layers the baselines score: bayesprune.registry's, except Conv3d (no 3-D baseline rules)
+LAYER_TYPES = tuple(t for t in registry.LAYER_TYPES if t is not nn.Conv3d)
 
 
 @dataclass

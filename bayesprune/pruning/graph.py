@@ -19,6 +19,7 @@ from torch import fx, nn
 
 from .._utils import modes_kept
 from ..data import input_tensor
+from ..registry import symbolic_trace
 from .layers import CONV_TYPES, LAYER_TYPES, NORM_TYPES
 from .ops import (
     ADDITIVE,
@@ -196,7 +197,7 @@ def trace(module: nn.Module, example_input: Any, training: bool = False) -> fx.G
     with modes_kept(module):
         module.train(training)
         try:
-            gm = fx.symbolic_trace(module)
+            gm = symbolic_trace(module)
         except Exception as exc:  # tracing errors come in many types from deep inside torch.fx
             raise TypeError(
                 f"bayesprune.prune could not trace {type(module).__name__} with torch.fx "

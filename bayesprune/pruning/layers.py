@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..registry import CONV_TYPES, LAYER_TYPES, NORM_TYPES
+
 __all__ = [
     "CONV_TYPES",
     "LAYER_TYPES",
@@ -26,13 +28,7 @@ __all__ = [
 ]
 
 
-LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
-
-CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
-
-NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+# the layer types, written once in bayesprune.registry
 
 
 def geometry(layer: nn.Module) -> tuple[tuple[int, int, int, int], ...] | None:
