@@ -136,8 +136,7 @@ def pip_candidates(
     levels, candidates
     """
     # the pruning package imports nothing from here; its example-input inference is reused, not
-    # copied. (Not through the transitional bayesprune/prune.py: importing that module rebinds the
-    # attribute bayesprune.prune from the function to the module.)
+    # copied
     from .pruning import DependencyGraph, dependency_groups
     from .pruning import prune as prune_network
     from .pruning.api import infer_example_input

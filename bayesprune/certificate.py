@@ -55,6 +55,7 @@ Example
 
 from __future__ import annotations
 
+import copy
 import json
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -379,6 +380,12 @@ def certify_candidates(
         raise ValueError(f"got {len(levels)} levels for {len(candidates)} candidates")
     levels = list(range(len(candidates))) if levels is None else list(levels)
     check_cal_loader(cal_loader, train_loader)
+    if is_bayesian(reference) and not isinstance(reference, _Predictive):
+        raise TypeError(
+            "reference is a BayesianModule: one forward pass of it is one random posterior draw, "
+            "a different function for every batch. Certify against its posterior predictive with "
+            "certify(bnet, cal, reference='predictive'), or pass bnet.mean_module()"
+        )
     if dense is None and isinstance(reference, nn.Module):
         dense = reference
     modules = [m for m in [reference, *candidates] if isinstance(m, nn.Module)]
@@ -427,6 +434,8 @@ def certify_candidates(
     j = res.index
     chosen = dense if j is None else candidates[j]
     if isinstance(chosen, nn.Module):
+        if chosen is reference:  # the caller's own network: hand back a copy, its mode untouched
+            chosen = copy.deepcopy(chosen)
         chosen.eval()  # a deployable network: BatchNorm uses its running statistics
     if j is not None:
         accuracy = float(accs[j + 1])

@@ -122,6 +122,12 @@ def _back(t: torch.Tensor, numpy: bool) -> Any:
 def _check_probs(probs: torch.Tensor) -> None:
     if probs.ndim != 2:
         raise ValueError(f"probs must be [n, num_classes], got shape {tuple(probs.shape)}")
+    if probs.is_floating_point() and bool(torch.isnan(probs).any()):
+        rows = int(torch.isnan(probs).any(1).sum())
+        raise ValueError(
+            f"probs hold NaN in {rows} of {probs.shape[0]} rows: their scores and sets would be "
+            "arbitrary; remove those rows or fix the model that produced them"
+        )
 
 
 def _uniforms(n: int, u: Any, seed: int | None, device: torch.device) -> torch.Tensor:
@@ -267,6 +273,11 @@ def conformal_quantile(scores: Any, alpha: float) -> float:
     n = s.numel()
     if n == 0:
         raise ValueError("scores is empty: calibration needs at least one point")
+    if bool(torch.isnan(s).any()):
+        raise ValueError(
+            f"scores hold {int(torch.isnan(s).sum())} NaN of {n}: the quantile would be wrong "
+            "(a NaN sorts above every score); remove those calibration points"
+        )
     # round() guards (n + 1) * (1 - alpha) against float error, e.g. 20 * 0.95 = 19.000000000000004
     k = math.ceil(round((n + 1) * (1 - alpha), 9))
     if k > n:

@@ -5,8 +5,8 @@ target (``os.replace``, atomic on POSIX and Windows within one file system). So 
 read-only target, an exception or Ctrl-C in the middle of a write leave the previous file (or no
 file) and no temporary behind. It refuses a target that exists and is not a regular file (a
 symbolic link, a folder, a device such as ``/dev/full``): renaming over it would replace the link
-or the device node itself. Files get the mode a plain ``open(path, "w")`` would give them
-(``0o666`` less the umask), whatever the writer library does.
+or the device node itself. A new file gets the mode a plain ``open(path, "w")`` would give it
+(``0o666`` less the umask), whatever the writer library does; a replaced file keeps its mode.
 
 Failures are ``OSError`` with a message that names the file and the cause, including the errors
 that the safetensors library reports in its own exception type.
@@ -41,10 +41,21 @@ from typing import Any
 __all__ = ["atomic_write", "check_target", "write_json", "write_text"]
 
 
-def _umask() -> int:
-    mask = os.umask(0)
+def _read_umask() -> int:
+    """The process umask, read once at import (changing it to read it races with other threads)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+_UMASK = _read_umask()
 
 
 def check_target(path: str | os.PathLike) -> Path:
@@ -100,7 +111,11 @@ def atomic_write(path: str | os.PathLike, writer: Callable[[str], Any]) -> None:
             if type(exc).__name__ == "SafetensorError":
                 raise OSError(f"cannot write {path}: {exc}") from None
             raise
-        os.chmod(tmp, 0o666 & ~_umask())
+        try:  # a replaced file keeps its mode; a new one gets open()'s
+            mode = stat.S_IMODE(os.stat(path).st_mode)
+        except FileNotFoundError:
+            mode = 0o666 & ~_UMASK
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         try:

@@ -289,3 +289,30 @@ def test_an_interrupted_fit_resumes_to_the_same_result(tmp_path, monkeypatch, ca
     assert not (run / "checkpoint.safetensors.resume").exists()  # finished: nothing to resume
     assert main([*argv, "--out", str(run), "--resume"]) == 2
     assert "nothing to resume" in _error_line(capsys, 2)
+
+
+def test_the_cli_never_moves_or_removes_files_it_did_not_write(done, tmp_path, capsys) -> None:
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "report.md").write_text("my own notes")
+    assert main([*FIT, "--out", str(mine), *QUICK]) == 2
+    assert "not a bayesprune run directory" in _error_line(capsys, 2)
+    assert (mine / "report.md").read_text() == "my own notes"
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "pruned.safetensors").write_bytes(b"someone else's")
+    assert main(["prune", "--run", str(done), "--out", str(other), "--levels", "0.5"]) == 2
+    assert "did not write" in _error_line(capsys, 2)
+    assert (other / "pruned.safetensors").read_bytes() == b"someone else's"
+    (other / "pruned.safetensors").unlink()
+    (other / "pruned.safetensors").symlink_to(tmp_path / "target")
+    assert main(["prune", "--run", str(done), "--out", str(other), "--levels", "0.5"]) == 2
+    assert "it is a link" in _error_line(capsys, 2)
+
+
+def test_a_replaced_file_keeps_its_mode(tmp_path) -> None:
+    path = tmp_path / "private.json"
+    path.write_text("{}")
+    path.chmod(0o600)
+    files.write_json(path, {"a": 1})
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and json.loads(path.read_text()) == {"a": 1}

@@ -263,3 +263,12 @@ def test_certificate_and_risk_names_are_re_exported() -> None:
         assert getattr(bp.conformal, name) is getattr(risk, name)
     assert all(hasattr(bp.conformal, name) for name in bp.conformal.__all__)
     assert "certificate" in bp.__all__
+
+
+def test_nan_scores_and_probabilities_are_refused() -> None:
+    scores = np.linspace(0.0, 1.0, 20)
+    scores[3] = np.nan
+    with pytest.raises(ValueError, match="1 NaN of 20"):
+        conformal_quantile(scores, 0.1)
+    with pytest.raises(ValueError, match="NaN in 1 of 1 rows"):
+        prediction_sets(np.array([[np.nan, 0.5, 0.5]]), 0.9)

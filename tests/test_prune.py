@@ -1137,3 +1137,26 @@ def test_batchnorm_without_affine_parameters_after_a_pruned_conv_is_exact() -> N
         torch.testing.assert_close(
             pruned(x), zero_masked(bnet.mean_module(), {"0": keep}).eval()(x)
         )
+
+
+def test_a_dependency_graph_refuses_another_architecture() -> None:
+    # same layers and shapes, other wiring: the graph of one must not prune the other
+    from bayesprune.pruning import DependencyGraph
+
+    class A(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn, self.head = nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+    class B(A):
+        def forward(self, x):
+            return self.head(self.bn(torch.relu(self.conv(x))).mean((2, 3)))
+
+    x = torch.zeros(1, 1, 6, 6)
+    g = DependencyGraph(A(), x)
+    g.check(A())  # another instance of the same architecture is fine
+    with pytest.raises(ValueError, match="another architecture"):
+        prune_module(B(), {"conv": torch.tensor([True, False, True, True])}, x, graph=g)

@@ -73,6 +73,8 @@ def fit_command(args: argparse.Namespace) -> None:
         if retired:
             say(f"moved the previous run's files from {out} to {retired}")
         run_id = uuid.uuid4().hex[:12]
+        # first: whatever this fit leaves behind if interrupted is marked as the CLI's
+        save_json(out / "fit.partial.json", {"run_id": run_id, "options": options})
     train_loader = loader(splits.train, args.batch_size, seed=args.seed)
     # validation accuracies are a progress report, not a result: 1,000 images are enough
     val_loader = loader(Subset(splits.val, range(min(1000, len(splits.val)))), 512, shuffle=False)
@@ -96,7 +98,6 @@ def fit_command(args: argparse.Namespace) -> None:
 
         dense_state = {k: v.contiguous() for k, v in net.state_dict().items()}
         atomic_write(out / "dense.safetensors", lambda tmp: save_file(dense_state, tmp))
-        save_json(out / "fit.partial.json", {"run_id": run_id, "options": options})
 
     say(f"2/3 fitting the posterior ({args.prior} prior) by SVI for {args.epochs} epoch(s)")
     bnet = bp.bayesianize(net, prior=prior, reparam=args.reparam, weight_sd=args.weight_sd)

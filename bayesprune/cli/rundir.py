@@ -215,6 +215,11 @@ def retire(out: Path) -> str | None:
     present = [n for n in names if (out / n).is_file() or (out / n).is_symlink()]
     if not present:
         return None
+    if not ((out / RUN_FILE).is_file() or (out / "fit.partial.json").is_file()):
+        raise CLIError(
+            f"{out} holds {', '.join(present[:4])} but is not a bayesprune run directory (no "
+            f"{RUN_FILE}); fit never moves files it did not write: choose a new --out, or remove them"
+        )
     old_id = None
     try:
         old_id = json.loads((out / RUN_FILE).read_text()).get("run_id")
@@ -232,8 +237,28 @@ def retire(out: Path) -> str | None:
 
 def clear(out: Path, command: str) -> None:
     """Remove what an earlier ``command`` wrote into ``out``, before writing it anew: an
-    interrupted command then leaves its outputs missing, never an old and a new one mixed."""
-    for name in reversed(OUTPUTS[command]):  # the record first
+    interrupted command then leaves its outputs missing, never an old and a new one mixed.
+
+    Only files that ``command`` wrote are removed: the record (the last of its outputs, a JSON
+    file with a run id) must be there with them, and links are never followed or removed."""
+    names = OUTPUTS[command]
+    present = [n for n in names if (out / n).exists() or (out / n).is_symlink()]
+    links = [n for n in present if (out / n).is_symlink()]
+    if links:
+        raise CLIError(
+            f"refusing to replace {out / links[0]}: it is a link; remove it or choose another --out"
+        )
+    if present and not (out / RUN_FILE).is_file():  # --out elsewhere: only our own files go
+        try:
+            record = json.loads((out / names[-1]).read_text())
+        except (OSError, ValueError):
+            record = None
+        if not isinstance(record, dict) or "run_id" not in record:
+            raise CLIError(
+                f"{out} holds {', '.join(present[:3])} that `bayesprune {command}` did not write (no "
+                f"{names[-1]} with a run id); choose another --out, or remove them"
+            )
+    for name in reversed(names):  # the record first
         try:
             (out / name).unlink(missing_ok=True)
         except OSError as exc:

@@ -637,7 +637,8 @@ class DependencyGraph:
             self.bn_followers = bn_followers(module)
 
     def check(self, module: nn.Module) -> None:
-        """A ``ValueError`` unless ``module`` has the architecture this graph was built on."""
+        """A ``ValueError`` unless ``module`` has the architecture this graph was built on: the same
+        submodule paths and classes and the same parameter and buffer shapes."""
         if _signature(module) != self.signature:
             raise ValueError(
                 f"this DependencyGraph was built on another architecture than the "
@@ -651,14 +652,20 @@ class DependencyGraph:
 
 
 def _signature(module: nn.Module) -> tuple:
+    """Every submodule's path and class (the forward code that wires them) and every parameter and
+    buffer's shape: what the traced graph depends on, short of tracing again. A forward whose
+    control flow reads plain attributes (flags set in ``__init__``) is not covered."""
     return tuple(
         (
             name,
-            type(m).__name__,
-            tuple(m.weight.shape) if isinstance(m.weight, torch.Tensor) else None,
+            f"{type(m).__module__}.{type(m).__qualname__}",
+            tuple(
+                (k, tuple(t.shape))
+                for k, t in [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)]
+                if t is not None
+            ),
         )
         for name, m in module.named_modules()
-        if isinstance(m, LAYER_TYPES + NORM_TYPES)
     )
 
 
