@@ -55,7 +55,6 @@ Example
 
 from __future__ import annotations
 
-import copy
 import json
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -433,10 +432,10 @@ def certify_candidates(
     ]
     j = res.index
     chosen = dense if j is None else candidates[j]
-    if isinstance(chosen, nn.Module):
-        if chosen is reference:  # the caller's own network: hand back a copy, its mode untouched
-            chosen = copy.deepcopy(chosen)
-        chosen.eval()  # a deployable network: BatchNorm uses its running statistics
+    # a deployable network (BatchNorm on its running statistics); the caller's own reference
+    # network comes back as it was given, its mode untouched
+    if isinstance(chosen, nn.Module) and chosen is not reference:
+        chosen.eval()
     if j is not None:
         accuracy = float(accs[j + 1])
     elif dense is reference:

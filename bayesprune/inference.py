@@ -32,11 +32,8 @@ Example
 
 from __future__ import annotations
 
-import math
 import time
-import warnings
 from collections.abc import Iterable
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,11 +43,20 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
+from ._fit_phases import (
+    Optimizers,
+    _delay_steps,
+    _lr_factor,
+    check_options,
+    end_of_fit,
+    epoch_loop,
+    note_stop,
+    restore_checkpoint,
+    restore_rng,
+    step_counts,
+)
 from ._utils import param_effect, resolve_device
-from .bayesianize import BayesianModule
-from .data import batch_xy, input_errors
-from .diagnostics import hidden_layers, informativeness_warnings, median_model, nodes_off
-from .files import check_target
+from .module import BayesianModule
 from .natural import BernoulliNaturalGradient
 
 __all__ = ["FitResult", "LocalReparamELBO", "fit"]
@@ -173,96 +179,6 @@ def make_adam(params: Iterable, lr: float) -> torch.optim.Adam:
         return torch.optim.Adam(params, lr=lr, fused=True)
     except (RuntimeError, TypeError, ValueError):  # old torch or unsupported device / dtype
         return torch.optim.Adam(params, lr=lr)
-
-
-def _delay_steps(
-    structure_delay: float | None, total: int | None, steps_per_epoch: int | None
-) -> int:
-    """Steps during which the structure parameters stay frozen.
-
-    The default (``None``) is 10% of the steps but at most one epoch. The freeze is there for the
-    weights to settle under the variational noise, which should take a number of steps rather
-    than a share of the fit. Frozen for longer, gates that are on let units the data do not need
-    take on work (``benchmarks/planted.py``; its runs are in ``docs/notes/benchmark-history.md``,
-    "Gate freeze").
-    """
-    if not total:
-        return 0
-    if structure_delay is None:
-        return min(int(0.1 * total), steps_per_epoch or total)
-    return int(structure_delay * total)
-
-
-def _lr_factor(schedule: str, total: int | None, start: int):
-    """Learning-rate multiplier per step: 0 during the first ``start`` steps, then cosine / flat."""
-
-    def factor(step: int) -> float:
-        if step < start:
-            return 0.0
-        if schedule == "constant" or not total:
-            return 1.0
-        return 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
-
-    return factor
-
-
-def _examples(train_loader: Iterable) -> int | None:
-    """The training examples ``train_loader`` draws from: its sampler's length (a
-    ``SubsetRandomSampler`` draws from fewer than its dataset holds), else its dataset's. A
-    sampler that draws with replacement (``WeightedRandomSampler``) counts draws, not examples,
-    and so does one given ``num_samples`` (``RandomSampler``, ``WeightedRandomSampler``), which
-    draws other examples each epoch: then the dataset's length."""
-    sampler = getattr(train_loader, "sampler", None)
-    if getattr(sampler, "replacement", False) or hasattr(sampler, "num_samples"):
-        sampler = None
-    for source in (sampler, getattr(train_loader, "dataset", None)):
-        try:
-            return len(source)  # type: ignore[arg-type]
-        except TypeError:
-            continue
-    return None
-
-
-def _num_data(train_loader: Iterable, num_data: int | None) -> int:
-    seen = _examples(train_loader)
-    if num_data is not None:
-        if isinstance(num_data, bool) or not isinstance(num_data, int) or num_data < 1:
-            raise ValueError(f"num_data must be a positive integer, got {num_data!r}")
-        if seen is not None and seen != num_data:
-            warnings.warn(
-                f"num_data={num_data}, but train_loader draws from {seen} examples: the likelihood "
-                f"is weighed as if there were {num_data}. Leave num_data unset unless that is "
-                "what you mean",
-                stacklevel=3,
-            )
-        return num_data
-    if seen is None:
-        raise ValueError(
-            "cannot tell the training-set size N from train_loader (it has no sized sampler or "
-            "dataset); pass num_data=N so the minibatch ELBO is scaled by N / batch size"
-        )
-    return seen
-
-
-@torch.no_grad()
-def _val_accuracy(
-    bnet: BayesianModule, loader: Iterable, dev: torch.device, samples: int, median=None
-) -> tuple[float, float | None]:
-    """Posterior-predictive accuracy on ``loader``, and that of the plain network ``median``."""
-    correct = correct_median = total = 0
-    if median is not None:
-        median.to(dev).eval()
-    for batch in loader:
-        x, y = batch_xy(batch, "val_loader")
-        x, y = x.to(dev), y.to(dev)
-        probs = bnet.predict(x, num_samples=samples)
-        correct += int((probs.argmax(-1) == y).sum())
-        if median is not None:
-            correct_median += int((median(x).argmax(-1) == y).sum())
-        total += len(y)
-    if total == 0:
-        raise ValueError("val_loader is empty")
-    return correct / total, (None if median is None else correct_median / total)
 
 
 def fit(
@@ -400,73 +316,25 @@ def fit(
         epoch included, is attached to the exception as ``exc.fit_result``; a note on the
         exception says from which epoch ``resume=`` would continue.
     """
-    if not isinstance(bnet, BayesianModule):
-        raise TypeError(
-            f"fit expects a BayesianModule from bp.bayesianize(net), got {type(bnet).__name__}"
-        )
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
-    if not lr > 0:
-        raise ValueError(f"lr must be positive, got {lr}")
-    if structure_lr is not None and not structure_lr > 0:
-        raise ValueError(f"structure_lr must be positive, got {structure_lr}")
-    if isinstance(gate_step, bool) or not isinstance(gate_step, (int, float)):
-        raise TypeError(f"gate_step must be a number in (0, 1], got {gate_step!r}")
-    if not 0 < gate_step <= 1:
-        raise ValueError(
-            f"gate_step must be in (0, 1] (the fraction of the way to each gate's optimum per "
-            f"step), got {gate_step}"
-        )
-    if structure_delay is not None and not 0 <= structure_delay < 1:
-        raise ValueError(
-            f"structure_delay must be a fraction in [0, 1) or None (10% of the steps, at most "
-            f"one epoch), got {structure_delay}"
-        )
-    if isinstance(kl_weight, bool) or not isinstance(kl_weight, (int, float)) or not kl_weight > 0:
-        raise ValueError(f"kl_weight must be a positive number (1 = the ELBO), got {kl_weight!r}")
-    if kl_warmup < 0:
-        raise ValueError(f"kl_warmup must be >= 0 epochs, got {kl_warmup}")
-    if kl_warmup > epochs:
-        raise ValueError(
-            f"kl_warmup={kl_warmup} epochs is longer than the fit ({epochs} epochs): the KL weight "
-            f"would end at {kl_weight * epochs / kl_warmup:.3g}, not kl_weight={kl_weight}. Use "
-            "kl_warmup <= epochs (or lower kl_weight on purpose)"
-        )
-    if lr_schedule not in ("cosine", "constant"):
-        raise ValueError(f"lr_schedule must be 'cosine' or 'constant', got {lr_schedule!r}")
-    if not isinstance(train_loader, Iterable):
-        raise TypeError(
-            f"train_loader must be an iterable of (x, y) batches such as a DataLoader, got {type(train_loader).__name__}"
-        )
-    if val_loader is not None and bnet.likelihood != "categorical":
-        raise ValueError(
-            "val_loader gives a validation accuracy after each epoch, which needs a categorical "
-            f"likelihood; this BayesianModule's is {bnet.likelihood!r}. Drop val_loader and "
-            "evaluate bnet.predict_regression yourself"
-        )
-    if elbo is not None and not isinstance(elbo, pyro.infer.ELBO):
-        raise TypeError(f"elbo must be a pyro.infer.ELBO such as Trace_ELBO(), got {elbo!r}")
-    if isinstance(train_loader, list | tuple):  # a list of batches: check it before asking for N
-        if not train_loader:
-            raise ValueError("train_loader is empty")
-        batch_xy(train_loader[0], "train_loader")
-    n = _num_data(train_loader, num_data)
-    if checkpoint is not None:
-        check_target(checkpoint)
-        ckpt.check_path(checkpoint)
-    if resume is not None and elbo is not None:
-        raise ValueError(
-            "resume= continues the default fit only (elbo=None): the state of the Pyro optimizer "
-            "that elbo= uses is not saved. Drop elbo=, or start a new fit"
-        )
+    n = check_options(
+        bnet,
+        train_loader,
+        epochs=epochs,
+        lr=lr,
+        num_data=num_data,
+        val_loader=val_loader,
+        kl_warmup=kl_warmup,
+        kl_weight=kl_weight,
+        elbo=elbo,
+        structure_lr=structure_lr,
+        structure_delay=structure_delay,
+        lr_schedule=lr_schedule,
+        checkpoint=checkpoint,
+        resume=resume,
+        gate_step=gate_step,
+    )
     saved = ckpt.load_fit_state(resume) if resume is not None else None
-    steps_per_epoch = len(train_loader) if hasattr(train_loader, "__len__") else None
-    if steps_per_epoch == 0:
-        raise ValueError("train_loader is empty")
-    total_steps = epochs * steps_per_epoch if steps_per_epoch else None
-    warmup_steps = kl_warmup * steps_per_epoch if steps_per_epoch else 0
-    if kl_warmup and not steps_per_epoch:
-        raise ValueError("kl_warmup needs a train_loader with a length")
+    steps_per_epoch, total_steps, warmup_steps = step_counts(train_loader, epochs, kl_warmup)
     # what a resumed fit must repeat (the random states are restored, so seed may be left out)
     options = {
         "epochs": epochs,
@@ -493,10 +361,81 @@ def fit(
     bnet.to(dev)
     bnet.num_data = n
 
-    fast = elbo is None
-    net_name = type(bnet.net).__name__
-    fix = "inputs of the shape the wrapped network expects, with the batch first"
-    if fast:
+    optimizers = _build_optimizers(
+        bnet,
+        elbo,
+        lr=lr,
+        structure_lr=structure_lr,
+        structure_delay=structure_delay,
+        gate_step=gate_step,
+        lr_schedule=lr_schedule,
+        total_steps=total_steps,
+        steps_per_epoch=steps_per_epoch,
+    )
+    result = FitResult(num_data=n, kl_weight=float(kl_weight))
+    run = restore_checkpoint(saved, checkpoint, bnet, optimizers, result)
+    bar = tqdm(
+        total=total_steps, initial=run.step, disable=not progress, desc="fit (SVI)", leave=False
+    )
+    run.start = time.perf_counter() - result.seconds
+    modes = [(m, m.training) for m in bnet.modules()]  # given back as they were, after the fit
+    bnet.train()
+    if saved is not None:  # last, so that nothing above draws from the restored generators
+        restore_rng(saved, dev, train_loader)
+    try:
+        epoch_loop(
+            bnet,
+            train_loader,
+            optimizers,
+            result,
+            run,
+            bar,
+            epochs=epochs,
+            n=n,
+            dev=dev,
+            warmup_steps=warmup_steps,
+            kl_weight=kl_weight,
+            progress=progress,
+            val_loader=val_loader,
+            val_samples=val_samples,
+            checkpoint=checkpoint,
+            options=options,
+        )
+    except (KeyboardInterrupt, Exception) as exc:
+        note_stop(exc, result, run, epochs, checkpoint)
+        raise
+    finally:
+        bnet._kl_scale = 1.0
+        bar.close()
+        for m, training in modes:
+            m.training = training
+    result.seconds = time.perf_counter() - run.start
+    end_of_fit(bnet, result, run)
+    return result
+
+
+def _build_optimizers(
+    bnet: BayesianModule,
+    elbo: pyro.infer.ELBO | None,
+    *,
+    lr: float,
+    structure_lr: float | None,
+    structure_delay: float | None,
+    gate_step: float,
+    lr_schedule: str,
+    total_steps: int | None,
+    steps_per_epoch: int | None,
+) -> Optimizers:
+    """The objective, optimizers and schedules of :func:`fit` (a phase of it: see
+    :mod:`bayesprune._fit_phases`).
+
+    The fast ELBO (``elbo=None``): Adam over the weights (``lr``) and the structure parameters
+    other than the point-weight gates (``structure_lr``, frozen for the ``structure_delay``),
+    the natural-gradient step of the point-weight gates (``gate_step``, frozen as long), each
+    with its ``lr_schedule``. A custom ``elbo``: ``pyro.infer.SVI`` with Pyro's Adam, under
+    Pyro's cosine schedule when ``lr_schedule="cosine"``.
+    """
+    if elbo is None:
         elbo_obj = LocalReparamELBO()
         gates = bnet.gate_parameters()
         gate_ids = {id(p) for p in gates}
@@ -522,178 +461,23 @@ def fit(
         stateful = {"optimizer": opt, "scheduler": sched}
         if natural is not None:
             stateful.update(gate_optimizer=natural, gate_scheduler=gate_sched)
-    else:
-        elbo_obj = elbo
-        if lr_schedule == "cosine" and total_steps:
-            optim = pyro.optim.CosineAnnealingLR(
-                {"optimizer": torch.optim.Adam, "optim_args": {"lr": lr}, "T_max": total_steps}
-            )
-        else:
-            optim = pyro.optim.Adam({"lr": lr})
-        svi = pyro.infer.SVI(bnet.model, bnet.guide, optim, loss=elbo_obj)
-
-    result = FitResult(num_data=n, kl_weight=float(kl_weight))
-    hidden: list[str] | None = None
-    step = first_epoch = 0
-    if saved is not None:
-        hidden, step, first_epoch = ckpt.restore(saved, bnet, stateful, result)
-    saved_epochs = None  # epochs that the fit state at `checkpoint` holds, for a stop's note
-    if saved is not None and checkpoint is not None:
-        same = ckpt.state_path(checkpoint).resolve() == Path(saved["file"]).resolve()
-        saved_epochs = first_epoch if same else None
-    bar = tqdm(total=total_steps, initial=step, disable=not progress, desc="fit (SVI)", leave=False)
-    start = time.perf_counter() - result.seconds
-    modes = [(m, m.training) for m in bnet.modules()]  # given back as they were, after the fit
-    bnet.train()
-    if saved is not None:  # last, so that nothing above draws from the restored generators
-        lost = ckpt.set_rng_state(saved["state"]["rng"], dev, train_loader)
-        if lost:
-            warnings.warn(
-                f"resume: could not restore {'; '.join(lost)}: the fit goes on, but not exactly "
-                "as it would have without the interruption",
-                stacklevel=2,
-            )
-    epoch = first_epoch
-    try:
-        for epoch in range(first_epoch, epochs):
-            epoch_sum, epoch_count = 0.0, 0
-            for batch in train_loader:
-                x, y = batch_xy(batch, "train_loader")
-                bnet._check_batch(x, y)
-                if not step:
-                    bnet.input_shape = tuple(x.shape[1:])
-                if x.shape[0] > n:
-                    raise ValueError(
-                        f"a batch of {x.shape[0]} examples is larger than num_data={n}, the "
-                        "training-set size that scales the ELBO; pass the number of training "
-                        "examples, or leave num_data unset to take it from train_loader"
-                    )
-                x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-                beta = kl_weight * (min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0)
-                if fast:
-                    elbo_obj.kl_scale = beta
-                    # only the first batch: a later failure is not about the input shape
-                    checked = (
-                        input_errors(net_name, "the first batch", x.shape, fix)
-                        if not step
-                        else nullcontext()
-                    )
-                    with checked:
-                        loss = elbo_obj.differentiable_loss(bnet.model, bnet.guide, x, y)
-                    if not torch.isfinite(loss):
-                        _raise_nonfinite(loss.item(), epoch, step)
-                    opt.zero_grad(set_to_none=True)
-                    # The gate gradients are NOT cleared: every natural step uses their running
-                    # sum since the start of the fit (see bayesprune.natural, "What bp.fit runs").
-                    # Clearing them gives the damped CAVI step, whose fixed point leaves most PIPs
-                    # undecided (issue 22's closing note); kept until a principled replacement.
-                    loss.backward()
-                    opt.step()
-                    sched.step()
-                    if natural is not None:
-                        natural.beta = beta
-                        natural.step()
-                        gate_sched.step()
-                    value = loss.item()
-                    result.kl.append(elbo_obj.last_kl.item())
-                    result.nll.append(elbo_obj.last_nll.item())
-                else:
-                    bnet._kl_scale = beta
-                    value = svi.step(x, y)
-                    if not math.isfinite(value):
-                        _raise_nonfinite(value, epoch, step)
-                    if lr_schedule == "cosine" and total_steps:
-                        optim.step()
-                step += 1
-                result.loss.append(value)
-                epoch_sum += value
-                epoch_count += 1
-                bar.update()
-                if progress:
-                    bar.set_postfix(epoch=epoch + 1, loss=f"{value:.4g}")
-            if epoch_count == 0:
-                raise ValueError("train_loader is empty")
-            result.epoch_loss.append(epoch_sum / epoch_count)
-            if hidden is None:
-                hidden = _hidden(bnet, x)
-            for k, v in nodes_off(bnet, hidden).items():
-                result.nodes_off.setdefault(k, []).append(v)
-            if val_loader is not None:
-                median = median_model(bnet, hidden) if hidden else None
-                acc, acc_median = _val_accuracy(bnet, val_loader, dev, val_samples, median)
-                result.val_accuracy.append(acc)
-                if acc_median is not None:
-                    result.val_median_accuracy.append(acc_median)
-                bnet.train()
-            if checkpoint is not None:
-                if fast:
-                    result.seconds = time.perf_counter() - start
-                    progress_made = {"epoch": epoch + 1, "step": step, "hidden": hidden}
-                    # the gate logits' gradients are never zeroed: they sum over the steps
-                    grads = {k: p.grad for k, p in bnet.named_parameters() if id(p) in gate_ids}
-                    ckpt.save_fit_state(
-                        ckpt.state_path(checkpoint),
-                        bnet,
-                        {name: obj.state_dict() for name, obj in stateful.items()},
-                        result,
-                        rng=ckpt.rng_state(dev, train_loader),
-                        options=options,
-                        grads=grads,
-                        **progress_made,
-                    )
-                ckpt.save_module(bnet, checkpoint)
-                saved_epochs = epoch + 1 if fast else None
-    except (KeyboardInterrupt, Exception) as exc:
-        result.seconds = time.perf_counter() - start
-        exc.fit_result = result  # type: ignore[attr-defined]
-        if step or isinstance(exc, KeyboardInterrupt):
-            where = f"fit stopped in epoch {epoch + 1} of {epochs}, after {step} steps"
-            if saved_epochs:
-                where += (
-                    f"; fit(..., resume={str(checkpoint)!r}) continues from the end of epoch "
-                    f"{saved_epochs}, which the checkpoint holds"
-                )
-            exc.add_note(f"{where}. The history so far is in this exception's .fit_result")
-        raise
-    finally:
-        bnet._kl_scale = 1.0
-        bar.close()
-        for m, training in modes:
-            m.training = training
-    result.seconds = time.perf_counter() - start
-    result.warnings = informativeness_warnings(
-        bnet,
-        hidden or [],
-        val_accuracy=result.val_accuracy[-1] if result.val_accuracy else None,
-        median_accuracy=result.val_median_accuracy[-1] if result.val_median_accuracy else None,
-    )
-    for message in result.warnings:
-        warnings.warn(message, stacklevel=2)
-    return result
-
-
-def _hidden(bnet: BayesianModule, x: torch.Tensor) -> list[str]:
-    """Node-PIP layers whose units are not the network's output, traced on one example of the
-    last batch (an untraceable network gets every node-PIP layer, with a warning)."""
-    if not bnet.inclusion_probs():
-        return []
-    example = x[:1].detach().cpu()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return hidden_layers(bnet, example)
-    except Exception as exc:  # the fit itself succeeded; say what is missing
-        warnings.warn(
-            f"fit could not trace {type(bnet.net).__name__} to tell hidden layers from output "
-            f"layers ({type(exc).__name__}: {exc}); nodes_off and the median-model accuracy "
-            "then count every layer with node PIPs",
-            stacklevel=3,
+        return Optimizers(
+            elbo_obj,
+            fast=True,
+            opt=opt,
+            sched=sched,
+            natural=natural,
+            gate_sched=gate_sched,
+            gate_ids=gate_ids,
+            stateful=stateful,
         )
-        return list(bnet.inclusion_probs())
-
-
-def _raise_nonfinite(value: float, epoch: int, step: int) -> None:
-    raise FloatingPointError(
-        f"the ELBO loss became {value} at epoch {epoch + 1}, step {step + 1}; lower the learning "
-        "rate, check the inputs for NaN/inf, or use a broader prior"
-    )
+    if lr_schedule == "cosine" and total_steps:
+        optim = pyro.optim.CosineAnnealingLR(
+            {"optimizer": torch.optim.Adam, "optim_args": {"lr": lr}, "T_max": total_steps}
+        )
+        scheduler = optim
+    else:
+        optim = pyro.optim.Adam({"lr": lr})
+        scheduler = None
+    svi = pyro.infer.SVI(bnet.model, bnet.guide, optim, loss=elbo)
+    return Optimizers(elbo, fast=False, svi=svi, pyro_scheduler=scheduler)

@@ -98,9 +98,11 @@ def test_full_disk_during_fit(tmp_path, monkeypatch, capsys) -> None:
     real = files.os.fsync
     calls = {"n": 0}
 
-    def full(fd):  # the disk fills up at the first file that is flushed (a checkpoint or record)
+    def full(fd):  # the disk fills up after fit.partial.json, at the next file flushed
         calls["n"] += 1
-        raise OSError(errno.ENOSPC, "No space left on device")
+        if calls["n"] > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd)
 
     monkeypatch.setattr(files.os, "fsync", full)
     monkeypatch.setattr("bayesprune.checkpoint.os.fsync", full)
@@ -109,7 +111,7 @@ def test_full_disk_during_fit(tmp_path, monkeypatch, capsys) -> None:
     err = _error_line(capsys, 2)
     assert "No space left on device" in err and "cannot write" in err, err
     monkeypatch.setattr(files.os, "fsync", real)
-    assert calls["n"] == 1
+    assert calls["n"] == 2
     assert not (out / "run.json").exists() and not (out / "fit.json").exists()
     _no_temporaries(out)
     assert main(["prune", "--run", str(out)]) == 2

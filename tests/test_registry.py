@@ -90,3 +90,23 @@ def test_register_layer_refuses_what_it_cannot_honour() -> None:
         pass
 
     assert registry.layer_family(Both) is None  # subclasses are not registered implicitly
+
+
+def test_a_registered_conv_before_a_batchnorm_gets_its_gate_after_it() -> None:
+    class MyConv(nn.Conv2d):
+        pass
+
+    bp.register_layer(MyConv, like=nn.Conv2d)
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        MyConv(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3)
+    )
+    with torch.no_grad():
+        net[1].bias.fill_(2.0)  # a switched-off channel must not leave this bias behind
+    bnet = bp.bayesianize(net.eval())
+    assert bnet.net[0].batchnorm_follows and bnet.gate_after == {"0": "1"}
+    keep = torch.tensor([True, False, True, False])
+    small = bp.prune(bnet, masks={"0": keep}, example_input=torch.zeros(1, 1, 6, 6))
+    x = torch.randn(5, 1, 6, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), bnet.mean_module({"0": keep}).eval()(x))
