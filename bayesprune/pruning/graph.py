@@ -670,6 +670,7 @@ def _signature(module: nn.Module) -> tuple:
 
 
 def _followers(graphs: list[fx.GraphModule]) -> dict[str, set[str]]:
+    """Layer path -> the BatchNorms that its output alone feeds, in any of ``graphs``."""
     out: dict[str, set[str]] = {}
     for gm in graphs:
         for node in gm.graph.nodes:
@@ -682,14 +683,7 @@ def _followers(graphs: list[fx.GraphModule]) -> dict[str, set[str]]:
 
 def bn_followers(module: nn.Module) -> dict[str, set[str]]:
     """Layer path -> the BatchNorms fed only by that layer's output, read off the traced graphs."""
-    out: dict[str, set[str]] = {}
-    for gm in (trace(module, None, training=t) for t in (False, True)):
-        for node in gm.graph.nodes:
-            if node.op == "call_module" and isinstance(gm.get_submodule(node.target), NORM_TYPES):
-                layer = direct_layer(gm, node)
-                if layer is not None:
-                    out.setdefault(layer, set()).add(str(node.target))
-    return out
+    return _followers([trace(module, None, training=t) for t in (False, True)])
 
 
 def to_module_device(example_input: Any, module: nn.Module) -> Any:
