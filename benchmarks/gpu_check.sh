@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The GPU rows of benchmarks/README.md#svi-speed on one GPU, in about 5 minutes: SVI step time of
+# LeNet-300-100 and ResNet-20 against deterministic training (with operator counts), and the
+# posterior-predictive draw against a forward pass. Writes the JSON to $OUT (the device tool's
+# output folder) or, without it, to benchmarks/results/.
+#
+# Here:      bash benchmarks/gpu_wheels.sh            (once: pyro-ppl for the bare device image)
+# On a GPU:  the device tool's run, with carry [".whl"] and the command
+#            bash benchmarks/gpu_check.sh
+# Then copy the two JSON files into benchmarks/results/ and regenerate the tables.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1
+site=/tmp/bayesprune-site
+rm -rf "$site"
+if [ -d .whl ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" .whl/*.whl
+fi
+# bayesprune itself, from this checkout (its models/ folder installs as bayesprune.models)
+python3 -m pip install -q --no-index --no-deps --no-build-isolation --target "$site" .
+export PYTHONPATH="$site"
+out="${OUT:-benchmarks/results}"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+python3 -c "import torch, pyro, bayesprune; print('torch', torch.__version__, 'pyro', pyro.__version__, 'cuda', torch.cuda.is_available())"
+python3 benchmarks/svi_speed.py --device cuda --steps 200 --models lenet_300_100 resnet20 --ops \
+    --json "$out/svi_speed_gpu.json"
+python3 benchmarks/svi_speed.py --device cuda --steps 100 --predict --models lenet_300_100 resnet20 \
+    --json "$out/svi_predict_gpu.json"
