@@ -205,9 +205,10 @@ class BayesianModule(nn.Module):
         ]
 
     def gate_parameters(self) -> list[nn.Parameter]:
-        """The gate logits of layers with point weights (a subset of
-        :meth:`structure_parameters`), which :func:`bayesprune.fit` moves with natural-gradient
-        steps (:mod:`bayesprune.natural`).
+        """The gate logits that each layer's prior declares for natural-gradient steps
+        (:meth:`~bayesprune.priors.Prior.natural_gate_names`: those of point-weight spike-and-slab
+        layers; a subset of :meth:`structure_parameters`), which :func:`bayesprune.fit` moves
+        with :mod:`bayesprune.natural` instead of Adam.
 
         Gates of layers with Bayesian weights are left to Adam with the other structure
         parameters: there the natural step reaches the mean-field ELBO's coordinate-wise optimum,
@@ -219,9 +220,8 @@ class BayesianModule(nn.Module):
         return [
             p
             for layer in self.bayesian_layers.values()
-            if layer.prior.point_weights
             for n, p in layer.named_parameters(recurse=False)
-            if n == "gate_logit"
+            if n in layer.prior.natural_gate_names(layer)
         ]
 
     def kl(self) -> torch.Tensor:

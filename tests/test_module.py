@@ -265,3 +265,17 @@ def test_predictive_and_guide_trace_work() -> None:
     params = [n for n, s in gtr.nodes.items() if s["type"] == "param"]
     assert "bnet.net.1.weight_loc" in params
     assert len(pyro.get_param_store()) == 0  # the module owns its parameters
+
+
+def test_the_natural_step_gates_are_declared_by_the_prior() -> None:
+    net = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+    bnet = bp.bayesianize(net)  # point-weight spike-and-slab: every layer's gate logits
+    assert [id(p) for p in bnet.gate_parameters()] == [
+        id(bnet.net[0].gate_logit),
+        id(bnet.net[2].gate_logit),
+    ]
+    for prior in (
+        bp.priors.SpikeAndSlab(level="node", weights="gaussian"),
+        bp.priors.GroupHorseshoe(),
+    ):
+        assert bp.bayesianize(net, prior=prior).gate_parameters() == []

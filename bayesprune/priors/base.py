@@ -71,6 +71,7 @@ class Prior:
     ``to_dict()`` / ``from_dict(options)``    serialised form (``"type"``: the registered name); inverse
     ``setup(layer, init_scale)``              register the prior's own variational parameters on ``layer``
     ``structure_parameter_names(layer)``      which of them get ``structure_lr`` in :func:`bayesprune.fit`
+    ``natural_gate_names(layer)``             Bernoulli gate logits that ``fit`` moves by natural steps
     ``init_weight_loc`` / ``init_bias_loc``   initial posterior means of the base weights
     ``base_scale(layer)``                     prior sd of the base weights
     ``weight_gate(layer)``                    per-weight multiplier of the fast path, or ``None``
@@ -142,6 +143,12 @@ class Prior:
         """Names of the layer parameters, among those :meth:`setup` registered, that decide which
         nodes stay (gate logits, shrinkage scales): :func:`bayesprune.fit` gives them
         ``structure_lr`` and holds them during ``structure_delay``. None by default."""
+        return ()
+
+    def natural_gate_names(self, layer: BayesianLayer) -> tuple[str, ...]:
+        """Names of Bernoulli gate logits (a subset of :meth:`structure_parameter_names`) that
+        :func:`bayesprune.fit` moves with natural-gradient steps (:mod:`bayesprune.natural`)
+        instead of Adam. None by default."""
         return ()
 
     def structure_parameters(self, layer: BayesianLayer) -> list[nn.Parameter]:

@@ -472,6 +472,11 @@ class SpikeAndSlab(Prior):
     def structure_parameter_names(self, layer: BayesianLayer) -> tuple[str, ...]:
         return ("gate_logit", *self._slab.parameter_names)
 
+    def natural_gate_names(self, layer: BayesianLayer) -> tuple[str, ...]:
+        # only with point weights: with Bayesian weights the natural step reaches the mean-field
+        # optimum, the empty network (BayesianModule.gate_parameters)
+        return ("gate_logit",) if self.point_weights else ()
+
     def init_weight_loc(self, layer, weight):
         return self._slab.init_weight_loc(layer, weight)
 
