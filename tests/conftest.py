@@ -9,7 +9,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from bayesprune.data import DatasetNotFoundError, fashion_mnist_root
+from bayesprune.data import DatasetNotFoundError, fashion_mnist_root, load_digits, loader
+from bayesprune.models import lenet_300_100
+from bayesprune.train import train
 
 torch.set_num_threads(1)
 
@@ -41,3 +43,18 @@ def conv_bn_net() -> tuple[nn.Module, DataLoader]:
         nn.Conv2d(8, 6, 2), nn.ReLU(), nn.Flatten(), nn.Linear(24, 3),
     ).eval()  # fmt: skip
     return net, DataLoader(TensorDataset(x, y), batch_size=100)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    """sklearn's digits as seeded train / val / cal / test splits."""
+    return load_digits(seed=0)
+
+
+@pytest.fixture(scope="module")
+def net(digits) -> nn.Module:
+    """A LeNet-300-100 trained briefly on digits (the guarantee layer's tests)."""
+    torch.manual_seed(0)
+    model = lenet_300_100(in_features=64)
+    train(model, loader(digits.train, 64), epochs=8, lr=2e-3, progress=False, seed=0)
+    return model.eval()

@@ -10,6 +10,7 @@ import warnings
 
 import pytest
 import torch
+from helpers import FakeBayesianModule
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -22,26 +23,12 @@ from bayesprune.certificate import (
     pip_candidates,
 )
 from bayesprune.conformal import ConformalClassifier
-from bayesprune.data import load_digits, loader
+from bayesprune.data import loader
 from bayesprune.models import lenet_300_100
-from bayesprune.train import train
 
 # ------------------------------------------------------------------------------------------------
 # fixtures: a small MLP trained on sklearn digits, and masked / pruned candidates of it
 # ------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_digits(seed=0)
-
-
-@pytest.fixture(scope="module")
-def net(digits) -> nn.Module:
-    torch.manual_seed(0)
-    model = lenet_300_100(in_features=64)
-    train(model, loader(digits.train, 64), epochs=8, lr=2e-3, progress=False, seed=0)
-    return model.eval()
 
 
 def _node_scores(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -56,27 +43,6 @@ def candidates(net) -> list[nn.Module]:
     with warnings.catch_warnings():  # the smallest keep fractions empty layer 1 (floored)
         warnings.filterwarnings("ignore", message="the node decisions keep 0")
         return [bp.prune(net, keep=f, scores=_node_scores(net)) for f in KEEP]
-
-
-class FakeBayesianModule:
-    """Implements ARCHITECTURE.md's BayesianModule contract around a plain net (for certify)."""
-
-    def __init__(self, model: nn.Module, pips: dict[str, torch.Tensor]) -> None:
-        self.model, self.pips, self.num_classes, self.device = model, pips, 10, torch.device("cpu")
-
-    def inclusion_probs(self) -> dict[str, torch.Tensor]:
-        return {k: v.clone() for k, v in self.pips.items()}
-
-    def mean_module(self, masks=None) -> nn.Module:
-        return bp.zero_masked(self.model, masks) if masks else copy.deepcopy(self.model)
-
-    def dense_module(self) -> nn.Module:
-        return copy.deepcopy(self.model).eval()
-
-    def predict(
-        self, x: torch.Tensor, num_samples: int = 32, seed: int | None = None
-    ) -> torch.Tensor:
-        return torch.softmax(self.model(x), -1)
 
 
 def _cal(digits, batch_size: int = 128) -> DataLoader:

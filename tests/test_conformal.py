@@ -3,12 +3,12 @@ and unit), ConformalClassifier, and the names it re-exports."""
 
 from __future__ import annotations
 
-import copy
 import math
 
 import numpy as np
 import pytest
 import torch
+from helpers import FakeBayesianModule
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -22,48 +22,11 @@ from bayesprune.conformal import (
     prediction_sets,
     raps_scores,
 )
-from bayesprune.data import load_digits, loader
-from bayesprune.models import lenet_300_100
-from bayesprune.train import train
+from bayesprune.data import loader
 
 # ------------------------------------------------------------------------------------------------
 # fixtures: a small MLP trained on sklearn digits (the same as tests/test_certificate.py's)
 # ------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_digits(seed=0)
-
-
-@pytest.fixture(scope="module")
-def net(digits) -> nn.Module:
-    torch.manual_seed(0)
-    model = lenet_300_100(in_features=64)
-    train(model, loader(digits.train, 64), epochs=8, lr=2e-3, progress=False, seed=0)
-    return model.eval()
-
-
-class FakeBayesianModule:
-    """Implements ARCHITECTURE.md's BayesianModule contract around a plain net (the same as
-    tests/test_certificate.py's; here for ConformalClassifier)."""
-
-    def __init__(self, model: nn.Module, pips: dict[str, torch.Tensor]) -> None:
-        self.model, self.pips, self.num_classes, self.device = model, pips, 10, torch.device("cpu")
-
-    def inclusion_probs(self) -> dict[str, torch.Tensor]:
-        return {k: v.clone() for k, v in self.pips.items()}
-
-    def mean_module(self, masks=None) -> nn.Module:
-        return bp.zero_masked(self.model, masks) if masks else copy.deepcopy(self.model)
-
-    def dense_module(self) -> nn.Module:
-        return copy.deepcopy(self.model).eval()
-
-    def predict(
-        self, x: torch.Tensor, num_samples: int = 32, seed: int | None = None
-    ) -> torch.Tensor:
-        return torch.softmax(self.model(x), -1)
 
 
 def _cal(digits, batch_size: int = 128) -> DataLoader:
