@@ -104,12 +104,20 @@ def prune_module(
         round_to=round_to,
         graph=graph,
     )
+    return _slice(module, plan, graph, example_input, verify)
+
+
+def _slice(
+    module: nn.Module, plan: PruningPlan, graph: DependencyGraph, example_input: Any, verify: bool
+) -> nn.Module:
+    """The sliced copy of ``module`` under ``plan``, checked against the zeroed one (``verify``),
+    in eval mode: a deployable network, BatchNorm on its running statistics."""
     small = apply_plan(module, plan, graph.bn_followers)
     if verify:
         reference = copy.deepcopy(module)
         zero_in_place(reference, plan.masks, graph.bn_followers)
         check_exact(reference, small, example_input)
-    return small.eval()  # a deployable network: BatchNorm uses its running statistics
+    return small.eval()
 
 
 def infer_example_input(model: Any, module: nn.Module) -> torch.Tensor:
@@ -293,12 +301,7 @@ def prune(
     # the posterior mean of a Bayesian net depends on the mask (its gates), so build it for the
     # final decisions; a plain module is simply zeroed and sliced
     module = model.mean_module(plan.masks) if bayesian else base
-    small = apply_plan(module, plan, graph.bn_followers)
-    if verify:
-        reference = copy.deepcopy(module)
-        zero_in_place(reference, plan.masks, graph.bn_followers)
-        check_exact(reference, small, example_input)
-    return small.eval()  # a deployable network: BatchNorm uses its running statistics
+    return _slice(module, plan, graph, example_input, verify)
 
 
 def _warn_switched_off(masks: Mapping[str, torch.Tensor], plan: PruningPlan) -> None:
