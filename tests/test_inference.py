@@ -79,7 +79,7 @@ def test_linear_regression_posterior_matches_closed_form(weight_sd) -> None:
     y = x @ torch.tensor([1.0, -2.0, 0.5]) + 0.3 + noise * torch.randn(n)
     bnet = bp.bayesianize(
         nn.Linear(d, 1),
-        prior=bp.priors.Gaussian(prior_scale),
+        prior=bp.priors.Gaussian(scale=prior_scale),
         likelihood="gaussian",
         noise_scale=noise,
         init_scale=0.01,  # near the posterior sd, so 1,200 steps reach the optimum

@@ -18,7 +18,7 @@ def _small_resnet() -> nn.Module:
     ("prior", "weight_sd"),
     [
         (bp.priors.SpikeAndSlab(prior_inclusion="theory"), "per_weight"),
-        (bp.priors.GroupHorseshoe(0.3), "per_weight"),
+        (bp.priors.GroupHorseshoe(global_scale=0.3), "per_weight"),
         (bp.priors.SpikeAndSlab(prior_inclusion="theory"), "rank1"),
     ],
 )

@@ -127,7 +127,7 @@ def _layer(prior: priors.Prior, out: int = 5, inp: int = 7) -> BayesianLinear:
 @pytest.mark.parametrize(
     "prior",
     [
-        Gaussian(0.5),
+        Gaussian(scale=0.5),
         SpikeAndSlab(level="node", prior_inclusion=0.2),
         SpikeAndSlab(level="node", prior_inclusion=0.2, weights="gaussian"),
         SpikeAndSlab(level="node", slab="group_lasso"),
@@ -297,9 +297,9 @@ def test_other_priors_reject_bad_settings() -> None:
 @pytest.mark.parametrize(
     "prior",
     [
-        Gaussian(0.3),
+        Gaussian(scale=0.3),
         SpikeAndSlab(level="weight", prior_inclusion="theory"),
-        GroupHorseshoe(0.2, False),
+        GroupHorseshoe(global_scale=0.2, regularized=False),
     ],
 )
 def test_prior_dict_round_trip(prior: priors.Prior) -> None:

@@ -24,12 +24,14 @@ group :math:`w_j` of size :math:`m_j` (``fan_in * kernel_size + 1`` with a bias)
 
 Priors
 ------
-``Gaussian(scale)`` (:mod:`~bayesprune.priors.gaussian`)
+Every option is keyword-only (``Gaussian(scale=0.5)``, not ``Gaussian(0.5)``).
+
+``Gaussian(*, scale)`` (:mod:`~bayesprune.priors.gaussian`)
     :math:`w \sim \mathcal N(0, s^2)` elementwise. No inclusion probabilities.
-``SpikeAndSlab(level="node" | "weight", prior_inclusion, slab="gaussian" | "group_lasso" | "horseshoe")`` (:mod:`~bayesprune.priors.spike_slab`)
+``SpikeAndSlab(*, level="node" | "weight", prior_inclusion, slab="gaussian" | "group_lasso" | "horseshoe")`` (:mod:`~bayesprune.priors.spike_slab`)
     :math:`z_j \sim \mathrm{Bernoulli}(\gamma)` multiplies node :math:`j`'s output (``level="node"``) or
     each weight (``level="weight"``); the slab is Gaussian, group-lasso or group-horseshoe.
-``GroupHorseshoe(global_scale, regularized, slab_scale, pip_reference)`` (:mod:`~bayesprune.priors.horseshoe`)
+``GroupHorseshoe(*, global_scale, regularized, slab_scale, pip_reference)`` (:mod:`~bayesprune.priors.horseshoe`)
     node-wise half-Cauchy scales times a layer-wise half-Cauchy scale, non-centred
     (:class:`~bayesprune.priors.horseshoe.HalfCauchyScale`).
 

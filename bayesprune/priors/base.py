@@ -15,8 +15,8 @@ factor :math:`q(w) = \mathcal N(\mu, \sigma^2)`, stored as ``layer.weight_loc`` 
 
 Writing a prior
 ---------------
-Subclass :class:`Prior` (or a built-in prior) as a ``@dataclass(frozen=True)`` whose fields are
-the options (JSON scalars: numbers, strings, booleans, ``None``), check the options in
+Subclass :class:`Prior` (or a built-in prior) as a ``@dataclass(frozen=True, kw_only=True)`` whose
+fields are the options (JSON scalars: numbers, strings, booleans, ``None``), check the options in
 ``__post_init__``, implement :meth:`Prior.kl`, :meth:`Prior.model_sites` and
 :meth:`Prior.guide_sites` (and whichever optional methods apply), and register the class with
 :func:`register_prior`. A saved :class:`~bayesprune.BayesianModule` records each layer's prior as

@@ -25,7 +25,7 @@ __all__ = ["Gaussian"]
 
 
 @register_prior
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Gaussian(Prior):
     r"""Mean-field Gaussian prior :math:`w_i \sim \mathcal N(0, s^2)`, :math:`q(w_i) = \mathcal N(\mu_i, \sigma_i^2)`.
 

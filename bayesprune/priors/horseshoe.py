@@ -44,7 +44,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["GroupHorseshoe", "HalfCauchyScale"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class HalfCauchyScale:
     r"""The half-Cauchy node scales of one layer and their log-normal variational factors.
 
@@ -262,7 +262,7 @@ def _standardised_rms(layer: BayesianLayer) -> torch.Tensor:
 
 
 @register_prior
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class GroupHorseshoe(Prior):
     r"""Node-wise (group) horseshoe, non-centred, optionally regularised (Louizos et al. 2017 BC-GHS;
     Ghosh, Yao and Doshi-Velez 2019; Piironen and Vehtari 2017).

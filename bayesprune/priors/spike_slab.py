@@ -245,7 +245,7 @@ class _HorseshoeSlab(_Slab):
 # the prior
 # --------------------------------------------------------------------------------------------
 @register_prior
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SpikeAndSlab(Prior):
     r"""Spike-and-slab prior at node or weight level (SS-IG / SS-GL of Jantre et al. 2023, and SS-GHS).
 
