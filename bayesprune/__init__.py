@@ -24,7 +24,7 @@ from . import priors
 from .bayesianize import BayesianModule, bayesianize, load
 from .inference import FitResult, fit
 from .priors import register_prior
-from .registry import register_layer
+from .registry import LayerSpec, register_layer
 
 # -- pruning (issue 4) --
 # isort: split
@@ -61,6 +61,7 @@ __all__ = [
     "BayesianModule",
     "CompressionReport",
     "FitResult",
+    "LayerSpec",
     "baselines",
     "bayesianize",
     "certificate",

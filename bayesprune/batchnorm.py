@@ -35,21 +35,56 @@ from typing import Any
 import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
-from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
+from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_conv_bn_weights, fuse_linear_bn_eval
 
 from ._utils import resolve_device
 from .data import input_errors, input_tensor
-from .registry import symbolic_trace
+from .registry import CONV_TYPES, LAYER_TYPES, has_nodes, layer_spec, symbolic_trace
 
 __all__ = ["fold_batchnorm", "recalibrate_batchnorm"]
 
 _BatchNorm = nn.modules.batchnorm._BatchNorm
-# the layer types a BatchNorm of each kind can be folded into (its channel axis is theirs)
-_FOLDS_INTO: dict[type, tuple[type, ...]] = {
-    nn.BatchNorm1d: (nn.Conv1d, nn.Linear),
-    nn.BatchNorm2d: (nn.Conv2d,),
-    nn.BatchNorm3d: (nn.Conv3d,),
+# the layouts a BatchNorm of each kind can be folded into (its channel axis is theirs): the
+# spatial_dims of the layer's LayerSpec (0: [batch, features], like a Linear)
+_FOLDS_INTO: dict[type, tuple[int, ...]] = {
+    nn.BatchNorm1d: (0, 1),
+    nn.BatchNorm2d: (2,),
+    nn.BatchNorm3d: (3,),
 }
+
+
+def _folds_into(layer: nn.Module | None, bn: nn.Module) -> bool:
+    if not has_nodes(layer) or layer_spec(layer).spatial_dims not in _FOLDS_INTO.get(type(bn), ()):
+        return False
+    # a registered family is folded along its node axis: one entry there per channel (no groups)
+    spec = layer_spec(layer)
+    return isinstance(layer, LAYER_TYPES) or layer.weight.shape[spec.node_axis] == bn.num_features
+
+
+def _fuse(layer: nn.Module, bn: nn.Module) -> nn.Module:
+    """``layer`` with ``bn`` (eval mode) folded in: torch's fusions for Linear and convolutions,
+    the same per-node scaling along the registered node axis for another layer family."""
+    if isinstance(layer, nn.Linear):
+        return fuse_linear_bn_eval(layer, bn)
+    if isinstance(layer, CONV_TYPES):
+        return fuse_conv_bn_eval(layer, bn)
+    axis = layer_spec(layer).node_axis
+    fused = copy.deepcopy(layer)
+    bias = layer.bias if layer.bias is not None else bn.running_mean.new_zeros(bn.num_features)
+    weight, bias = fuse_conv_bn_weights(
+        layer.weight.movedim(axis, 0),
+        bias,
+        bn.running_mean,
+        bn.running_var,
+        bn.eps,
+        bn.weight,
+        bn.bias,
+    )
+    fused.weight = nn.Parameter(
+        weight.detach().movedim(0, axis).contiguous(), layer.weight.requires_grad
+    )
+    fused.bias = nn.Parameter(bias.detach(), layer.weight.requires_grad)
+    return fused
 
 
 def _norms(net: nn.Module, what: str) -> dict[str, nn.Module]:
@@ -251,20 +286,19 @@ def fold_batchnorm(
             else None
         )
         ok = (
-            isinstance(layer, _FOLDS_INTO.get(type(bn), ()))
+            _folds_into(layer, bn)
             and len(prev.users) == 1
             and len(node.args) == 1
             and calls[prev.target] == 1
             and calls[node.target] == 1
         )
-        if ok and isinstance(layer, nn.Linear):
+        if ok and layer_spec(layer).spatial_dims == 0:
             meta = prev.meta.get("tensor_meta")
             ok = meta is not None and len(meta.shape) == 2
         if not ok:
             left.append(node.target)
             continue
-        fuse = fuse_linear_bn_eval if isinstance(layer, nn.Linear) else fuse_conv_bn_eval
-        out.set_submodule(prev.target, fuse(layer, bn))
+        out.set_submodule(prev.target, _fuse(layer, bn))
         out.set_submodule(node.target, nn.Identity())
     if left:
         hint = "" if example_input is not None else " (pass example_input= to fold Linear pairs)"

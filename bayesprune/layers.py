@@ -1,4 +1,5 @@
-r"""Bayesian ``Linear``, ``Conv1d`` and ``Conv2d`` layers with local reparameterization and node gates.
+r"""Bayesian ``Linear``, ``Conv1d`` and ``Conv2d`` layers (and a generic twin of any layer family
+registered with a :class:`~bayesprune.registry.LayerSpec`) with local reparameterization and node gates.
 
 Each layer owns its variational parameters as plain ``nn.Parameter`` objects: the base weight's
 posterior mean ``weight_loc`` and log standard deviation ``weight_log_scale`` (``weight_scale`` is
@@ -26,7 +27,7 @@ exactly zero after the BatchNorm, and a dropped node still receives a gradient (
 would sit on the kink, whose derivative is 0).
 
 On a CPU the step is bound by passes over the weights as much as by the matmuls, so the weight
-side is one autograd node per layer (:class:`_WeightMoments`, or :class:`_SampledWeight` for
+side is one autograd node per layer (:class:`WeightMoments`, or :class:`SampledWeight` for
 ``reparam="shared"``) that also returns the per-node sums every Gaussian KL of the weights needs
 (:meth:`BayesianLayer.weight_row_stats`); the KL computed after a training forward pass reuses them.
 
@@ -52,6 +53,7 @@ True
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -59,8 +61,9 @@ import torch.nn.functional as F
 from pyro.nn import PyroModule
 from torch import nn
 
+from ._weight_ops import VAR_FLOOR, RowStatsCache, SampledWeight, WeightMoments, add_noise
 from .priors import Prior
-from .registry import layer_family
+from .registry import LAYER_TYPES, NORM_TYPES, LayerSpec, layer_family, layer_spec
 
 __all__ = [
     "INIT_SCALE",
@@ -69,6 +72,7 @@ __all__ = [
     "BayesianConv2d",
     "BayesianLayer",
     "BayesianLinear",
+    "BayesianSpecLayer",
     "bayesian_layer_for",
 ]
 
@@ -82,171 +86,6 @@ WEIGHT_SD_FAMILIES = ("per_weight", "rank1")
 #: per-node slab KLs of thousands of nats before the sds could grow, and every first-layer gate
 #: collapsed (median-probability model at chance); 0.3 did not.
 INIT_SCALE = 0.3
-
-
-#: added to every pre-activation variance: its square root then has a finite gradient where an
-#: example's receptive field is all zeros and the layer has no bias (the variance is exactly 0)
-_VAR_FLOOR = 1e-16
-
-
-def _add_noise(mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
-    """``mean + sqrt(var) * eps``, eps ~ N(0, I), with ``var`` (a fresh tensor) overwritten by its
-    square root: on a CPU the pass over each activation is a large part of a convolutional step."""
-    return torch.addcmul(mean, var.sqrt_(), torch.randn_like(mean))
-
-
-class _RowStatsCache:
-    """One-shot hand-over of :meth:`BayesianLayer.weight_row_stats` from a forward pass to the KL.
-
-    Taken at most once, and only while the weights are unchanged (their version counters match)
-    and the autograd mode allows it, so a stale or gradient-less value is never reused. Copies of
-    the layer (``copy.deepcopy``, pickling) start empty: the cached tensors belong to one graph.
-    """
-
-    __slots__ = ("key", "value")
-
-    def __init__(self) -> None:
-        self.value: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.key: tuple | None = None
-
-    @staticmethod
-    def _key(layer: BayesianLayer, grad: bool) -> tuple:
-        w, s = layer.weight_loc, layer.weight_log_scale
-        # the storage address changes when .to() / load_state_dict(assign=True) replace the data
-        return (w.data_ptr(), w._version, s.data_ptr(), s._version, grad)
-
-    def put(
-        self,
-        layer: BayesianLayer,
-        half_sq: torch.Tensor,
-        ls_sum: torch.Tensor,
-        sibling: torch.Tensor,
-    ) -> None:
-        """Keep the statistics until the next KL, or until a backward pass reaches ``sibling`` (the
-        variances or weights computed by the same autograd node): that backward frees the node's
-        saved tensors, and a KL built on them could not be differentiated."""
-        self.value = (half_sq, ls_sum)
-        self.key = self._key(layer, torch.is_grad_enabled())
-        if sibling.requires_grad:
-            sibling.register_hook(self._drop)
-
-    def _drop(self, grad: torch.Tensor) -> None:
-        self.value = self.key = None
-
-    def take(self, layer: BayesianLayer) -> tuple[torch.Tensor, torch.Tensor] | None:
-        value, key = self.value, self.key
-        self.value = self.key = None
-        if value is None:
-            return None
-        grad = torch.is_grad_enabled()
-        # a value computed with gradients serves a no-grad KL too; the converse does not hold
-        if key[:4] != self._key(layer, grad)[:4] or (grad and not key[4]):
-            return None
-        return value
-
-    def __deepcopy__(self, memo: dict) -> _RowStatsCache:
-        return _RowStatsCache()
-
-    def __getstate__(self) -> None:
-        return None
-
-    def __setstate__(self, state: None) -> None:
-        self.value = self.key = None
-
-
-class _WeightMoments(torch.autograd.Function):
-    r"""``(mu, l) -> (sigma^2, half_sq, ls_sum)`` with :math:`\sigma = e^{l}`, in few passes.
-
-    ``half_sq`` and ``ls_sum`` are the per-node row statistics of
-    :meth:`BayesianLayer.weight_row_stats`. On a CPU, a LeNet-300-100 SVI step is bound by passes
-    over the first layer's 235,000 weights as much as by its matmuls. The plain expressions
-    (variance for the forward pass, the KL's sums recomputing it, their gradients accumulated
-    separately) made more passes per step; this node makes 9 by construction: 5 forward
-    (doubling, exp, three row reductions) and 4 backward (two for the log-sd, one for the mean,
-    and autograd's accumulation of the mean's matmul gradient).
-    """
-
-    @staticmethod
-    def forward(ctx, mu: torch.Tensor, log_sd: torch.Tensor):
-        ctx.set_materialize_grads(False)
-        m = mu.reshape(mu.shape[0], -1)
-        ls = log_sd.reshape(m.shape)
-        var = ls.mul(2).exp_()
-        half_sq = 0.5 * (var.sum(1) + torch.linalg.vector_norm(m, dim=1).square())
-        ctx.save_for_backward(m, var)
-        ctx.shape = mu.shape
-        return var.view(mu.shape), half_sq, ls.sum(1)
-
-    @staticmethod
-    def backward(ctx, g_var, g_sq, g_ls):
-        m, var = ctx.saved_tensors
-        g_mu = g_l = None
-        if ctx.needs_input_grad[0] and g_sq is not None:
-            g_mu = (m * g_sq[:, None]).view(ctx.shape)
-        if ctx.needs_input_grad[1]:
-            # d/dl: 2 sigma^2 (g_var + g_sq / 2) + g_ls
-            bias = 0 if g_ls is None else g_ls[:, None]
-            if g_var is not None:
-                t = g_var.reshape(m.shape)
-                t = t + 0.5 * g_sq[:, None] if g_sq is not None else t
-                g_l = torch.addcmul(
-                    torch.as_tensor(bias, dtype=m.dtype, device=m.device), t, var, value=2
-                )
-            elif g_sq is not None:
-                g_l = torch.addcmul(
-                    torch.as_tensor(bias, dtype=m.dtype, device=m.device), var, g_sq[:, None]
-                )
-            elif g_ls is not None:
-                g_l = g_ls[:, None].expand_as(m)
-            if g_l is not None:
-                g_l = g_l.reshape(ctx.shape)
-        return g_mu, g_l
-
-
-class _SampledWeight(torch.autograd.Function):
-    r"""``(mu, l, eps) -> (mu + e^{l} eps, half_sq, ls_sum)``: one weight draw and the row statistics
-    of :meth:`BayesianLayer.weight_row_stats`, in 5 passes over the weights forward (exp, the draw,
-    three row reductions) and 4 backward (see :class:`_WeightMoments` for why the count matters)."""
-
-    @staticmethod
-    def forward(ctx, mu: torch.Tensor, log_sd: torch.Tensor, eps: torch.Tensor):
-        ctx.set_materialize_grads(False)
-        m = mu.reshape(mu.shape[0], -1)
-        sd = log_sd.reshape(m.shape).exp()
-        e = eps.reshape(m.shape)
-        w = torch.addcmul(m, sd, e)
-        norms = torch.linalg.vector_norm(sd, dim=1).square()
-        half_sq = 0.5 * (norms + torch.linalg.vector_norm(m, dim=1).square())
-        ctx.save_for_backward(m, sd, e)
-        ctx.shape = mu.shape
-        return w.view(mu.shape), half_sq, log_sd.reshape(m.shape).sum(1)
-
-    @staticmethod
-    def backward(ctx, g_w, g_sq, g_ls):
-        m, sd, e = ctx.saved_tensors
-        gw = None if g_w is None else g_w.reshape(m.shape)
-        g_mu = g_l = None
-        if ctx.needs_input_grad[0]:
-            if gw is not None and g_sq is not None:
-                g_mu = torch.addcmul(gw, m, g_sq[:, None])
-            elif gw is not None:
-                g_mu = gw
-            elif g_sq is not None:
-                g_mu = m * g_sq[:, None]
-            g_mu = None if g_mu is None else g_mu.reshape(ctx.shape)
-        if ctx.needs_input_grad[1]:
-            # d/dl: sigma (g_w eps + sigma g_sq) + g_ls
-            t = None if gw is None else gw * e
-            if g_sq is not None:
-                t = sd * g_sq[:, None] if t is None else t.addcmul_(sd, g_sq[:, None])
-            if t is not None:
-                bias = 0 if g_ls is None else g_ls[:, None]
-                g_l = torch.addcmul(torch.as_tensor(bias, dtype=m.dtype, device=m.device), t, sd)
-            elif g_ls is not None:
-                g_l = g_ls[:, None].expand_as(m)
-            if g_l is not None:
-                g_l = g_l.reshape(ctx.shape)
-        return g_mu, g_l, None
 
 
 class BayesianLayer(PyroModule):
@@ -281,7 +120,7 @@ class BayesianLayer(PyroModule):
         self._mult: torch.Tensor | None = None
         self._fixed: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None = None
         #: the KL's row statistics computed by the last training forward pass (see weight_row_stats)
-        self._row_stats = _RowStatsCache()
+        self._row_stats = RowStatsCache()
         #: module (a following BatchNorm or ReLU) after which the node multiplier acts, if any
         self.gate_after: str | None = None
         #: a BatchNorm alone consumes this layer's output (and the multiplier acts after it): the
@@ -390,7 +229,7 @@ class BayesianLayer(PyroModule):
         cached = self._row_stats.take(self)
         if cached is not None:
             return cached
-        _, half_sq, ls_sum = _WeightMoments.apply(self.weight_loc, self.weight_log_scale)
+        _, half_sq, ls_sum = WeightMoments.apply(self.weight_loc, self.weight_log_scale)
         return half_sq, ls_sum
 
     def inclusion_probs(self) -> torch.Tensor | None:
@@ -407,6 +246,10 @@ class BayesianLayer(PyroModule):
             None if self.bias_loc is None else self.bias_loc.detach().clone(),
             self.prior.mean_multiplier(self),
         )
+
+    def plain_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """``weight`` (node-first, like ``weight_loc``) in the plain layer's own layout."""
+        return weight
 
     # -- forward ------------------------------------------------------------------------------
     def _op(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -443,14 +286,14 @@ class BayesianLayer(PyroModule):
             mean = self._op(x, self.weight_loc, self.bias_loc)
             shape = self._node_shape(mean, batched=False)
             node_var = torch.exp(2 * self.weight_log_scale_out).view(shape)
-            floor = torch.full_like(node_var, _VAR_FLOOR)
+            floor = torch.full_like(node_var, VAR_FLOOR)
             if self.bias_log_scale is not None:
                 floor = floor + torch.exp(2 * self.bias_log_scale).view(shape)
             v = self._input_variance(x * x, torch.exp(2 * self.weight_log_scale_in))
-            out = _add_noise(mean, torch.addcmul(floor, v, node_var))
+            out = add_noise(mean, torch.addcmul(floor, v, node_var))
         elif mode == "sample" and local:
             if self.weight_sd == "per_weight" and self.prior.uses_row_stats:
-                var, half_sq, ls_sum = _WeightMoments.apply(self.weight_loc, self.weight_log_scale)
+                var, half_sq, ls_sum = WeightMoments.apply(self.weight_loc, self.weight_log_scale)
                 self._row_stats.put(self, half_sq, ls_sum, var)
             else:
                 var = torch.exp(2 * self.weight_log_sd)
@@ -460,12 +303,12 @@ class BayesianLayer(PyroModule):
                 loc, var = loc * gate, var * gate
             bvar = None if self.bias_log_scale is None else torch.exp(2 * self.bias_log_scale)
             mean = self._op(x, loc, self.bias_loc)
-            out = _add_noise(mean, self._op(x * x, var, bvar).add_(_VAR_FLOOR))
+            out = add_noise(mean, self._op(x * x, var, bvar).add_(VAR_FLOOR))
         elif mode == "sample":
             # one weight draw shared by the minibatch (Bayes by Backprop): half the matmuls
             eps = torch.randn_like(self.weight_loc)
             if self.weight_sd == "per_weight" and self.prior.uses_row_stats:
-                w, half_sq, ls_sum = _SampledWeight.apply(
+                w, half_sq, ls_sum = SampledWeight.apply(
                     self.weight_loc, self.weight_log_scale, eps
                 )
                 self._row_stats.put(self, half_sq, ls_sum, w)
@@ -593,8 +436,98 @@ class BayesianConv2d(_BayesianConv):
     _dims = 2
 
 
+class BayesianSpecLayer(BayesianLayer):
+    """Bayesian twin of a layer family registered with a :class:`~bayesprune.registry.LayerSpec`
+    that has a ``forward`` (e.g. ``nn.ConvTranspose2d``, or a user's own layer).
+
+    The layer's output is linear in its weight and bias, so local reparameterization needs only
+    the spec's ``forward``: mean ``forward(x, mu_w, mu_b)``, variance
+    ``forward(x**2, sigma_w**2, sigma_b**2)``. Inside, the weights are kept node-first (the spec's
+    node axis moved to axis 0), so priors, KLs, inclusion probabilities and ``mean_module`` work
+    as for the built-in twins; :meth:`plain_weight` moves the axis back.
+    """
+
+    spec: LayerSpec
+
+    @classmethod
+    def from_module(
+        cls,
+        module: nn.Module,
+        prior: Prior,
+        init_scale: float = INIT_SCALE,
+        weight_sd: str = "per_weight",
+    ) -> BayesianSpecLayer:
+        spec = layer_spec(module)
+        if spec is None or spec.forward is None or spec.norm:
+            raise TypeError(
+                f"{type(module).__name__} has no LayerSpec with a forward; register it with "
+                "bp.register_layer(cls, bp.LayerSpec(..., forward=...))"
+            )
+        weight, bias = module.weight, getattr(module, "bias", None)
+        out_w = spec.widths(module)[0]
+        if (
+            weight.dim() <= max(spec.node_axis, spec.input_axis)
+            or weight.shape[spec.node_axis] != out_w
+        ):
+            raise TypeError(
+                f"{type(module).__name__}'s weight has shape {tuple(weight.shape)}, which does not "
+                f"have its {out_w} output nodes ({spec.width_attrs[0]}) along node_axis="
+                f"{spec.node_axis}: fix the LayerSpec's node_axis, or keep the layer deterministic "
+                "with skip=[...] (grouped layers have no Bayesian twin)"
+            )
+        if bias is not None and tuple(bias.shape) != (out_w,):
+            raise TypeError(
+                f"{type(module).__name__}'s bias has shape {tuple(bias.shape)}; a LayerSpec layer "
+                f"needs one bias entry per output node ({out_w},)"
+            )
+        layer = cls(
+            weight.detach().movedim(spec.node_axis, 0).contiguous(),
+            bias,
+            prior,
+            init_scale,
+            weight_sd,
+        )
+        layer.spec = spec
+        layer.plain_type = type(module)
+        for attr in (*spec.width_attrs, *spec.hyperparameters):
+            setattr(layer, attr, getattr(module, attr))
+        # the plain layer without its tensors: what spec.forward reads hyperparameters from (in a
+        # tuple, so that it is neither a submodule nor part of the state dict)
+        proto = copy.copy(module)
+        proto.__dict__.update(
+            _parameters=dict.fromkeys(module._parameters),
+            _buffers=dict.fromkeys(module._buffers),
+            _modules={},
+        )
+        layer._config = (proto,)
+        return layer
+
+    def plain_weight(self, weight):
+        return weight.movedim(0, self.spec.node_axis)
+
+    def _op(self, x, weight, bias):
+        return self.spec.forward(self._config[0], x, self.plain_weight(weight), bias)
+
+    def _input_variance(self, x2, in_var):
+        # one output node reading every input with variance in_var, broadcast over the nodes
+        return self._op(x2, in_var[None], None)
+
+    def _positions_share_weights(self, x):
+        return self.spec.spatial_dims > 0 or x.dim() > 2
+
+    def _node_shape(self, out, batched):
+        if self.spec.spatial_dims == 0:  # nodes are the last axis: [..., out]
+            return (out.shape[0], *([1] * (out.dim() - 2)), -1) if batched else (-1,)
+        tail = [1] * (out.dim() - 2)  # nodes are channels: [batch, out, *spatial]
+        return (out.shape[0], -1, *tail) if batched else (-1, *tail)
+
+    def extra_repr(self) -> str:
+        return f"{self.plain_type.__name__}, {super().extra_repr()}"
+
+
 #: plain layer family -> Bayesian layer class (exact types, or subclasses registered with
-#: :func:`bayesprune.register_layer`: others are not assumed to compute what their base does)
+#: :func:`bayesprune.register_layer`: others are not assumed to compute what their base does);
+#: a family registered with a LayerSpec that has a forward gets :class:`BayesianSpecLayer`
 SUPPORTED_LAYERS: dict[type[nn.Module], type[BayesianLayer]] = {
     nn.Linear: BayesianLinear,
     nn.Conv1d: BayesianConv1d,
@@ -605,7 +538,15 @@ SUPPORTED_LAYERS: dict[type[nn.Module], type[BayesianLayer]] = {
 def bayesian_layer_for(module: nn.Module) -> type[BayesianLayer] | None:
     """The Bayesian class replacing ``module``, or ``None`` when its type is not supported."""
     family = layer_family(module)
-    return None if family is None else SUPPORTED_LAYERS.get(family)
+    if family is None:
+        return None
+    if family in SUPPORTED_LAYERS:
+        return SUPPORTED_LAYERS[family]
+    spec = layer_spec(family)
+    # a built-in family missing above (Conv3d) has no twin yet
+    if family in LAYER_TYPES + NORM_TYPES or spec is None or spec.norm or spec.forward is None:
+        return None
+    return BayesianSpecLayer
 
 
 def set_mode(module: nn.Module, mode: str) -> None:

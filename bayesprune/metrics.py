@@ -12,7 +12,8 @@ layer                     MACs per example
 ``nn.BatchNorm1d/2d/3d``  ``elements`` (one fused multiply-add per element at inference)
 ========================  ============================================================
 
-The counted types are :mod:`bayesprune.registry`'s (and subclasses registered there).
+The counted types are :mod:`bayesprune.registry`'s: the built-in ones above, their subclasses, and
+every layer family registered with a :class:`~bayesprune.registry.LayerSpec` (its ``macs``).
 
 Activations, pooling and additions are not counted (they are cheap and the same before and
 after pruning up to the width change).
@@ -38,11 +39,9 @@ from torch import nn
 
 from ._utils import modes_kept, resolve_device
 from .data import input_errors, input_tensor
-from .registry import CONV_TYPES, LAYER_TYPES, NORM_TYPES
+from .registry import layer_spec
 
 __all__ = ["count_flops", "count_nonzero", "count_params", "flops_by_layer", "measure_latency"]
-
-_COUNTED = LAYER_TYPES + NORM_TYPES
 
 
 def count_params(module: nn.Module, trainable_only: bool = False) -> int:
@@ -53,19 +52,6 @@ def count_params(module: nn.Module, trainable_only: bool = False) -> int:
 def count_nonzero(module: nn.Module) -> int:
     """Number of non-zero parameter elements: the size of an unstructured (masked) pruning result."""
     return sum(int(torch.count_nonzero(p.detach())) for p in module.parameters())
-
-
-def _layer_macs(layer: nn.Module, out: torch.Tensor) -> int:
-    per_example = out[0].numel() if out.dim() > 1 else out.numel()
-    if isinstance(layer, nn.Linear):
-        return per_example * layer.in_features + (per_example if layer.bias is not None else 0)
-    if isinstance(layer, CONV_TYPES):
-        kernel = 1
-        for k in layer.kernel_size:
-            kernel *= k
-        macs = per_example * (layer.in_channels // layer.groups) * kernel
-        return macs + (per_example if layer.bias is not None else 0)
-    return per_example  # BatchNorm
 
 
 def flops_by_layer(module: nn.Module, example_input: torch.Tensor) -> dict[str, int]:
@@ -84,13 +70,16 @@ def macs_by_layer(module: nn.Module, example_input: torch.Tensor, what: str) -> 
     hooks = []
 
     def make_hook(name: str) -> Callable:
-        def hook(layer: nn.Module, _inp, out) -> None:
-            counts[name] = counts.get(name, 0) + _layer_macs(layer, out)
+        spec = layer_spec(module.get_submodule(name))
+
+        def hook(layer: nn.Module, inp, out) -> None:
+            x = inp[0] if isinstance(inp, tuple) and inp else inp
+            counts[name] = counts.get(name, 0) + int(spec.macs(layer, x, out))
 
         return hook
 
     for name, layer in module.named_modules():
-        if isinstance(layer, _COUNTED):
+        if layer_spec(layer) is not None:
             hooks.append(layer.register_forward_hook(make_hook(name)))
     try:
         with (

@@ -433,9 +433,6 @@ class BayesianModule(nn.Module):
                 else:
                     w = w * mult.view(-1, *([1] * (w.dim() - 1)))
                     b = None if b is None else b * mult
-            dst.weight.copy_(w)
-            if b is not None:
-                dst.bias.copy_(b)
             if path in masks:
                 keep = torch.as_tensor(masks[path], dtype=torch.bool, device=w.device)
                 if keep.shape != (w.shape[0],):
@@ -443,9 +440,14 @@ class BayesianModule(nn.Module):
                         f"mask of layer {path!r} has shape {tuple(keep.shape)}; it needs one entry per "
                         f"output node, shape ({w.shape[0]},)"
                     )
-                dst.weight[~keep] = 0
-                if dst.bias is not None:
-                    dst.bias[~keep] = 0
+                w[~keep] = 0  # w and b are the layer's fresh copies, node-first
+                if b is not None:
+                    b[~keep] = 0
+            # the plain layer's own layout (a registered family may keep its nodes on another axis)
+            dst.weight.copy_(layer.plain_weight(w))
+            if b is not None:
+                dst.bias.copy_(b)
+            if path in masks:
                 if bn is not None and bn.weight is not None:
                     bn.weight[~keep] = 0
                     bn.bias[~keep] = 0

@@ -1,9 +1,10 @@
 """The layer types bayesprune knows, written once, and :func:`register_layer` for your own.
 
-Every part of the package asks this module which layer types it handles: the pruner (which
-layers have nodes, which are BatchNorms), the metrics (which layers count MACs),
-:func:`bayesprune.bayesianize` (which layers get a Bayesian twin, through
-:func:`layer_family`) and the baselines.
+Every part of the package asks this module what it needs to know about a layer: the pruner
+(which layers have nodes, along which weight axes to slice them, which are BatchNorms), the
+metrics (MACs), :func:`bayesprune.fold_batchnorm` (along which axis to scale), the saved pruned
+networks (widths and hyperparameters) and :func:`bayesprune.bayesianize` (which layers get a
+Bayesian twin). What it knows about a layer family is one :class:`LayerSpec`.
 
 ========================  ============================================================
 family                    node (what pruning removes)
@@ -14,14 +15,31 @@ family                    node (what pruning removes)
 ``nn.BatchNorm1d/2d/3d``  the channel of the layer it follows (not a node of its own)
 ========================  ============================================================
 
-A subclass of one of these (your ``nn.Linear`` with a custom ``__init__`` or extra buffers) is
-not assumed to compute what its base computes, so :func:`bayesprune.bayesianize` leaves it
-deterministic. :func:`register_layer` declares that it does: it then gets its base's Bayesian
-twin and is treated as its base everywhere.
+Two ways to add a layer type:
+
+* ``register_layer(cls, like=nn.Linear)``: ``cls`` subclasses a known family and computes what
+  its base computes (a different initialisation, extra buffers). An unregistered subclass is not
+  assumed to, so :func:`bayesprune.bayesianize` leaves it deterministic; once registered it gets
+  its base's Bayesian twin and is treated as its base everywhere.
+* ``register_layer(cls, LayerSpec(...))``: a new family, with its own weight layout (e.g.
+  ``nn.ConvTranspose2d``, whose weight is ``[in, out, kH, kW]``: node axis 1, input axis 0).
+  Its output must be linear in ``(weight, bias)``, with one output node per index of the
+  weight's node axis and per entry of ``bias``. With ``forward=`` it gets a generic Bayesian twin
+  (:class:`bayesprune.layers.BayesianSpecLayer`: the weights are kept node-first inside, and the
+  local reparameterization is ``mean = forward(x, mu)``, ``var = forward(x**2, sigma**2)``).
+  The pruner slices ``weight`` along ``node_axis`` / ``input_axis`` and ``bias`` along its only
+  axis, then sets the two ``width_attrs``; its exactness check runs on every prune. Grouped
+  layers (``groups != 1``) are kept whole, and a new family is never replaced by the
+  placeholders of a removed branch (``prune(..., min_nodes=0)`` keeps one node instead).
+
+Lookups (:func:`layer_spec`) follow the class hierarchy, as ``isinstance`` does: a subclass of a
+registered type is pruned and counted like it; only :func:`bayesprune.bayesianize` asks for the
+exact type (:func:`layer_family`).
 
 Example
 -------
 >>> import torch
+>>> import torch.nn.functional as F
 >>> from torch import nn
 >>> import bayesprune as bp
 >>> class ScaledInit(nn.Linear):  # a Linear with its own initialisation: same function
@@ -33,62 +51,285 @@ Example
 >>> net = nn.Sequential(ScaledInit(4, 8), nn.ReLU(), nn.Linear(8, 3))
 >>> sorted(bp.bayesianize(net).bayesian_layers)
 ['0', '2']
+
+A layer with another weight layout: a Linear that stores its weight ``[in, out]``.
+
+>>> class InOutLinear(nn.Module):
+...     def __init__(self, n_in, n_out):
+...         super().__init__()
+...         self.in_features, self.out_features = n_in, n_out
+...         self.weight = nn.Parameter(torch.randn(n_in, n_out) / n_in**0.5)
+...         self.bias = nn.Parameter(torch.zeros(n_out))
+...     def forward(self, x):
+...         return x @ self.weight + self.bias
+>>> spec = bp.LayerSpec(
+...     node_axis=1, input_axis=0, width_attrs=("out_features", "in_features"),
+...     forward=lambda m, x, w, b: x @ w + (0 if b is None else b),
+...     macs=lambda m, x, out: m.in_features * m.out_features + m.out_features)
+>>> bp.register_layer(InOutLinear, spec)
+>>> net = nn.Sequential(InOutLinear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+>>> small = bp.prune_module(net, {"0": torch.arange(8) < 3}, torch.zeros(1, 4))
+>>> tuple(small[0].weight.shape), small[2].in_features, bp.count_flops(small, torch.zeros(1, 4))
+((4, 3), 3, 27)
+>>> type(bp.bayesianize(net).net[0]).__name__
+'BayesianSpecLayer'
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 __all__ = [
     "CONV_TYPES",
     "LAYER_TYPES",
     "NORM_TYPES",
+    "LayerSpec",
+    "has_nodes",
     "layer_family",
+    "layer_spec",
     "register_layer",
     "registered_layers",
     "symbolic_trace",
 ]
 
-#: layers with nodes: Linear (output features) and convolutions (output channels)
+#: the built-in layers with nodes: Linear (output features) and convolutions (output channels)
 LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 #: the convolutions among them
 CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 #: BatchNorms: per-channel, pruned with the layer that feeds them
 NORM_TYPES: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
-_FAMILY: dict[type[nn.Module], type[nn.Module]] = {t: t for t in LAYER_TYPES + NORM_TYPES}
+#: the MACs function of a spec: (module, input, output) of one call -> MACs per example
+MacsFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], int]
+#: the forward function of a spec: (module, x, weight, bias) -> output, linear in (weight, bias)
+ForwardFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
 
-def register_layer(cls: type[nn.Module], *, like: type[nn.Module]) -> None:
-    """Declare that layers of type ``cls`` compute what layers of type ``like`` compute.
+@dataclass(frozen=True)
+class LayerSpec:
+    """What bayesprune needs to know about a layer family (see the module docstring).
 
-    ``cls`` must subclass ``like`` (one of :data:`LAYER_TYPES` or :data:`NORM_TYPES`) and keep its
-    function of the same parameters (``weight``, ``bias``, the same hyperparameters): a different
-    initialisation, extra buffers or methods are fine; a different ``forward`` is not, since the
-    Bayesian twin and the pruner compute ``like``'s function. The pruner's exactness check still
-    runs on every prune. Registering a class again with the same ``like`` does nothing.
+    Attributes
+    ----------
+    node_axis, input_axis
+        Axes of the layer's ``weight`` that index its output nodes (what pruning removes) and its
+        inputs (what pruning an earlier layer removes): ``0, 1`` for ``nn.Linear`` and ``nn.Conv*``,
+        ``1, 0`` for ``nn.ConvTranspose*``.
+    width_attrs
+        Names of the attributes holding the (output, input) widths, e.g.
+        ``("out_channels", "in_channels")``; the pruner sets them on the smaller copy.
+    macs
+        ``macs(module, x, out) -> int``: multiply-accumulates per example of one call with input
+        ``x`` and output ``out`` (batch axis first), bias included.
+    forward
+        ``forward(module, x, weight, bias) -> out``: the layer's function of its input and of a
+        weight and bias in its own layout (reading only hyperparameters such as ``stride`` from
+        ``module``). Optional: without it the layer is pruned and counted but has no Bayesian twin.
+    spatial_dims
+        ``0`` for a layer on ``[batch, ..., features]`` (features last, like ``nn.Linear``), ``k``
+        for one on ``[batch, channels, *k spatial axes]`` (like ``nn.Conv{k}d``).
+    hyperparameters
+        Names of the attributes that fix what the layer computes besides its widths (kernel size,
+        stride, ...): :func:`bayesprune.save_pruned` records them and ``load_pruned`` checks them.
+    norm
+        A per-channel normalisation (the built-in BatchNorms): no nodes of its own.
+    """
+
+    node_axis: int
+    input_axis: int
+    width_attrs: tuple[str, str]
+    macs: MacsFn
+    forward: ForwardFn | None = None
+    spatial_dims: int = 0
+    hyperparameters: tuple[str, ...] = ()
+    norm: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("node_axis", "input_axis", "spatial_dims"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise TypeError(f"LayerSpec({name}=...) must be an integer >= 0, got {v!r}")
+        if self.node_axis == self.input_axis and not self.norm:
+            raise ValueError(
+                f"LayerSpec has node_axis == input_axis == {self.node_axis}; give the weight axis "
+                "of the output nodes and the one of the inputs (for nn.Linear: node_axis=0, "
+                "input_axis=1)"
+            )
+        attrs = self.width_attrs
+        if not (
+            isinstance(attrs, tuple) and len(attrs) == 2 and all(isinstance(a, str) for a in attrs)
+        ):
+            raise TypeError(
+                "LayerSpec(width_attrs=...) must be a tuple of two attribute names (output width, "
+                f"input width), e.g. ('out_features', 'in_features'); got {attrs!r}"
+            )
+        if not isinstance(self.hyperparameters, tuple) or not all(
+            isinstance(a, str) for a in self.hyperparameters
+        ):
+            raise TypeError(
+                "LayerSpec(hyperparameters=...) must be a tuple of attribute names, e.g. "
+                f"('kernel_size', 'stride'); got {self.hyperparameters!r}"
+            )
+        if not callable(self.macs):
+            raise TypeError(
+                "LayerSpec(macs=...) must be a function (module, x, out) -> MACs per example, "
+                f"got {self.macs!r}"
+            )
+        if self.forward is not None and not callable(self.forward):
+            raise TypeError(
+                "LayerSpec(forward=...) must be a function (module, x, weight, bias) -> output "
+                f"(or None), got {self.forward!r}"
+            )
+
+    def widths(self, module: nn.Module) -> tuple[int, int]:
+        """(output width, input width) of ``module``."""
+        out_attr, in_attr = self.width_attrs
+        return int(getattr(module, out_attr)), int(getattr(module, in_attr))
+
+    def resize(self, module: nn.Module, out_width: int, in_width: int) -> None:
+        """Set the width attributes of ``module`` (after its tensors were sliced)."""
+        out_attr, in_attr = self.width_attrs
+        setattr(module, out_attr, int(out_width))
+        if in_attr != out_attr:
+            setattr(module, in_attr, int(in_width))
+
+
+def _per_example(out: torch.Tensor) -> int:
+    return out[0].numel() if out.dim() > 1 else out.numel()
+
+
+def _linear_macs(layer: nn.Module, x: torch.Tensor, out: torch.Tensor) -> int:
+    per_example = _per_example(out)
+    return per_example * layer.in_features + (per_example if layer.bias is not None else 0)
+
+
+def _conv_macs(layer: nn.Module, x: torch.Tensor, out: torch.Tensor) -> int:
+    per_example = _per_example(out)
+    macs = per_example * (layer.in_channels // layer.groups) * math.prod(layer.kernel_size)
+    return macs + (per_example if layer.bias is not None else 0)
+
+
+def _norm_macs(layer: nn.Module, x: torch.Tensor, out: torch.Tensor) -> int:
+    return _per_example(out)  # one fused multiply-add per element at inference
+
+
+def _linear_forward(layer: nn.Module, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None):
+    return F.linear(x, w, b)
+
+
+def _conv_forward(layer: nn.Module, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None):
+    return layer._conv_forward(x, w, b)
+
+
+_CONV_HYPERPARAMETERS = ("kernel_size", "stride", "padding", "dilation", "groups", "padding_mode")
+
+_SPECS: dict[type[nn.Module], LayerSpec] = {
+    nn.Linear: LayerSpec(0, 1, ("out_features", "in_features"), _linear_macs, _linear_forward),
+    **{
+        t: LayerSpec(
+            0,
+            1,
+            ("out_channels", "in_channels"),
+            _conv_macs,
+            _conv_forward,
+            spatial_dims=k,
+            hyperparameters=_CONV_HYPERPARAMETERS,
+        )
+        for k, t in enumerate(CONV_TYPES, start=1)
+    },
+    **{
+        t: LayerSpec(0, 0, ("num_features", "num_features"), _norm_macs, norm=True, spatial_dims=k)
+        for k, t in enumerate(NORM_TYPES, start=1)
+    },
+}
+_BUILT_IN = frozenset(_SPECS)
+#: registered type -> the family (a key of _SPECS) it computes like
+_FAMILY: dict[type[nn.Module], type[nn.Module]] = {t: t for t in _SPECS}
+
+
+def register_layer(
+    cls: type[nn.Module],
+    spec: LayerSpec | None = None,
+    *,
+    like: type[nn.Module] | None = None,
+) -> None:
+    """Teach bayesprune a layer type: a new family (``spec``) or a subclass of a known one (``like``).
+
+    ``register_layer(cls, spec)``: ``cls`` is a new layer family described by ``spec`` (a
+    :class:`LayerSpec`). ``register_layer(cls, like=base)``: ``cls`` subclasses ``base`` (a
+    built-in or registered family) and keeps its function of the same parameters (``weight``,
+    ``bias``, the same hyperparameters): a different initialisation, extra buffers or methods are
+    fine; a different ``forward`` is not, since the Bayesian twin and the pruner compute
+    ``base``'s function. The pruner's exactness check runs on every prune. Registering a class
+    again the same way does nothing.
 
     Raises
     ------
     TypeError
-        ``cls`` is not a subclass of ``like``, or ``like`` is not a known family.
+        Neither or both of ``spec`` and ``like``; ``spec`` is not a :class:`LayerSpec`; ``cls``
+        is not a subclass of ``like``, or ``like`` is not a known family.
     ValueError
-        ``cls`` is already registered with another family.
+        ``cls`` is already registered otherwise, is a built-in family, or ``spec`` is a
+        normalisation.
     """
-    if like not in LAYER_TYPES + NORM_TYPES:
+    name = getattr(cls, "__name__", repr(cls))
+    if (spec is None) == (like is None):
         raise TypeError(
-            f"like= must be one of the layer types bayesprune knows "
-            f"{[t.__name__ for t in LAYER_TYPES + NORM_TYPES]}, got {like!r}"
+            f"register_layer({name}, ...) needs exactly one of a LayerSpec (a new kind of layer: "
+            f"register_layer({name}, bp.LayerSpec(...))) or like= (a subclass computing what its "
+            f"base computes: register_layer({name}, like=nn.Linear))"
         )
-    if not (isinstance(cls, type) and issubclass(cls, like)):
-        raise TypeError(
-            f"register_layer({getattr(cls, '__name__', cls)!r}, like={like.__name__}) needs a "
-            f"subclass of {like.__name__}; a layer of another kind needs its own pruning rules"
-        )
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise TypeError(f"register_layer needs an nn.Module subclass, got {cls!r}")
+    if like is not None:
+        if like not in _SPECS:
+            known = [t.__name__ for t in _SPECS]
+            raise TypeError(
+                f"like= must be one of the layer types bayesprune knows {known}, got {like!r}"
+            )
+        if not issubclass(cls, like):
+            raise TypeError(
+                f"register_layer({name!r}, like={like.__name__}) needs a subclass of "
+                f"{like.__name__}; a layer of another kind needs its own pruning rules: "
+                f"register_layer({name}, bp.LayerSpec(...))"
+            )
+        family = like
+    else:
+        if not isinstance(spec, LayerSpec):
+            raise TypeError(
+                f"register_layer({name}, spec) needs a bayesprune.LayerSpec, got "
+                f"{type(spec).__name__}"
+            )
+        if spec.norm:
+            raise ValueError(
+                "register_layer does not take new normalisation families; register a BatchNorm "
+                f"subclass with register_layer({name}, like=nn.BatchNorm2d)"
+            )
+        if cls in _BUILT_IN:
+            raise ValueError(f"{name} is built in; its LayerSpec cannot be replaced")
+        if _SPECS.get(cls, spec) != spec:
+            raise ValueError(
+                f"{name} is already registered with another LayerSpec ({_SPECS[cls]}); a layer "
+                "type has one spec: register a subclass for a different one"
+            )
+        family = cls
     known = _FAMILY.get(cls)
-    if known is not None and known is not like:
-        raise ValueError(f"{cls.__name__} is already registered like {known.__name__}")
-    _FAMILY[cls] = like
+    if known is not None and known is not family:
+        how = f"like {known.__name__}" if known is not cls else "with a LayerSpec of its own"
+        fix = "its own LayerSpec" if like is None else f"like={family.__name__}"
+        raise ValueError(
+            f"{name} is already registered {how}; it cannot also be registered with {fix} "
+            "(register a subclass instead)"
+        )
+    if spec is not None:
+        _SPECS[cls] = spec
+    _FAMILY[cls] = family
 
 
 def layer_family(module: nn.Module | type[nn.Module]) -> type[nn.Module] | None:
@@ -100,8 +341,25 @@ def layer_family(module: nn.Module | type[nn.Module]) -> type[nn.Module] | None:
     return _FAMILY.get(cls)
 
 
+def layer_spec(module: nn.Module | type[nn.Module]) -> LayerSpec | None:
+    """The :class:`LayerSpec` of ``module`` (or a type), or ``None`` for a layer bayesprune does
+    not know. Like ``isinstance``: the nearest registered class in the type's hierarchy counts."""
+    cls = module if isinstance(module, type) else type(module)
+    for t in cls.__mro__:
+        family = _FAMILY.get(t)
+        if family is not None:
+            return _SPECS[family]
+    return None
+
+
+def has_nodes(module: nn.Module | type[nn.Module]) -> bool:
+    """Whether ``module`` is a layer with nodes (a Linear, a convolution or a registered family)."""
+    spec = layer_spec(module)
+    return spec is not None and not spec.norm
+
+
 def registered_layers() -> dict[type[nn.Module], type[nn.Module]]:
-    """A copy of the registry: layer type -> the family it computes like."""
+    """A copy of the registry: layer type -> the family it computes like (itself for a family)."""
     return dict(_FAMILY)
 
 

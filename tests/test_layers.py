@@ -189,19 +189,19 @@ def _assert_same_values_and_gradients(fused, plain, used, params) -> None:
 @pytest.mark.parametrize("used", [(1, 1, 1), (1, 0, 0), (0, 1, 1), (0, 1, 0), (0, 0, 1)])
 def test_fused_weight_moments_match_autograd_of_the_plain_formulas(used) -> None:
     """Value and gradient of the fused (variance, row statistics), whichever outputs a loss uses."""
-    from bayesprune.layers import _WeightMoments
+    from bayesprune._weight_ops import WeightMoments
 
     torch.manual_seed(0)
     mu = torch.randn(4, 3, 2, requires_grad=True)
     ls = (torch.randn(4, 3, 2) * 0.3 - 1).requires_grad_()
-    fused, plain = _WeightMoments.apply(mu, ls), _plain_moments(mu, ls)
+    fused, plain = WeightMoments.apply(mu, ls), _plain_moments(mu, ls)
     _assert_same_values_and_gradients(fused, plain, used, (mu, ls))
 
 
 @pytest.mark.parametrize("used", [(1, 1, 1), (1, 0, 0), (0, 1, 1), (0, 0, 1)])
 def test_fused_weight_draw_matches_autograd_of_the_plain_formulas(used) -> None:
     """Value and gradient of the fused (weight draw, row statistics), whichever outputs a loss uses."""
-    from bayesprune.layers import _SampledWeight
+    from bayesprune._weight_ops import SampledWeight
 
     torch.manual_seed(0)
     mu = torch.randn(4, 5, requires_grad=True)
@@ -209,7 +209,7 @@ def test_fused_weight_draw_matches_autograd_of_the_plain_formulas(used) -> None:
     eps = torch.randn(4, 5)
     _, half_sq, ls_sum = _plain_moments(mu, ls)
     plain = (mu + torch.exp(ls) * eps, half_sq, ls_sum)
-    fused = _SampledWeight.apply(mu, ls, eps)
+    fused = SampledWeight.apply(mu, ls, eps)
     _assert_same_values_and_gradients(fused, plain, used, (mu, ls))
 
 
@@ -218,7 +218,7 @@ def test_kl_after_a_forward_pass_reuses_its_row_statistics_only_while_valid(loca
     """The forward pass hands its row statistics to the next KL; never a stale or grad-less one."""
     import copy
 
-    _, layer, x = _make("linear", Gaussian(0.5))
+    _, layer, x = _make("linear", Gaussian(scale=0.5))
     layer.local_reparam = local
     fresh = layer.kl()
     layer(x)

@@ -17,6 +17,7 @@ from bayesprune.layers import BayesianLinear
 @pytest.fixture(autouse=True)
 def _fresh_registry(monkeypatch):
     monkeypatch.setattr(registry, "_FAMILY", dict(registry._FAMILY))
+    monkeypatch.setattr(registry, "_SPECS", dict(registry._SPECS))
 
 
 class HalfInitLinear(nn.Linear):

@@ -53,7 +53,8 @@ __all__ = [
     "prunable_parameters",
 ]
 
-#: the layers the baselines score: bayesprune.registry's, except Conv3d (no 3-D baseline rules)
+#: the layers the baselines score: bayesprune.registry's built-in ones (and their subclasses), except
+#: Conv3d (no 3-D baseline rules); a family registered with a LayerSpec of its own is kept whole
 LAYER_TYPES = tuple(t for t in registry.LAYER_TYPES if t is not nn.Conv3d)
 
 

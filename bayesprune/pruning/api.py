@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from .._utils import is_bayesian
+from ..registry import has_nodes
 from ..train import TrainHistory, train
 from .graph import DependencyGraph, dependency_groups, to_module_device
-from .layers import LAYER_TYPES
 from .plan import PruningPlan, check_masks, plan_pruning, prunable_layers
 from .surgery import apply_plan, check_exact, zero_in_place
 
@@ -127,7 +127,7 @@ def infer_example_input(model: Any, module: nn.Module) -> torch.Tensor:
             return torch.zeros_like(value[:1])
         if isinstance(value, tuple | list | torch.Size) and all(isinstance(v, int) for v in value):
             return torch.zeros(1, *value)
-    first = next((m for m in module.modules() if isinstance(m, LAYER_TYPES)), None)
+    first = next((m for m in module.modules() if has_nodes(m)), None)
     if isinstance(first, nn.Linear):
         return torch.zeros(1, first.in_features)
     raise ValueError(

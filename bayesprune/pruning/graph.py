@@ -19,8 +19,8 @@ from torch import fx, nn
 
 from .._utils import modes_kept
 from ..data import input_tensor
-from ..registry import symbolic_trace
-from .layers import CONV_TYPES, LAYER_TYPES, NORM_TYPES
+from ..registry import has_nodes, layer_spec, symbolic_trace
+from .layers import NORM_TYPES
 from .ops import (
     ADDITIVE,
     ADDITIVE_METHODS,
@@ -239,9 +239,9 @@ def direct_layer(gm: fx.GraphModule, bn_node: fx.Node) -> str | None:
     if not isinstance(src, fx.Node) or src.op != "call_module" or len(src.users) != 1:
         return None
     layer, bn = gm.get_submodule(src.target), gm.get_submodule(bn_node.target)
-    if not isinstance(layer, LAYER_TYPES):
+    if not has_nodes(layer):
         return None
-    width = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+    width = layer_spec(layer).widths(layer)[0]
     return str(src.target) if bn.num_features == width else None
 
 
@@ -434,7 +434,7 @@ class Analysis:
     def _visit_module(self, node: fx.Node, mod: nn.Module) -> None:
         path = str(node.target)
         src = _first_tensor_arg(node)
-        if isinstance(mod, LAYER_TYPES):
+        if has_nodes(mod):
             self._visit_layer(node, path, mod, src)
         elif isinstance(mod, NORM_TYPES):
             lay = self.layout.get(src) if src is not None else None
@@ -468,13 +468,15 @@ class Analysis:
     def _visit_layer(self, node: fx.Node, path: str, mod: nn.Module, src: fx.Node | None) -> None:
         in_shape = _shape(src) if src is not None else None
         lay = self.layout.get(src) if src is not None else None
-        width = mod.out_features if isinstance(mod, nn.Linear) else mod.out_channels
+        spec = layer_spec(mod)
+        width, groups = spec.widths(mod)[0], getattr(mod, "groups", 1)
         problem = None
-        if isinstance(mod, CONV_TYPES) and mod.groups != 1:
-            problem = f"grouped convolution {path!r} (groups={mod.groups})"
-        elif isinstance(mod, nn.Linear) and (in_shape is None or len(in_shape) != 2):
-            problem = f"Linear {path!r} applied to a {len(in_shape or ())}-D input"
-        elif isinstance(mod, CONV_TYPES) and lay is not None and not lay.channelwise:
+        if groups != 1:
+            problem = f"grouped convolution {path!r} (groups={groups})"
+        elif spec.spatial_dims == 0 and (in_shape is None or len(in_shape) != 2):
+            kind = "Linear" if isinstance(mod, nn.Linear) else type(mod).__name__
+            problem = f"{kind} {path!r} applied to a {len(in_shape or ())}-D input"
+        elif spec.spatial_dims > 0 and lay is not None and not lay.channelwise:
             problem = f"convolution {path!r} on flattened features"
         elif lay is None:
             problem = f"layer {path!r} reading an untracked tensor"

@@ -13,10 +13,8 @@ from torch import nn
 
 from .._utils import is_bayesian, resolve_device, with_versions
 from ..files import atomic_write, check_target
+from ..registry import layer_spec
 from .layers import (
-    CONV_TYPES,
-    LAYER_TYPES,
-    NORM_TYPES,
     REPLACED_TYPES,
     ConstantLayer,
     RemovedLayer,
@@ -65,7 +63,7 @@ def save_pruned(small: nn.Module, path: str | Path) -> None:
     check_target(path)
     widths, identities, replaced = {}, [], {}
     for name, m in small.named_modules():
-        if isinstance(m, LAYER_TYPES + NORM_TYPES):
+        if layer_spec(m) is not None:
             out_w, in_w = layer_widths(m)
             widths[name] = {"type": type(m).__name__, "out": out_w, "in": in_w, **conv_config(m)}
         elif isinstance(m, nn.Identity) and name:
@@ -202,12 +200,7 @@ def load_pruned(
             # any registered slot the file fills, including a bias that folding added
             if key in state and (attr in m._parameters or attr in m._buffers):
                 set_tensor(m, attr, torch.empty_like(state[key]))
-        if isinstance(m, nn.Linear):
-            m.out_features, m.in_features = w["out"], w["in"]
-        elif isinstance(m, CONV_TYPES):
-            m.out_channels, m.in_channels = w["out"], w["in"]
-        else:
-            m.num_features = w["out"]
+        layer_spec(m).resize(m, w["out"], w["in"])
     try:
         net.load_state_dict(with_versions(state, net), strict=True)
     except RuntimeError as exc:

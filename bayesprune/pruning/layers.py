@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..registry import CONV_TYPES, LAYER_TYPES, NORM_TYPES
+from ..registry import CONV_TYPES, LAYER_TYPES, NORM_TYPES, layer_spec
 
 __all__ = [
     "CONV_TYPES",
@@ -20,15 +20,62 @@ __all__ = [
     "REPLACED_TYPES",
     "ConstantLayer",
     "RemovedLayer",
+    "check_layout",
     "conv_config",
     "geometry",
     "layer_widths",
+    "node_axis",
+    "replaceable",
     "set_tensor",
     "slice_tensors",
 ]
 
 
-# the layer types, written once in bayesprune.registry
+# the layer types, written once in bayesprune.registry: everything below asks it (layer_spec)
+
+
+def replaceable(layer: nn.Module) -> bool:
+    """Whether :class:`RemovedLayer` / :class:`ConstantLayer` can stand in for ``layer``: they
+    know the output positions of the built-in Linear and convolutions only."""
+    return isinstance(layer, LAYER_TYPES)
+
+
+def node_axis(layer: nn.Module) -> int:
+    """The axis of ``layer.weight`` indexing its output nodes (0 for Linear and convolutions)."""
+    return layer_spec(layer).node_axis
+
+
+def check_layout(name: str, layer: nn.Module) -> None:
+    """A ``ValueError`` when a registered layer's tensors do not have the layout its
+    :class:`~bayesprune.registry.LayerSpec` declares (one output node per index of the node
+    axis and per bias entry, one input per index of the input axis)."""
+    spec = layer_spec(layer)
+    if spec is None or spec.norm or isinstance(layer, LAYER_TYPES):
+        return
+    out_w, in_w = spec.widths(layer)
+    w, b = getattr(layer, "weight", None), getattr(layer, "bias", None)
+    shape = None if w is None else tuple(w.shape)
+    problem = None
+    if w is None or w.dim() <= max(spec.node_axis, spec.input_axis):
+        problem = f"its weight has shape {shape}"
+    elif shape[spec.node_axis] != out_w:
+        problem = (
+            f"its weight {shape} has {shape[spec.node_axis]} entries along node_axis="
+            f"{spec.node_axis}, not its {out_w} output nodes ({spec.width_attrs[0]})"
+        )
+    elif shape[spec.input_axis] != in_w and getattr(layer, "groups", 1) == 1:
+        problem = (
+            f"its weight {shape} has {shape[spec.input_axis]} entries along input_axis="
+            f"{spec.input_axis}, not its {in_w} inputs ({spec.width_attrs[1]})"
+        )
+    elif b is not None and tuple(b.shape) != (out_w,):
+        problem = f"its bias has shape {tuple(b.shape)}, not ({out_w},)"
+    if problem is not None:
+        raise ValueError(
+            f"layer {name!r} ({type(layer).__name__}) does not fit its registered LayerSpec: "
+            f"{problem}. Fix the spec's node_axis / input_axis / width_attrs "
+            "(bp.register_layer)"
+        )
 
 
 def geometry(layer: nn.Module) -> tuple[tuple[int, int, int, int], ...] | None:
@@ -161,18 +208,14 @@ def layer_widths(m: nn.Module) -> tuple[int, int]:
         return 0, m.in_width
     if isinstance(m, ConstantLayer):
         return m.value.numel(), 0
-    if isinstance(m, nn.Linear):
-        return m.out_features, m.in_features
-    if isinstance(m, CONV_TYPES):
-        return m.out_channels, m.in_channels
-    return m.num_features, m.num_features
+    return layer_spec(m).widths(m)
 
 
 def conv_config(m: nn.Module) -> dict[str, Any]:
-    """What a convolution computes besides its widths (empty for other layers), JSON-able."""
-    if not isinstance(m, CONV_TYPES):
-        return {}
-    keys = ("kernel_size", "stride", "padding", "dilation", "groups", "padding_mode")
+    """What a layer computes besides its widths (its spec's ``hyperparameters``: kernel, stride,
+    ... of a convolution; empty for Linear and BatchNorm), JSON-able."""
+    spec = layer_spec(m)
+    keys = () if spec is None else spec.hyperparameters
     return {
         k: list(v) if isinstance(v, tuple) else v for k, v in ((k, getattr(m, k)) for k in keys)
     }

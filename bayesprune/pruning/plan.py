@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from ..registry import has_nodes, layer_spec
 from .graph import (
     Analysis,
     ChannelGroup,
@@ -19,7 +20,7 @@ from .graph import (
     direct_layer,
     tensor_nodes,
 )
-from .layers import LAYER_TYPES, NORM_TYPES
+from .layers import NORM_TYPES, check_layout, node_axis, replaceable
 from .ops import ZERO_PRESERVING_FUNCTIONS, ZERO_PRESERVING_METHODS, ZERO_PRESERVING_MODULES
 
 __all__ = [
@@ -31,11 +32,16 @@ __all__ = [
 
 
 def _layer_width(layer: nn.Module) -> int:
-    return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+    return layer_spec(layer).widths(layer)[0]
 
 
 def prunable_layers(module: nn.Module) -> dict[str, nn.Module]:
-    return {name: m for name, m in module.named_modules() if isinstance(m, LAYER_TYPES)}
+    """Path -> layer of every layer with nodes (:func:`bayesprune.registry.has_nodes`), each
+    checked against its registered layout."""
+    out = {name: m for name, m in module.named_modules() if has_nodes(m)}
+    for name, m in out.items():
+        check_layout(name, m)
+    return out
 
 
 def _as_vector(value: Any, name: str, what: str) -> torch.Tensor:
@@ -84,7 +90,12 @@ def check_masks(
 def _default_scores(layers: Mapping[str, nn.Module]) -> dict[str, torch.Tensor]:
     """L2 norm of each output node's incoming weights: the tie-breaker when no scores are given."""
     return {
-        name: m.weight.detach().flatten(1).norm(dim=1).to(torch.float64).cpu()
+        name: m.weight.detach()
+        .movedim(node_axis(m), 0)
+        .flatten(1)
+        .norm(dim=1)
+        .to(torch.float64)
+        .cpu()
         for name, m in layers.items()
     }
 
@@ -270,6 +281,9 @@ def _dead_region(
     for p in group.producers:
         if calls.get(p, 0) != 1:
             return f"layer {p!r} is called {calls.get(p, 0)} times", []
+        if not replaceable(gm.get_submodule(p)):
+            kind = type(gm.get_submodule(p)).__name__
+            return f"a removed {kind} (a registered layer type) has no placeholder", []
     stack = [n for n in gm.graph.nodes if n.op == "call_module" and n.target in group.producers]
     seen: set[fx.Node] = set()
     consumers: list[str] = []
@@ -283,7 +297,9 @@ def _dead_region(
             mod = gm.get_submodule(user.target) if user.op == "call_module" else None
             if isinstance(mod, NORM_TYPES) and direct_layer(gm, user) in group.producers:
                 stack.append(user)
-            elif isinstance(mod, LAYER_TYPES) and sole_input and calls[str(user.target)] == 1:
+            elif (
+                has_nodes(mod) and replaceable(mod) and sole_input and calls[str(user.target)] == 1
+            ):
                 consumers.append(str(user.target))
             elif sole_input and (
                 isinstance(mod, ZERO_PRESERVING_MODULES)

@@ -13,8 +13,9 @@ from tqdm.auto import tqdm
 
 from .._utils import resolve_device
 from ..metrics import count_params, macs_by_layer, measure_latency
+from ..registry import has_nodes, layer_spec
 from .graph import to_module_device
-from .layers import CONV_TYPES, NORM_TYPES, REPLACED_TYPES, RemovedLayer, layer_widths
+from .layers import NORM_TYPES, REPLACED_TYPES, RemovedLayer, layer_widths
 
 __all__ = [
     "CompressionReport",
@@ -27,6 +28,9 @@ __all__ = [
 def architecture_string(net: nn.Module) -> str:
     """Widths in the form of the pruning literature: conv filters, then the inputs of each Linear.
 
+    (A registered layer family counts as a convolution when its spec has spatial axes, as a
+    Linear otherwise.)
+
     LeNet-5-Caffe gives ``"20-50-800-500"``, LeNet-300-100 ``"784-300-100"``.
 
     >>> from bayesprune.pruning import architecture_string
@@ -37,9 +41,10 @@ def architecture_string(net: nn.Module) -> str:
     parts = []
     for m in net.modules():
         kind = m.kind if isinstance(m, REPLACED_TYPES) else type(m).__name__
-        if isinstance(m, CONV_TYPES) or kind in ("Conv1d", "Conv2d", "Conv3d"):
+        spatial = layer_spec(m).spatial_dims if has_nodes(m) else None
+        if spatial or kind in ("Conv1d", "Conv2d", "Conv3d"):
             parts.append(layer_widths(m)[0])
-        elif isinstance(m, nn.Linear) or kind == "Linear":
+        elif spatial == 0 or kind == "Linear":
             parts.append(layer_widths(m)[1])
     return "-".join(str(p) for p in parts)
 

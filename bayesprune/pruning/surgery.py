@@ -11,8 +11,9 @@ import torch
 from torch import nn
 
 from .._utils import modes_kept
+from ..registry import layer_spec
 from .graph import bn_followers, rng_kept
-from .layers import ConstantLayer, RemovedLayer, layer_widths, slice_tensors
+from .layers import ConstantLayer, RemovedLayer, layer_widths, node_axis, slice_tensors
 from .plan import PruningPlan, check_masks, prunable_layers
 
 __all__ = [
@@ -32,7 +33,8 @@ def zero_in_place(
         if not drop.any():
             continue
         layer = module.get_submodule(name)
-        layer.weight[drop.to(layer.weight.device)] = 0
+        # a view with the nodes first: the rows of a Linear / Conv, axis 1 of a ConvTranspose
+        layer.weight.movedim(node_axis(layer), 0)[drop.to(layer.weight.device)] = 0
         if layer.bias is not None:
             layer.bias[drop.to(layer.bias.device)] = 0
         for bn_name in followers.get(name, ()):
@@ -95,21 +97,19 @@ def apply_plan(
         idx = g.keep.nonzero().flatten()
         for p in g.producers:
             layer = small.get_submodule(p)
-            slice_tensors(layer, ("weight", "bias"), idx, 0)
-            if isinstance(layer, nn.Linear):
-                layer.out_features = len(idx)
-            else:
-                layer.out_channels = len(idx)
+            spec = layer_spec(layer)
+            slice_tensors(layer, ("weight",), idx, spec.node_axis)
+            slice_tensors(layer, ("bias",), idx, 0)
+            spec.resize(layer, len(idx), spec.widths(layer)[1])
     for p, segments in plan.inputs.items():
         cols = _kept_columns(plan, segments)
         if cols is None:
             continue
         layer = small.get_submodule(p)
-        slice_tensors(layer, ("weight",), cols, 1)
-        if isinstance(layer, nn.Linear):
-            layer.in_features = len(cols)
-        else:
-            layer.in_channels = len(cols)  # convolutions read whole channels (repeat 1)
+        spec = layer_spec(layer)
+        slice_tensors(layer, ("weight",), cols, spec.input_axis)
+        # convolutions read whole channels (repeat 1), a Linear after a flatten reads columns
+        spec.resize(layer, spec.widths(layer)[0], len(cols))
     for p, segments in plan.norm_inputs.items():
         cols = _kept_columns(plan, segments)
         if cols is not None:
