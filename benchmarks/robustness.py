@@ -160,6 +160,13 @@ def run_cell(cell: int, seed: int = 0) -> dict:
         "fit_seconds": round(fit.seconds, 1),
         "kl_weight": fit.kl_weight,
     }
+    if start == "random" and budget == "short":
+        # the dense reference trains for DENSE_EPOCHS; a short fit from random weights is also
+        # compared with a dense net trained from the same start for the fit's own epochs
+        torch.manual_seed(seed)
+        same = build(net_name, data)
+        bp.train(same, train, epochs=epochs, progress=False, seed=seed)
+        row["dense_same_budget"] = round(bp.evaluate(same, test), 4)
     mlp = net_name in ("resmlp", "lenet300")
     row["a"] = predictive >= dense - 0.015
     row["b"] = pruned >= predictive - 0.01

@@ -143,6 +143,17 @@ def render_robustness() -> list[str]:
             f"predictive within {100 * d_pred:.1f} points, params kept within "
             f"{100 * d_params:.1f} points.*"
         )
+    same = [r for r in payload["cells"] if "dense_same_budget" in r]
+    if same:
+        parts = ", ".join(
+            f"cell {r['cell']}: {r['dense_same_budget']:.4f} against the fit's {r['predictive']:.4f}"
+            for r in same
+        )
+        notes.append(
+            "*Short fits from random weights, with a dense net trained from the same start for the "
+            f"fit's own epochs (column `dense_same_budget`): {parts}. Target (a) is still taken "
+            "against the dense column.*"
+        )
     full = load("bayes_lenet_defaults.json")
     for r in full["rows"]:
         per = ", ".join(f"{v:.0%}" for v in r["per_layer_below_half"].values())
