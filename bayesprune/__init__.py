@@ -20,7 +20,7 @@ from .train import evaluate, train
 
 # -- core (issue 3) --
 # isort: split
-from . import priors
+from . import distributed, priors
 from .bayesianize import BayesianModule, bayesianize, load
 from .inference import FitResult, fit
 from .priors import register_prior
@@ -72,6 +72,7 @@ __all__ = [
     "count_params",
     "data",
     "dependency_groups",
+    "distributed",
     "evaluate",
     "files",
     "finetune",

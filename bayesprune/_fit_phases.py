@@ -198,6 +198,8 @@ class Optimizers:
     svi: pyro.infer.SVI | None = None
     #: the Pyro learning-rate scheduler stepped after each SVI step (cosine schedule only)
     pyro_scheduler: Any = None
+    #: a distributed fit's all-reduce of each step (``bayesprune.distributed.GradientSync``)
+    sync: Any = None
 
 
 def _delay_steps(
@@ -366,23 +368,30 @@ def fit_step(
         )
         with checked:
             loss = o.elbo.differentiable_loss(bnet.model, bnet.guide, x, y)
-        if not torch.isfinite(loss):
+        if o.sync is None and not torch.isfinite(loss):
             _raise_nonfinite(loss.item(), run.epoch, run.step)
         o.opt.zero_grad(set_to_none=True)
         # The gate gradients are NOT cleared: every natural step uses their running
         # sum since the start of the fit (see bayesprune.natural, "What bp.fit runs").
         # Clearing them gives the damped CAVI step, whose fixed point leaves most PIPs
         # undecided (issue 22's closing note); kept until a principled replacement.
+        # A distributed step averages the new gradients only, and adds them to the sums.
+        held = o.sync.hold() if o.sync is not None else None
         loss.backward()
+        if o.sync is not None:
+            value, nll = o.sync.reduce(held, loss, o.elbo.last_nll, x.shape[0])
+            if not math.isfinite(value):  # the same on every process: all of them stop
+                _raise_nonfinite(value, run.epoch, run.step)
         o.opt.step()
         o.sched.step()
         if o.natural is not None:
             o.natural.beta = beta
             o.natural.step()
             o.gate_sched.step()
-        value = loss.item()
+        if o.sync is None:
+            value, nll = loss.item(), o.elbo.last_nll.item()
         result.kl.append(o.elbo.last_kl.item())
-        result.nll.append(o.elbo.last_nll.item())
+        result.nll.append(nll)
     else:
         bnet._kl_scale = beta
         value = o.svi.step(x, y)
@@ -408,19 +417,23 @@ def end_of_epoch(
     options: dict[str, Any],
 ) -> None:
     """After an epoch: the share of nodes off, the validation accuracies, the checkpoint (``x``:
-    the epoch's last batch, to trace the hidden layers on after the first epoch)."""
+    the epoch's last batch, to trace the hidden layers on after the first epoch). In a
+    distributed fit, process 0 alone validates and writes the checkpoint."""
+    lead = optimizers.sync is None or optimizers.sync.rank == 0
+    if optimizers.sync is not None:
+        optimizers.sync.end_of_epoch(bnet)
     if run.hidden is None:
         run.hidden = _hidden(bnet, x)
     for k, v in nodes_off(bnet, run.hidden).items():
         result.nodes_off.setdefault(k, []).append(v)
-    if val_loader is not None:
+    if val_loader is not None and lead:
         median = median_model(bnet, run.hidden) if run.hidden else None
         acc, acc_median = _val_accuracy(bnet, val_loader, dev, val_samples, median)
         result.val_accuracy.append(acc)
         if acc_median is not None:
             result.val_median_accuracy.append(acc_median)
         bnet.train()
-    if checkpoint is not None:
+    if checkpoint is not None and lead:
         if optimizers.fast:
             result.seconds = time.perf_counter() - run.start
             progress_made = {"epoch": run.epoch + 1, "step": run.step, "hidden": run.hidden}

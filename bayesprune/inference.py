@@ -43,6 +43,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
+from . import distributed
 from ._fit_phases import (
     Optimizers,
     _delay_steps,
@@ -202,6 +203,8 @@ def fit(
     checkpoint: str | Path | None = None,
     resume: str | Path | None = None,
     gate_step: float = 0.01,
+    devices: int | None = None,
+    sync_batchnorm: bool = False,
 ) -> FitResult:
     r"""Fit the variational posterior of ``bnet`` by stochastic variational inference.
 
@@ -305,7 +308,28 @@ def fit(
         ``torch.Generator`` objects of ``train_loader`` listed under ``seed``). On the CPU a fit
         stopped after any epoch and resumed ends bit-identical to the same fit run straight
         through. Pass ``checkpoint=`` too to keep saving. Default fit only: with ``elbo=`` it is
-        a ``ValueError``, as the state of Pyro's optimizer is not saved.
+        a ``ValueError``, as the state of Pyro's optimizer is not saved. A checkpoint of a fit
+        on any number of processes (``devices``) resumes on any number.
+    devices
+        Data-parallel SVI on this many processes (:mod:`bayesprune.distributed`): ``None`` or 1
+        (default) is one process. ``devices=N > 1`` starts ``N`` local processes (gloo on the
+        CPU, each with ``1/N`` of torch's threads; NCCL with ``device="cuda"``, one GPU each),
+        runs the fit on them and returns process 0's :class:`FitResult`, the fitted parameters
+        put back into ``bnet``. A script that does so must call ``fit`` under
+        ``if __name__ == "__main__":`` (the processes are spawned, and pickle ``bnet`` and the
+        loaders). Called inside an initialised ``torch.distributed`` process group of several
+        processes (``torchrun``, ``srun``), ``fit`` runs as that process's rank, on the GPU of
+        its ``LOCAL_RANK`` with ``device="cuda"``; several machines work that way. The
+        ``train_loader`` is the one-process ``DataLoader``: its ``batch_size`` is the global
+        batch, split across the processes (each needs at least one example of every batch), and
+        the ELBO is scaled by the whole training set as on one process; each process draws its
+        own weights and gates (:func:`bayesprune.distributed.rank_seed` of ``seed``). Default
+        fit only (``elbo=None``).
+    sync_batchnorm
+        With ``devices``: ``False`` (default) normalises each process's share of a batch with its
+        own BatchNorm statistics and averages the running statistics over the processes after
+        every epoch; ``True`` uses ``torch.nn.SyncBatchNorm`` (statistics of the global batch,
+        GPUs only).
 
     Raises
     ------
@@ -316,6 +340,20 @@ def fit(
         epoch included, is attached to the exception as ``exc.fit_result``; a note on the
         exception says from which epoch ``resume=`` would continue.
     """
+    distributed.check_devices(devices)
+    info = distributed.current(devices)
+    spawn = distributed.needs_spawn(devices)
+    if (spawn or info is not None) and elbo is not None:
+        raise ValueError(
+            "a distributed fit (devices > 1, or fit inside a torch.distributed process group) "
+            "runs the default fit only: elbo= runs pyro.infer.SVI on one process. Drop elbo=, "
+            "or run it with devices=None outside a process group"
+        )
+    if sync_batchnorm and not (spawn or info is not None):
+        raise ValueError(
+            "sync_batchnorm=True synchronizes BatchNorm across processes, and this fit runs on "
+            "one: pass devices=N > 1 (or call fit under torchrun), or drop sync_batchnorm"
+        )
     n = check_options(
         bnet,
         train_loader,
@@ -333,6 +371,17 @@ def fit(
         resume=resume,
         gate_step=gate_step,
     )
+    if spawn:
+        dev = resolve_device(device) if device is not None else bnet.device
+        distributed.check_sync_batchnorm(sync_batchnorm, devices, dev.type)
+        kwargs = dict(
+            epochs=epochs, lr=lr, device=device, num_data=num_data, val_loader=val_loader,
+            progress=progress, kl_warmup=kl_warmup, seed=seed, kl_weight=kl_weight,
+            structure_lr=structure_lr, structure_delay=structure_delay, lr_schedule=lr_schedule,
+            val_samples=val_samples, checkpoint=checkpoint, resume=resume, gate_step=gate_step,
+            sync_batchnorm=sync_batchnorm,
+        )  # fmt: skip
+        return distributed.spawn_fit(fit, bnet, train_loader, kwargs, devices=devices, device=dev)
     saved = ckpt.load_fit_state(resume) if resume is not None else None
     steps_per_epoch, total_steps, warmup_steps = step_counts(train_loader, epochs, kl_warmup)
     # what a resumed fit must repeat (the random states are restored, so seed may be left out)
@@ -353,11 +402,22 @@ def fit(
     }
     if saved is not None:
         ckpt.check_resumable(saved, options, bnet)
-    elif seed is not None:
-        torch.manual_seed(seed)
-        pyro.set_rng_seed(seed)
-        ckpt.seed_loader(train_loader, seed)
-    dev = resolve_device(device) if device is not None else bnet.device
+    loop_loader, swapped = train_loader, []
+    if info is not None:
+        dev = distributed.rank_device(device, bnet.device, info)
+        distributed.check_sync_batchnorm(sync_batchnorm, info.world, dev.type)
+        shared = distributed.shared_seed(seed)
+        if saved is None:
+            ckpt.seed_loader(train_loader, shared)  # the same global batches on every process
+        loop_loader = distributed.ShardedLoader(train_loader, info, shared)
+        if sync_batchnorm:
+            swapped = distributed.to_sync_batchnorm(bnet)
+    else:
+        if saved is None and seed is not None:
+            torch.manual_seed(seed)
+            pyro.set_rng_seed(seed)
+            ckpt.seed_loader(train_loader, seed)
+        dev = resolve_device(device) if device is not None else bnet.device
     bnet.to(dev)
     bnet.num_data = n
 
@@ -372,10 +432,21 @@ def fit(
         total_steps=total_steps,
         steps_per_epoch=steps_per_epoch,
     )
+    lead = info is None or info.rank == 0  # draws the bar, validates, checkpoints, warns
+    if info is not None:
+        optimizers.sync = distributed.GradientSync(
+            bnet, optimizers.gate_ids, info, sync_bn=sync_batchnorm
+        )
     result = FitResult(num_data=n, kl_weight=float(kl_weight))
     run = restore_checkpoint(saved, checkpoint, bnet, optimizers, result)
+    if info is not None:
+        loop_loader.passes = run.first_epoch
     bar = tqdm(
-        total=total_steps, initial=run.step, disable=not progress, desc="fit (SVI)", leave=False
+        total=total_steps,
+        initial=run.step,
+        disable=not (progress and lead),
+        desc="fit (SVI)",
+        leave=False,
     )
     run.start = time.perf_counter() - result.seconds
     modes = [(m, m.training) for m in bnet.modules()]  # given back as they were, after the fit
@@ -385,7 +456,7 @@ def fit(
     try:
         epoch_loop(
             bnet,
-            train_loader,
+            loop_loader,
             optimizers,
             result,
             run,
@@ -407,10 +478,12 @@ def fit(
     finally:
         bnet._kl_scale = 1.0
         bar.close()
+        distributed.restore_batchnorm(swapped)
         for m, training in modes:
             m.training = training
     result.seconds = time.perf_counter() - run.start
-    end_of_fit(bnet, result, run)
+    if lead:
+        end_of_fit(bnet, result, run)
     return result
 
 

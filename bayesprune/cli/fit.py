@@ -53,6 +53,7 @@ def fit_command(args: argparse.Namespace) -> None:
 
     progress = show_progress(args)
     prior = _prior(args)  # option errors before any training
+    _check_devices(args)
     out = args.out
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -104,7 +105,8 @@ def fit_command(args: argparse.Namespace) -> None:
     result = bp.fit(bnet, train_loader, epochs=args.epochs, lr=args.lr, device=args.device,
                     progress=progress, seed=args.seed, kl_weight=args.kl_weight,
                     structure_delay=args.structure_delay, checkpoint=ckpt_path,
-                    resume=ckpt_path if args.resume else None)  # fmt: skip
+                    resume=ckpt_path if args.resume else None, devices=args.devices,
+                    sync_batchnorm=args.sync_batchnorm)  # fmt: skip
     bnet.save(out / "bayesian.safetensors")
     pips = {k: v.detach().cpu().numpy() for k, v in bnet.inclusion_probs().items()}
     bayes_acc = bp.evaluate(bnet, val_loader, num_samples=8)  # posterior predictive
@@ -122,7 +124,7 @@ def fit_command(args: argparse.Namespace) -> None:
     save_json(out / "fit.json", {
         "run_id": run_id, "loss": losses, "epoch_loss": epoch_loss,
         "epochs": args.epochs, "lr": args.lr, "kl_weight": args.kl_weight,
-        "structure_delay": args.structure_delay,
+        "structure_delay": args.structure_delay, "devices": args.devices or 1,
         "dense_val_accuracy": dense_acc, "bayes_val_accuracy": bayes_acc,
         "pips": {k: v.tolist() for k, v in pips.items()},
         "nodes_pip_ge_0.5": {k: int((v >= 0.5).sum()) for k, v in pips.items()},
@@ -144,6 +146,24 @@ def fit_command(args: argparse.Namespace) -> None:
     say(f"validation accuracy: dense {dense_acc:.4f}, posterior predictive {bayes_acc:.4f}; "
         f"{kept}/{total} prunable nodes with PIP >= 0.5")  # fmt: skip
     say(f"wrote {out} (run id {run_id})")
+
+
+def _check_devices(args: argparse.Namespace) -> None:
+    """Refuse --devices / --sync-batchnorm that cannot run, before any training."""
+    devices = args.devices or 1
+    gpu = torch.device(args.device).type == "cuda"
+    if args.sync_batchnorm and devices < 2:
+        raise CLIError("--sync-batchnorm synchronizes BatchNorm across the processes of "
+                       "--devices N > 1; add --devices, or drop --sync-batchnorm")  # fmt: skip
+    if args.sync_batchnorm and not gpu:
+        raise CLIError("--sync-batchnorm needs GPUs (torch.nn.SyncBatchNorm): add --device "
+                       "cuda, or drop it (each process then uses its share's statistics)")  # fmt: skip
+    if gpu and devices > torch.cuda.device_count():
+        raise CLIError(f"--devices {devices}, but {torch.cuda.device_count()} GPU(s) are "
+                       "visible: pass fewer, or use torchrun across machines")  # fmt: skip
+    if devices > 1 and args.batch_size < devices:
+        raise CLIError(f"--batch-size {args.batch_size} is the global batch, split across "
+                       f"--devices {devices}: use --batch-size >= {devices}")  # fmt: skip
 
 
 #: the options of `fit` that a resumed fit must repeat

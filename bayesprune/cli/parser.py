@@ -201,6 +201,14 @@ def build_parser() -> argparse.ArgumentParser:
                      "from the end of its last epoch; give the same options. It ends exactly as "
                      "the fit run straight through would have")  # fmt: skip
     fit.add_argument("--batch-size", type=_positive_int, default=128, metavar="B")
+    fit.add_argument("--devices", type=_positive_int, default=None, metavar="N",
+                     help="run the SVI on N processes, each on a share of every batch (gloo on "
+                     "--device cpu, one GPU each with --device cuda; --batch-size stays the "
+                     "global batch); a resumed fit may use another N. Several machines: "
+                     "torchrun, see bayesprune.distributed (default: one process)")  # fmt: skip
+    fit.add_argument("--sync-batchnorm", action="store_true",
+                     help="with --devices: BatchNorm statistics of the global batch "
+                     "(torch.nn.SyncBatchNorm, GPUs only; default: each process's own share)")  # fmt: skip
     fit.add_argument(
         "--out", type=Path, required=True, metavar="DIR", help="run directory to write"
     )
