@@ -93,13 +93,10 @@ from __future__ import annotations
 
 import os
 import pickle
-import shutil
 import socket
-import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -512,21 +509,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _dump(path: Path, obj: Any) -> None:
-    torch.save(obj, path)
-
-
 def _child(
     index: int,
     world: int,
     port: int,
     backend: str,
-    folder: str,
     threads: int | None,
     job: bytes,
+    results: Any,
 ) -> None:
     """One process of :func:`launch`: join the group, run ``fn(*args)`` (pickled in ``job``),
-    write what it returned (or the exception it raised) to ``folder``."""
+    send what it returned (or the exception it raised) to the parent through ``results``, a
+    queue between this call's own processes (no file is written or read)."""
     fn, args = pickle.loads(job)
     os.environ.update(
         RANK=str(index), WORLD_SIZE=str(world), LOCAL_RANK=str(index),
@@ -539,13 +533,13 @@ def _child(
     )
     try:
         out = fn(*args)
-        _dump(Path(folder) / f"result-{index}.pt", out)
+        results.put((index, True, pickle.dumps(out)))
     except BaseException as exc:
         try:
-            pickle.dumps(exc)
-            _dump(Path(folder) / f"error-{index}.pt", exc)
+            payload = pickle.dumps(exc)
         except Exception:  # an exception that does not pickle: its text
-            _dump(Path(folder) / f"error-{index}.pt", RuntimeError(f"{type(exc).__name__}: {exc}"))
+            payload = pickle.dumps(RuntimeError(f"{type(exc).__name__}: {exc}"))
+        results.put((index, False, payload))
         raise
     finally:
         dist.destroy_process_group()
@@ -563,49 +557,61 @@ def launch(
     process group (``backend``: ``"gloo"`` for CPUs, ``"nccl"`` for GPUs); returns what each
     process returned, by rank. ``fn`` and ``args`` are pickled (``fn`` must be importable:
     a module-level function). An exception in a process is raised here (the first to fail).
+    What the processes return travels back through a pipe between this call's own processes;
+    nothing is written to or read from disk.
 
     ``threads``: torch's CPU threads in each process (default: torch's choice). The processes
     are started with ``spawn``: a script that calls this must do so under
     ``if __name__ == "__main__":``.
     """
-    folder = tempfile.mkdtemp(prefix="bayesprune-dist-")
     try:
-        try:
-            # plain pickle: tensors travel by value, not as shared-memory handles
-            job = pickle.dumps((fn, args))
-        except (pickle.PicklingError, AttributeError, TypeError) as exc:
-            raise TypeError(
-                f"starting {nprocs} processes needs the function and its arguments (bnet, the "
-                f"loaders) to be picklable, and they are not ({type(exc).__name__}: {exc}). Use "
-                "module-level functions (no lambdas) in the loader's collate_fn / dataset, or "
-                "start the processes yourself with torchrun and call fit inside them (see "
-                "bayesprune.distributed)"
-            ) from exc
-        context = torch.multiprocessing.start_processes(
-            _child,
-            args=(nprocs, _free_port(), backend, folder, threads, job),
-            nprocs=nprocs,
-            join=False,
-            start_method="spawn",
-        )
-        try:
-            while not context.join():
-                pass
-        except torch.multiprocessing.ProcessRaisedException as exc:
-            error = Path(folder) / f"error-{exc.error_index}.pt"
-            if error.is_file():
-                raise torch.load(error, weights_only=False) from exc
-            raise
-        finally:
-            for process in context.processes:
-                if process.is_alive():
-                    process.terminate()
-                process.join()
-        return [
-            torch.load(Path(folder) / f"result-{r}.pt", weights_only=False) for r in range(nprocs)
-        ]
+        # plain pickle: tensors travel by value, not as shared-memory handles
+        job = pickle.dumps((fn, args))
+    except (pickle.PicklingError, AttributeError, TypeError) as exc:
+        raise TypeError(
+            f"starting {nprocs} processes needs the function and its arguments (bnet, the "
+            f"loaders) to be picklable, and they are not ({type(exc).__name__}: {exc}). Use "
+            "module-level functions (no lambdas) in the loader's collate_fn / dataset, or "
+            "start the processes yourself with torchrun and call fit inside them (see "
+            "bayesprune.distributed)"
+        ) from exc
+    results = torch.multiprocessing.get_context("spawn").SimpleQueue()
+    context = torch.multiprocessing.start_processes(
+        _child,
+        args=(nprocs, _free_port(), backend, threads, job, results),
+        nprocs=nprocs,
+        join=False,
+        start_method="spawn",
+    )
+    returned: dict[int, Any] = {}
+    failed: dict[int, BaseException] = {}
+
+    def drain() -> None:
+        while not results.empty():
+            index, ok, payload = results.get()
+            (returned if ok else failed)[index] = pickle.loads(payload)
+
+    try:
+        while True:
+            drain()  # before join: a child blocks on a full pipe until it is read
+            try:
+                if context.join(timeout=0.05):
+                    break
+            except torch.multiprocessing.ProcessRaisedException as exc:
+                drain()
+                if exc.error_index in failed:
+                    raise failed[exc.error_index] from exc
+                raise
+        drain()
     finally:
-        shutil.rmtree(folder, ignore_errors=True)
+        for process in context.processes:
+            if process.is_alive():
+                process.terminate()
+            process.join()
+    missing = sorted(set(range(nprocs)) - set(returned))
+    if missing:
+        raise RuntimeError(f"processes {missing} of the distributed fit ended without a result")
+    return [returned[r] for r in range(nprocs)]
 
 
 def fit_worker(fit: Callable[..., Any], bnet: nn.Module, train_loader: Any, kwargs: dict) -> Any:

@@ -245,3 +245,15 @@ def test_cli_fit_on_two_processes(tmp_path) -> None:
     fit = json.loads((out / "fit.json").read_text())
     assert fit["devices"] == 2 and len(fit["loss"]) == 2 * len(_digits_loader(batch_size=128))
     assert fit["bayes_val_accuracy"] > 0.8
+
+
+def test_launch_returns_by_rank_and_raises_a_process_error_with_its_own_type() -> None:
+    """Results and errors come back through a pipe between the call's own processes (nothing is
+    unpickled from disk), and a failing process's exception keeps its type."""
+    import operator
+
+    from bayesprune.distributed import launch
+
+    assert launch(operator.add, 2, (1, 2), threads=1) == [3, 3]
+    with pytest.raises(ZeroDivisionError):
+        launch(operator.truediv, 2, (1, 0), threads=1)
