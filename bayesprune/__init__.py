@@ -31,6 +31,7 @@ from .registry import LayerSpec, register_layer
 from .batchnorm import fold_batchnorm, recalibrate_batchnorm
 from .pruning import (
     CompressionReport,
+    PrunedMultiheadAttention,
     compression_report,
     dependency_groups,
     finetune,
@@ -62,6 +63,7 @@ __all__ = [
     "CompressionReport",
     "FitResult",
     "LayerSpec",
+    "PrunedMultiheadAttention",
     "baselines",
     "bayesianize",
     "certificate",

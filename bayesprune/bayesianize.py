@@ -33,6 +33,12 @@ layer type                                             treatment
 ``nn.Conv1d``                                          Bayesian (node = output channel)
 ``nn.Conv2d``                                          Bayesian (node = filter); any stride, padding,
                                                        dilation, groups, padding mode
+``nn.MultiheadAttention``                              Bayesian (node = head: its q, k, v rows and
+                                                       out_proj columns; :mod:`bayesprune.attention`);
+                                                       not with kdim/vdim, add_bias_kv, add_zero_attn
+``nn.TransformerEncoderLayer`` / ``TransformerEncoder``  their attention and Linear layers as above
+                                                       (node of ``linear1`` = feed-forward unit);
+                                                       LayerNorms deterministic
 ``nn.BatchNorm1d/2d/3d``, ``LayerNorm``, ``GroupNorm``  deterministic, parameters learned as point
                                                        estimates; a gate acts after a BatchNorm that
                                                        directly follows its layer (and after a
@@ -40,7 +46,7 @@ layer type                                             treatment
 activations, pooling, ``Flatten``, ``Dropout``         deterministic, no parameters
 other layers with parameters (``Conv3d``,              stay deterministic (point estimates) with a
 ``ConvTranspose*``, ``Embedding``, RNNs,               warning naming them; naming one in ``layers=``
-``MultiheadAttention``, subclasses of Linear/Conv...)  is an error
+subclasses of Linear/Conv...)                          is an error
 =====================================================  ==============================================
 
 Each row is exercised by a test in ``tests/test_bayesianize.py``.
@@ -68,12 +74,13 @@ from typing import Any, Literal, NamedTuple
 import torch
 from torch import nn
 
+from . import attention  # noqa: F401  (registers nn.MultiheadAttention's Bayesian twin)
 from ._utils import modes_kept, resolve_device
 from .io import mismatch, read_config, restore_state
 from .layers import INIT_SCALE, WEIGHT_SD_FAMILIES, BayesianLayer, bayesian_layer_for
 from .module import REPARAMS, BayesianModule, RegressionPrediction
 from .priors import Prior, SpikeAndSlab, prior_from_dict
-from .registry import symbolic_trace
+from .registry import prepare_blocks, symbolic_trace
 
 # BayesianModule and RegressionPrediction are defined in bayesprune.module
 __all__ = ["BayesianModule", "RegressionPrediction", "bayesianize", "load"]
@@ -169,6 +176,7 @@ def bayesianize(
     gates = _find_gate_points(work, chosen)
     work, priors = _swap_layers(work, chosen, prior, per_layer, init_scale, weight_sd)
     _place_gates(work, chosen, gates)
+    prepare_blocks(work)  # fused transformer paths would read the replaced layers' tensors
     bnet = BayesianModule(
         work, template, priors, likelihood, num_classes, noise_scale, gates.batchnorm
     )
@@ -253,21 +261,26 @@ def _resolve_targets(
             if bayesian_layer_for(modules[n]) is None:
                 raise TypeError(
                     f"layer {n!r} is a {type(modules[n]).__name__}; bayesprune makes only nn.Linear, "
-                    f"nn.Conv1d and nn.Conv2d Bayesian. Leave it out of {source} (it then stays "
-                    "deterministic)"
+                    f"nn.Conv1d, nn.Conv2d and nn.MultiheadAttention (and registered layers) "
+                    f"Bayesian. Leave it out of {source} (it then stays deterministic)"
                 )
         chosen = [n for n in requested if n not in skip_set]
     else:
         chosen = [
             n for n, m in modules.items() if bayesian_layer_for(m) is not None and n not in skip_set
         ]
+        # a layer inside a Bayesian one is part of it (an attention's out_proj)
+        chosen = [n for n in chosen if not any(n.startswith(f"{c}.") for c in chosen if c)]
         # one warning for all of them, each with the parameters it holds itself: a container
         # such as a transformer encoder may hold one (a position embedding) while the Linear
         # layers inside it do become Bayesian
         kept = {
             n: [p for p, _ in m.named_parameters(recurse=False)]
             for n, m in modules.items()
-            if n and _unsupported_with_params(m) and n not in skip_set
+            if n
+            and _unsupported_with_params(m)
+            and n not in skip_set
+            and not any(n.startswith(f"{c}.") for c in chosen if c)
         }
         if kept:
             shown = ", ".join(
@@ -277,7 +290,8 @@ def _resolve_targets(
             more = f" and {len(kept) - 8} more" if len(kept) > 8 else ""
             names = list(kept) if len(kept) <= 8 else "[their names]"
             warnings.warn(
-                "bayesianize makes only nn.Linear, nn.Conv1d and nn.Conv2d Bayesian; these modules "
+                "bayesianize makes only nn.Linear, nn.Conv1d, nn.Conv2d and nn.MultiheadAttention "
+                "(and registered layers) Bayesian; these modules "
                 "hold parameters of their own, which stay deterministic (learned as point "
                 f"estimates): {shown}{more}. Pass skip={names} to silence this warning",
                 UserWarning,

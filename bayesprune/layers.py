@@ -251,6 +251,28 @@ class BayesianLayer(PyroModule):
         """``weight`` (node-first, like ``weight_loc``) in the plain layer's own layout."""
         return weight
 
+    def fold_multiplier(
+        self, weight: torch.Tensor, bias: torch.Tensor | None, mult: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(weight, bias)`` (node-first) with node ``j``'s output scaled by ``mult[j]`` folded in:
+        its weight row and bias entry scaled (what ``mean_module`` holds for a horseshoe scale)."""
+        weight = weight * mult.view(-1, *([1] * (weight.dim() - 1)))
+        return weight, None if bias is None else bias * mult
+
+    @torch.no_grad()
+    def write_plain(
+        self, plain: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> None:
+        """Copy node-first ``(weight, bias)`` into the plain layer this one replaced."""
+        plain.weight.copy_(self.plain_weight(weight))
+        if bias is not None:
+            plain.bias.copy_(bias)
+
+    @classmethod
+    def supports(cls, module: nn.Module) -> bool:
+        """Whether this twin can replace ``module`` (a configuration it handles)."""
+        return True
+
     # -- forward ------------------------------------------------------------------------------
     def _op(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
@@ -527,7 +549,8 @@ class BayesianSpecLayer(BayesianLayer):
 
 #: plain layer family -> Bayesian layer class (exact types, or subclasses registered with
 #: :func:`bayesprune.register_layer`: others are not assumed to compute what their base does);
-#: a family registered with a LayerSpec that has a forward gets :class:`BayesianSpecLayer`
+#: a family registered with a LayerSpec that has a forward gets :class:`BayesianSpecLayer`.
+#: :mod:`bayesprune.attention` adds ``nn.MultiheadAttention`` here when it is imported.
 SUPPORTED_LAYERS: dict[type[nn.Module], type[BayesianLayer]] = {
     nn.Linear: BayesianLinear,
     nn.Conv1d: BayesianConv1d,
@@ -541,7 +564,8 @@ def bayesian_layer_for(module: nn.Module) -> type[BayesianLayer] | None:
     if family is None:
         return None
     if family in SUPPORTED_LAYERS:
-        return SUPPORTED_LAYERS[family]
+        twin = SUPPORTED_LAYERS[family]
+        return twin if twin.supports(module) else None
     spec = layer_spec(family)
     # a built-in family missing above (Conv3d) has no twin yet
     if family in LAYER_TYPES + NORM_TYPES or spec is None or spec.norm or spec.forward is None:

@@ -10,12 +10,16 @@ layer                     MACs per example
 ``nn.Conv1d/2d/3d``       ``out_elements * in_channels / groups * prod(kernel)``
                           (+ ``out_elements`` for the bias)
 ``nn.BatchNorm1d/2d/3d``  ``elements`` (one fused multiply-add per element at inference)
+``nn.MultiheadAttention`` self-attention on ``L`` positions, ``E`` wide, ``D = heads *
+                          head_dim``: ``3*L*E*D + L*D*E`` (projections) + ``2*L*L*D``
+                          (``QK^T`` and ``AV``) (+ ``3*L*D + L*E`` for the biases); the same
+                          for :class:`bayesprune.PrunedMultiheadAttention`
 ========================  ============================================================
 
 The counted types are :mod:`bayesprune.registry`'s: the built-in ones above, their subclasses, and
 every layer family registered with a :class:`~bayesprune.registry.LayerSpec` (its ``macs``).
 
-Activations, pooling and additions are not counted (they are cheap and the same before and
+Activations, softmax, pooling, additions and LayerNorm are not counted (they are cheap and the same before and
 after pruning up to the width change).
 
 Example
@@ -39,7 +43,7 @@ from torch import nn
 
 from ._utils import modes_kept, resolve_device
 from .data import input_errors, input_tensor
-from .registry import layer_spec
+from .registry import fused_paths_off, layer_spec
 
 __all__ = ["count_flops", "count_nonzero", "count_params", "flops_by_layer", "measure_latency"]
 
@@ -85,6 +89,7 @@ def macs_by_layer(module: nn.Module, example_input: torch.Tensor, what: str) -> 
         with (
             modes_kept(module),
             torch.no_grad(),
+            fused_paths_off(),  # a fused transformer layer would not call its layers' hooks
             input_errors(what, "example_input", tuple(example_input.shape)),
         ):
             module.eval()

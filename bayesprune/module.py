@@ -431,8 +431,7 @@ class BayesianModule(nn.Module):
                         bn.weight.mul_(mult)
                         bn.bias.mul_(mult)
                 else:
-                    w = w * mult.view(-1, *([1] * (w.dim() - 1)))
-                    b = None if b is None else b * mult
+                    w, b = layer.fold_multiplier(w, b, mult)
             if path in masks:
                 keep = torch.as_tensor(masks[path], dtype=torch.bool, device=w.device)
                 if keep.shape != (w.shape[0],):
@@ -443,10 +442,9 @@ class BayesianModule(nn.Module):
                 w[~keep] = 0  # w and b are the layer's fresh copies, node-first
                 if b is not None:
                     b[~keep] = 0
-            # the plain layer's own layout (a registered family may keep its nodes on another axis)
-            dst.weight.copy_(layer.plain_weight(w))
-            if b is not None:
-                dst.bias.copy_(b)
+            # the plain layer's own layout (a registered family may keep its nodes on another
+            # axis; an attention head is slices of several tensors)
+            layer.write_plain(dst, w, b)
             if path in masks:
                 if bn is not None and bn.weight is not None:
                     bn.weight[~keep] = 0

@@ -13,7 +13,17 @@ family                    node (what pruning removes)
 ``nn.Conv1d/2d/3d``       output channel (filter); Conv3d is pruned and counted but has no
                           Bayesian twin yet
 ``nn.BatchNorm1d/2d/3d``  the channel of the layer it follows (not a node of its own)
+``nn.MultiheadAttention`` a head: its q, k, v rows and out_proj columns (registered by
+                          :mod:`bayesprune.pruning.attention`, with ``nodes=``, below)
 ========================  ============================================================
+
+Two extensions for transformers. A layer whose node is not one index of one weight axis gets
+``LayerSpec(nodes=...)``, a :class:`NodeGroups` that zeroes, selects and scores its nodes (the
+heads of an attention layer); such nodes are *internal*: the layer's output width is kept. A
+container whose forward is known but not traceable (``nn.TransformerEncoderLayer``, whose fused
+fast path branches on tensors) is registered with :func:`register_block`: a leaf of every trace,
+whose :class:`InternalGroup` s (producer, width, consumers; e.g. the feed-forward units of
+``linear1`` read by ``linear2`` alone) the pruner removes (:mod:`bayesprune.pruning.transformer`).
 
 Two ways to add a layer type:
 
@@ -77,9 +87,10 @@ A layer with another weight layout: a Linear that stores its weight ``[in, out]`
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -89,10 +100,18 @@ __all__ = [
     "CONV_TYPES",
     "LAYER_TYPES",
     "NORM_TYPES",
+    "BlockSpec",
+    "InternalGroup",
     "LayerSpec",
+    "NodeGroups",
+    "block_spec",
+    "fused_paths_off",
     "has_nodes",
+    "internal_groups",
     "layer_family",
     "layer_spec",
+    "prepare_blocks",
+    "register_block",
     "register_layer",
     "registered_layers",
     "symbolic_trace",
@@ -109,6 +128,40 @@ NORM_TYPES: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.Ba
 MacsFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], int]
 #: the forward function of a spec: (module, x, weight, bias) -> output, linear in (weight, bias)
 ForwardFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+
+
+class NodeGroups:
+    """How a layer's nodes map onto its tensors when a node is not one index along one axis of
+    ``weight``: an attention head is rows of the packed query/key/value projection *and* columns
+    of the output projection (:mod:`bayesprune.pruning.attention`).
+
+    A layer whose :class:`LayerSpec` has ``nodes=`` has *internal* nodes: they are produced and
+    consumed inside the layer, so its output width stays what it is and pruning them changes no
+    other layer (the pruner's dependency graph gives them a channel group of their own and keeps
+    the layer's inputs and outputs whole). The pruner asks the spec's ``nodes`` instead of slicing
+    ``weight`` / ``bias``. Subclass it and implement the three methods.
+    """
+
+    #: the class :meth:`select` returns (a dense ``nn.MultiheadAttention`` cannot express fewer
+    #: heads of the same width, so its pruned version is another class); ``None`` = the same class
+    pruned_type: type[nn.Module] | None = None
+
+    def rows(self, module: nn.Module) -> torch.Tensor:
+        """``[nodes, group size]``: each node's parameters (its default pruning score is their norm)."""
+        raise NotImplementedError
+
+    def zero(self, module: nn.Module, drop: torch.Tensor) -> None:
+        """Zero, in place, every parameter of the nodes where the bool vector ``drop`` is True."""
+        raise NotImplementedError
+
+    def select(self, module: nn.Module, keep: torch.Tensor) -> nn.Module:
+        """A copy of ``module`` with only the nodes of the index vector ``keep``, in that order."""
+        raise NotImplementedError
+
+    def problem(self, module: nn.Module) -> str | None:
+        """Why the nodes of this instance cannot be pruned (a configuration the methods above do
+        not handle), or ``None``."""
+        return None
 
 
 @dataclass(frozen=True)
@@ -139,6 +192,10 @@ class LayerSpec:
         stride, ...): :func:`bayesprune.save_pruned` records them and ``load_pruned`` checks them.
     norm
         A per-channel normalisation (the built-in BatchNorms): no nodes of its own.
+    nodes
+        A :class:`NodeGroups` for a layer whose nodes are groups of slices of several tensors
+        (attention heads); ``node_axis`` / ``input_axis`` are then unused. Such nodes are internal
+        to the layer (see :class:`NodeGroups`).
     """
 
     node_axis: int
@@ -149,6 +206,7 @@ class LayerSpec:
     spatial_dims: int = 0
     hyperparameters: tuple[str, ...] = ()
     norm: bool = False
+    nodes: NodeGroups | None = None
 
     def __post_init__(self) -> None:
         for name in ("node_axis", "input_axis", "spatial_dims"):
@@ -181,6 +239,8 @@ class LayerSpec:
                 "LayerSpec(macs=...) must be a function (module, x, out) -> MACs per example, "
                 f"got {self.macs!r}"
             )
+        if self.nodes is not None and not isinstance(self.nodes, NodeGroups):
+            raise TypeError(f"LayerSpec(nodes=...) must be a NodeGroups, got {self.nodes!r}")
         if self.forward is not None and not callable(self.forward):
             raise TypeError(
                 "LayerSpec(forward=...) must be a function (module, x, weight, bias) -> output "
@@ -369,7 +429,9 @@ class _Tracer(fx.Tracer):
     its forward calls, and the pruner would not see a layer there."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return layer_family(m) is not None or super().is_leaf_module(m, module_qualified_name)
+        if layer_family(m) is not None or block_spec(m) is not None:
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
 
 
 def symbolic_trace(module: nn.Module) -> fx.GraphModule:
@@ -378,3 +440,131 @@ def symbolic_trace(module: nn.Module) -> fx.GraphModule:
     tracer = _Tracer()
     graph = tracer.trace(module)
     return fx.GraphModule(tracer.root, graph, type(module).__name__)
+
+
+# -- blocks: modules whose inside the pruner knows without tracing it ---------------------------
+@dataclass(frozen=True)
+class InternalGroup:
+    """Nodes produced and consumed inside a block (or inside a layer with :class:`NodeGroups`).
+
+    Attributes
+    ----------
+    producer
+        Path, relative to the block, of the layer whose nodes these are (``""``: the layer itself).
+    width
+        Number of nodes.
+    consumers
+        Relative paths of the layers that read them, and nothing else does (sliced along their
+        input axis with the producer).
+    frozen
+        Why they must be kept whole, or ``None``.
+    """
+
+    producer: str
+    width: int
+    consumers: tuple[str, ...] = ()
+    frozen: str | None = None
+
+    def under(self, prefix: str) -> InternalGroup:
+        """The same group, its paths relative to the module ``prefix`` levels up."""
+
+        def join(p: str) -> str:
+            return f"{prefix}.{p}" if prefix and p else prefix or p
+
+        return replace(
+            self, producer=join(self.producer), consumers=tuple(join(c) for c in self.consumers)
+        )
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """A container whose forward the package knows (e.g. ``nn.TransformerEncoderLayer``, whose
+    own forward has a fused fast path with control flow that ``torch.fx`` cannot trace).
+
+    A registered block is one opaque node of every trace (its input and output widths are kept
+    whole); what the pruner may remove inside it is listed by ``groups``. Layers with
+    :class:`NodeGroups` and registered blocks nested in it are found by :func:`internal_groups`
+    on their own.
+
+    Attributes
+    ----------
+    groups
+        ``groups(block) -> list[InternalGroup]``: the block's own internal node groups.
+    prepare
+        ``prepare(block)``, optional: called after the package replaced layers inside the block
+        (the Bayesian twins of :func:`bayesprune.bayesianize`, the pruned layers of
+        :func:`bayesprune.prune`), to turn off fused paths that read the original layers' tensors.
+    """
+
+    groups: Callable[[nn.Module], list[InternalGroup]]
+    prepare: Callable[[nn.Module], None] | None = None
+
+
+_BLOCKS: dict[type[nn.Module], BlockSpec] = {}
+
+
+def register_block(cls: type[nn.Module], spec: BlockSpec) -> None:
+    """Register a container type whose inside the pruner knows (exact type, see :class:`BlockSpec`)."""
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise TypeError(f"register_block needs an nn.Module subclass, got {cls!r}")
+    if not isinstance(spec, BlockSpec):
+        raise TypeError(f"register_block({cls.__name__}, spec) needs a BlockSpec, got {spec!r}")
+    if _BLOCKS.get(cls, spec) != spec:
+        raise ValueError(f"{cls.__name__} is already registered with another BlockSpec")
+    _BLOCKS[cls] = spec
+
+
+def block_spec(module: nn.Module | type[nn.Module]) -> BlockSpec | None:
+    """The :class:`BlockSpec` of ``module``'s exact type, or ``None``."""
+    return _BLOCKS.get(module if isinstance(module, type) else type(module))
+
+
+def internal_groups(module: nn.Module) -> list[InternalGroup] | None:
+    """The internal node groups of a registered block (its own, and those of the blocks and
+    :class:`NodeGroups` layers inside it, paths relative to ``module``) or of a layer with
+    :class:`NodeGroups` (one group, producer ``""``); ``None`` for any other module."""
+    spec = layer_spec(module)
+    if spec is not None and spec.nodes is not None:
+        width = spec.widths(module)[0]
+        return [InternalGroup("", width, (), spec.nodes.problem(module))]
+    block = block_spec(module)
+    if block is None:
+        return None
+    out = list(block.groups(module))
+
+    def nested(m: nn.Module, prefix: str) -> None:
+        for name, child in m.named_children():
+            path = f"{prefix}.{name}" if prefix else name
+            inner = internal_groups(child)
+            if inner is not None:
+                out.extend(g.under(path) for g in inner)
+            else:
+                nested(child, path)
+
+    nested(module, "")
+    return out
+
+
+def prepare_blocks(module: nn.Module) -> None:
+    """Call the ``prepare`` of every registered block in ``module`` (see :class:`BlockSpec`)."""
+    for m in module.modules():
+        spec = block_spec(m)
+        if spec is not None and spec.prepare is not None:
+            spec.prepare(m)
+
+
+@contextlib.contextmanager
+def fused_paths_off() -> Iterator[None]:
+    """Turn off PyTorch's fused transformer fast paths for a while (``torch.backends.mha``): they
+    compute a whole ``nn.TransformerEncoderLayer`` in one kernel, so the layers inside it are not
+    called as modules, and the forward hooks of :func:`bayesprune.count_flops` would miss them."""
+    mha = getattr(torch.backends, "mha", None)
+    if mha is None or not hasattr(mha, "set_fastpath_enabled"):  # pragma: no cover - old torch
+        yield
+        return
+    was = mha.get_fastpath_enabled()
+    mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        mha.set_fastpath_enabled(was)

@@ -167,21 +167,27 @@ def test_row_layernorm_groupnorm_are_deterministic_point_estimates_without_a_war
     assert all(not torch.equal(b, p) for b, p in zip(before, norm_params, strict=True))
 
 
-def test_row_multihead_attention_stays_deterministic_with_a_warning() -> None:
+def test_row_multihead_attention_is_bayesian_with_one_node_per_head() -> None:
     class Attend(nn.Module):
-        def __init__(self) -> None:
+        def __init__(self, **kw) -> None:
             super().__init__()
-            self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+            self.attn = nn.MultiheadAttention(4, 2, batch_first=True, **kw)
             self.head = nn.Linear(4, 2)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.head(self.attn(x, x, x)[0].mean(1))
 
-    with pytest.warns(UserWarning, match=r"'attn' \(MultiheadAttention: in_proj_weight"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no module stays deterministic, out_proj included
         bnet = bp.bayesianize(Attend())
-    assert type(bnet.net.attn) is nn.MultiheadAttention
+    assert type(bnet.net.attn).__name__ == "BayesianMultiheadAttention"
+    assert bnet.inclusion_probs()["attn"].shape == (2,)
     assert isinstance(bnet.net.head, BayesianLinear)
     assert bnet(torch.randn(3, 5, 4)).shape == (3, 2)
+    # a configuration the twin does not handle stays deterministic, with the warning
+    with pytest.warns(UserWarning, match=r"'attn' \(MultiheadAttention: in_proj_weight"):
+        bnet = bp.bayesianize(Attend(add_bias_kv=True))
+    assert type(bnet.net.attn) is nn.MultiheadAttention
 
 
 def test_row_subclass_of_linear_is_not_assumed_compatible() -> None:
@@ -198,7 +204,8 @@ def test_row_subclass_of_linear_is_not_assumed_compatible() -> None:
 def test_unsupported_layer_requested_explicitly_is_an_error() -> None:
     net = nn.Sequential(nn.Conv3d(1, 1, 1), nn.Flatten(), nn.Linear(1, 2))
     with pytest.raises(
-        TypeError, match=r"layer '0' is a Conv3d.*only nn.Linear, nn.Conv1d and nn.Conv2d"
+        TypeError,
+        match=r"layer '0' is a Conv3d.*only nn.Linear, nn.Conv1d, nn.Conv2d and nn.MultiheadAttention",
     ):
         bp.bayesianize(net, layers=["0"])
 
@@ -321,9 +328,9 @@ def test_a_container_with_a_parameter_of_its_own_is_named_with_it() -> None:
     messages = [str(w.message) for w in record if "point estimates" in str(w.message)]
     assert len(messages) == 1
     assert "'0' (Encoder: pos)" in messages[0]
-    assert "'0.attn' (MultiheadAttention: in_proj_weight, in_proj_bias)" in messages[0]
-    # the attention's out_proj, a Linear subclass that attention reads directly, stays too
-    assert "skip=['0', '0.attn', '0.attn.out_proj']" in messages[0]
+    # the attention is Bayesian now (one gate per head), its out_proj part of it
+    assert "skip=['0']" in messages[0] and "attn" not in messages[0]
+    assert type(bnet.net[0].attn).__name__ == "BayesianMultiheadAttention"
     assert isinstance(bnet.net[0].mlp, BayesianLinear)
 
 

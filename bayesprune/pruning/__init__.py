@@ -4,7 +4,8 @@ The package is laid out as the pruning pipeline: :mod:`.layers` (what is known a
 type), :mod:`.graph` (the dependency graph, traced once), :mod:`.plan` (masks, floors and
 plans), :mod:`.surgery` (zeroing, slicing and the exactness check), :mod:`.api` (:func:`prune`,
 :func:`prune_module`), :mod:`.report` (:func:`compression_report`) and :mod:`.io`
-(:func:`save_pruned`, :func:`load_pruned`).
+(:func:`save_pruned`, :func:`load_pruned`); :mod:`.attention` (attention heads as nodes,
+:class:`PrunedMultiheadAttention`) and :mod:`.transformer` (PyTorch's transformer encoder blocks).
 
 A *node decision* is ``masks: dict[str, BoolTensor]``: the module path of a ``Linear`` / ``Conv``
 layer -> one entry per output unit / filter, ``True`` = keep (see ``ARCHITECTURE.md``). The pruner
@@ -60,7 +61,9 @@ True
 
 from __future__ import annotations
 
+from . import transformer  # noqa: F401  (registers the transformer blocks)
 from .api import finetune, prune, prune_module
+from .attention import PrunedMultiheadAttention
 from .graph import ChannelGroup, DependencyGraph, dependency_groups
 from .io import load_pruned, save_pruned
 from .layers import ConstantLayer, RemovedLayer
@@ -74,6 +77,7 @@ __all__ = [
     "ConstantLayer",
     "DependencyGraph",
     "LayerStats",
+    "PrunedMultiheadAttention",
     "PruningPlan",
     "RemovedLayer",
     "architecture_string",

@@ -19,8 +19,8 @@ from torch import fx, nn
 
 from .._utils import modes_kept
 from ..data import input_tensor
-from ..registry import has_nodes, layer_spec, symbolic_trace
-from .layers import NORM_TYPES
+from ..registry import fused_paths_off, has_nodes, internal_groups, layer_spec, symbolic_trace
+from .layers import NORM_TYPES, to_module_device
 from .ops import (
     ADDITIVE,
     ADDITIVE_METHODS,
@@ -37,17 +37,9 @@ from .ops import (
 )
 
 __all__ = [
-    "Analysis",
-    "ChannelGroup",
-    "DependencyGraph",
-    "bn_followers",
-    "dependency_groups",
-    "direct_layer",
-    "rng_kept",
-    "tensor_nodes",
-    "to_module_device",
-    "trace",
-]
+    "Analysis", "ChannelGroup", "DependencyGraph", "bn_followers", "dependency_groups",
+    "direct_layer", "rng_kept", "tensor_nodes", "to_module_device", "trace",
+]  # fmt: skip
 
 
 class _Spaces:
@@ -212,7 +204,7 @@ def trace(module: nn.Module, example_input: Any, training: bool = False) -> fx.G
         module.eval()
         try:
             # ShapeProp prints the traceback of a failing node before raising; the error says it
-            with torch.no_grad(), redirect_stderr(io.StringIO()):
+            with torch.no_grad(), fused_paths_off(), redirect_stderr(io.StringIO()):
                 fx.passes.shape_prop.ShapeProp(gm).propagate(*inputs)
         except Exception as exc:
             root = _root_cause(exc)  # ShapeProp wraps the real error in a dump of the graph
@@ -287,6 +279,7 @@ class Analysis:
         self.norm_space: dict[str, _Layout] = {}
         self.bn_after: dict[str, set[str]] = {}  # layer path -> BatchNorms fed directly by it
         self.bad_layers: set[str] = set()
+        self.internal: set[str] = set()  # producers of nodes internal to a block or layer
         for gm in self.graphs:
             self.gm = gm  # the graph being walked
             for node in gm.graph.nodes:
@@ -434,7 +427,17 @@ class Analysis:
     def _visit_module(self, node: fx.Node, mod: nn.Module) -> None:
         path = str(node.target)
         src = _first_tensor_arg(node)
-        if has_nodes(mod):
+        groups = internal_groups(mod)
+        if groups is not None:  # a block or attention: nodes of its own inside, its width kept
+            self._unsupported(node, f"the input and output width of {type(mod).__name__} {path!r}")
+            for g in (g.under(path) for g in groups):
+                space = self.spaces.new(g.width, g.frozen)
+                if g.producer in self.out_space:
+                    space = self.spaces.union(self.out_space[g.producer], space, node.name)
+                self.out_space[g.producer] = space
+                self.in_space.update({c: _Layout.of(space) for c in g.consumers})
+                self.internal.add(g.producer)
+        elif has_nodes(mod):
             self._visit_layer(node, path, mod, src)
         elif isinstance(mod, NORM_TYPES):
             lay = self.layout.get(src) if src is not None else None
@@ -686,15 +689,3 @@ def _followers(graphs: list[fx.GraphModule]) -> dict[str, set[str]]:
 def bn_followers(module: nn.Module) -> dict[str, set[str]]:
     """Layer path -> the BatchNorms fed only by that layer's output, read off the traced graphs."""
     return _followers([trace(module, None, training=t) for t in (False, True)])
-
-
-def to_module_device(example_input: Any, module: nn.Module) -> Any:
-    """Tracing runs the network once, so its input must live where its weights do."""
-    param = next(module.parameters(), None)
-    if param is None:
-        return example_input
-    if torch.is_tensor(example_input):
-        return example_input.to(param.device)
-    if isinstance(example_input, tuple):
-        return tuple(x.to(param.device) if torch.is_tensor(x) else x for x in example_input)
-    return example_input

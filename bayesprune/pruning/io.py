@@ -13,7 +13,7 @@ from torch import nn
 
 from .._utils import is_bayesian, resolve_device, with_versions
 from ..files import atomic_write, check_target
-from ..registry import layer_spec
+from ..registry import layer_spec, prepare_blocks
 from .layers import (
     REPLACED_TYPES,
     ConstantLayer,
@@ -189,6 +189,15 @@ def load_pruned(
     modules = dict(net.named_modules())
     for name, w in widths.items():
         m = modules.get(name)
+        nodes = None if m is None else getattr(layer_spec(m), "nodes", None)
+        pruned = None if nodes is None else nodes.pruned_type
+        if pruned is not None and type(m) is not pruned and pruned.__name__ == w["type"]:
+            # a layer the pruner replaces by another class (attention -> fewer heads): that
+            # class, with as many nodes as the file holds (their weights are read below)
+            _check_against_base(name, w, m)
+            m = nodes.select(m, torch.arange(w["out"]))
+            net.set_submodule(name, m)
+            modules = dict(net.named_modules())
         if m is None or type(m).__name__ != w["type"]:
             raise ValueError(
                 f"the saved network has a {w['type']} at {name!r} but base has "
@@ -201,6 +210,7 @@ def load_pruned(
             if key in state and (attr in m._parameters or attr in m._buffers):
                 set_tensor(m, attr, torch.empty_like(state[key]))
         layer_spec(m).resize(m, w["out"], w["in"])
+    prepare_blocks(net)
     try:
         net.load_state_dict(with_versions(state, net), strict=True)
     except RuntimeError as exc:

@@ -25,9 +25,11 @@ __all__ = [
     "geometry",
     "layer_widths",
     "node_axis",
+    "node_rows",
     "replaceable",
     "set_tensor",
     "slice_tensors",
+    "to_module_device",
 ]
 
 
@@ -45,12 +47,33 @@ def node_axis(layer: nn.Module) -> int:
     return layer_spec(layer).node_axis
 
 
+def node_rows(layer: nn.Module) -> torch.Tensor:
+    """``[nodes, ...]``: each output node's parameters (its weight row / filter, or the slices of a
+    layer with :class:`~bayesprune.registry.NodeGroups`, e.g. an attention head)."""
+    spec = layer_spec(layer)
+    if spec.nodes is not None:
+        return spec.nodes.rows(layer)
+    return layer.weight.detach().movedim(spec.node_axis, 0).flatten(1)
+
+
+def to_module_device(example_input: Any, module: nn.Module) -> Any:
+    """Tracing runs the network once, so its input must live where its weights do."""
+    param = next(module.parameters(), None)
+    if param is None:
+        return example_input
+    if torch.is_tensor(example_input):
+        return example_input.to(param.device)
+    if isinstance(example_input, tuple):
+        return tuple(x.to(param.device) if torch.is_tensor(x) else x for x in example_input)
+    return example_input
+
+
 def check_layout(name: str, layer: nn.Module) -> None:
     """A ``ValueError`` when a registered layer's tensors do not have the layout its
     :class:`~bayesprune.registry.LayerSpec` declares (one output node per index of the node
     axis and per bias entry, one input per index of the input axis)."""
     spec = layer_spec(layer)
-    if spec is None or spec.norm or isinstance(layer, LAYER_TYPES):
+    if spec is None or spec.norm or spec.nodes is not None or isinstance(layer, LAYER_TYPES):
         return
     out_w, in_w = spec.widths(layer)
     w, b = getattr(layer, "weight", None), getattr(layer, "bias", None)

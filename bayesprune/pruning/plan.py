@@ -20,7 +20,7 @@ from .graph import (
     direct_layer,
     tensor_nodes,
 )
-from .layers import NORM_TYPES, check_layout, node_axis, replaceable
+from .layers import NORM_TYPES, check_layout, node_rows, replaceable
 from .ops import ZERO_PRESERVING_FUNCTIONS, ZERO_PRESERVING_METHODS, ZERO_PRESERVING_MODULES
 
 __all__ = [
@@ -89,15 +89,7 @@ def check_masks(
 
 def _default_scores(layers: Mapping[str, nn.Module]) -> dict[str, torch.Tensor]:
     """L2 norm of each output node's incoming weights: the tie-breaker when no scores are given."""
-    return {
-        name: m.weight.detach()
-        .movedim(node_axis(m), 0)
-        .flatten(1)
-        .norm(dim=1)
-        .to(torch.float64)
-        .cpu()
-        for name, m in layers.items()
-    }
+    return {name: node_rows(m).norm(dim=1).to(torch.float64).cpu() for name, m in layers.items()}
 
 
 def _top(scores: torch.Tensor, candidates: torch.Tensor, k: int) -> torch.Tensor:
@@ -339,8 +331,8 @@ def _branches(
     blocked: dict[str, str] = {}
     for g in groups:
         dead = [p for p in g.producers if p in empty]
-        if not dead:
-            continue
+        if not dead or all(p in analysis.internal for p in g.producers):
+            continue  # nodes inside a block or attention layer: an empty group is just sliced
         if g.frozen:
             reason = f"its channels are kept whole because of {'; '.join(g.frozen)}"
         elif len(dead) < len(g.producers):

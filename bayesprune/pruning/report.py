@@ -174,7 +174,18 @@ class CompressionReport:
 
 
 def _own_params(m: nn.Module) -> int:
-    return sum(p.numel() for p in m.parameters(recurse=False))
+    # a layer with node groups (attention) owns the projections it reads directly (out_proj)
+    nodes = has_nodes(m) and layer_spec(m).nodes is not None
+    return sum(p.numel() for p in m.parameters(recurse=nodes))
+
+
+def _pruned_as(dense: nn.Module, small: nn.Module) -> bool:
+    """Whether ``small`` is what the pruner makes of ``dense`` (its class, or the class its node
+    groups become: ``nn.MultiheadAttention`` -> ``PrunedMultiheadAttention``)."""
+    if type(small) is type(dense):
+        return True
+    nodes = layer_spec(dense).nodes if has_nodes(dense) else None
+    return nodes is not None and type(small) is nodes.pruned_type
 
 
 def _flops_checked(net: nn.Module, what: str, example_input: torch.Tensor) -> dict[str, int]:
@@ -262,7 +273,7 @@ def compression_report(
                            _own_params(m), _own_params(s), f_dense[name], 0)
             )  # fmt: skip
             continue
-        if s is None or type(s) is not type(m):
+        if s is None or not _pruned_as(m, s):
             raise ValueError(
                 f"small has no {type(m).__name__} at {name!r}: compare a network with its own "
                 "pruned version"
