@@ -193,6 +193,52 @@ def render_gate_step() -> list[str]:
     return lines
 
 
+def render_gate_probes() -> list[str]:
+    """The probes of ``benchmarks/gate_probes.py`` (a table of ``docs/notes/gate-decisions.md``)."""
+    payload = load("gate_probes.json")
+    cells = _robustness_cells()
+    mark = {True: "yes", False: "no", None: "-"}
+    lines = [
+        "| probe | cell | net, data, start, steps | prior | dense | predictive | pruned (test / "
+        "train) | dense on train: acc, NLL | params kept | hidden off | PIPs in [0.1, 0.9] | (a) (b) (c) | NLL + KL at "
+        "start -> end | gates changing sign: never / once / more; per quarter |",
+        "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|---|",
+    ]
+    order = {name: i for i, name in enumerate(PROBE_ORDER)}
+    rows = sorted(
+        payload["rows"], key=lambda r: (order.get(r["probe"], 99), r["value"] or 0, r["cell"])
+    )
+    for r in rows:
+        data, _, net, start, _, _, prior = cells[r["cell"]]
+        probe = r["probe"] if r["value"] is None else f"{r['probe']} {r['value']:g}"
+        elbo = (
+            f"{r['nll_start']:.0f} + {r['kl_start']:.0f} -> {r['nll_end']:.0f} + {r['kl_end']:.0f}"
+            if r.get("nll_start") is not None
+            else "-"
+        )
+        dense_train = (
+            f"{r['dense_train']:.4f}, {r['dense_train_nll']:.0f}" if "dense_train" in r else "-"
+        )
+        g = r.get("gate_sign_changes")
+        flips = (
+            f"{g['never']} / {g['once']} / {g['twice_or_more']}; "
+            + " ".join(str(v) for v in g["per_quarter"])
+            if g
+            else "-"
+        )
+        lines.append(
+            f"| {probe} | {r['cell']} | {net}, {data} ({r['train_images']}), {start}, "
+            f"{r['steps']} | {prior} | {r['dense']:.4f} | {r['predictive']:.4f} | "
+            f"{r['pruned']:.4f} / {r['pruned_train']:.4f} | {dense_train} | {r['params']:.1%} | "
+            f"{r['hidden_off']:.0%} | {r['uncertain']:.0%} | "
+            f"{mark[r['a']]} {mark[r['b']]} {mark[r['c']]} | {elbo} | {flips} |"
+        )
+    return [*lines, "", _origin(payload, "gate_probes.json")]
+
+
+PROBE_ORDER = ("default", "clear_frozen", "antiwindup", "reset", "theory", "ghs_scale")
+
+
 # -- cost -----------------------------------------------------------------------------------------
 
 
@@ -374,6 +420,70 @@ def render_frontier() -> list[str]:
     return lines
 
 
+def render_distributed() -> list[str]:
+    """Seconds per epoch of ``fit(devices=N)`` on CPU processes (gloo) and GPUs (NCCL, from
+    ``distributed_gpu.json`` once ``gpu_check.sh`` has run), and the memory of certify/predict."""
+    cpu = load("distributed.json")
+    gpu_path = RESULTS / "distributed_gpu.json"
+    gpu = json.loads(gpu_path.read_text()) if gpu_path.exists() else None
+    by: dict[tuple[str, int], dict] = {}
+    for r in sorted(cpu["rows"], key=lambda r: -r["epoch_s"]):
+        by[("cpu", r["devices"])] = r  # the fastest setting of each process count
+    single = [r for r in cpu["rows"] if r is not by[("cpu", r["devices"])]]
+    by |= {("gpu", r["devices"]): r for r in (gpu or {}).get("rows", [])}
+    counts = sorted({d for _, d in by})
+
+    def cell(kind: str, d: int) -> str:
+        r, one = by.get((kind, d)), by.get((kind, 1))
+        if r is None:
+            return "– | –"
+        ratio = f" ({r['epoch_s'] / one['epoch_s']:.2f}x)" if one and d > 1 else ""
+        return f"{r['epoch_s']:.2f}{ratio} | {r['startup_s']:.1f}"
+
+    lines = [
+        "| processes | CPU, gloo: s / epoch (vs 1) | start s | CPU threads / process | "
+        "GPU, NCCL: s / epoch (vs 1) | start s | hidden nodes kept (CPU) |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for d in counts:
+        row = by.get(("cpu", d), {})
+        kept, threads = row.get("hidden_nodes_kept", "–"), row.get("threads_per_process", "–")
+        lines.append(f"| {d} | {cell('cpu', d)} | {threads} | {cell('gpu', d)} | {kept} |")
+    m = cpu["meta"]
+    notes = [
+        f"*LeNet-300-100, {m['train_images']:,} Fashion-MNIST images, batch "
+        f"{cpu['rows'][0]['batch_size']} (the global batch); the CPU processes share "
+        f"{m['device']}. " + _origin(cpu, "distributed.json").strip("*") + "*"
+    ]
+    for r in single:
+        notes[-1] = notes[-1][:-1] + (
+            f" {r['devices']} process with {r['threads_per_process']} threads: "
+            f"{r['epoch_s']:.2f} s / epoch (the 2 cores are shared with other jobs).*"
+        )
+    if gpu is None:
+        notes.append("*GPU rows unmeasured: `bash benchmarks/gpu_check.sh`.*")
+    else:
+        notes.append("*" + _origin(gpu, "distributed_gpu.json").strip("*") + "*")
+    mem = {r["operation"]: r for r in cpu.get("memory", [])}
+    if mem:
+        words = {
+            "certify": "`certify` streaming its loader (batches of 1,000)",
+            "predict_batched": "`bnet.predict` (32 draws) in batches of 1,000",
+            "predict_whole": "`bnet.predict` on all of them at once",
+        }
+        first = next(iter(mem.values()))
+        notes.append(
+            f"*Peak resident memory over {first['images']:,} images ({first['data_mb']:.0f} MB of "
+            "inputs, already loaded): "
+            + "; ".join(
+                f"{words[k]} +{r['peak_increase_mb']:.0f} MB ({r['seconds']:.1f} s)"
+                for k, r in mem.items()
+            )
+            + ".*"
+        )
+    return [*lines, "", " ".join(notes)]
+
+
 RENDERERS: dict[str, Callable[[], list[str]]] = {
     "robustness": render_robustness,
     "gate-step": render_gate_step,
@@ -382,7 +492,11 @@ RENDERERS: dict[str, Callable[[], list[str]]] = {
     "conformal": render_conformal,
     "compression": render_compression,
     "frontier": render_frontier,
+    "distributed": render_distributed,
+    "gate-probes": render_gate_probes,
 }
+#: tables that live on a page of their own instead of the README
+PAGES: dict[str, Path] = {"gate-probes": HERE.parent / "docs" / "notes" / "gate-decisions.md"}
 
 
 def render(name: str) -> str:
@@ -398,7 +512,7 @@ def rewrite(text: str, names: list[str]) -> str:
     for name in names:
         begin, end = _markers(name)
         if text.count(begin) != 1 or text.count(end) != 1:
-            raise SystemExit(f"{README.name}: need exactly one {begin} ... {end}")
+            raise SystemExit(f"need exactly one {begin} ... {end} on the page of table {name}")
         head, rest = text.split(begin, 1)
         _, tail = rest.split(end, 1)
         text = f"{head}{begin}\n{render(name)}\n{end}{tail}"
@@ -416,19 +530,24 @@ def write(names: list[str] | None = None, readme: Path = README) -> None:
         sys.path.insert(0, str(HERE))
     from results_io import write_text
 
-    text = readme.read_text()
-    write_text(readme, rewrite(text, names or list(RENDERERS)))
+    for page in {readme, *PAGES.values()}:
+        mine = [n for n in (names or list(RENDERERS)) if PAGES.get(n, readme) == page]
+        if mine:
+            write_text(page, rewrite(page.read_text(), mine))
 
 
 def stale(readme: Path = README) -> list[str]:
     """The tables of ``readme`` that differ from their JSON, and the renderers it lacks."""
-    text = readme.read_text()
-    present = names_in(text)
-    out = [f"{n} (no markers)" for n in RENDERERS if n not in present]
-    out += [f"{n} (no renderer)" for n in present if n not in RENDERERS]
-    for name in (n for n in present if n in RENDERERS):
-        if rewrite(text, [name]) != text:
-            out.append(name)
+    out = []
+    for page in {readme, *PAGES.values()}:
+        text = page.read_text()
+        present = names_in(text)
+        expected = [n for n in RENDERERS if PAGES.get(n, readme) == page]
+        out += [f"{n} (no markers in {page.name})" for n in expected if n not in present]
+        out += [f"{n} (no renderer)" for n in present if n not in RENDERERS]
+        for name in (n for n in present if n in RENDERERS):
+            if rewrite(text, [name]) != text:
+                out.append(name)
     return out
 
 

@@ -1,0 +1,216 @@
+"""Probes of how the default fit decides the node gates (issue "Posteriors that prune well").
+
+Each probe runs cells of ``benchmarks/robustness.py`` (same data, nets, dense references and
+``bp.fit`` call) with one change to the fit or the prior, and records the cell's row plus what
+the probe measures. Nothing here is a default; the probes are the evidence for the notes in
+``docs/notes/gate-decisions.md``.
+
+Probes (``--probe NAME``; ``reset`` and ``ghs_scale`` take a value, ``--value``):
+
+* ``default``: the fit as it is, with the ELBO terms at the start and the end, the training
+  accuracy of the pruned net, and how often each gate logit changed sign (per quarter of the fit).
+* ``clear_frozen``: the gate gradients of the steps frozen by ``structure_delay`` are cleared, so
+  the first natural step after the freeze does not get their sum.
+* ``antiwindup``: a gate clamped at ``max_logit`` keeps no summed gradient pushing it further out.
+* ``reset``: the gates' summed gradients are cleared every ``value`` (a fraction) of the steps.
+* ``theory``: ``SpikeAndSlab(prior_inclusion="theory")`` instead of 0.1.
+* ``ghs_scale``: ``GroupHorseshoe(global_scale=value)``; ``value`` 0 means :math:`1/\\sqrt{n}`.
+
+Usage::
+
+    python benchmarks/gate_probes.py --probe default --cells 2 5 9 10 --threads 1
+    python benchmarks/gate_probes.py --probe ghs_scale --value 0.01 --cells 3 7 13 18 19
+
+Rows are merged into ``benchmarks/results/gate_probes.json`` by (probe, value, cell).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import robustness as R
+from results_io import write_json
+
+import bayesprune as bp
+from bayesprune.natural import BernoulliNaturalGradient
+
+RESULTS = Path(__file__).resolve().parent / "results" / "gate_probes.json"
+PROBES = ("default", "clear_frozen", "antiwindup", "reset", "theory", "ghs_scale")
+
+
+@contextlib.contextmanager
+def _patched(obj, name, value):
+    old = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        setattr(obj, name, old)
+
+
+class _Recorder:
+    """Wraps ``BernoulliNaturalGradient.step``: applies the probe's change to the summed gate
+    gradients after each step and counts the sign changes of the gate logits."""
+
+    def __init__(self, probe: str, period: int | None) -> None:
+        self.probe, self.period = probe, period
+        self.t, self.prev, self.flips, self.per_step = 0, None, None, []
+
+    def __call__(self, original):
+        rec = self
+
+        @torch.no_grad()
+        def step(opt, closure=None):
+            out = original(opt, closure)
+            rec.t += 1
+            params = [p for g in opt.param_groups for p in g["params"]]
+            frozen = all(g["lr"] == 0 for g in opt.param_groups)
+            for g in opt.param_groups:
+                bound = g["max_logit"]
+                for p in g["params"]:
+                    if p.grad is None:
+                        continue
+                    if rec.probe == "clear_frozen" and frozen:
+                        p.grad = None
+                    elif rec.probe == "antiwindup":
+                        out_up = (p >= bound) & (p.grad < 0)
+                        out_down = (p <= -bound) & (p.grad > 0)
+                        p.grad[out_up | out_down] = 0
+                    elif rec.probe == "reset" and rec.t % rec.period == 0:
+                        p.grad = None
+            sign = torch.cat([p.detach().flatten() > 0 for p in params])
+            if rec.prev is not None:
+                changed = (sign != rec.prev).long()
+                rec.flips = changed if rec.flips is None else rec.flips + changed
+                rec.per_step.append(int(changed.sum()))
+            rec.prev = sign
+            return out
+
+        return step
+
+
+@torch.no_grad()
+def _nll(net: torch.nn.Module, batches) -> float:
+    """Summed negative log-likelihood (nats) of a deterministic classifier over ``batches``."""
+    net.eval()
+    return sum(
+        float(torch.nn.functional.cross_entropy(net(x), y, reduction="sum")) for x, y in batches
+    )
+
+
+def run(probe: str, value: float | None, cell: int, seed: int = 0) -> dict:
+    data, n, *_, epochs, _prior = R.CELLS[cell]
+    n_train = 898 if data == "digits" else n
+    total = epochs * math.ceil(n_train / R.BATCH)
+    period = max(1, int(value * total)) if probe == "reset" else None
+    rec = _Recorder(probe, period)
+    seen: dict = {}
+    fit, prune = bp.fit, bp.prune
+
+    def fit_and_keep(bnet, *args, **kwargs):
+        seen["fit"] = fit(bnet, *args, **kwargs)
+        seen["train"] = args[0]
+        return seen["fit"]
+
+    train_dense = bp.train
+
+    def train_and_keep(net, *args, **kwargs):
+        seen["dense"] = net
+        return train_dense(net, *args, **kwargs)
+
+    def prune_and_keep(bnet, *args, **kwargs):
+        seen["small"] = prune(bnet, *args, **kwargs)
+        return seen["small"]
+
+    priors = dict(R.PRIORS)
+    if probe == "theory":
+        priors["ss"] = lambda: bp.priors.SpikeAndSlab(level="node", prior_inclusion="theory")
+    if probe == "ghs_scale":
+        scale = value if value else 1 / math.sqrt(n_train)
+        priors["ghs"] = lambda: bp.priors.GroupHorseshoe(global_scale=scale)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(
+            _patched(BernoulliNaturalGradient, "step", rec(BernoulliNaturalGradient.step))
+        )
+        stack.enter_context(_patched(bp, "fit", fit_and_keep))
+        stack.enter_context(_patched(bp, "prune", prune_and_keep))
+        stack.enter_context(_patched(bp, "train", train_and_keep))
+        stack.enter_context(_patched(R, "PRIORS", priors))
+        row = R.run_cell(cell, seed=seed)
+    res = seen["fit"]
+    k = max(1, len(res.nll) // 20)  # the first and last 5% of the steps
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    train_eval = R.loader(seen["train"].dataset, 512, shuffle=False)
+    row.update(
+        probe=probe,
+        value=value,
+        nll_start=round(mean(res.nll[:k]), 1) if res.nll else None,
+        kl_start=round(mean(res.kl[:k]), 1) if res.kl else None,
+        nll_end=round(mean(res.nll[-k:]), 1) if res.nll else None,
+        kl_end=round(mean(res.kl[-k:]), 1) if res.kl else None,
+        pruned_train=round(bp.evaluate(seen["small"], train_eval), 4),
+        dense_train=round(bp.evaluate(seen["dense"], train_eval), 4),
+        dense_train_nll=round(_nll(seen["dense"], train_eval), 1),
+    )
+    if rec.flips is not None:
+        steps = len(rec.per_step)
+        row["gate_sign_changes"] = {
+            "gates": int(rec.flips.numel()),
+            "never": int((rec.flips == 0).sum()),
+            "once": int((rec.flips == 1).sum()),
+            "twice_or_more": int((rec.flips >= 2).sum()),
+            "per_quarter": [
+                sum(rec.per_step[i * steps // 4 : (i + 1) * steps // 4]) for i in range(4)
+            ],
+        }
+    row.pop("fit_warnings", None)
+    return row
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--probe", choices=PROBES, required=True)
+    p.add_argument("--value", type=float, default=None)
+    p.add_argument("--cells", nargs="+", type=int, required=True)
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    if args.probe in ("reset", "ghs_scale") and args.value is None:
+        p.error(f"--probe {args.probe} needs --value")
+    torch.set_num_threads(args.threads)
+    for cell in args.cells:
+        row = run(args.probe, args.value, cell)
+        row["command"] = (
+            f"python benchmarks/gate_probes.py --probe {args.probe}"
+            + (f" --value {args.value:g}" if args.value is not None else "")
+            + f" --cells {cell} --threads {args.threads}"
+        )
+        # read just before writing: several probes may run at once, each adding its rows
+        payload = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"rows": []}
+        rows = {(r["probe"], r["value"], r["cell"]): r for r in payload["rows"]}
+        rows[(args.probe, args.value, cell)] = row
+        meta = {
+            "command": "python benchmarks/gate_probes.py --probe P [--value V] --cells C "
+            "(each row records its own)",
+            "device": f"cpu ({platform.processor() or platform.machine()})",
+            "torch": torch.__version__,
+            "bayesprune": bp.__version__,
+        }
+        write_json(RESULTS, {"meta": meta, "rows": list(rows.values())})
+        keys = ("probe", "value", "cell", "dense", "dense_train", "dense_train_nll", "predictive", "pruned", "pruned_train",
+                "params", "hidden_off", "uncertain", "a", "b", "c", "nll_start", "kl_start",
+                "nll_end", "kl_end", "gate_sign_changes")  # fmt: skip
+        print(json.dumps({k: row.get(k) for k in keys}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
