@@ -368,8 +368,11 @@ def fit_step(
         )
         with checked:
             loss = o.elbo.differentiable_loss(bnet.model, bnet.guide, x, y)
-        if o.sync is None and not torch.isfinite(loss):
-            _raise_nonfinite(loss.item(), run.epoch, run.step)
+        if o.sync is None:
+            # the three numbers of the history in one read (one device sync instead of four)
+            value, nll, kl = torch.stack((loss.detach(), o.elbo.last_nll, o.elbo.last_kl)).tolist()
+            if not math.isfinite(value):
+                _raise_nonfinite(value, run.epoch, run.step)
         o.opt.zero_grad(set_to_none=True)
         # The gate gradients are NOT cleared: every natural step uses their running
         # sum since the start of the fit (see bayesprune.natural, "What bp.fit runs").
@@ -388,9 +391,9 @@ def fit_step(
             o.natural.beta = beta
             o.natural.step()
             o.gate_sched.step()
-        if o.sync is None:
-            value, nll = loss.item(), o.elbo.last_nll.item()
-        result.kl.append(o.elbo.last_kl.item())
+        if o.sync is not None:
+            kl = o.elbo.last_kl.item()
+        result.kl.append(kl)
         result.nll.append(nll)
     else:
         bnet._kl_scale = beta

@@ -291,6 +291,22 @@ class BayesianLayer(PyroModule):
         local reparameterization draws them independently, unlike the posterior)."""
         raise NotImplementedError
 
+    def draws_per_example(self, x: torch.Tensor) -> bool:
+        """Whether a ``"sample"``-mode pass of this layer on ``x`` draws everything it draws
+        independently per example (per row of ``x``): node multipliers always are; point weights
+        draw nothing; Gaussian weights are per example under local reparameterization only, not
+        when one draw is shared by the pass (``reparam="shared"``, or ``exact_draws`` where the
+        positions of one example share the weights); weight-level gates are one draw per pass.
+
+        Then ``S`` copies of a batch in one pass are ``S`` independent posterior draws for each
+        example, which :meth:`bayesprune.BayesianModule.predict` uses to batch its draws.
+        """
+        if self.prior.weight_level or type(self).forward is not BayesianLayer.forward:
+            return False  # (a twin with its own forward, such as attention: its batch axis)
+        if self.prior.point_weights:
+            return True
+        return self.local_reparam and not (self.exact_draws and self._positions_share_weights(x))
+
     def _input_variance(self, x2: torch.Tensor, in_var: torch.Tensor) -> torch.Tensor:
         """``op(x^2, 1 (x) in_var)`` with one output node (per group), broadcastable over the
         nodes: the rank-one family's variance pass (see :meth:`forward`)."""

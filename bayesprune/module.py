@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._predictive import batched_draws, draws_per_example
 from ._utils import check_seed, modes_kept, param_effect
 from .data import input_errors, input_tensor, label_errors, output_tensor
 from .io import FORMAT, write_module
@@ -51,6 +52,12 @@ __all__ = ["BayesianModule", "RegressionPrediction"]
 
 #: the training-path estimators of :meth:`BayesianModule.set_reparam` (see :func:`bayesprune.bayesianize`)
 REPARAMS = ("local", "shared", "auto")
+
+#: default most rows (examples times draws made together) of one forward pass of
+#: :meth:`BayesianModule.predict`, which bounds its memory: draws are batched for batches
+#: smaller than this. Larger passes were slower per draw on a CPU for conv nets (their
+#: activations leave the caches): ``benchmarks/README.md#svi-speed``
+PREDICT_ROWS = 128
 
 
 class RegressionPrediction(NamedTuple):
@@ -116,6 +123,8 @@ class BayesianModule(nn.Module):
         else:
             self.log_noise = None
         self._kl_scale = 1.0
+        #: whether the layers draw per example (predict), per input shape and estimator
+        self._per_example: dict[tuple, bool] = {}
 
     # -- structure ----------------------------------------------------------------------------
     @property
@@ -476,15 +485,33 @@ class BayesianModule(nn.Module):
 
     @torch.no_grad()
     def predict(
-        self, x: torch.Tensor, num_samples: int = 32, *, seed: int | None = None
+        self,
+        x: torch.Tensor | Iterable,
+        num_samples: int = 32,
+        *,
+        seed: int | None = None,
+        batch_size: int | None = None,
     ) -> torch.Tensor:
         r"""Posterior predictive: mean class probabilities (categorical) or mean output (gaussian).
 
-        In each of the ``num_samples`` passes every example sees an exact posterior draw: gates and
+        In each of the ``num_samples`` draws every example sees an exact posterior draw: gates and
         scales drawn per example, the weights of a ``Linear`` layer by local reparameterization,
         and those of a convolution (or of a ``Linear`` layer applied to a sequence) once per pass,
         since all positions of one example share them, whatever the training estimator
         (``reparam``). BatchNorm uses its running statistics (eval mode, restored afterwards).
+
+        Where every Bayesian layer draws independently per example
+        (:meth:`~bayesprune.layers.BayesianLayer.draws_per_example`: the default point-weight
+        spike-and-slab, and Gaussian weights of ``Linear`` layers), the draws are made in one
+        batched pass: the batch repeated ``num_samples`` times along its first axis is ``S``
+        independent draws for each example. Otherwise (weights drawn once per pass) each draw is
+        its own pass. Either way, no pass reads more than ``batch_size`` rows (examples times the
+        draws made together; default :data:`PREDICT_ROWS`): a large ``x`` goes through in chunks,
+        so memory stays bounded whatever its size.
+
+        ``x`` is a batch of inputs, or an iterable of batches (a ``DataLoader``, or a list of
+        tensors or of ``(x, y)`` pairs, whose labels are ignored), whose predictions are
+        concatenated: a calibration set too large for the device streams through it.
 
         With a ``seed``, each pass is instead one whole posterior draw from the guide, shared by
         every example and the same on every call with that seed: the predictive
@@ -501,56 +528,96 @@ class BayesianModule(nn.Module):
         >>> p = bnet.predict(x, num_samples=4, seed=0)
         >>> torch.allclose(p[:2], bnet.predict(x[:2], num_samples=4, seed=0))
         True
+        >>> bnet.predict([x[:4], x[4:]], num_samples=64, batch_size=32).shape
+        torch.Size([6, 3])
         """
         if num_samples < 1:
             raise ValueError(f"num_samples must be a positive integer, got {num_samples}")
-        outs = self._sample_outputs(x, num_samples, seed)
+        return self._predictive(x, num_samples, seed, batch_size, self._mean_prediction)
+
+    def _mean_prediction(self, outs: torch.Tensor) -> torch.Tensor:
         if self.likelihood == "categorical":
             return torch.softmax(outs, -1).mean(0)
         return self._output_and_target(outs.mean(0), None)[0]
 
+    def _regression(self, outs: torch.Tensor) -> RegressionPrediction:
+        outs = torch.stack([self._output_and_target(o, None)[0] for o in outs])
+        mean, epi = outs.mean(0), outs.var(0)
+        alea = self.noise_scale.detach() ** 2 * torch.ones_like(mean)
+        return RegressionPrediction(mean, epi + alea, epi, alea)
+
     @torch.no_grad()
     def predict_regression(
-        self, x: torch.Tensor, num_samples: int = 32, *, seed: int | None = None
+        self,
+        x: torch.Tensor | Iterable,
+        num_samples: int = 32,
+        *,
+        seed: int | None = None,
+        batch_size: int | None = None,
     ) -> RegressionPrediction:
         """Predictive mean and variance of a Gaussian-likelihood model, epistemic part separated.
 
-        ``seed`` fixes the posterior draws as in :meth:`predict`."""
+        ``x``, ``seed`` and ``batch_size`` as in :meth:`predict`."""
         if self.likelihood != "gaussian":
             raise ValueError(
                 "predict_regression needs likelihood='gaussian'; use predict() for class probabilities"
             )
         if num_samples < 2:
             raise ValueError("num_samples must be at least 2 to estimate the epistemic variance")
-        outs = self._sample_outputs(x, num_samples, seed)
-        outs = torch.stack([self._output_and_target(o, None)[0] for o in outs])
-        mean, epi = outs.mean(0), outs.var(0)
-        alea = self.noise_scale.detach() ** 2 * torch.ones_like(mean)
-        return RegressionPrediction(mean, epi + alea, epi, alea)
+        return self._predictive(x, num_samples, seed, batch_size, self._regression)
+
+    def _predictive(self, x, num_samples: int, seed: int | None, batch_size: int | None, reduce):
+        """``reduce`` of the ``[num_samples, examples, ...]`` outputs, chunk by chunk of ``x`` (a
+        batch, or an iterable of batches), concatenated."""
+        rows = PREDICT_ROWS if batch_size is None else batch_size
+        if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if not torch.is_tensor(x) and not hasattr(x, "__array__") and isinstance(x, Iterable):
+            parts = [self._predictive(_inputs_of(b), num_samples, seed, rows, reduce) for b in x]
+            if not parts:
+                raise ValueError("predict got an empty iterable of batches")
+            return _cat(parts)
+        self._check_batch(x)
+        x = x.to(self.device)
+        per_example = seed is None and draws_per_example(self, x)
+        # examples per chunk: with batched draws, each example takes up to num_samples rows
+        step = max(1, rows // num_samples) if per_example else rows
+        parts = [
+            reduce(self._sample_outputs(x[i : i + step], num_samples, seed, rows, per_example))
+            for i in range(0, max(len(x), 1), step)
+        ]
+        return _cat(parts)
 
     def _sample_outputs(
-        self, x: torch.Tensor, num_samples: int, seed: int | None = None
+        self,
+        x: torch.Tensor,
+        num_samples: int,
+        seed: int | None,
+        rows: int,
+        per_example: bool,
     ) -> torch.Tensor:
+        """``[num_samples, len(x), ...]`` outputs: batched draws (``per_example``, at most ``rows``
+        rows per pass), one pass per draw, or the guide's draws of ``seed``."""
         exact = {layer: layer.exact_draws for layer in self.bayesian_layers.values()}
         for layer in exact:
             layer.exact_draws = True
         try:
             with modes_kept(self):
                 self.eval()
-                self._check_batch(x)
-                x = x.to(self.device)
                 fix = "inputs of the shape the wrapped network expects, with the batch first"
                 with (
                     self.mode("sample"),
                     input_errors(type(self.net).__name__, "inputs", x.shape, fix),
                 ):
-                    if seed is None:
+                    if seed is not None:
+                        return torch.stack(
+                            [self._frozen_pass(x, s) for s in _draw_seeds(seed, num_samples)]
+                        )
+                    if not per_example or len(x) == 0:
                         return torch.stack(
                             [output_tensor(self.net(x), self.net) for _ in range(num_samples)]
                         )
-                    return torch.stack(
-                        [self._frozen_pass(x, s) for s in _draw_seeds(seed, num_samples)]
-                    )
+                    return batched_draws(self.net, x, num_samples, rows)
         finally:
             for layer, value in exact.items():
                 layer.exact_draws = value
@@ -598,6 +665,20 @@ class BayesianModule(nn.Module):
 
     def extra_repr(self) -> str:
         return f"likelihood={self.likelihood!r}, num_data={self.num_data}"
+
+
+def _inputs_of(batch: Any) -> torch.Tensor:
+    """The inputs of a batch given to :meth:`BayesianModule.predict`: it, or ``x`` of ``(x, y)``."""
+    return batch[0] if isinstance(batch, list | tuple) and batch else batch
+
+
+def _cat(parts: list) -> Any:
+    """Predictions of consecutive chunks, concatenated (field by field for regression)."""
+    if len(parts) == 1:
+        return parts[0]
+    if isinstance(parts[0], RegressionPrediction):
+        return RegressionPrediction(*(torch.cat(f) for f in zip(*parts, strict=True)))
+    return torch.cat(parts)
 
 
 def _draw_seeds(seed: int, num_samples: int) -> list[int]:

@@ -4,11 +4,15 @@ For LeNet-300-100 and ResNet-20 on Fashion-MNIST batches of 128, the median wall
 optimisation step (forward, loss, backward, Adam update; CUDA synchronised) of
 
 * the deterministic net (cross-entropy, ``torch.optim.Adam``),
-* ``bp.fit``'s step: :class:`bayesprune.inference.LocalReparamELBO` + ``torch.optim.Adam``, with node
-  spike-and-slab under each reparameterization (``"auto"`` only for nets with convolutions,
-  where it differs from ``"local"``), and with the ``Gaussian`` prior (no node gates),
-  each also with the rank-one sd family (``bayesianize(..., weight_sd="rank1")``) under local
-  reparameterization,
+* ``bp.fit``'s whole step with the defaults (node spike-and-slab with point weights): the very
+  ``fit_step`` of ``bp.fit`` (ELBO, Adam, the natural-gradient step of the gates, the schedules,
+  the history it records), and the ELBO + Adam part of it alone,
+* ``bp.fit`` end to end with the defaults, ``progress=False``, one epoch over the same batches
+  (its end-of-epoch summaries included), against a deterministic epoch over them,
+* the same step with the older model, mean-field Gaussian weights under the spike-and-slab
+  (``weights="gaussian"``, ``reparam="local"``, and ``"auto"`` for nets with convolutions), and
+  with the ``Gaussian`` prior (no node gates), also with the rank-one sd family
+  (``weight_sd="rank1"``); with point weights ``reparam`` and ``weight_sd`` change nothing,
 * for MLPs (LeNet-300-100), the same estimator written out in a few plain torch ops (Gaussian
   prior, with and without its KL term): what the estimator itself costs in plain eager PyTorch,
 * (``--trace``) the genuine ``pyro.infer.SVI`` step with ``Trace_ELBO`` on ``bnet.model`` / ``bnet.guide``,
@@ -20,8 +24,15 @@ forward pass (with the loss), backward pass and optimiser update::
     python benchmarks/svi_speed.py --device cuda --steps 200
     python benchmarks/svi_speed.py --device cpu --steps 30 --models lenet_300_100
 
-``--predict`` times one posterior-predictive draw per batch instead (what certifying or predicting
-costs), against the deterministic forward pass.
+``--predict`` times ``bnet.predict`` instead (what certifying or predicting costs), against the
+deterministic forward pass: one draw per batch, and 32 draws (made in one batched pass), whose
+ratio is given per draw, next to the 32 separate passes that ``predict`` made before.
+
+``--memory`` also measures the peak memory of one step above what the process held before it
+(CPU: the C heap's bytes in use, glibc's ``mallinfo2``, read after every ATen operator, since
+``tracemalloc`` does not see torch's allocations and the resident set's peak counts freed blocks
+that ``malloc`` keeps; run it with ``--threads 1``, other threads' arenas are not read; CUDA:
+``torch.cuda.max_memory_allocated``).
 
 ``--json PATH`` also writes the rows there (atomically), each with the command, device and torch
 version: step timings are merged into the file by (model, method), so that runs of different
@@ -37,11 +48,15 @@ GPU time ratio of such a net better than a CPU time ratio does.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import ctypes
+import gc
 import platform
 import statistics
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -53,10 +68,19 @@ from results_io import merge_rows, write_json
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import bayesprune as bp
+from bayesprune._fit_phases import Progress, fit_step
 from bayesprune.data import load_fashion_mnist
-from bayesprune.inference import LocalReparamELBO, make_adam
+from bayesprune.inference import FitResult, LocalReparamELBO, _build_optimizers, make_adam
 from bayesprune.models import get_model
 from bayesprune.train import resolve_device
+
+#: the row of bp.fit's whole step with its defaults
+FIT_STEP = "bp.fit step, defaults (node spike-and-slab, point weights)"
+#: the row of whole bp.fit epochs with their defaults
+FIT_EPOCH = "bp.fit end to end, defaults, 1 epoch of the same batches (per step)"
+
+#: posterior draws of the batched predict rows
+DRAWS = 32
 
 #: a method under test: (loss of minibatch i, its optimiser), or (a whole step on minibatch i, None)
 Method = tuple[Callable[[int], torch.Tensor | None], torch.optim.Optimizer | None]
@@ -126,6 +150,101 @@ def _count_ops(methods: dict[str, Method], i: int) -> dict[str, int]:
     return counts
 
 
+class _MallInfo(ctypes.Structure):
+    _fields_ = [
+        (f, ctypes.c_size_t)
+        for f in (
+            "arena", "ordblks", "smblks", "hblks", "hblkhd",
+            "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost",
+        )
+    ]  # fmt: skip
+
+
+def _malloc_in_use() -> int | None:
+    """Bytes the C heap hands out now (glibc's ``mallinfo2``: main arena plus mapped blocks),
+    ``None`` without glibc >= 2.33."""
+    try:
+        fn = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return None
+    fn.restype = _MallInfo
+    info = fn()
+    return info.uordblks + info.hblkhd
+
+
+class _PeakMemory(TorchDispatchMode):
+    """The most C-heap bytes in use after any ATen operator dispatched inside it (backward ones
+    included): torch's CPU tensors, unlike Python objects, are invisible to ``tracemalloc``.
+    Scratch space that an operator frees before it returns is not seen."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.peak = _malloc_in_use() or 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        self.peak = max(self.peak, _malloc_in_use() or 0)
+        return out
+
+
+def _peak_memory(
+    methods: dict[str, Method],
+    owners: dict[str, tuple[list[torch.Tensor], list[torch.optim.Optimizer]]],
+    i: int,
+    dev: torch.device,
+) -> dict[str, float]:
+    """MiB of one whole step (minibatch ``i``) of each method at its peak: its parameters and
+    optimiser state (``owners``), plus the most that the step allocates on top of them
+    (activations, gradients, temporaries), from a start without gradients (except those that the
+    method carries from step to step: the gate logits' running sums of ``bp.fit``)."""
+    peaks = {}
+    for name, (loss_of, opt) in methods.items():
+        default = ([p for g in opt.param_groups for p in g["params"]], [opt]) if opt else ([], [])
+        params, opts = owners.get(name, default)
+        carried = {id(p) for o in opts for g in o.param_groups for p in g["params"]}
+        carried -= {
+            id(p)
+            for o in opts
+            if isinstance(o, torch.optim.Adam)
+            for g in o.param_groups
+            for p in g["params"]
+        }
+        for p in params:
+            if id(p) not in carried:
+                p.grad = None
+        static = sum(p.numel() * p.element_size() for p in params)
+        static += sum(
+            t.numel() * t.element_size()
+            for o in opts
+            for state in o.state.values()
+            for t in state.values()
+            if torch.is_tensor(t)
+        )
+        static += sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
+        gc.collect()
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+            base = torch.cuda.memory_allocated(dev)
+            torch.cuda.reset_peak_memory_stats(dev)
+            context = contextlib.nullcontext()
+        else:
+            base = _malloc_in_use() or 0
+            context = _PeakMemory()
+        with context:
+            loss = loss_of(i)
+            if opt is not None:
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            del loss
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+            peaks[name] = (static + torch.cuda.max_memory_allocated(dev) - base) / 2**20
+        else:
+            peaks[name] = (static + context.peak - base) / 2**20
+    return peaks
+
+
 def _batches(
     dev: torch.device, batch: int, n: int
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
@@ -183,6 +302,46 @@ def _floor_method(
     return loss_of, make_adam(params, 1e-3)
 
 
+def _fit_end_to_end(
+    name: str,
+    dev: torch.device,
+    xs: list[torch.Tensor],
+    ys: list[torch.Tensor],
+    n: int,
+    rounds: int,
+    ms: dict[str, dict[str, float]],
+) -> dict[str, float]:
+    """``bp.fit(bnet, batches, epochs=1, progress=False)`` as a user runs it (end-of-epoch summaries
+    and end-of-fit checks included), against a deterministic epoch over the same batches,
+    alternated ``rounds`` times after one warm-up round: the median time of a fit, per step,
+    scaled to the deterministic step of the main round (as the ratio of the two medians)."""
+    net = get_model(name).to(dev)
+    opt = make_adam(net.parameters(), 1e-3)
+    bnet = bp.bayesianize(get_model(name)).to(dev)
+    batches = list(zip(xs, ys, strict=True))
+    fits, dets = [], []
+    for r in range(rounds + 1):
+        t0 = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            bp.fit(bnet, batches, epochs=1, num_data=n, progress=False)
+        t1 = time.perf_counter()
+        for x, y in batches:
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(net(x), y).backward()
+            opt.step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        t2 = time.perf_counter()
+        if r:
+            fits.append(t1 - t0)
+            dets.append(t2 - t1)
+    ratio = statistics.median(fits) / statistics.median(dets)
+    return dict(
+        step=ratio * ms["deterministic"]["step"], **{phase: float("nan") for phase in PHASES}
+    )
+
+
 def bench_model(
     name: str,
     dev: torch.device,
@@ -191,19 +350,22 @@ def bench_model(
     batch: int,
     trace: bool,
     ops: bool = False,
+    memory: bool = False,
 ) -> list[dict]:
     xs, ys, n = _batches(dev, batch, 16)
     k = len(xs)
     methods: dict[str, Method] = {}
 
     net = get_model(name).to(dev)
+    #: what a method's memory holds besides its step (when not its optimiser's parameters)
+    owners: dict[str, tuple[list[torch.Tensor], list[torch.optim.Optimizer]]] = {}
     methods["deterministic"] = (
         lambda i: F.cross_entropy(net(xs[i % k]), ys[i % k]),
         make_adam(net.parameters(), 1e-3),
     )
 
     def ours(prior: bp.priors.Prior, reparam: str, weight_sd: str = "per_weight") -> Method:
-        # exactly the inner loop of bp.fit
+        # the ELBO and Adam of bp.fit's inner loop
         bnet = bp.bayesianize(
             get_model(name), prior=prior, reparam=reparam, weight_sd=weight_sd
         ).to(dev)
@@ -214,19 +376,38 @@ def bench_model(
             make_adam(bnet.parameters(), 1e-3),
         )
 
-    for reparam in ("local", "shared"):
-        methods[f"bayesprune SVI, node spike-and-slab, reparam='{reparam}'"] = ours(
-            bp.priors.SpikeAndSlab(level="node"), reparam
-        )
+    def fit_default_step() -> Method:
+        # the whole step of bp.fit with its defaults (cosine schedules, structure freeze over)
+        bnet = bp.bayesianize(get_model(name)).to(dev)
+        bnet.num_data = n
+        total = 10 * (warmup + steps + 2)
+        optimizers = _build_optimizers(
+            bnet, None, lr=1e-3, structure_lr=None, structure_delay=0.0, gate_step=0.01,
+            lr_schedule="cosine", total_steps=total, steps_per_epoch=total,
+        )  # fmt: skip
+        result, run, kind = FitResult(num_data=n), Progress(step=1), type(bnet.net).__name__
+        owners[FIT_STEP] = (list(bnet.parameters()), [optimizers.opt, optimizers.natural])
+        bnet.train()
+
+        def step(i: int) -> None:
+            fit_step(bnet, optimizers, result, run, xs[i % k], ys[i % k], 1.0, kind)
+
+        return step, None
+
+    methods[FIT_STEP] = fit_default_step()
+    methods["bayesprune SVI, defaults (point weights): ELBO + Adam only"] = ours(
+        bp.priors.SpikeAndSlab(level="node"), "local"
+    )
+    # the older model: mean-field Gaussian weights under the gates, where reparam matters
+    gaussian_weights = bp.priors.SpikeAndSlab(level="node", weights="gaussian")
+    methods["bayesprune SVI, node spike-and-slab, weights='gaussian', reparam='local'"] = ours(
+        gaussian_weights, "local"
+    )
     if any(isinstance(m, torch.nn.Conv2d) for m in net.modules()):
         # local for the Linear layers, one weight draw per minibatch for the convolutions
-        methods["bayesprune SVI, node spike-and-slab, reparam='auto'"] = ours(
-            bp.priors.SpikeAndSlab(level="node"), "auto"
+        methods["bayesprune SVI, node spike-and-slab, weights='gaussian', reparam='auto'"] = ours(
+            gaussian_weights, "auto"
         )
-    # the rank-one sd family: one single-output variance pass per layer instead of a full one
-    methods["bayesprune SVI, node spike-and-slab, reparam='local', weight_sd='rank1'"] = ours(
-        bp.priors.SpikeAndSlab(level="node"), "local", "rank1"
-    )
     # the same without node gates: what the gates cost
     methods["bayesprune SVI, Gaussian prior (no gates), reparam='local'"] = ours(
         bp.priors.Gaussian(), "local"
@@ -271,6 +452,10 @@ def bench_model(
     if ops:
         for m, n_ops in _count_ops(methods, warmup + steps).items():
             ms[m]["ops"] = n_ops
+    if memory:
+        for m, mib in _peak_memory(methods, owners, warmup + steps + 1, dev).items():
+            ms[m]["peak_mib"] = mib
+    ms[FIT_EPOCH] = _fit_end_to_end(name, dev, xs, ys, n, max(steps // 10, 3), ms)
     if trace:
         tnet = bp.bayesianize(get_model(name), prior=bp.priors.SpikeAndSlab(level="node")).to(dev)
         tnet.num_data = n
@@ -301,9 +486,11 @@ def bench_model(
         dict(model=name, method=m, ratio=v["step"] / ms["deterministic"]["step"], **v)
         for m, v in ms.items()
     ]
-    if ops:
-        for r in rows:
+    for r in rows:
+        if "ops" in r:
             r["ops_ratio"] = r["ops"] / ms["deterministic"]["ops"]
+        if "peak_mib" in r:
+            r["peak_ratio"] = r["peak_mib"] / ms["deterministic"]["peak_mib"]
     if bt_missing:
         rows.append(
             dict(
@@ -317,34 +504,43 @@ def bench_model(
 
 
 def bench_predict(name: str, dev: torch.device, steps: int, warmup: int, batch: int) -> list[dict]:
-    """One posterior-predictive draw on a batch (``bnet.predict(x, num_samples=1)``: exact draws,
-    convolution weights once per pass) against the deterministic net's forward pass, and against
-    the same draw made with the training estimator (local reparameterization everywhere), all in
-    eval mode without gradients: what each draw costs when certifying or predicting."""
+    """``bnet.predict`` with the defaults (node spike-and-slab, point weights) on a batch against
+    the deterministic net's forward pass, all in eval mode without gradients: one draw
+    (``num_samples=1``), and :data:`DRAWS` draws in one batched pass, whose time is given per
+    draw, next to the same draws in as many separate passes (what ``predict`` did before)."""
     xs, _, _ = _batches(dev, batch, 4)
     k = len(xs)
     net = get_model(name).to(dev).eval()
-    bnet = bp.bayesianize(get_model(name), prior=bp.priors.SpikeAndSlab(level="node")).to(dev)
+    bnet = bp.bayesianize(get_model(name)).to(dev)
     bnet.eval()
 
-    def local_draw(i: int) -> None:
+    def separate_passes(i: int) -> torch.Tensor:
         with bnet.mode("sample"):
-            bnet.net(xs[i % k])
+            return torch.stack([torch.softmax(bnet.net(xs[i % k]), -1) for _ in range(DRAWS)])
 
     methods: dict[str, Method] = {
         "deterministic forward": (lambda i: net(xs[i % k]), None),
-        "posterior draw, bnet.predict (exact draws)": (
+        "posterior draw, bnet.predict, 1 draw": (
             lambda i: bnet.predict(xs[i % k], num_samples=1),
             None,
         ),
-        "posterior draw, local reparameterization everywhere": (local_draw, None),
+        f"posterior draw, bnet.predict, {DRAWS} draws, batched passes of at most 128 rows (per draw)": (
+            lambda i: bnet.predict(xs[i % k], num_samples=DRAWS),
+            None,
+        ),
+        f"posterior draw, {DRAWS} separate passes (predict before, per draw)": (
+            separate_passes,
+            None,
+        ),
     }
     with torch.no_grad():
         ms = _time_round_robin(methods, steps, warmup, dev)
     base = ms["deterministic forward"]["step"]
-    return [
-        dict(model=name, method=m, ratio=v["step"] / base, step=v["step"]) for m, v in ms.items()
-    ]
+    rows = []
+    for m, v in ms.items():
+        per = DRAWS if f"{DRAWS} " in m else 1
+        rows.append(dict(model=name, method=m, ratio=v["step"] / per / base, step=v["step"] / per))
+    return rows
 
 
 def _write_json(args: argparse.Namespace, rows: list[dict], device: str) -> None:
@@ -374,6 +570,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         help="also count the ATen operators one step dispatches (forward, backward, optimiser)",
     )
     parser.add_argument(
+        "--memory",
+        action="store_true",
+        help="also measure the peak memory of one step above what the process held before it",
+    )
+    parser.add_argument(
         "--predict",
         action="store_true",
         help="time one posterior-predictive draw against a deterministic forward pass instead",
@@ -392,7 +593,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             rows += bench_predict(name, dev, args.steps, args.warmup, args.batch)
         else:
             rows += bench_model(
-                name, dev, args.steps, args.warmup, args.batch, args.trace, args.ops
+                name, dev, args.steps, args.warmup, args.batch, args.trace, args.ops, args.memory
             )
     where = (
         torch.cuda.get_device_name(dev)
@@ -412,20 +613,28 @@ def main(argv: list[str] | None = None) -> list[dict]:
         return rows
     print("All optimisers: Adam (fused kernel where available), same settings for every method.\n")
     ops_head = (" ATen ops/step | ops ratio |", "---:|---:|") if args.ops else ("", "")
+    mem_head = (" peak MiB | peak ratio |", "---:|---:|") if args.memory else ("", "")
     print(
         "| model | method | ms/step | forward + loss | backward | optimizer | ratio to deterministic |"
         + ops_head[0]
+        + mem_head[0]
     )
-    print("|---|---|---:|---:|---:|---:|---:|" + ops_head[1])
+    print("|---|---|---:|---:|---:|---:|---:|" + ops_head[1] + mem_head[1])
     for r in rows:
         if r.get("note"):
             print(f"| {r['model']} | {r['method']} | n/a | | | | {r['note']} |")
             continue
         phases = " | ".join("" if r[p] != r[p] else f"{r[p]:.2f}" for p in PHASES)
-        ops_cells = f" {r['ops']} | {r['ops_ratio']:.2f}x |" if args.ops else ""
+        cells = ""
+        if args.ops:
+            cells += f" {r['ops']} | {r['ops_ratio']:.2f}x |" if "ops" in r else " | |"
+        if args.memory:
+            cells += (
+                f" {r['peak_mib']:.1f} | {r['peak_ratio']:.2f}x |" if "peak_mib" in r else " | |"
+            )
         print(
             f"| {r['model']} | {r['method']} | {r['step']:.2f} | {phases} | {r['ratio']:.2f}x |"
-            + ops_cells
+            + cells
         )
     return rows
 
