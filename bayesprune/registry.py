@@ -500,23 +500,34 @@ class BlockSpec:
     prepare: Callable[[nn.Module], None] | None = None
 
 
-_BLOCKS: dict[type[nn.Module], BlockSpec] = {}
+_BLOCKS: dict[type[nn.Module] | str, BlockSpec] = {}
 
 
-def register_block(cls: type[nn.Module], spec: BlockSpec) -> None:
-    """Register a container type whose inside the pruner knows (exact type, see :class:`BlockSpec`)."""
-    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+def register_block(cls: type[nn.Module] | str, spec: BlockSpec) -> None:
+    """Register a container type whose inside the pruner knows (exact type, see :class:`BlockSpec`).
+
+    ``cls`` may also be the dotted name of a class (``"package.module.Class"``), matched against
+    ``f"{type.__module__}.{type.__qualname__}"``: a block of another library is then registered
+    without importing it (torchvision's ``EncoderBlock``, :mod:`bayesprune.pruning.transformer`).
+    """
+    if isinstance(cls, str):
+        name = cls
+    elif isinstance(cls, type) and issubclass(cls, nn.Module):
+        name = cls.__name__
+    else:
         raise TypeError(f"register_block needs an nn.Module subclass, got {cls!r}")
     if not isinstance(spec, BlockSpec):
-        raise TypeError(f"register_block({cls.__name__}, spec) needs a BlockSpec, got {spec!r}")
+        raise TypeError(f"register_block({name}, spec) needs a BlockSpec, got {spec!r}")
     if _BLOCKS.get(cls, spec) != spec:
-        raise ValueError(f"{cls.__name__} is already registered with another BlockSpec")
+        raise ValueError(f"{name} is already registered with another BlockSpec")
     _BLOCKS[cls] = spec
 
 
 def block_spec(module: nn.Module | type[nn.Module]) -> BlockSpec | None:
-    """The :class:`BlockSpec` of ``module``'s exact type, or ``None``."""
-    return _BLOCKS.get(module if isinstance(module, type) else type(module))
+    """The :class:`BlockSpec` of ``module``'s exact type (or of its dotted name), or ``None``."""
+    cls = module if isinstance(module, type) else type(module)
+    spec = _BLOCKS.get(cls)
+    return spec if spec is not None else _BLOCKS.get(f"{cls.__module__}.{cls.__qualname__}")
 
 
 def internal_groups(module: nn.Module) -> list[InternalGroup] | None:

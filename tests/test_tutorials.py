@@ -27,7 +27,7 @@ def _tutorials() -> list[Path]:
 
 def test_tutorials_are_present_and_jupytext_percent():
     names = [p.name for p in _tutorials()]
-    assert [n[:2] for n in names] == ["01", "02", "03", "04", "05"][: len(names)]
+    assert [n[:2] for n in names] == ["01", "02", "03", "04", "05", "06"][: len(names)]
     for p in _tutorials():
         text = p.read_text()
         assert "format_name: percent" in text, p.name

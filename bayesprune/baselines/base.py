@@ -90,21 +90,26 @@ class PruningResult:
     params_kept: float = field(default=float("nan"))
 
 
-def hidden_layers(net: nn.Module, example_input: Any) -> list[str]:
+def hidden_layers(net: nn.Module, example_input: Any, *, heads: bool = False) -> list[str]:
     """Paths of the Linear / Conv layers whose output nodes can be removed, in module order.
 
     A layer qualifies when it alone produces its channel space and that space is not frozen
     (:func:`bayesprune.dependency_groups`): the output layer, and layers tied to others by a
-    residual addition, are left out, so structured methods never prune them.
+    residual addition, are left out, so structured methods never prune them. With ``heads``, the
+    layers whose nodes are groups of several tensors (``LayerSpec(nodes=...)``: the heads of an
+    ``nn.MultiheadAttention``) count too.
     """
     single = {
         g.producers[0]
         for g in dependency_groups(net, example_input)
         if g.prunable and len(g.producers) == 1
     }
-    return [
-        name for name, m in net.named_modules() if name in single and isinstance(m, LAYER_TYPES)
-    ]
+
+    def counts(m: nn.Module) -> bool:
+        spec = registry.layer_spec(m)
+        return isinstance(m, LAYER_TYPES) or (heads and spec is not None and spec.nodes is not None)
+
+    return [name for name, m in net.named_modules() if name in single and counts(m)]
 
 
 def prunable_parameters(net: nn.Module) -> dict[str, nn.Parameter]:

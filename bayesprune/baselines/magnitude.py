@@ -25,9 +25,10 @@ on any Linear / Conv network: magnitudes are pooled over the weights and biases 
 Conv layer, BatchNorm parameters are not pruned). Ties at the quantile are broken by index, so level
 :math:`q` removes exactly :math:`\lfloor qN \rfloor` parameters. The structured variant (node
 decisions, physically removed by :func:`bayesprune.prune_module`) scores each hidden node by the L2
-norm of its incoming weights and bias, divided by the mean node norm of its layer, and ranks all
-hidden nodes globally by this relative norm (raw norms scale with fan-in and would empty whole
-layers); the output layer is never pruned.
+norm of its incoming weights and bias (an attention head by its q, k, v rows and out_proj
+columns, a transformer's feed-forward unit by its ``linear1`` row), divided by the mean node norm
+of its layer, and ranks all hidden nodes globally by this relative norm (raw norms scale with
+fan-in and would empty whole layers); the output layer is never pruned.
 
 Example
 -------
@@ -51,6 +52,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..registry import layer_spec
 from .base import (
     PruningMethod,
     global_node_masks,
@@ -75,7 +77,13 @@ PAPER_PROTOCOL: dict[str, Any] = {
 
 
 def node_norms(layer: nn.Module) -> torch.Tensor:
-    """RMS of each output node's incoming weights and bias: :math:`\\|w_j, b_j\\|_2 / \\sqrt{d_j}`."""
+    """RMS of each output node's incoming weights and bias: :math:`\\|w_j, b_j\\|_2 / \\sqrt{d_j}`;
+    for a head of an ``nn.MultiheadAttention``, of its q, k, v rows (and biases) and its out_proj
+    columns (its group, ``LayerSpec.nodes.rows``)."""
+    spec = layer_spec(layer)
+    if spec is not None and spec.nodes is not None:
+        w = spec.nodes.rows(layer).detach()
+        return w.norm(dim=1).cpu() / w.shape[1] ** 0.5
     w = layer.weight.detach().flatten(1)
     if layer.bias is not None:
         w = torch.cat([w, layer.bias.detach()[:, None]], 1)
@@ -101,7 +109,7 @@ class MagnitudePruning(PruningMethod):
         if kwargs:
             raise TypeError(f"MagnitudePruning.fit got unexpected arguments {sorted(kwargs)}")
         if self.structured:
-            layers = hidden_layers(net, self._device_input())
+            layers = hidden_layers(net, self._device_input(), heads=True)
             if not layers:
                 raise ValueError(
                     "the network has no hidden Linear / Conv layer whose nodes can be removed"

@@ -14,7 +14,12 @@ channel-axis rules of :mod:`bayesprune.pruning.graph` keep whole. Their structur
   the residual stream that every block adds into: it is never pruned.
 
 So each block is one opaque node of the traced graph whose inputs and outputs stay whole, with
-those two internal node groups. ``nn.TransformerEncoder`` is a block too: its groups are those of
+those two internal node groups. torchvision's ViT ``EncoderBlock`` (``ln_1``, ``self_attention``,
+``ln_2``, ``mlp``: ``Linear, GELU, Dropout, Linear, Dropout``) is the same block with other names
+(:func:`vit_block_groups`); it is registered by its dotted name, so torchvision is not imported.
+The rest of a ``VisionTransformer`` traces as it is (``torch._assert`` included): the patch
+embedding ``conv_proj``, the class token and the positional embedding feed the residual stream
+and are kept whole. ``nn.TransformerEncoder`` is a block too: its groups are those of
 its layers (and its final ``norm`` keeps the width). After its attention is replaced (by a
 Bayesian twin or a :class:`~bayesprune.pruning.attention.PrunedMultiheadAttention`) an encoder's
 nested-tensor fast path, which reads the layers' tensors directly, is turned off
@@ -37,7 +42,7 @@ from torch import nn
 from ..registry import BlockSpec, InternalGroup, has_nodes, register_block
 from .ops import ZERO_PRESERVING_FUNCTIONS, ZERO_PRESERVING_MODULES
 
-__all__ = ["encoder_layer_groups"]
+__all__ = ["encoder_layer_groups", "vit_block_groups"]
 
 
 def encoder_layer_groups(layer: nn.Module) -> list[InternalGroup]:
@@ -53,9 +58,25 @@ def encoder_layer_groups(layer: nn.Module) -> list[InternalGroup]:
     return [InternalGroup("linear1", layer.linear1.out_features, ("linear2",), frozen)]
 
 
+def vit_block_groups(block: nn.Module) -> list[InternalGroup]:
+    """The feed-forward units of torchvision's ``EncoderBlock`` (``mlp``: ``Linear, GELU, Dropout,
+    Linear, Dropout``); its heads are the internal nodes of ``self_attention``."""
+    mlp = list(block.mlp)
+    layers = [i for i, m in enumerate(mlp) if has_nodes(m)]
+    if len(layers) != 2 or layers[0] != 0:
+        return []  # not the MLP torchvision builds: its units are kept whole (the block's width)
+    frozen = None
+    for m in mlp[1 : layers[1]]:
+        if not isinstance(m, ZERO_PRESERVING_MODULES):
+            frozen = f"the feed-forward module {type(m).__name__!r}, not known to map 0 to 0"
+    return [InternalGroup("mlp.0", mlp[0].out_features, (f"mlp.{layers[1]}",), frozen)]
+
+
 def _no_nested_tensors(encoder: nn.Module) -> None:
     encoder.use_nested_tensor = False
 
 
 register_block(nn.TransformerEncoderLayer, BlockSpec(encoder_layer_groups))
 register_block(nn.TransformerEncoder, BlockSpec(lambda m: [], prepare=_no_nested_tensors))
+# by name: bayesprune does not import torchvision (a second of start-up) to register its ViT block
+register_block("torchvision.models.vision_transformer.EncoderBlock", BlockSpec(vit_block_groups))
