@@ -236,7 +236,7 @@ def render_gate_probes() -> list[str]:
     return [*lines, "", _origin(payload, "gate_probes.json")]
 
 
-PROBE_ORDER = ("default", "clear_frozen", "antiwindup", "reset", "theory", "ghs_scale")
+PROBE_ORDER = ("default", "clear_frozen", "antiwindup", "reset", "theory", "ghs_scale", "flip")
 
 
 # -- cost -----------------------------------------------------------------------------------------
@@ -257,6 +257,11 @@ def render_svi_speed() -> list[str]:
             order.insert(order.index(before) + 1 if before else len(order), r["method"])
         before = r["method"]
         value = "n/a" if r.get("step") is None else f"{r['ratio']:.2f}x ({r['step']:.2f} ms)"
+        extras = [f"ops {r['ops_ratio']:.1f}x"] if r.get("ops_ratio") is not None else []
+        if r.get("peak_ratio") is not None:
+            extras.append(f"mem {r['peak_ratio']:.2f}x")
+        if extras:
+            value = value[:-1] + "; " + "; ".join(extras) + ")"
         cells.setdefault(r["method"], {})[model] = value
     lines = [
         "| method | " + " | ".join(models) + " |",
@@ -266,15 +271,23 @@ def render_svi_speed() -> list[str]:
         row = cells[method]
         lines.append(f"| {method} | " + " | ".join(row.get(m, "–") for m in models) + " |")
     origin = _composite_origin(payload, payload["rows"], "svi_speed.json")
-    lines += ["", f"*Ratio to the deterministic step of the same run (ms per step). {origin}*"]
+    lines += [
+        "",
+        "*Ratio to the deterministic step of the same run (ms per step; ops: ATen operators "
+        "dispatched per step, `--ops`; mem: peak memory of the step with parameters and "
+        f"optimiser state, `--memory`; same ratios). {origin}*",
+    ]
     # the predictive draws go on the same line (one paragraph under the table)
     predict = load("svi_predict.json")
-    draws = [r for r in predict["rows"] if r["method"].startswith("posterior draw, bnet.predict")]
-    if draws:
+    per_model: dict[str, list[str]] = {}
+    for r in predict["rows"]:
+        if r["method"].startswith("posterior draw"):
+            what = r["method"].removeprefix("posterior draw, ")
+            per_model.setdefault(r["model"], []).append(f"{what} {r['ratio']:.2f}x")
+    if per_model:
         lines[-1] += (
-            " *One posterior draw of `bnet.predict` per batch against one deterministic forward "
-            "pass: "
-            + ", ".join(f"{r['model']} {r['ratio']:.2f}x ({r['step']:.2f} ms)" for r in draws)
+            " *Posterior draws against one deterministic forward pass of the same batch: "
+            + "; ".join(f"{m}: " + ", ".join(v) for m, v in per_model.items())
             + " ("
             + _origin(predict, "svi_predict.json").strip("*")
             + ")*"
@@ -484,6 +497,43 @@ def render_distributed() -> list[str]:
     return [*lines, "", " ".join(notes)]
 
 
+def render_transformers() -> list[str]:
+    """Heads and feed-forward units pruned: ours (predictive, pruned, fine-tuned) against
+    magnitude pruning at equal size, with sizes, FLOPs and latency (``transformers.py``)."""
+    payload = load("transformers.json")
+    lines = [
+        "| task | our nodes | dense | ours: predictive | pruned | pruned + FT | "
+        "magnitude: pruned | pruned + FT | heads kept | FFN units kept | params | "
+        "FLOPs / example | latency (ms) | target |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    words = {"threshold 0.5": "PIP ≥ 0.5", "half": "top half by PIP"}
+    notes = {}
+    for r in payload["rows"]:
+
+        def arrow(key: str, fmt: str = "{:,}", r: dict = r) -> str:
+            return f"{fmt.format(r[key + '_dense'])} → {fmt.format(r[key + '_pruned'])}"
+
+        lines.append(
+            f"| {r['task']} | {words.get(r.get('variant'), r.get('variant', '–'))} | "
+            f"{_acc(r['dense'])} | {_acc(r['predictive'])} | "
+            f"{_acc(r['pruned'])} | {_acc(r['pruned_finetuned'])} | "
+            f"{_acc(r['magnitude_pruned'])} | {_acc(r['magnitude_finetuned'])} | "
+            f"{r['heads_kept']} / {r['heads_total']} | {r['units_kept']} / {r['units_total']} | "
+            f"{arrow('params')} | {arrow('flops')} | {arrow('latency_ms', '{:.2f}')} | "
+            f"{'met' if r['target'] else 'missed'} |"
+        )
+        m = r.get("meta", {})
+        notes[r["task"]] = (
+            f"{r['task']}: {r['train']:,} training examples, {r['epochs']} epochs dense and "
+            f"{r['epochs']} of `bp.fit`, {r['finetune_epochs']} of `bp.finetune` for every pruned "
+            f"network, {r['test']:,} test examples; measured by `{m.get('command', '?').strip()}` on "
+            f"{m.get('device', '?')}, torch {m.get('torch', '?')}."
+        )
+    lines += ["", "*From `results/transformers.json`. " + " ".join(notes.values()) + "*"]
+    return lines
+
+
 RENDERERS: dict[str, Callable[[], list[str]]] = {
     "robustness": render_robustness,
     "gate-step": render_gate_step,
@@ -494,9 +544,13 @@ RENDERERS: dict[str, Callable[[], list[str]]] = {
     "frontier": render_frontier,
     "distributed": render_distributed,
     "gate-probes": render_gate_probes,
+    "transformers": render_transformers,
 }
 #: tables that live on a page of their own instead of the README
-PAGES: dict[str, Path] = {"gate-probes": HERE.parent / "docs" / "notes" / "gate-decisions.md"}
+PAGES: dict[str, Path] = {
+    "gate-probes": HERE.parent / "docs" / "notes" / "gate-decisions.md",
+    "transformers": HERE.parent / "docs" / "transformers.md",
+}
 
 
 def render(name: str) -> str:
