@@ -13,6 +13,10 @@ images in batches of 1,000 and as one tensor.
 
     python benchmarks/distributed.py --threads 2 --devices 1 2
     python benchmarks/distributed.py --device cuda --devices 1 2 --json OUT.json   # on GPUs
+    python benchmarks/distributed.py --memory-only   # the memory rows again, the times kept
+
+``--memory-only`` fits the model once (its time not recorded), re-measures the memory rows and keeps
+the file's timing rows and their command; the memory rows' own command is ``memory_command``.
 
 Writes ``benchmarks/results/distributed.json`` (``--json``).
 """
@@ -145,6 +149,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-root", default=None)
     p.add_argument("--no-memory", action="store_true", help="skip the certify/predict memory")
+    p.add_argument("--memory-only", action="store_true",
+                   help="re-measure the memory rows only, keeping the timing rows of --json")  # fmt: skip
     p.add_argument("--json", type=Path, default=RESULTS_DIR / "distributed.json")
     p.add_argument("--probe", choices=("certify", "predict_batched", "predict_whole"),
                    help=argparse.SUPPRESS)  # fmt: skip
@@ -156,11 +162,17 @@ def main(argv: list[str] | None = None) -> None:
     splits = load_fashion_mnist(args.data_root, seed=0, subset=args.train)
     folder = Path(tempfile.mkdtemp(prefix="bayesprune-bench-"))
     model = folder / "lenet.safetensors"
-    rows = [
-        _fit_row(d, args, splits.train, model if d == 1 else None, args.threads)
-        for d in args.devices
-    ]
-    if args.device == "cpu" and args.threads > 1 and 1 in args.devices:
+    if args.memory_only:
+        if args.no_memory:
+            p.error("--memory-only and --no-memory exclude each other")
+        _fit_row(1, args, splits.train, model, args.threads)  # the model to measure; time unused
+        rows = []
+    else:
+        rows = [
+            _fit_row(d, args, splits.train, model if d == 1 else None, args.threads)
+            for d in args.devices
+        ]
+    if args.device == "cpu" and args.threads > 1 and 1 in args.devices and not args.memory_only:
         # one process on one thread too: the same CPU time per process as each of the N
         rows.append(_fit_row(1, args, splits.train, None, 1))
     memory = []
@@ -182,6 +194,10 @@ def main(argv: list[str] | None = None) -> None:
         "model": "lenet_300_100, node spike-and-slab (default fit)",
         "train_images": len(splits.train),
     }
+    if args.memory_only:
+        kept = json.loads(args.json.read_text())
+        meta = {**kept["meta"], "memory_command": command.strip()}
+        rows = kept["rows"]
     write_json(args.json, {"meta": meta, "rows": rows, "memory": memory})
 
 
