@@ -5,7 +5,7 @@ Each probe runs cells of ``benchmarks/robustness.py`` (same data, nets, dense re
 the probe measures. Nothing here is a default; the probes are the evidence for the notes in
 ``docs/notes/gate-decisions.md``.
 
-Probes (``--probe NAME``; ``reset`` and ``ghs_scale`` take a value, ``--value``):
+Probes (``--probe NAME``; ``reset``, ``ghs_scale`` and ``init`` take a value, ``--value``):
 
 * ``default``: the fit as it is, with the ELBO terms at the start and the end, the training
   accuracy of the pruned net, and how often each gate logit changed sign (per quarter of the fit).
@@ -20,6 +20,8 @@ Probes (``--probe NAME``; ``reset`` and ``ghs_scale`` take a value, ``--value``)
   posterior-mean network on up to 1,024 training examples, scaled to N): the exact conditional
   decision of one gate, instead of the first-order estimate of the natural step.
 * ``ghs_scale``: ``GroupHorseshoe(global_scale=value)``; ``value`` 0 means :math:`1/\\sqrt{n}`.
+* ``init``: ``SpikeAndSlab(init_inclusion=value)`` instead of 0.95 (the gates start nearer on, so
+  that fewer channels are dropped at random in the first steps of a dense start).
 
 Usage::
 
@@ -50,7 +52,7 @@ import bayesprune as bp
 from bayesprune.natural import BernoulliNaturalGradient
 
 RESULTS = Path(__file__).resolve().parent / "results" / "gate_probes.json"
-PROBES = ("default", "clear_frozen", "antiwindup", "reset", "theory", "ghs_scale", "flip")
+PROBES = ("default", "clear_frozen", "antiwindup", "reset", "theory", "ghs_scale", "flip", "init")
 
 
 @contextlib.contextmanager
@@ -203,6 +205,8 @@ def run(probe: str, value: float | None, cell: int, seed: int = 0) -> dict:
     if probe == "ghs_scale":
         scale = value if value else 1 / math.sqrt(n_train)
         priors["ghs"] = lambda: bp.priors.GroupHorseshoe(global_scale=scale)
+    if probe == "init":
+        priors["ss"] = lambda: bp.priors.SpikeAndSlab(level="node", init_inclusion=value)
     with contextlib.ExitStack() as stack:
         stack.enter_context(
             _patched(BernoulliNaturalGradient, "step", rec(BernoulliNaturalGradient.step))
@@ -251,7 +255,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cells", nargs="+", type=int, required=True)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
-    if args.probe in ("reset", "ghs_scale") and args.value is None:
+    if args.probe in ("reset", "ghs_scale", "init") and args.value is None:
         p.error(f"--probe {args.probe} needs --value")
     torch.set_num_threads(args.threads)
     for cell in args.cells:

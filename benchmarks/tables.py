@@ -236,7 +236,16 @@ def render_gate_probes() -> list[str]:
     return [*lines, "", _origin(payload, "gate_probes.json")]
 
 
-PROBE_ORDER = ("default", "clear_frozen", "antiwindup", "reset", "theory", "ghs_scale", "flip")
+PROBE_ORDER = (
+    "default",
+    "clear_frozen",
+    "antiwindup",
+    "reset",
+    "theory",
+    "ghs_scale",
+    "flip",
+    "init",
+)
 
 
 # -- cost -----------------------------------------------------------------------------------------
@@ -482,7 +491,7 @@ def render_distributed() -> list[str]:
         words = {
             "certify": "`certify` streaming its loader (batches of 1,000)",
             "predict_batched": "`bnet.predict` (32 draws) in batches of 1,000",
-            "predict_whole": "`bnet.predict` on all of them at once",
+            "predict_whole": "`bnet.predict` given all of them as one tensor",
         }
         first = next(iter(mem.values()))
         notes.append(
@@ -492,6 +501,7 @@ def render_distributed() -> list[str]:
                 f"{words[k]} +{r['peak_increase_mb']:.0f} MB ({r['seconds']:.1f} s)"
                 for k, r in mem.items()
             )
+            + (f" (`{cpu['meta']['memory_command']}`)" if "memory_command" in cpu["meta"] else "")
             + ".*"
         )
     return [*lines, "", " ".join(notes)]
@@ -530,7 +540,16 @@ def render_transformers() -> list[str]:
             f"network, {r['test']:,} test examples; measured by `{m.get('command', '?').strip()}` on "
             f"{m.get('device', '?')}, torch {m.get('torch', '?')}."
         )
-    lines += ["", "*From `results/transformers.json`. " + " ".join(notes.values()) + "*"]
+    checks = [
+        f"{r['task']}: {_acc(r['pruned_finetuned_long'])} after {r['epochs']} epochs of "
+        f"fine-tuning instead of {r['finetune_epochs']}; the same shape from random weights, "
+        f"{r['scratch_epochs']} epochs: {_acc(r['scratch_same_shape'])}"
+        for r in payload["rows"]
+        if "scratch_same_shape" in r
+    ]
+    if checks:
+        checks = ["*The top-half-by-PIP shape, longer: " + "; ".join(checks) + ".*"]
+    lines += ["", "*From `results/transformers.json`. " + " ".join(notes.values()) + "*", *checks]
     return lines
 
 

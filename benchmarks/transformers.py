@@ -178,6 +178,46 @@ def against_magnitude(ours, dense, train, test, x, ft: dict) -> dict:
     return row
 
 
+@torch.no_grad()
+def reinitialised(net: nn.Module, seed: int) -> nn.Module:
+    """A copy of ``net`` (its shape) with fresh weights: every module's ``reset_parameters``, the
+    attention projections Xavier-uniform with zero biases (as ``nn.MultiheadAttention`` starts),
+    a ViT's class token zero and its positional embedding N(0, 0.02^2) (torchvision's start)."""
+    torch.manual_seed(seed)
+    new = copy.deepcopy(net)
+    for m in new.modules():
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+        if isinstance(getattr(m, "in_proj_weight", None), nn.Parameter):
+            nn.init.xavier_uniform_(m.in_proj_weight)
+            if m.in_proj_bias is not None:
+                nn.init.zeros_(m.in_proj_bias)
+                nn.init.zeros_(m.out_proj.bias)
+    for name, p in new.named_parameters():
+        if name.endswith("class_token"):
+            p.zero_()
+        elif name.endswith("pos_embedding") or name == "pos":
+            p.normal_(0.0, 0.02)
+    return new
+
+
+def frontier(half_net: nn.Module, train, test, cfg: dict, seed: int) -> dict:
+    """Two checks of the target's size (the ``half`` row): our pruned net fine-tuned for as many
+    epochs as the dense net trained instead of ``finetune_epochs``; and the same shape trained
+    from random weights for the dense epochs plus the fine-tuning epochs (what that shape can
+    reach in this budget, not a pruning method)."""
+    longer = copy.deepcopy(half_net)
+    bp.finetune(longer, train, epochs=cfg["epochs"], progress=False, seed=seed)
+    scratch = reinitialised(half_net, seed)
+    epochs = cfg["epochs"] + cfg["finetune_epochs"]
+    bp.train(scratch, train, epochs=epochs, progress=False, seed=seed)
+    return {
+        "pruned_finetuned_long": bp.evaluate(longer.eval(), test),
+        "scratch_same_shape": bp.evaluate(scratch.eval(), test),
+        "scratch_epochs": epochs,
+    }
+
+
 def run_task(task: str, seed: int = 0) -> list[dict]:
     """Two rows: ``threshold 0.5`` (the median-probability model) and ``half`` (the target's
     size, :func:`half_masks`), each against magnitude pruning at its size."""
@@ -214,6 +254,7 @@ def run_task(task: str, seed: int = 0) -> list[dict]:
     half_net = bp.prune(bnet, masks=half_masks(bnet, dense, counts(ours)), example_input=x).eval()
     half = {**base, "variant": "half"}
     half |= against_magnitude(half_net, dense, train, test, x, ft)
+    half |= frontier(half_net, train, test, cfg, seed)
     rows = []
     for row in (median, half):
         row["target"] = (
