@@ -200,6 +200,8 @@ class Optimizers:
     pyro_scheduler: Any = None
     #: a distributed fit's all-reduce of each step (``bayesprune.distributed.GradientSync``)
     sync: Any = None
+    #: the loss of a step, eager or compiled (``bayesprune._compiled.LossStep``; ``None``: eager)
+    loss_step: Any = None
 
 
 def _delay_steps(
@@ -367,7 +369,10 @@ def fit_step(
             else nullcontext()
         )
         with checked:
-            loss = o.elbo.differentiable_loss(bnet.model, bnet.guide, x, y)
+            if o.loss_step is not None:
+                loss = o.loss_step(x, y)
+            else:
+                loss = o.elbo.differentiable_loss(bnet.model, bnet.guide, x, y)
         if o.sync is None:
             # the three numbers of the history in one read (one device sync instead of four)
             value, nll, kl = torch.stack((loss.detach(), o.elbo.last_nll, o.elbo.last_kl)).tolist()

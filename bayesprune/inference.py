@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from . import distributed
+from ._compiled import LossStep
 from ._fit_phases import (
     Optimizers,
     _delay_steps,
@@ -99,6 +100,9 @@ class FitResult:
         result.
     seconds
         Wall-clock time of the whole fit.
+    compiled, compile_seconds
+        Whether the steps ran compiled (``fit(compile=True)`` and compilation worked), and the
+        wall time of the first compiled step, compilation included (0 otherwise).
     """
 
     loss: list[float] = field(default_factory=list)
@@ -112,6 +116,8 @@ class FitResult:
     num_data: int = 0
     kl_weight: float = 1.0
     seconds: float = 0.0
+    compiled: bool = False
+    compile_seconds: float = 0.0
 
     @property
     def elbo(self) -> list[float]:
@@ -256,6 +262,7 @@ def fit(
     gate_step: float = 0.01,
     devices: int | None = None,
     sync_batchnorm: bool = False,
+    compile: bool = False,
 ) -> FitResult:
     r"""Fit the variational posterior of ``bnet`` by stochastic variational inference.
 
@@ -381,6 +388,15 @@ def fit(
         own BatchNorm statistics and averages the running statistics over the processes after
         every epoch; ``True`` uses ``torch.nn.SyncBatchNorm`` (statistics of the global batch,
         GPUs only).
+    compile
+        ``True`` compiles the sampled forward pass, the loss and its backward with
+        ``torch.compile`` (the optimizers stay eager); inductor draws its random numbers as eager
+        PyTorch does, so a seeded step draws the same gates and gives the same loss to float
+        tolerance. Where compilation fails, the fit goes on with the eager step and one warning
+        (``FitResult.compiled`` says which ran). Off by default: on a CPU, compiling takes
+        seconds to a minute and gains a fraction of a millisecond (MLPs) to a quarter of the step
+        (ResNet-20) per step, so it pays only for long fits of conv nets
+        (``benchmarks/README.md#svi-speed``). One process only, default fit only (``elbo=None``).
 
     Raises
     ------
@@ -394,6 +410,13 @@ def fit(
     distributed.check_devices(devices)
     info = distributed.current(devices)
     spawn = distributed.needs_spawn(devices)
+    if not isinstance(compile, bool):
+        raise TypeError(f"compile must be True or False, got {compile!r}")
+    if compile and (elbo is not None or spawn or info is not None):
+        raise ValueError(
+            "compile=True compiles the default fit's step on one process: drop elbo= and "
+            "devices= (or run outside a torch.distributed process group), or drop compile"
+        )
     if (spawn or info is not None) and elbo is not None:
         raise ValueError(
             "a distributed fit (devices > 1, or fit inside a torch.distributed process group) "
@@ -483,6 +506,8 @@ def fit(
         total_steps=total_steps,
         steps_per_epoch=steps_per_epoch,
     )
+    if optimizers.fast:
+        optimizers.loss_step = LossStep(optimizers.elbo, bnet, compile=compile)
     lead = info is None or info.rank == 0  # draws the bar, validates, checkpoints, warns
     if info is not None:
         optimizers.sync = distributed.GradientSync(
@@ -527,6 +552,9 @@ def fit(
         note_stop(exc, result, run, epochs, checkpoint)
         raise
     finally:
+        if optimizers.loss_step is not None:
+            result.compiled = optimizers.loss_step.compiled
+            result.compile_seconds = optimizers.loss_step.compile_seconds
         bnet._kl_scale = 1.0
         bar.close()
         distributed.restore_batchnorm(swapped)

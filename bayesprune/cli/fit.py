@@ -106,7 +106,7 @@ def fit_command(args: argparse.Namespace) -> None:
                     progress=progress, seed=args.seed, kl_weight=args.kl_weight,
                     structure_delay=args.structure_delay, checkpoint=ckpt_path,
                     resume=ckpt_path if args.resume else None, devices=args.devices,
-                    sync_batchnorm=args.sync_batchnorm)  # fmt: skip
+                    sync_batchnorm=args.sync_batchnorm, compile=args.compile)  # fmt: skip
     bnet.save(out / "bayesian.safetensors")
     pips = {k: v.detach().cpu().numpy() for k, v in bnet.inclusion_probs().items()}
     bayes_acc = bp.evaluate(bnet, val_loader, num_samples=8)  # posterior predictive
@@ -125,6 +125,7 @@ def fit_command(args: argparse.Namespace) -> None:
         "run_id": run_id, "loss": losses, "epoch_loss": epoch_loss,
         "epochs": args.epochs, "lr": args.lr, "kl_weight": args.kl_weight,
         "structure_delay": args.structure_delay, "devices": args.devices or 1,
+        "compiled": result.compiled, "compile_seconds": result.compile_seconds,
         "dense_val_accuracy": dense_acc, "bayes_val_accuracy": bayes_acc,
         "pips": {k: v.tolist() for k, v in pips.items()},
         "nodes_pip_ge_0.5": {k: int((v >= 0.5).sum()) for k, v in pips.items()},
@@ -152,6 +153,8 @@ def _check_devices(args: argparse.Namespace) -> None:
     """Refuse --devices / --sync-batchnorm that cannot run, before any training."""
     devices = args.devices or 1
     gpu = torch.device(args.device).type == "cuda"
+    if args.compile and devices > 1:
+        raise CLIError("--compile compiles the step of one process: drop --devices or --compile")
     if args.sync_batchnorm and devices < 2:
         raise CLIError("--sync-batchnorm synchronizes BatchNorm across the processes of "
                        "--devices N > 1; add --devices, or drop --sync-batchnorm")  # fmt: skip

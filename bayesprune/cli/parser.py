@@ -209,6 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--sync-batchnorm", action="store_true",
                      help="with --devices: BatchNorm statistics of the global batch "
                      "(torch.nn.SyncBatchNorm, GPUs only; default: each process's own share)")  # fmt: skip
+    fit.add_argument("--compile", action="store_true",
+                     help="compile the SVI step's forward, loss and backward with torch.compile "
+                     "(one process; falls back to the eager step with a warning where "
+                     "compilation fails; pays only for long fits of conv nets on a CPU)")  # fmt: skip
     fit.add_argument(
         "--out", type=Path, required=True, metavar="DIR", help="run directory to write"
     )

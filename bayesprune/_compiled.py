@@ -1,0 +1,93 @@
+"""The loss of one SVI step, eager or compiled with ``torch.compile`` (private).
+
+:func:`bayesprune.fit` with ``compile=True`` compiles the forward pass and the loss of
+:class:`~bayesprune.inference.LocalReparamELBO` (``differentiable_loss``: the network's sampled
+pass, the NLL and the KL; AOTAutograd compiles its backward too). The optimizers stay eager: the
+learning-rate schedules and the fused Adam are not traceable (``torch.compile`` skips them), and
+compiling them too gained nothing in the measurement of ``benchmarks/README.md#svi-speed``.
+
+Inductor is told to draw its random numbers as eager PyTorch does (``fallback_random``), so a
+seeded compiled step draws the same gates and noise as the eager one and their losses and
+gradients agree to float tolerance (``tests/test_compiled.py``).
+
+Compilation can fail where eager works (no C++ compiler, an unsupported platform or layer). Then
+the same batch is run eagerly, with the random state from before the compiled attempt: if that
+works, the fit goes on eager with one warning that says why; if it fails too, the error is the
+model's and is raised.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from typing import Any
+
+import torch
+
+
+class LossStep:
+    """``loss = step(x, y)``: the ELBO loss of ``bnet`` on a batch, compiled or eager.
+
+    ``compiled`` says which path the last step took, ``compile_seconds`` the wall time of the
+    first compiled step (compilation included), ``fallback`` why compilation was given up (or
+    ``None``).
+    """
+
+    def __init__(self, elbo: Any, bnet: Any, *, compile: bool) -> None:
+        # bound here, outside the traced function: inside it, dynamo does not see a bound
+        # method's __self__, which LocalReparamELBO reads to find the BayesianModule
+        model, guide = bnet.model, bnet.guide
+
+        def loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return elbo.differentiable_loss(model, guide, x, y)
+
+        self._eager = loss
+        self._fn = loss
+        self._first = compile
+        self.compiled = False
+        self.compile_seconds = 0.0
+        self.fallback: str | None = None
+        if compile:
+            try:
+                self._fn = torch.compile(loss, options={"fallback_random": True})
+                self.compiled = True
+            except Exception as exc:
+                self._give_up(exc)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if not self.compiled:
+            return self._eager(x, y)
+        state = _rng_state(x.device)
+        start = time.perf_counter()
+        try:
+            out = self._fn(x, y)
+        except Exception as exc:
+            _set_rng_state(state, x.device)
+            out = self._eager(x, y)  # a model error is raised here, as without compile
+            self._give_up(exc)
+            return out
+        if self._first:
+            self._first = False
+            self.compile_seconds = time.perf_counter() - start
+        return out
+
+    def _give_up(self, exc: BaseException) -> None:
+        self.compiled = False
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        self.fallback = f"{type(exc).__name__}: {first}"[:300]
+        warnings.warn(
+            f"fit(compile=True): torch.compile failed ({self.fallback}); the fit goes on with "
+            "the eager step, which computes the same loss. Pass compile=False to skip the attempt",
+            stacklevel=2,
+        )
+
+
+def _rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(state: tuple[torch.Tensor, torch.Tensor | None], device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
