@@ -4,7 +4,8 @@
 :class:`~bayesprune.inference.LocalReparamELBO` (``differentiable_loss``: the network's sampled
 pass, the NLL and the KL; AOTAutograd compiles its backward too). The optimizers stay eager: the
 learning-rate schedules and the fused Adam are not traceable (``torch.compile`` skips them), and
-compiling them too gained nothing in the measurement of ``benchmarks/README.md#svi-speed``.
+a hand-written traceable optimizer step compiled with the loss was no faster and took twice as
+long to compile. Per-step and end-to-end times: ``docs/compiled-step.md``.
 
 Inductor is told to draw its random numbers as eager PyTorch does (``fallback_random``), so a
 seeded compiled step draws the same gates and noise as the eager one and their losses and
@@ -19,6 +20,7 @@ model's and is raised.
 from __future__ import annotations
 
 import time
+import types
 import warnings
 from typing import Any
 
@@ -29,8 +31,9 @@ class LossStep:
     """``loss = step(x, y)``: the ELBO loss of ``bnet`` on a batch, compiled or eager.
 
     ``compiled`` says which path the last step took, ``compile_seconds`` the wall time of the
-    first compiled step (compilation included), ``fallback`` why compilation was given up (or
-    ``None``).
+    first compiled step, forward and backward, compilation included (a later recompilation, for
+    example when the KL warm-up changes the KL weight, is not counted), ``fallback`` why
+    compilation was given up (or ``None``).
     """
 
     def __init__(self, elbo: Any, bnet: Any, *, compile: bool) -> None:
@@ -43,13 +46,19 @@ class LossStep:
 
         self._eager = loss
         self._fn = loss
+        self._started: float | None = None
         self._first = compile
         self.compiled = False
         self.compile_seconds = 0.0
         self.fallback: str | None = None
         if compile:
+            # a code object of its own: dynamo keeps its compiled graphs (and counts recompiles
+            # against its limit) per code object, and every fit's graphs are its own
+            own = types.FunctionType(
+                loss.__code__.replace(), loss.__globals__, loss.__name__, None, loss.__closure__
+            )
             try:
-                self._fn = torch.compile(loss, options={"fallback_random": True})
+                self._fn = torch.compile(own, options={"fallback_random": True})
                 self.compiled = True
             except Exception as exc:
                 self._give_up(exc)
@@ -58,7 +67,11 @@ class LossStep:
         if not self.compiled:
             return self._eager(x, y)
         state = _rng_state(x.device)
-        start = time.perf_counter()
+        if self._first:
+            self._started = time.perf_counter()
+        # the batch size may change (the last batch of an epoch): one graph for every size
+        torch._dynamo.maybe_mark_dynamic(x, 0)
+        torch._dynamo.maybe_mark_dynamic(y, 0)
         try:
             out = self._fn(x, y)
         except Exception as exc:
@@ -66,10 +79,15 @@ class LossStep:
             out = self._eager(x, y)  # a model error is raised here, as without compile
             self._give_up(exc)
             return out
-        if self._first:
-            self._first = False
-            self.compile_seconds = time.perf_counter() - start
         return out
+
+    def backward_done(self) -> None:
+        """Called after the backward pass of each step: the first compiled step's time, forward
+        and backward (AOTAutograd compiles the backward graph at its first call), is
+        ``compile_seconds``."""
+        if self._first and self._started is not None and self.compiled:
+            self._first = False
+            self.compile_seconds = time.perf_counter() - self._started
 
     def _give_up(self, exc: BaseException) -> None:
         self.compiled = False

@@ -386,6 +386,8 @@ def fit_step(
         # A distributed step averages the new gradients only, and adds them to the sums.
         held = o.sync.hold() if o.sync is not None else None
         loss.backward()
+        if o.loss_step is not None:
+            o.loss_step.backward_done()
         if o.sync is not None:
             value, nll = o.sync.reduce(held, loss, o.elbo.last_nll, x.shape[0])
             if not math.isfinite(value):  # the same on every process: all of them stop

@@ -396,7 +396,7 @@ def fit(
         (``FitResult.compiled`` says which ran). Off by default: on a CPU, compiling takes
         seconds to a minute and gains a fraction of a millisecond (MLPs) to a quarter of the step
         (ResNet-20) per step, so it pays only for long fits of conv nets
-        (``benchmarks/README.md#svi-speed``). One process only, default fit only (``elbo=None``).
+        (``docs/compiled-step.md``). One process only, default fit only (``elbo=None``).
 
     Raises
     ------

@@ -5,7 +5,8 @@ Each probe runs cells of ``benchmarks/robustness.py`` (same data, nets, dense re
 the probe measures. Nothing here is a default; the probes are the evidence for the notes in
 ``docs/notes/gate-decisions.md``.
 
-Probes (``--probe NAME``; ``reset``, ``ghs_scale`` and ``init`` take a value, ``--value``):
+Probes (``--probe NAME``; ``reset``, ``ghs_scale``, ``init``, ``ramp`` and ``leaky`` take a value,
+``--value``):
 
 * ``default``: the fit as it is, with the ELBO terms at the start and the end, the training
   accuracy of the pruned net, and how often each gate logit changed sign (per quarter of the fit).
@@ -20,6 +21,11 @@ Probes (``--probe NAME``; ``reset``, ``ghs_scale`` and ``init`` take a value, ``
   posterior-mean network on up to 1,024 training examples, scaled to N): the exact conditional
   decision of one gate, instead of the first-order estimate of the natural step.
 * ``ghs_scale``: ``GroupHorseshoe(global_scale=value)``; ``value`` 0 means :math:`1/\\sqrt{n}`.
+* ``leaky``: the gates' summed gradients decay by :math:`e^{-1/T}` after every step, :math:`T` the
+  steps of ``value`` epochs: a leaky integral that bounds the summed pressure of early steps.
+* ``ramp``: the structure schedules (the gates' natural step; the default prior has no other
+  structure parameter) grow linearly from 0 after the ``structure_delay`` freeze, reaching their
+  schedule after ``value`` (a fraction) of the steps; the summed gradients are kept as they are.
 * ``init``: ``SpikeAndSlab(init_inclusion=value)`` instead of 0.95 (the gates start nearer on, so
   that fewer channels are dropped at random in the first steps of a dense start).
 
@@ -49,10 +55,22 @@ import robustness as R
 from results_io import write_json
 
 import bayesprune as bp
+from bayesprune import inference
 from bayesprune.natural import BernoulliNaturalGradient
 
 RESULTS = Path(__file__).resolve().parent / "results" / "gate_probes.json"
-PROBES = ("default", "clear_frozen", "antiwindup", "reset", "theory", "ghs_scale", "flip", "init")
+PROBES = (
+    "default",
+    "clear_frozen",
+    "antiwindup",
+    "reset",
+    "theory",
+    "ghs_scale",
+    "flip",
+    "init",
+    "ramp",
+    "leaky",
+)
 
 
 @contextlib.contextmanager
@@ -69,7 +87,7 @@ class _Recorder:
     """Wraps ``BernoulliNaturalGradient.step``: applies the probe's change to the summed gate
     gradients after each step and counts the sign changes of the gate logits."""
 
-    def __init__(self, probe: str, period: int | None) -> None:
+    def __init__(self, probe: str, period: float | None) -> None:
         self.probe, self.period = probe, period
         self.t, self.prev, self.flips, self.per_step = 0, None, None, []
 
@@ -95,6 +113,8 @@ class _Recorder:
                         p.grad[out_up | out_down] = 0
                     elif rec.probe == "reset" and rec.t % rec.period == 0:
                         p.grad = None
+                    elif rec.probe == "leaky":
+                        p.grad.mul_(rec.period)
             sign = torch.cat([p.detach().flatten() > 0 for p in params])
             if rec.prev is not None:
                 changed = (sign != rec.prev).long()
@@ -104,6 +124,25 @@ class _Recorder:
             return out
 
         return step
+
+
+def _ramped(fraction: float, total: int):
+    """``_lr_factor`` of ``bp.fit`` times a linear ramp from the end of the freeze over
+    ``fraction`` of the ``total`` steps (the ``ramp`` probe)."""
+    base = inference._lr_factor
+    length = max(1, int(fraction * total))
+
+    def lr_factor(schedule: str, steps: int | None, start: int):
+        inner = base(schedule, steps, start)
+        if start == 0:  # the weights' schedule (the structure schedules start after the freeze)
+            return inner
+
+        def factor(step: int) -> float:
+            return inner(step) * min(1.0, max(0, step - start + 1) / length)
+
+        return factor
+
+    return lr_factor
 
 
 @torch.no_grad()
@@ -177,6 +216,8 @@ def run(probe: str, value: float | None, cell: int, seed: int = 0) -> dict:
     n_train = 898 if data == "digits" else n
     total = epochs * math.ceil(n_train / R.BATCH)
     period = max(1, int(value * total)) if probe == "reset" else None
+    if probe == "leaky":  # (the decay factor per step travels in the same slot)
+        period = math.exp(-1.0 / max(1.0, value * total / epochs))
     rec = _Recorder(probe, period)
     seen: dict = {}
     fit, prune = bp.fit, bp.prune
@@ -208,6 +249,8 @@ def run(probe: str, value: float | None, cell: int, seed: int = 0) -> dict:
     if probe == "init":
         priors["ss"] = lambda: bp.priors.SpikeAndSlab(level="node", init_inclusion=value)
     with contextlib.ExitStack() as stack:
+        if probe == "ramp":
+            stack.enter_context(_patched(inference, "_lr_factor", _ramped(value, total)))
         stack.enter_context(
             _patched(BernoulliNaturalGradient, "step", rec(BernoulliNaturalGradient.step))
         )
@@ -255,7 +298,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cells", nargs="+", type=int, required=True)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
-    if args.probe in ("reset", "ghs_scale", "init") and args.value is None:
+    if args.probe in ("reset", "ghs_scale", "init", "ramp", "leaky") and args.value is None:
         p.error(f"--probe {args.probe} needs --value")
     torch.set_num_threads(args.threads)
     for cell in args.cells:

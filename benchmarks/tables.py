@@ -245,6 +245,8 @@ PROBE_ORDER = (
     "ghs_scale",
     "flip",
     "init",
+    "ramp",
+    "leaky",
 )
 
 
@@ -301,6 +303,61 @@ def render_svi_speed() -> list[str]:
             + _origin(predict, "svi_predict.json").strip("*")
             + ")*"
         )
+    return lines
+
+
+def render_compile_speed() -> list[str]:
+    """``bp.fit(compile=True)`` against eager: per step, and whole short and long fits."""
+    payload = load("compile_speed.json")
+    lines = [
+        "| net | deterministic step | bp.fit step, eager | compiled | compiled / eager | "
+        "first compiled step | `compile_seconds` | break-even |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in payload["steps"]:
+        even = "never" if r["break_even_steps"] is None else f"{r['break_even_steps']:,.0f} steps"
+        lines.append(
+            f"| {r['model']} | {r['det_ms']:.2f} ms | {r['eager_ms']:.2f} ms "
+            f"({r['eager_ratio']:.2f}x) | {r['compiled_ms']:.2f} ms ({r['compiled_ratio']:.2f}x) | "
+            f"{r['compiled_vs_eager']:.2f}x | {r['first_step_s']:.1f} s | {r['compile_s']:.1f} s | "
+            f"{even} |"
+        )
+    lines += [
+        "",
+        "| LeNet-300-100 fit | steps | eager | compiled (ratio) | graphs compiled | predictive "
+        "acc: eager / compiled | hidden PIP < 0.5: eager / compiled |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+
+    def each(values: list[float], fmt: str) -> str:
+        return ", ".join(format(v, fmt) for v in dict.fromkeys(values))
+
+    for r in payload["fits"]:
+        runs = (
+            f"median of {r['runs']}"
+            if len(r["seeds"]) == 1
+            else "seeds " + ", ".join(str(s) for s in r["seeds"])
+        )
+        lines.append(
+            f"| {r['data']} ({r['train_images']:,}), {r['epochs']} epoch(s), {runs} | "
+            f"{r['steps']} | {r['eager_s']:.2f} s | {r['compiled_s']:.2f} s ({r['ratio']:.1f}x) | "
+            f"{r['graphs']} | {each(r['accuracy_eager'], '.4f')} / "
+            f"{each(r['accuracy_compiled'], '.4f')} | {each(r['hidden_off_eager'], '.0%')} / "
+            f"{each(r['hidden_off_compiled'], '.0%')} |"
+        )
+    m = payload["meta"]
+    lines += [
+        "",
+        f"*Milliseconds per step: median after warm-up, the three steps timed in turn (batch "
+        f"128, random data; ratio to the deterministic step). First compiled step: its wall time "
+        f"with compilation of forward and backward; `compile_seconds`: what `FitResult` reports "
+        f"(the same first step's forward and backward); break-even: steps until the per-step "
+        f"gain repays the first step. Fits: wall time of `bp.fit(..., progress=False)`, "
+        f"compilation included, arms alternated; graphs: dynamo graphs compiled in the fit. "
+        f"Compile times {m['cache'].replace('cold: ', 'cold (')}). From "
+        f"`results/compile_speed.json`. Measured by `{m['command']}` on {m['device']}, "
+        f"{m['threads']} thread(s), torch {m['torch']}.*",
+    ]
     return lines
 
 
@@ -557,6 +614,7 @@ RENDERERS: dict[str, Callable[[], list[str]]] = {
     "robustness": render_robustness,
     "gate-step": render_gate_step,
     "svi-speed": render_svi_speed,
+    "compile-speed": render_compile_speed,
     "baselines": render_baselines,
     "conformal": render_conformal,
     "compression": render_compression,
@@ -569,6 +627,7 @@ RENDERERS: dict[str, Callable[[], list[str]]] = {
 PAGES: dict[str, Path] = {
     "gate-probes": HERE.parent / "docs" / "notes" / "gate-decisions.md",
     "transformers": HERE.parent / "docs" / "transformers.md",
+    "compile-speed": HERE.parent / "docs" / "compiled-step.md",
 }
 
 

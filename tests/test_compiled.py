@@ -39,6 +39,7 @@ def _steps(compile: bool) -> tuple[list[torch.Tensor], list[dict], LossStep]:
         bnet.zero_grad()
         loss = step(x, y)
         loss.backward()
+        step.backward_done()
         losses.append(loss.detach())
         grads.append({n: p.grad.clone() for n, p in bnet.named_parameters() if p.grad is not None})
     return losses, grads, step
@@ -69,6 +70,24 @@ def test_a_compiled_fit_reports_its_compile_time_and_fits_like_the_eager_one() -
     # under float differences), so only the first loss is compared tightly
     assert compiled.loss[0] == pytest.approx(eager.loss[0], rel=1e-5)
     assert len(compiled.loss) == len(eager.loss)
+
+
+@pytest.mark.slow
+def test_every_fit_compiles_graphs_of_its_own(monkeypatch) -> None:
+    # dynamo counts recompilations per code object against a limit, past which it runs eager
+    # without a word: fits of other networks in one process must not share that count
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    graphs = []
+    for width in (8, 12):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(20, width), nn.ReLU(), nn.Linear(width, 3))
+        before = counters["stats"]["unique_graphs"]
+        result = bp.fit(bp.bayesianize(net), _data(130), epochs=1, progress=False, compile=True)
+        graphs.append(counters["stats"]["unique_graphs"] - before)
+        assert result.compiled
+    assert graphs[0] >= 1 and graphs[1] >= 1, graphs  # (the last batch of 2 rows: no new graph)
 
 
 def test_a_failed_compilation_falls_back_to_the_eager_step_with_the_same_draws(
