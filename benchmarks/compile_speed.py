@@ -24,6 +24,7 @@ user's first fit (a later process on the same cache reuses what it holds). The p
 arms alternate, so that load from other processes affects both alike::
 
     python benchmarks/compile_speed.py --threads 1     # CPU, about 5 minutes
+    python benchmarks/compile_speed.py --device cuda --no-fits --json OUT.json   # GPU steps
 
 Writes ``benchmarks/results/compile_speed.json`` (atomically; ``--json PATH`` elsewhere), each
 row with its command, device, torch version and threads; the table of
@@ -59,7 +60,7 @@ def _graphs() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
-def child_step(model: str, steps: int, warmup: int, batch: int) -> dict:
+def child_step(model: str, steps: int, warmup: int, batch: int, device: str = "cpu") -> dict:
     """Median ms per step of the deterministic step and of ``bp.fit``'s step, eager and compiled."""
     import torch
     import torch.nn.functional as F
@@ -72,9 +73,9 @@ def child_step(model: str, steps: int, warmup: int, batch: int) -> dict:
 
     torch.manual_seed(0)
     k = 4
-    xs = [torch.randn(batch, 1, 28, 28) for _ in range(k)]
-    ys = [torch.randint(0, 10, (batch,)) for _ in range(k)]
-    net = get_model(model)
+    xs = [torch.randn(batch, 1, 28, 28, device=device) for _ in range(k)]
+    ys = [torch.randint(0, 10, (batch,), device=device) for _ in range(k)]
+    net = get_model(model).to(device)
     det_opt = make_adam(net.parameters(), 1e-3)
 
     def det(i: int) -> None:
@@ -83,7 +84,7 @@ def child_step(model: str, steps: int, warmup: int, batch: int) -> dict:
         det_opt.step()
 
     def fit_arm(compile: bool):
-        bnet = bp.bayesianize(get_model(model))
+        bnet = bp.bayesianize(get_model(model)).to(device)
         bnet.num_data = N_DATA
         total = 10 * (warmup + steps + 2)
         optimizers = _build_optimizers(
@@ -107,6 +108,8 @@ def child_step(model: str, steps: int, warmup: int, batch: int) -> dict:
         for name, step in arms.items():
             t0 = time.perf_counter()
             step(i)
+            if device != "cpu":
+                torch.cuda.synchronize()
             times[name].append(time.perf_counter() - t0)
     ms = {a: 1000 * statistics.median(t[warmup:]) for a, t in times.items()}
     gain = ms["eager"] - ms["compiled"]
@@ -213,6 +216,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rounds", type=int, default=3, help="rounds of the short fits")
     parser.add_argument("--long-epochs", type=int, default=10)
     parser.add_argument("--json", type=Path, default=RESULTS)
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda for the per-step rows")
+    parser.add_argument("--no-fits", action="store_true", help="the per-step rows only")
     parser.add_argument("--child", nargs=2, metavar=("KIND", "SPEC"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -229,6 +234,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     command = "python benchmarks/compile_speed.py " + " ".join(sys.argv[1:])
     where = f"{platform.processor() or 'cpu'}, {os.cpu_count()} cores"
+    if args.device != "cpu":
+        where = torch.cuda.get_device_name(0)
     prov = {
         "command": command,
         "device": where,
@@ -241,7 +248,7 @@ def main(argv: list[str] | None = None) -> dict:
     for model in args.models:
         mlp = "lenet" in model and "5" not in model
         n = args.steps[0] if mlp else args.steps[1]
-        spec = dict(model=model, steps=n, warmup=10 if mlp else 3, batch=128)
+        spec = dict(model=model, steps=n, warmup=10 if mlp else 3, batch=128, device=args.device)
         row = _spawn("step", dict(spec, load_before=os.getloadavg()[0]), args.threads)
         steps.append(dict(row, **prov))
         print(
@@ -253,6 +260,8 @@ def main(argv: list[str] | None = None) -> dict:
     runs = []
     cases = [("digits", 1, [0] * args.rounds), ("fmnist-2000", 1, [0] * args.rounds)]
     cases.append(("fmnist-2000", args.long_epochs, [0, 1]))
+    if args.no_fits:
+        cases = []
     for data, epochs, seeds in cases:
         for seed in seeds:
             for compile in (False, True):
