@@ -23,6 +23,7 @@ Probes (``--probe NAME``; ``reset``, ``ghs_scale``, ``init``, ``ramp`` and ``lea
 * ``ghs_scale``: ``GroupHorseshoe(global_scale=value)``; ``value`` 0 means :math:`1/\\sqrt{n}`.
 * ``leaky``: the gates' summed gradients decay by :math:`e^{-1/T}` after every step, :math:`T` the
   steps of ``value`` epochs: a leaky integral that bounds the summed pressure of early steps.
+* ``init_clear``: ``init`` (``value`` the initial inclusion) and ``clear_frozen`` together.
 * ``ramp``: the structure schedules (the gates' natural step; the default prior has no other
   structure parameter) grow linearly from 0 after the ``structure_delay`` freeze, reaching their
   schedule after ``value`` (a fraction) of the steps; the summed gradients are kept as they are.
@@ -70,6 +71,7 @@ PROBES = (
     "init",
     "ramp",
     "leaky",
+    "init_clear",
 )
 
 
@@ -105,7 +107,7 @@ class _Recorder:
                 for p in g["params"]:
                     if p.grad is None:
                         continue
-                    if rec.probe == "clear_frozen" and frozen:
+                    if rec.probe in ("clear_frozen", "init_clear") and frozen:
                         p.grad = None
                     elif rec.probe == "antiwindup":
                         out_up = (p >= bound) & (p.grad < 0)
@@ -246,7 +248,7 @@ def run(probe: str, value: float | None, cell: int, seed: int = 0) -> dict:
     if probe == "ghs_scale":
         scale = value if value else 1 / math.sqrt(n_train)
         priors["ghs"] = lambda: bp.priors.GroupHorseshoe(global_scale=scale)
-    if probe == "init":
+    if probe in ("init", "init_clear"):
         priors["ss"] = lambda: bp.priors.SpikeAndSlab(level="node", init_inclusion=value)
     with contextlib.ExitStack() as stack:
         if probe == "ramp":
@@ -298,7 +300,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cells", nargs="+", type=int, required=True)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
-    if args.probe in ("reset", "ghs_scale", "init", "ramp", "leaky") and args.value is None:
+    if (
+        args.probe in ("reset", "ghs_scale", "init", "ramp", "leaky", "init_clear")
+        and args.value is None
+    ):
         p.error(f"--probe {args.probe} needs --value")
     torch.set_num_threads(args.threads)
     for cell in args.cells:

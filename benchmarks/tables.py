@@ -247,6 +247,7 @@ PROBE_ORDER = (
     "init",
     "ramp",
     "leaky",
+    "init_clear",
 )
 
 
