@@ -11,10 +11,13 @@ Inductor is told to draw its random numbers as eager PyTorch does (``fallback_ra
 seeded compiled step draws the same gates and noise as the eager one and their losses and
 gradients agree to float tolerance (``tests/test_compiled.py``).
 
-Compilation can fail where eager works (no C++ compiler, an unsupported platform or layer). Then
-the same batch is run eagerly, with the random state from before the compiled attempt: if that
-works, the fit goes on eager with one warning that says why; if it fails too, the error is the
-model's and is raised.
+Compilation can fail where eager works (no C++ compiler, an unsupported platform or layer),
+in the forward call or, for the backward graph, at the first ``backward()``. Then the same batch
+is run eagerly, with the random state from before the compiled attempt (and, in the first step,
+its buffers and gradients): if that works, the fit goes on eager with one warning that says why;
+if it fails too, the error is the model's and is raised. A recompilation that fails in a later
+step (a new input shape) falls back the same way but cannot undo what the failed attempt may
+have done to BatchNorm's running statistics in that step.
 """
 
 from __future__ import annotations
@@ -46,6 +49,8 @@ class LossStep:
 
         self._eager = loss
         self._fn = loss
+        self._bnet = bnet
+        self._before: tuple | None = None  # the first compiled step's starting state
         self._started: float | None = None
         self._first = compile
         self.compiled = False
@@ -68,26 +73,55 @@ class LossStep:
             return self._eager(x, y)
         state = _rng_state(x.device)
         if self._first:
+            # what a failed first step must put back: the random state, the buffers (BatchNorm
+            # statistics a partly run step may have moved) and the gradients (the gates' sums)
+            buffers = [(b, b.detach().clone()) for b in self._bnet.buffers()]
+            grads = [
+                (p, None if p.grad is None else p.grad.clone()) for p in self._bnet.parameters()
+            ]
+            self._before = (state, buffers, grads)
             self._started = time.perf_counter()
         # the batch size may change (the last batch of an epoch): one graph for every size
         torch._dynamo.maybe_mark_dynamic(x, 0)
         torch._dynamo.maybe_mark_dynamic(y, 0)
         try:
-            out = self._fn(x, y)
+            return self._fn(x, y)
         except Exception as exc:
-            _set_rng_state(state, x.device)
-            out = self._eager(x, y)  # a model error is raised here, as without compile
-            self._give_up(exc)
-            return out
-        return out
+            return self._eager_instead(exc, x, y, state)
 
-    def backward_done(self) -> None:
-        """Called after the backward pass of each step: the first compiled step's time, forward
-        and backward (AOTAutograd compiles the backward graph at its first call), is
+    def backward(self, loss: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``loss.backward()``, and the loss that was differentiated. AOTAutograd compiles the
+        backward graph at its first call: if that fails, the step is run again eagerly from its
+        starting state. The first compiled step's wall time, forward and backward, is
         ``compile_seconds``."""
-        if self._first and self._started is not None and self.compiled:
-            self._first = False
-            self.compile_seconds = time.perf_counter() - self._started
+        if not (self._first and self.compiled and self._before is not None):
+            loss.backward()
+            return loss
+        try:
+            loss.backward()
+        except Exception as exc:
+            loss = self._eager_instead(exc, x, y, self._before[0])
+            loss.backward()  # a model error is raised here, as without compile
+            return loss
+        self._first, self._before = False, None
+        self.compile_seconds = time.perf_counter() - (self._started or 0.0)
+        return loss
+
+    def _eager_instead(
+        self, exc: Exception, x: torch.Tensor, y: torch.Tensor, state
+    ) -> torch.Tensor:
+        """The step's loss computed eagerly from where the failed compiled attempt started."""
+        _set_rng_state(state, x.device)
+        if self._before is not None:
+            with torch.no_grad():
+                for b, value in self._before[1]:
+                    b.copy_(value)
+            for p, grad in self._before[2]:
+                p.grad = grad
+        out = self._eager(x, y)  # a model error is raised here, as without compile
+        self._give_up(exc)
+        self._first, self._before = False, None
+        return out
 
     def _give_up(self, exc: BaseException) -> None:
         self.compiled = False

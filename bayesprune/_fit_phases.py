@@ -385,9 +385,15 @@ def fit_step(
         # undecided (issue 22's closing note); kept until a principled replacement.
         # A distributed step averages the new gradients only, and adds them to the sums.
         held = o.sync.hold() if o.sync is not None else None
-        loss.backward()
-        if o.loss_step is not None:
-            o.loss_step.backward_done()
+        if o.loss_step is None:
+            loss.backward()
+        else:
+            redone = o.loss_step.backward(loss, x, y)
+            if redone is not loss and o.sync is None:  # run again eagerly: its numbers count
+                loss = redone
+                value, nll, kl = torch.stack(
+                    (loss.detach(), o.elbo.last_nll, o.elbo.last_kl)
+                ).tolist()
         if o.sync is not None:
             value, nll = o.sync.reduce(held, loss, o.elbo.last_nll, x.shape[0])
             if not math.isfinite(value):  # the same on every process: all of them stop

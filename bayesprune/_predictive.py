@@ -8,7 +8,7 @@ rows instead of ``S`` passes over ``B``, in chunks of at most a given number of 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -24,9 +24,9 @@ def draws_per_example(bnet: BayesianModule, x: torch.Tensor) -> bool:
     """Whether every Bayesian layer of ``bnet`` draws independently per example on inputs like
     ``x`` in ``predict`` (``exact_draws`` on), each layer asked about its own input, traced by one
     posterior-mean pass on one example (which draws nothing, so the random stream is untouched).
-    The answer is remembered per input shape and estimator."""
+    The answer is remembered per input shape, estimator and prior object."""
     layers = list(bnet.bayesian_layers.values())
-    key = (tuple(x.shape[1:]), tuple(m.local_reparam for m in layers))
+    key = (tuple(x.shape[1:]), tuple((m.local_reparam, id(m.prior)) for m in layers))
     cache = bnet.__dict__.setdefault("_per_example", {})  # (absent from older pickles)
     if key in cache:
         return cache[key]
@@ -51,6 +51,12 @@ def draws_per_example(bnet: BayesianModule, x: torch.Tensor) -> bool:
             m.exact_draws = value
     cache[key] = all(verdicts)
     return cache[key]
+
+
+def inputs_of(batch: Any) -> Any:
+    """The inputs of a batch given to :meth:`~bayesprune.BayesianModule.predict`: it, or ``x`` of
+    ``(x, y)`` / ``(x,)``."""
+    return batch[0] if isinstance(batch, list | tuple) and batch else batch
 
 
 def batched_draws(net: nn.Module, x: torch.Tensor, num_samples: int, rows: int) -> torch.Tensor:

@@ -186,7 +186,8 @@ def _gates_only(layer: BayesianLayer) -> float | None:
     logits alone (point-weight node spike-and-slab, the default), else ``None``."""
     prior = layer.prior
     if (
-        isinstance(prior, SpikeAndSlab)
+        type(layer).kl is BayesianLayer.kl  # (a layer class with a KL of its own keeps it)
+        and isinstance(prior, SpikeAndSlab)
         and type(prior).kl is SpikeAndSlab.kl
         and prior.level == "node"
         and prior.point_weights

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import numbers
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -41,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._predictive import batched_draws, draws_per_example
+from ._predictive import batched_draws, draws_per_example, inputs_of
 from ._utils import check_seed, modes_kept, param_effect
 from .data import input_errors, input_tensor, label_errors, output_tensor
 from .io import FORMAT, write_module
@@ -509,9 +510,11 @@ class BayesianModule(nn.Module):
         draws made together; default :data:`PREDICT_ROWS`): a large ``x`` goes through in chunks,
         so memory stays bounded whatever its size.
 
-        ``x`` is a batch of inputs, or an iterable of batches (a ``DataLoader``, or a list of
-        tensors or of ``(x, y)`` pairs, whose labels are ignored), whose predictions are
-        concatenated: a calibration set too large for the device streams through it.
+        ``x`` is a batch of inputs; or one batch of a loader, a list or tuple ``(x, y)`` or
+        ``(x,)`` (its inputs are used, the labels ignored); or an iterable of such batches (a
+        ``DataLoader``, a list of ``(x, y)`` pairs, a generator), whose predictions are
+        concatenated: a calibration set too large for the device streams through it. Inputs go
+        to the module's device one chunk at a time.
 
         With a ``seed``, each pass is instead one whole posterior draw from the guide, shared by
         every example and the same on every call with that seed: the predictive
@@ -528,7 +531,7 @@ class BayesianModule(nn.Module):
         >>> p = bnet.predict(x, num_samples=4, seed=0)
         >>> torch.allclose(p[:2], bnet.predict(x[:2], num_samples=4, seed=0))
         True
-        >>> bnet.predict([x[:4], x[4:]], num_samples=64, batch_size=32).shape
+        >>> bnet.predict([(x[:4],), (x[4:],)], num_samples=64, batch_size=32).shape
         torch.Size([6, 3])
         """
         if num_samples < 1:
@@ -570,21 +573,33 @@ class BayesianModule(nn.Module):
         """``reduce`` of the ``[num_samples, examples, ...]`` outputs, chunk by chunk of ``x`` (a
         batch, or an iterable of batches), concatenated."""
         rows = PREDICT_ROWS if batch_size is None else batch_size
-        if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
+        if isinstance(rows, bool) or not isinstance(rows, numbers.Integral) or rows < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        rows = int(rows)
+        if isinstance(x, list | tuple) and x and torch.is_tensor(x[0]):
+            x = inputs_of(x)  # one batch of a loader, (x, y) or (x,)
         if not torch.is_tensor(x) and not hasattr(x, "__array__") and isinstance(x, Iterable):
-            parts = [self._predictive(_inputs_of(b), num_samples, seed, rows, reduce) for b in x]
+            parts = [self._predictive(inputs_of(b), num_samples, seed, rows, reduce) for b in x]
             if not parts:
                 raise ValueError("predict got an empty iterable of batches")
             return _cat(parts)
         self._check_batch(x)
-        x = x.to(self.device)
-        per_example = seed is None and draws_per_example(self, x)
+        if len(x) == 0:
+            raise ValueError(
+                f"predict got a batch of 0 examples (inputs of shape {tuple(x.shape)}): pass at "
+                "least one example"
+            )
+        # chunks go to the device one at a time, so that device memory stays bounded too
+        per_example = seed is None and draws_per_example(self, x[:1].to(self.device))
         # examples per chunk: with batched draws, each example takes up to num_samples rows
         step = max(1, rows // num_samples) if per_example else rows
         parts = [
-            reduce(self._sample_outputs(x[i : i + step], num_samples, seed, rows, per_example))
-            for i in range(0, max(len(x), 1), step)
+            reduce(
+                self._sample_outputs(
+                    x[i : i + step].to(self.device), num_samples, seed, rows, per_example
+                )
+            )
+            for i in range(0, len(x), step)
         ]
         return _cat(parts)
 
@@ -613,7 +628,7 @@ class BayesianModule(nn.Module):
                         return torch.stack(
                             [self._frozen_pass(x, s) for s in _draw_seeds(seed, num_samples)]
                         )
-                    if not per_example or len(x) == 0:
+                    if not per_example:
                         return torch.stack(
                             [output_tensor(self.net(x), self.net) for _ in range(num_samples)]
                         )
@@ -665,11 +680,6 @@ class BayesianModule(nn.Module):
 
     def extra_repr(self) -> str:
         return f"likelihood={self.likelihood!r}, num_data={self.num_data}"
-
-
-def _inputs_of(batch: Any) -> torch.Tensor:
-    """The inputs of a batch given to :meth:`BayesianModule.predict`: it, or ``x`` of ``(x, y)``."""
-    return batch[0] if isinstance(batch, list | tuple) and batch else batch
 
 
 def _cat(parts: list) -> Any:

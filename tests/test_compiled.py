@@ -37,9 +37,7 @@ def _steps(compile: bool) -> tuple[list[torch.Tensor], list[dict], LossStep]:
     for i in range(3):
         torch.manual_seed(10 + i)
         bnet.zero_grad()
-        loss = step(x, y)
-        loss.backward()
-        step.backward_done()
+        loss = step.backward(step(x, y), x, y)
         losses.append(loss.detach())
         grads.append({n: p.grad.clone() for n, p in bnet.named_parameters() if p.grad is not None})
     return losses, grads, step
@@ -108,6 +106,36 @@ def test_a_failed_compilation_falls_back_to_the_eager_step_with_the_same_draws(
         )
     assert not result.compiled and result.compile_seconds == 0
     assert result.loss == eager.loss  # the random state of the failed attempt was put back
+
+
+class _BackwardFails(torch.autograd.Function):
+    """Identity whose backward raises, as a backward graph that fails to compile would."""
+
+    @staticmethod
+    def forward(ctx, loss):
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("backward graph failed to compile")
+
+
+def test_a_backward_that_fails_to_compile_falls_back_with_the_same_draws(monkeypatch) -> None:
+    def lazy_backward(fn, **kwargs):
+        def run(*args):
+            torch.rand(1000)  # the compiled attempt consumes random numbers
+            return _BackwardFails.apply(fn(*args))
+
+        return run
+
+    eager = bp.fit(bp.bayesianize(_net()), _data(), epochs=2, progress=False, seed=0)
+    monkeypatch.setattr(torch, "compile", lazy_backward)
+    with pytest.warns(UserWarning, match="backward graph failed to compile"):
+        result = bp.fit(
+            bp.bayesianize(_net()), _data(), epochs=2, progress=False, seed=0, compile=True
+        )
+    assert not result.compiled and result.compile_seconds == 0
+    assert result.loss == eager.loss
 
 
 def test_a_compile_call_that_raises_at_once_falls_back_too(monkeypatch) -> None:

@@ -3,6 +3,7 @@ fused KL of the training step (:func:`bayesprune.inference.model_kl`)."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -129,9 +130,44 @@ def test_seeded_predict_streams_batches_and_chunks_alike() -> None:
     torch.testing.assert_close(bnet.predict(x, num_samples=6, seed=3, batch_size=7), whole)
     loader = DataLoader(TensorDataset(x, y), batch_size=8)
     torch.testing.assert_close(bnet.predict(loader, num_samples=6, seed=3), whole)
-    torch.testing.assert_close(bnet.predict([x[:5], x[5:]], num_samples=6, seed=3), whole)
+    torch.testing.assert_close(bnet.predict([(x[:5],), (x[5:],)], num_samples=6, seed=3), whole)
     with pytest.raises(ValueError, match="empty"):
         bnet.predict([], num_samples=2)
+
+
+def test_one_batch_of_a_loader_is_its_inputs() -> None:
+    # predict(next(iter(loader))): the labels are not predicted as a second batch of inputs
+    bnet = _mlp()
+    x, y = torch.randn(10, 6), torch.randint(0, 3, (10,))
+    whole = bnet.predict(x, num_samples=4, seed=1)
+    torch.testing.assert_close(bnet.predict([x, y], num_samples=4, seed=1), whole)
+    torch.testing.assert_close(bnet.predict((x,), num_samples=4, seed=1), whole)
+    reg = bp.bayesianize(nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 6)),
+                         likelihood="gaussian")  # fmt: skip
+    out = reg.predict_regression([x, torch.randn(10, 6)], num_samples=4, seed=1)
+    assert out.mean.shape == (10, 6)
+
+
+def test_inputs_go_to_the_device_chunk_by_chunk(monkeypatch) -> None:
+    bnet = _mlp()
+    x = torch.randn(1000, 6)
+    moved, to = [], torch.Tensor.to
+
+    def recording(self, *args, **kwargs):
+        moved.append(len(self))
+        return to(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", recording)
+    bnet.predict(x, num_samples=4, batch_size=64)
+    assert moved and max(moved) <= 64
+
+
+def test_empty_batches_and_integer_types() -> None:
+    bnet = _mlp()
+    with pytest.raises(ValueError, match="0 examples"):
+        bnet.predict(torch.zeros(0, 6), num_samples=2)
+    p = bnet.predict(torch.randn(5, 6), num_samples=2, batch_size=np.int64(4))
+    assert p.shape == (5, 3)
 
 
 def test_predict_regression_batched_and_streamed() -> None:
@@ -142,7 +178,7 @@ def test_predict_regression_batched_and_streamed() -> None:
     x = torch.randn(12, 3)
     out = bnet.predict_regression(x, num_samples=16, batch_size=40)
     assert out.mean.shape == out.variance.shape == (12,)
-    streamed = bnet.predict_regression([x[:6], x[6:]], num_samples=4, seed=0)
+    streamed = bnet.predict_regression([(x[:6],), (x[6:],)], num_samples=4, seed=0)
     whole = bnet.predict_regression(x, num_samples=4, seed=0)
     for a, b in zip(streamed, whole, strict=True):
         torch.testing.assert_close(a, b)
