@@ -2,10 +2,10 @@
 
 1. Per step (LeNet-300-100 and ResNet-20, random batches of 128 of the Fashion-MNIST shape): the
    median wall time of the whole step of ``bp.fit`` with its defaults, eager and compiled, against
-   the deterministic step (the plain net, Adam, cross-entropy). The step is built as in
-   ``benchmarks/svi_speed.py`` (``fit_step`` of ``bp.fit``: ELBO, Adam, the gates' natural step,
-   the history) with the ``LossStep`` that ``bp.fit`` itself installs (``compile=False`` or
-   ``True``); the three are timed in turn step by step after a warm-up. The compile overhead is
+   the deterministic step (the plain net, Adam, cross-entropy). The step is built by
+   ``default_fit_step`` of ``benchmarks/svi_speed.py`` (``fit_step`` of ``bp.fit``: ELBO, Adam,
+   the gates' natural step, the history, with the ``LossStep`` that ``bp.fit`` itself installs,
+   ``compile=False`` or ``True``); the three are timed in turn step by step after a warm-up. The compile overhead is
    the wall time of the first compiled step (optimizer included) less a steady one, the
    compilation of the forward and of the backward (which runs at the first ``backward()``);
    ``LossStep.compile_seconds``, what ``FitResult`` reports, covers the same forward and backward
@@ -64,11 +64,9 @@ def child_step(model: str, steps: int, warmup: int, batch: int, device: str = "c
     """Median ms per step of the deterministic step and of ``bp.fit``'s step, eager and compiled."""
     import torch
     import torch.nn.functional as F
+    from svi_speed import default_fit_step
 
-    import bayesprune as bp
-    from bayesprune._compiled import LossStep
-    from bayesprune._fit_phases import Progress, fit_step
-    from bayesprune.inference import FitResult, _build_optimizers, make_adam
+    from bayesprune.inference import make_adam
     from bayesprune.models import get_model
 
     torch.manual_seed(0)
@@ -84,21 +82,9 @@ def child_step(model: str, steps: int, warmup: int, batch: int, device: str = "c
         det_opt.step()
 
     def fit_arm(compile: bool):
-        bnet = bp.bayesianize(get_model(model)).to(device)
-        bnet.num_data = N_DATA
         total = 10 * (warmup + steps + 2)
-        optimizers = _build_optimizers(
-            bnet, None, lr=1e-3, structure_lr=None, structure_delay=0.0, gate_step=0.01,
-            lr_schedule="cosine", total_steps=total, steps_per_epoch=total,
-        )  # fmt: skip
-        optimizers.loss_step = LossStep(optimizers.elbo, bnet, compile=compile)
-        result, run, kind = FitResult(num_data=N_DATA), Progress(step=1), type(bnet.net).__name__
-        bnet.train()
-
-        def step(i: int) -> None:
-            fit_step(bnet, optimizers, result, run, xs[i % k], ys[i % k], 1.0, kind)
-
-        return step, optimizers.loss_step
+        step, _, optimizers = default_fit_step(model, device, N_DATA, total, compile=compile)
+        return (lambda i: step(xs[i % k], ys[i % k])), optimizers.loss_step
 
     eager, _ = fit_arm(False)
     compiled, loss_step = fit_arm(True)

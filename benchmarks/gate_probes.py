@@ -323,6 +323,7 @@ def main(argv: list[str] | None = None) -> None:
             "device": f"cpu ({platform.processor() or platform.machine()})",
             "torch": torch.__version__,
             "bayesprune": bp.__version__,
+            "probes": list(PROBES),  # the order of the table (benchmarks/tables.py)
         }
         write_json(RESULTS, {"meta": meta, "rows": list(rows.values())})
         keys = ("probe", "value", "cell", "dense", "dense_train", "dense_train_nll", "predictive", "pruned", "pruned_train",

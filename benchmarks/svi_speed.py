@@ -68,6 +68,7 @@ from results_io import merge_rows, write_json
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import bayesprune as bp
+from bayesprune._compiled import LossStep
 from bayesprune._fit_phases import Progress, fit_step
 from bayesprune.data import load_fashion_mnist
 from bayesprune.inference import FitResult, LocalReparamELBO, _build_optimizers, make_adam
@@ -133,6 +134,26 @@ class _OpCounter(TorchDispatchMode):
         if not func.is_view and func.namespace == "aten" and "lift_fresh" not in func.name():
             self.count += 1
         return func(*args, **(kwargs or {}))
+
+
+def default_fit_step(model: str, dev, num_data: int, total: int, *, compile: bool = False):
+    """The whole step of ``bp.fit`` with its defaults (cosine schedules, the structure freeze
+    over, the loss step ``bp.fit`` installs, compiled or not) on a fresh bayesianized ``model``:
+    ``(step(x, y), bnet, optimizers)`` (also used by ``compile_speed.py``)."""
+    bnet = bp.bayesianize(get_model(model)).to(dev)
+    bnet.num_data = num_data
+    optimizers = _build_optimizers(
+        bnet, None, lr=1e-3, structure_lr=None, structure_delay=0.0, gate_step=0.01,
+        lr_schedule="cosine", total_steps=total, steps_per_epoch=total,
+    )  # fmt: skip
+    optimizers.loss_step = LossStep(optimizers.elbo, bnet, compile=compile)
+    result, run, kind = FitResult(num_data=num_data), Progress(step=1), type(bnet.net).__name__
+    bnet.train()
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> None:
+        fit_step(bnet, optimizers, result, run, x, y, 1.0, kind)
+
+    return step, bnet, optimizers
 
 
 def _count_ops(methods: dict[str, Method], i: int) -> dict[str, int]:
@@ -377,22 +398,9 @@ def bench_model(
         )
 
     def fit_default_step() -> Method:
-        # the whole step of bp.fit with its defaults (cosine schedules, structure freeze over)
-        bnet = bp.bayesianize(get_model(name)).to(dev)
-        bnet.num_data = n
-        total = 10 * (warmup + steps + 2)
-        optimizers = _build_optimizers(
-            bnet, None, lr=1e-3, structure_lr=None, structure_delay=0.0, gate_step=0.01,
-            lr_schedule="cosine", total_steps=total, steps_per_epoch=total,
-        )  # fmt: skip
-        result, run, kind = FitResult(num_data=n), Progress(step=1), type(bnet.net).__name__
+        step, bnet, optimizers = default_fit_step(name, dev, n, 10 * (warmup + steps + 2))
         owners[FIT_STEP] = (list(bnet.parameters()), [optimizers.opt, optimizers.natural])
-        bnet.train()
-
-        def step(i: int) -> None:
-            fit_step(bnet, optimizers, result, run, xs[i % k], ys[i % k], 1.0, kind)
-
-        return step, None
+        return (lambda i: step(xs[i % k], ys[i % k])), None
 
     methods[FIT_STEP] = fit_default_step()
     methods["bayesprune SVI, defaults (point weights): ELBO + Adam only"] = ours(

@@ -204,7 +204,7 @@ def render_gate_probes() -> list[str]:
         "start -> end | gates changing sign: never / once / more; per quarter |",
         "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|---|",
     ]
-    order = {name: i for i, name in enumerate(PROBE_ORDER)}
+    order = {name: i for i, name in enumerate(payload["meta"]["probes"])}
     rows = sorted(
         payload["rows"], key=lambda r: (order.get(r["probe"], 99), r["value"] or 0, r["cell"])
     )
@@ -234,21 +234,6 @@ def render_gate_probes() -> list[str]:
             f"{mark[r['a']]} {mark[r['b']]} {mark[r['c']]} | {elbo} | {flips} |"
         )
     return [*lines, "", _origin(payload, "gate_probes.json")]
-
-
-PROBE_ORDER = (
-    "default",
-    "clear_frozen",
-    "antiwindup",
-    "reset",
-    "theory",
-    "ghs_scale",
-    "flip",
-    "init",
-    "ramp",
-    "leaky",
-    "init_clear",
-)
 
 
 # -- cost -----------------------------------------------------------------------------------------

@@ -30,3 +30,21 @@ class FakeBayesianModule:
         self, x: torch.Tensor, num_samples: int = 32, seed: int | None = None
     ) -> torch.Tensor:
         return torch.softmax(self.model(x), -1)
+
+
+def fit_options_of_cli(tmp_path, monkeypatch, *flags: str) -> dict:
+    """The keyword arguments that ``bayesprune fit --model lenet_300_100 ... *flags`` passes to
+    ``bp.fit``; the command is stopped there, before any SVI (exit 130)."""
+    from bayesprune.cli import main
+
+    seen: dict = {}
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        raise KeyboardInterrupt  # stop before any SVI: only the options are checked here
+
+    monkeypatch.setattr(bp, "fit", spy)
+    argv = ["fit", "--model", "lenet_300_100", "--out", str(tmp_path / "run"), "--epochs", "1",
+            "--pretrain-epochs", "1", "--no-progress", "--threads", "1", *flags]  # fmt: skip
+    assert main(argv) == 130
+    return seen

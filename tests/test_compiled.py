@@ -6,6 +6,7 @@ from __future__ import annotations
 import pyro.infer
 import pytest
 import torch
+from helpers import fit_options_of_cli
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -176,19 +177,7 @@ def test_compile_option_errors(kwargs, error, match) -> None:
 
 
 def test_the_cli_passes_compile_to_fit(tmp_path, monkeypatch) -> None:
-    from bayesprune.cli import main
-
-    seen = {}
-
-    def spy(*args, **kwargs):
-        seen.update(kwargs)
-        raise KeyboardInterrupt  # stop before any SVI: only the options are checked here
-
-    monkeypatch.setattr(bp, "fit", spy)
-    argv = ["fit", "--model", "lenet_300_100", "--out", str(tmp_path / "run"), "--epochs", "1",
-            "--pretrain-epochs", "1", "--subset", "500", "--no-progress", "--threads", "1",
-            "--compile"]  # fmt: skip
-    assert main(argv) == 130
+    seen = fit_options_of_cli(tmp_path, monkeypatch, "--subset", "500", "--compile")
     assert seen["compile"] is True
 
 

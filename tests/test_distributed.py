@@ -13,6 +13,7 @@ import warnings
 import pyro
 import pytest
 import torch
+from helpers import fit_options_of_cli
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Subset, TensorDataset
 
@@ -205,18 +206,7 @@ def test_more_gpus_than_there_are() -> None:
 
 
 def test_cli_devices_reach_fit(tmp_path, monkeypatch) -> None:
-    from bayesprune.cli import main
-
-    seen = {}
-
-    def spy(*args, **kwargs):
-        seen.update(kwargs)
-        raise KeyboardInterrupt  # stop before any SVI: only the options are checked here
-
-    monkeypatch.setattr(bp, "fit", spy)
-    argv = ["fit", "--model", "lenet_300_100", "--out", str(tmp_path / "run"), "--epochs", "1",
-            "--pretrain-epochs", "1", "--no-progress", "--threads", "1", "--devices", "2"]  # fmt: skip
-    assert main(argv) == 130
+    seen = fit_options_of_cli(tmp_path, monkeypatch, "--devices", "2")
     assert seen["devices"] == 2 and seen["sync_batchnorm"] is False
 
 
