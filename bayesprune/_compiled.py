@@ -3,9 +3,8 @@
 :func:`bayesprune.fit` with ``compile=True`` compiles the forward pass and the loss of
 :class:`~bayesprune.inference.LocalReparamELBO` (``differentiable_loss``: the network's sampled
 pass, the NLL and the KL; AOTAutograd compiles its backward too). The optimizers stay eager: the
-learning-rate schedules and the fused Adam are not traceable (``torch.compile`` skips them), and
-a hand-written traceable optimizer step compiled with the loss was no faster and took twice as
-long to compile. Per-step and end-to-end times: ``docs/compiled-step.md``.
+learning-rate schedules and the fused Adam are not traceable (``torch.compile`` skips them).
+Per-step and end-to-end times: ``docs/compiled-step.md``.
 
 Inductor is told to draw its random numbers as eager PyTorch does (``fallback_random``), so a
 seeded compiled step draws the same gates and noise as the eager one and their losses and
