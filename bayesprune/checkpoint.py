@@ -357,6 +357,7 @@ def restore(
         "scheduler",
         "gate_optimizer",
         "gate_scheduler",
+        "gate_tests",
     }:
         raise ValueError(
             f"resume={saved['file']!r}: the checkpoint's optimizers ({', '.join(sorted(state))}) "

@@ -425,6 +425,10 @@ class GradientSync:
         loss_value, nll_value = flat[-2:].tolist()
         return loss_value, nll_value
 
+    def sum(self, tensor: torch.Tensor) -> None:
+        """Sum ``tensor`` over the processes, in place (the NLLs of the gate tests)."""
+        dist.all_reduce(tensor)
+
     def end_of_epoch(self, bnet: nn.Module) -> None:
         """Average the BatchNorm running statistics over the processes (per-device BatchNorm),
         then check that the parameters are the same on every process."""

@@ -58,6 +58,8 @@ from ._fit_phases import (
     step_counts,
 )
 from ._utils import param_effect, resolve_device
+from .gate_tests import DEFAULT_SIZE as DEFAULT_TEST_SIZE
+from .gate_tests import GateTests
 from .layers import BayesianLayer
 from .module import BayesianModule
 from .natural import BernoulliNaturalGradient
@@ -103,6 +105,10 @@ class FitResult:
     compiled, compile_seconds
         Whether the steps ran compiled (``fit(compile=True)`` and compilation worked), and the
         wall time of the first compiled step, compilation included (0 otherwise).
+    gate_tests
+        What the exact tests of the gate switches did (``fit(gate_tests=...)``,
+        :mod:`bayesprune.gate_tests`): tests run, switches off and on taken, switches refused,
+        gates held at the end, seconds spent; empty when no test ran.
     """
 
     loss: list[float] = field(default_factory=list)
@@ -118,6 +124,7 @@ class FitResult:
     seconds: float = 0.0
     compiled: bool = False
     compile_seconds: float = 0.0
+    gate_tests: dict[str, float] = field(default_factory=dict)
 
     @property
     def elbo(self) -> list[float]:
@@ -264,6 +271,7 @@ def fit(
     devices: int | None = None,
     sync_batchnorm: bool = False,
     compile: bool = False,
+    gate_tests: int | None = DEFAULT_TEST_SIZE,
 ) -> FitResult:
     r"""Fit the variational posterior of ``bnet`` by stochastic variational inference.
 
@@ -398,6 +406,15 @@ def fit(
         seconds to a minute and gains a fraction of a millisecond (MLPs) to a quarter of the step
         (ResNet-20) per step, so it pays only for long fits of conv nets
         (``docs/compiled-step.md``). One process only, default fit only (``elbo=None``).
+    gate_tests
+        Training examples (the first ``gate_tests`` that the fit sees) on which every
+        switch of a point-weight gate that the natural step proposes is tested exactly before it
+        is taken (:mod:`bayesprune.gate_tests`: a switch is taken only when it lowers NLL +
+        :math:`\beta` KL of the median-probability model; a refused gate is held for an epoch or
+        more). Default 256. ``None`` turns the tests off: the natural step alone, which on a
+        trained network can switch off many needed nodes at once
+        (``docs/notes/gate-decisions.md``). Each test costs a forward pass over these examples;
+        ``FitResult.gate_tests`` reports how many ran and their time. Fast ELBO only.
 
     Raises
     ------
@@ -445,6 +462,7 @@ def fit(
         checkpoint=checkpoint,
         resume=resume,
         gate_step=gate_step,
+        gate_tests=gate_tests,
     )
     if spawn:
         dev = resolve_device(device) if device is not None else bnet.device
@@ -454,7 +472,7 @@ def fit(
             progress=progress, kl_warmup=kl_warmup, seed=seed, kl_weight=kl_weight,
             structure_lr=structure_lr, structure_delay=structure_delay, lr_schedule=lr_schedule,
             val_samples=val_samples, checkpoint=checkpoint, resume=resume, gate_step=gate_step,
-            sync_batchnorm=sync_batchnorm,
+            sync_batchnorm=sync_batchnorm, gate_tests=gate_tests,
         )  # fmt: skip
         return distributed.spawn_fit(fit, bnet, train_loader, kwargs, devices=devices, device=dev)
     saved = ckpt.load_fit_state(resume) if resume is not None else None
@@ -466,6 +484,7 @@ def fit(
         "structure_lr": structure_lr,
         "structure_delay": structure_delay,
         "gate_step": gate_step,
+        "gate_tests": gate_tests,
         "lr_schedule": lr_schedule,
         "kl_warmup": kl_warmup,
         "kl_weight": kl_weight,
@@ -514,6 +533,14 @@ def fit(
         optimizers.sync = distributed.GradientSync(
             bnet, optimizers.gate_ids, info, sync_bn=sync_batchnorm
         )
+    if optimizers.natural is not None and gate_tests is not None:
+        optimizers.gate_tests = GateTests(
+            bnet,
+            [p for g in optimizers.natural.param_groups for p in g["params"]],
+            gate_tests,
+            reduce=optimizers.sync.sum if optimizers.sync is not None else None,
+        )
+        optimizers.stateful["gate_tests"] = optimizers.gate_tests
     result = FitResult(num_data=n, kl_weight=float(kl_weight))
     run = restore_checkpoint(saved, checkpoint, bnet, optimizers, result)
     if info is not None:
@@ -553,6 +580,8 @@ def fit(
         note_stop(exc, result, run, epochs, checkpoint)
         raise
     finally:
+        if optimizers.gate_tests is not None:
+            result.gate_tests = optimizers.gate_tests.summary()
         if optimizers.loss_step is not None:
             result.compiled = optimizers.loss_step.compiled
             result.compile_seconds = optimizers.loss_step.compile_seconds

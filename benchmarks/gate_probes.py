@@ -10,11 +10,18 @@ Probes (``--probe NAME``; ``reset``, ``ghs_scale``, ``init``, ``ramp`` and ``lea
 
 * ``default``: the fit as it is, with the ELBO terms at the start and the end, the training
   accuracy of the pruned net, and how often each gate logit changed sign (per quarter of the fit).
+* ``natural_only``: the fit without the exact tests of the gate switches
+  (``bp.fit(gate_tests=None)``: the natural step alone, the default before
+  :mod:`bayesprune.gate_tests`). Every probe below also runs with ``gate_tests=None``: each is a
+  change to the natural step alone.
 * ``clear_frozen``: the gate gradients of the steps frozen by ``structure_delay`` are cleared, so
   the first natural step after the freeze does not get their sum.
 * ``antiwindup``: a gate clamped at ``max_logit`` keeps no summed gradient pushing it further out.
 * ``reset``: the gates' summed gradients are cleared every ``value`` (a fraction) of the steps.
 * ``theory``: ``SpikeAndSlab(prior_inclusion="theory")`` instead of 0.1.
+* ``tests_size``: the default fit with ``gate_tests=value`` (examples per test) instead of 256.
+* ``theory_tests``: ``theory`` with the exact tests of the gate switches (the default fit with
+  ``prior_inclusion="theory"``).
 * ``flip``: after the default fit, a greedy pass (``value`` rounds, default 1) over the hidden
   nodes: each gate in turn is flipped to the other bound, and the flip is kept when it lowers the
   objective NLL + KL with every other gate and the weights as they are (the NLL of the
@@ -29,6 +36,24 @@ Probes (``--probe NAME``; ``reset``, ``ghs_scale``, ``init``, ``ramp`` and ``lea
   schedule after ``value`` (a fraction) of the steps; the summed gradients are kept as they are.
 * ``init``: ``SpikeAndSlab(init_inclusion=value)`` instead of 0.95 (the gates start nearer on, so
   that fewer channels are dropped at random in the first steps of a dense start).
+* ``verify``: every sign change that a natural step proposes is tested exactly before it is taken,
+  one gate at a time in order of the step's strength, each against the state left by the tests
+  before it: the objective NLL + beta KL of the median model (every gate at its sign; NLL of the
+  training-mode network on up to ``value`` training examples, default 512, scaled to N) with the
+  gate flipped against without. A passed test puts the gate at the bound of its new side, a failed
+  one at the bound of its old side; either way its summed gradient is cleared. Iterated
+  conditional modes on the gates, with the natural step as the proposal.
+* ``verify_cap``: ``verify`` on 256 examples, with at most ``value`` tests per step: the strongest
+  proposals are tested, the others go back to their old logits with their sums kept (so they
+  propose again at the next step); a bound on what the tests cost.
+* ``verify_cavi``: ``verify_cap``, but a tested gate's logit is set to its exact coordinate-ascent
+  value :math:`\\operatorname{logit}\\gamma + \\Delta_j/\\beta` (clamped to the bounds), with
+  :math:`\\Delta_j` the measured NLL(off) - NLL(on): the PIP of that gate given the others.
+* ``verify_hold``: ``verify`` on ``value`` examples, with every proposal tested, but a gate whose
+  proposal failed is held (its logit at the bound, its gradients cleared) for one epoch after its
+  first failure, two after its second, four after its third...: the natural step's estimate of a
+  kept node's worth at a PIP near 1 sees almost no draws with the node off, so without the hold
+  the prior's pull proposes the same switch again within a few steps.
 
 Usage::
 
@@ -46,6 +71,7 @@ import json
 import math
 import platform
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -62,6 +88,7 @@ from bayesprune.natural import BernoulliNaturalGradient
 RESULTS = Path(__file__).resolve().parent / "results" / "gate_probes.json"
 PROBES = (
     "default",
+    "natural_only",
     "clear_frozen",
     "antiwindup",
     "reset",
@@ -72,6 +99,12 @@ PROBES = (
     "ramp",
     "leaky",
     "init_clear",
+    "verify",
+    "verify_cap",
+    "verify_cavi",
+    "verify_hold",
+    "theory_tests",
+    "tests_size",
 )
 
 
@@ -92,13 +125,22 @@ class _Recorder:
     def __init__(self, probe: str, period: float | None) -> None:
         self.probe, self.period = probe, period
         self.t, self.prev, self.flips, self.per_step = 0, None, None, []
+        self.verifier = None  # set by run() for the ``verify`` probe
 
     def __call__(self, original):
         rec = self
 
         @torch.no_grad()
         def step(opt, closure=None):
+            before = [p.detach().clone() for g in opt.param_groups for p in g["params"]]
+            strength = [
+                None if p.grad is None else (p.grad / (torch.sigmoid(p) * (1 - torch.sigmoid(p)))
+                                             .clamp_min(1e-12)).abs()
+                for g in opt.param_groups for p in g["params"]
+            ]  # fmt: skip
             out = original(opt, closure)
+            if rec.verifier is not None:
+                rec.verifier(opt, before, strength)
             rec.t += 1
             params = [p for g in opt.param_groups for p in g["params"]]
             frozen = all(g["lr"] == 0 for g in opt.param_groups)
@@ -204,6 +246,107 @@ def _flip_pass(bnet, train, hidden: list[str], rounds: int) -> dict:
             "objective_before": round(start, 1), "objective_after": round(best, 1)}  # fmt: skip
 
 
+class _Verifier:
+    """The ``verify`` probe: exact tests of the sign changes a natural step proposes."""
+
+    def __init__(
+        self, bnet, train, n_eval: int, cap: int | None = None, cavi: bool = False,
+        hold: int | None = None,
+    ) -> None:  # fmt: skip
+        self.cap, self.cavi, self.hold, self.t = cap, cavi, hold, 0
+        self.held = self.rejections = None
+        xs, ys, seen_n = [], [], 0
+        for x, y in R.loader(train.dataset, 256, shuffle=False):
+            xs.append(x)
+            ys.append(y)
+            seen_n += len(y)
+            if seen_n >= n_eval:
+                break
+        self.bnet, self.xs, self.ys, self.seen_n = bnet, xs, ys, seen_n
+        self.layers = {id(layer.gate_logit): layer for layer in bnet.bayesian_layers.values()
+                       if isinstance(getattr(layer, "gate_logit", None), torch.nn.Parameter)}  # fmt: skip
+        self.counts = {"tests": 0, "off": 0, "on": 0, "rejected": 0, "seconds": 0.0}
+
+    def _nll(self) -> float:
+        buffers = [b.clone() for b in self.bnet.net.buffers()]  # BatchNorm running statistics
+        nll = sum(
+            float(torch.nn.functional.cross_entropy(self.bnet.net(x), y, reduction="sum"))
+            for x, y in zip(self.xs, self.ys, strict=True)
+        )
+        for b, old in zip(self.bnet.net.buffers(), buffers, strict=True):
+            b.copy_(old)
+        return nll * self.bnet.num_data / self.seen_n
+
+    @torch.no_grad()
+    def __call__(self, opt, before, strength) -> None:
+        from bayesprune.priors._math import kl_bernoulli
+
+        t0 = time.perf_counter()
+        params = [p for g in opt.param_groups for p in g["params"]]
+        bounds = [g["max_logit"] for g in opt.param_groups for _ in g["params"]]
+        self.t += 1
+        if self.hold is not None:
+            if self.held is None:
+                self.held = [torch.zeros_like(p, dtype=torch.long) for p in params]
+                self.rejections = [torch.zeros_like(p, dtype=torch.long) for p in params]
+            for p, old, held in zip(params, before, self.held, strict=True):
+                keep = held > self.t
+                p.copy_(torch.where(keep, old, p))
+                if p.grad is not None:
+                    p.grad.masked_fill_(keep, 0)
+        proposals = []
+        for i, (p, old) in enumerate(zip(params, before, strict=True)):
+            if strength[i] is None or id(p) not in self.layers:
+                continue
+            changed = ((p > 0) != (old > 0)).view(-1).nonzero().flatten().tolist()
+            proposals += [(float(strength[i].view(-1)[j]), i, j) for j in changed]
+        if not proposals:
+            return
+        proposals.sort(reverse=True)
+        deferred = proposals[self.cap :] if self.cap is not None else []
+        proposals = proposals[: self.cap] if self.cap is not None else proposals
+        self.counts["deferred"] = self.counts.get("deferred", 0) + len(deferred)
+        # the tests run on the median model: every gate at its (old) sign, drawn as in training
+        # with the logits at +-30 so that the draws are deterministic
+        sure, beta = 30.0, opt.beta
+        new = [p.detach().clone() for p in params]
+        for _, i, j in deferred:  # back to the old side, the sum kept: proposed again next step
+            new[i].view(-1)[j] = before[i].view(-1)[j]
+        cavi = [torch.full_like(p, float("nan")) for p in params]
+        for p, old in zip(params, before, strict=True):
+            p.copy_(torch.where(old > 0, sure, -sure))
+        base = self._nll()
+        tested = [torch.zeros_like(p, dtype=torch.bool) for p in params]
+        for _, i, j in proposals:
+            tested[i].view(-1)[j] = True
+            p, bound = params[i], bounds[i]
+            gamma = self.layers[id(p)].prior.gamma(self.layers[id(p)])
+            on = float(p.view(-1)[j]) > 0
+            flat = torch.tensor([bound, -bound]) if on else torch.tensor([-bound, bound])
+            kl_old, kl_new = (float(kl_bernoulli(v, gamma).sum()) for v in flat)
+            p.view(-1)[j] = -p.view(-1)[j]
+            value = self._nll()
+            self.counts["tests"] += 1
+            worth = (value - base) if on else (base - value)  # NLL(off) - NLL(on)
+            cavi[i].view(-1)[j] = math.log(gamma / (1 - gamma)) + worth / beta
+            if value + beta * kl_new < base + beta * kl_old:
+                base = value
+                self.counts["off" if on else "on"] += 1
+            else:
+                p.view(-1)[j] = -p.view(-1)[j]
+                self.counts["rejected"] += 1
+                if self.hold is not None:
+                    r = int(self.rejections[i].view(-1)[j]) + 1
+                    self.rejections[i].view(-1)[j] = r
+                    self.held[i].view(-1)[j] = self.t + self.hold * 2 ** (r - 1)
+            if p.grad is not None:
+                p.grad.view(-1)[j] = 0  # the decision starts a fresh sum
+        for p, n, bound, done, c in zip(params, new, bounds, tested, cavi, strict=True):
+            decided = c.clamp(-bound, bound) if self.cavi else p.sign() * bound
+            p.copy_(torch.where(done, decided, n))  # untested gates keep the step's value
+        self.counts["seconds"] += time.perf_counter() - t0
+
+
 @torch.no_grad()
 def _nll(net: torch.nn.Module, batches) -> float:
     """Summed negative log-likelihood (nats) of a deterministic classifier over ``batches``."""
@@ -225,6 +368,17 @@ def run(probe: str, value: float | None, cell: int, seed: int = 0) -> dict:
     fit, prune = bp.fit, bp.prune
 
     def fit_and_keep(bnet, *args, **kwargs):
+        if probe == "tests_size":
+            kwargs["gate_tests"] = int(value)
+        elif probe not in ("default", "theory_tests"):
+            kwargs.setdefault("gate_tests", None)
+        if probe == "verify":
+            rec.verifier = _Verifier(bnet, args[0], int(value or 512))
+        elif probe in ("verify_cap", "verify_cavi"):
+            rec.verifier = _Verifier(bnet, args[0], 256, int(value), probe == "verify_cavi")
+        elif probe == "verify_hold":
+            epoch = math.ceil(n_train / R.BATCH)
+            rec.verifier = _Verifier(bnet, args[0], int(value), hold=epoch)
         seen["fit"] = fit(bnet, *args, **kwargs)
         seen["train"] = args[0]
         if probe == "flip":
@@ -243,7 +397,7 @@ def run(probe: str, value: float | None, cell: int, seed: int = 0) -> dict:
         return seen["small"]
 
     priors = dict(R.PRIORS)
-    if probe == "theory":
+    if probe in ("theory", "theory_tests"):
         priors["ss"] = lambda: bp.priors.SpikeAndSlab(level="node", prior_inclusion="theory")
     if probe == "ghs_scale":
         scale = value if value else 1 / math.sqrt(n_train)
@@ -278,6 +432,8 @@ def run(probe: str, value: float | None, cell: int, seed: int = 0) -> dict:
     )
     if "flips" in seen:
         row["flip_pass"] = seen["flips"]
+    if rec.verifier is not None:
+        row["verify"] = {k: round(v, 1) for k, v in rec.verifier.counts.items()}
     if rec.flips is not None:
         steps = len(rec.per_step)
         row["gate_sign_changes"] = {
@@ -301,7 +457,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     if (
-        args.probe in ("reset", "ghs_scale", "init", "ramp", "leaky", "init_clear")
+        args.probe
+        in (
+            "reset",
+            "ghs_scale",
+            "init",
+            "ramp",
+            "leaky",
+            "init_clear",
+            "verify_cap",
+            "verify_cavi",
+            "verify_hold",
+            "tests_size",
+        )
         and args.value is None
     ):
         p.error(f"--probe {args.probe} needs --value")
@@ -328,7 +496,7 @@ def main(argv: list[str] | None = None) -> None:
         write_json(RESULTS, {"meta": meta, "rows": list(rows.values())})
         keys = ("probe", "value", "cell", "dense", "dense_train", "dense_train_nll", "predictive", "pruned", "pruned_train",
                 "params", "hidden_off", "uncertain", "a", "b", "c", "nll_start", "kl_start",
-                "nll_end", "kl_end", "gate_sign_changes", "flip_pass")  # fmt: skip
+                "nll_end", "kl_end", "gate_sign_changes", "flip_pass", "verify", "fit_seconds")  # fmt: skip
         print(json.dumps({k: row.get(k) for k in keys}), flush=True)
 
 

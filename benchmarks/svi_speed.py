@@ -71,12 +71,16 @@ import bayesprune as bp
 from bayesprune._compiled import LossStep
 from bayesprune._fit_phases import Progress, fit_step
 from bayesprune.data import load_fashion_mnist
+from bayesprune.gate_tests import DEFAULT_SIZE as DEFAULT_TEST_SIZE
+from bayesprune.gate_tests import GateTests
 from bayesprune.inference import FitResult, LocalReparamELBO, _build_optimizers, make_adam
 from bayesprune.models import get_model
 from bayesprune.train import resolve_device
 
 #: the row of bp.fit's whole step with its defaults
 FIT_STEP = "bp.fit step, defaults (node spike-and-slab, point weights)"
+#: the same step without the exact tests of the gate switches (``bp.fit(gate_tests=None)``)
+FIT_STEP_UNTESTED = "bp.fit step, defaults but gate_tests=None (no tests of the gate switches)"
 #: the row of whole bp.fit epochs with their defaults
 FIT_EPOCH = "bp.fit end to end, defaults, 1 epoch of the same batches (per step)"
 
@@ -136,9 +140,12 @@ class _OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def default_fit_step(model: str, dev, num_data: int, total: int, *, compile: bool = False):
+def default_fit_step(
+    model: str, dev, num_data: int, total: int, *, compile: bool = False, gate_tests: bool = True
+):
     """The whole step of ``bp.fit`` with its defaults (cosine schedules, the structure freeze
-    over, the loss step ``bp.fit`` installs, compiled or not) on a fresh bayesianized ``model``:
+    over, the loss step ``bp.fit`` installs, compiled or not, the exact tests of the gate
+    switches that its natural step proposes) on a fresh bayesianized ``model``:
     ``(step(x, y), bnet, optimizers)`` (also used by ``compile_speed.py``)."""
     bnet = bp.bayesianize(get_model(model)).to(dev)
     bnet.num_data = num_data
@@ -147,6 +154,9 @@ def default_fit_step(model: str, dev, num_data: int, total: int, *, compile: boo
         lr_schedule="cosine", total_steps=total, steps_per_epoch=total,
     )  # fmt: skip
     optimizers.loss_step = LossStep(optimizers.elbo, bnet, compile=compile)
+    if gate_tests and optimizers.natural is not None:  # bp.fit's tests of the gate switches
+        gates = [p for g in optimizers.natural.param_groups for p in g["params"]]
+        optimizers.gate_tests = GateTests(bnet, gates, DEFAULT_TEST_SIZE)
     result, run, kind = FitResult(num_data=num_data), Progress(step=1), type(bnet.net).__name__
     bnet.train()
 
@@ -397,12 +407,14 @@ def bench_model(
             make_adam(bnet.parameters(), 1e-3),
         )
 
-    def fit_default_step() -> Method:
-        step, bnet, optimizers = default_fit_step(name, dev, n, 10 * (warmup + steps + 2))
-        owners[FIT_STEP] = (list(bnet.parameters()), [optimizers.opt, optimizers.natural])
+    def fit_default_step(label: str, gate_tests: bool = True) -> Method:
+        total = 10 * (warmup + steps + 2)
+        step, bnet, optimizers = default_fit_step(name, dev, n, total, gate_tests=gate_tests)
+        owners[label] = (list(bnet.parameters()), [optimizers.opt, optimizers.natural])
         return (lambda i: step(xs[i % k], ys[i % k])), None
 
-    methods[FIT_STEP] = fit_default_step()
+    methods[FIT_STEP] = fit_default_step(FIT_STEP)
+    methods[FIT_STEP_UNTESTED] = fit_default_step(FIT_STEP_UNTESTED, gate_tests=False)
     methods["bayesprune SVI, defaults (point weights): ELBO + Adam only"] = ours(
         bp.priors.SpikeAndSlab(level="node"), "local"
     )

@@ -88,15 +88,16 @@ def _composite_origin(payload: dict, rows: list[dict], name: str) -> str:
 # -- the default fit ------------------------------------------------------------------------------
 
 
-def _robustness_cells() -> dict[int, tuple]:
-    """``CELLS`` of ``robustness.py`` (read from its source: importing it would import torch)."""
+def _robustness_cells(name: str = "CELLS") -> dict:
+    """``CELLS`` (or another literal, ``name``) of ``robustness.py`` (read from its source:
+    importing it would import torch)."""
     tree = ast.parse((HERE / "robustness.py").read_text())
     for node in tree.body:
         if isinstance(node, ast.Assign) and any(
-            isinstance(t, ast.Name) and t.id == "CELLS" for t in node.targets
+            isinstance(t, ast.Name) and t.id == name for t in node.targets
         ):
             return ast.literal_eval(node.value)
-    raise RuntimeError("benchmarks/robustness.py defines no CELLS")
+    raise RuntimeError(f"benchmarks/robustness.py defines no {name}")
 
 
 def robustness_table(payload: dict, cells: dict[int, tuple]) -> list[str]:
@@ -154,6 +155,19 @@ def render_robustness() -> list[str]:
             f"fit's own epochs (column `dense_same_budget`): {parts}. Target (a) is still taken "
             "against the dense column.*"
         )
+    why = _robustness_cells("MISSED")
+    missed = [r["cell"] for r in payload["cells"] if False in (r["a"], r["b"], r["c"])]
+    unexplained = [c for c in missed if c not in why]
+    if unexplained:
+        raise RuntimeError(
+            f"robustness cells {unexplained} miss a target and MISSED in robustness.py does not "
+            "say why: add the measured reason"
+        )
+    notes.append(
+        "*Why targets are missed: "
+        + "; ".join(f"cell {c}: {why[c]}" for c in sorted(missed))
+        + ".*"
+    )
     full = load("bayes_lenet_defaults.json")
     for r in full["rows"]:
         per = ", ".join(f"{v:.0%}" for v in r["per_layer_below_half"].values())
@@ -612,6 +626,7 @@ RENDERERS: dict[str, Callable[[], list[str]]] = {
 #: tables that live on a page of their own instead of the README
 PAGES: dict[str, Path] = {
     "gate-probes": HERE.parent / "docs" / "notes" / "gate-decisions.md",
+    "gate-step": HERE.parent / "docs" / "notes" / "gate-decisions.md",
     "transformers": HERE.parent / "docs" / "transformers.md",
     "compile-speed": HERE.parent / "docs" / "compiled-step.md",
 }

@@ -169,7 +169,7 @@ def test_gumbel_beats_random_sparse_training(setup):
 @pytest.mark.parametrize(
     ("prior", "kl_weight"),
     [
-        (lambda: bp.priors.SpikeAndSlab(level="node"), 0.02),
+        (lambda: bp.priors.SpikeAndSlab(level="node"), 1.0),
         (lambda: bp.priors.GroupHorseshoe(global_scale=0.01), 0.2),
     ],
     ids=["spike-and-slab", "group-horseshoe"],
@@ -177,11 +177,14 @@ def test_gumbel_beats_random_sparse_training(setup):
 def test_ours_beats_random(setup, prior, kl_weight):
     """Ours under the same rule: PIP >= 0.5 against random nodes, same count per layer.
 
-    Tempered: on 898 images the KL of ~50,000 weights (about a nat each) outweighs the likelihood
-    (~2,000 nats), and the full ELBO switches every hidden node off (a probe, not a benchmark: with
-    spike-and-slab, PIP >= 0.5 kept 0 of 400 nodes at kl_weight 1, at lr 1e-3 x 60 epochs and at lr
-    3e-3 x 20 epochs). The group horseshoe's default global scale 1 prunes nothing on digits in 20
-    epochs; 0.01 prunes (as on Fashion-MNIST, benchmarks/README.md#compression).
+    Spike-and-slab at the ELBO (kl_weight 1), its default: with point weights the KL is that of
+    the gates alone, and the exact tests of the gate switches (bayesprune.gate_tests) keep the
+    nodes the data need. (It was tempered to 0.02 when the weights were Gaussian and the full
+    ELBO switched every hidden node off; at 0.02 the tested fit keeps 62% of the parameters,
+    because a node then costs 0.02 x 2.2 nats.) The group horseshoe is tempered: its weights are
+    Bayesian, and their KL outweighs the likelihood of 898 images. Its default global scale 1
+    prunes nothing on digits in 20 epochs; 0.01 prunes (as on Fashion-MNIST,
+    benchmarks/README.md#compression).
     """
     net, tr, te, _ = setup
     bnet = bp.bayesianize(net, prior=prior())

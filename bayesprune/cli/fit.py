@@ -106,7 +106,8 @@ def fit_command(args: argparse.Namespace) -> None:
                     progress=progress, seed=args.seed, kl_weight=args.kl_weight,
                     structure_delay=args.structure_delay, checkpoint=ckpt_path,
                     resume=ckpt_path if args.resume else None, devices=args.devices,
-                    sync_batchnorm=args.sync_batchnorm, compile=args.compile)  # fmt: skip
+                    sync_batchnorm=args.sync_batchnorm, compile=args.compile,
+                    gate_tests=args.gate_tests)  # fmt: skip
     bnet.save(out / "bayesian.safetensors")
     pips = {k: v.detach().cpu().numpy() for k, v in bnet.inclusion_probs().items()}
     bayes_acc = bp.evaluate(bnet, val_loader, num_samples=8)  # posterior predictive
@@ -126,6 +127,7 @@ def fit_command(args: argparse.Namespace) -> None:
         "epochs": args.epochs, "lr": args.lr, "kl_weight": args.kl_weight,
         "structure_delay": args.structure_delay, "devices": args.devices or 1,
         "compiled": result.compiled, "compile_seconds": result.compile_seconds,
+        "gate_tests": result.gate_tests,
         "dense_val_accuracy": dense_acc, "bayes_val_accuracy": bayes_acc,
         "pips": {k: v.tolist() for k, v in pips.items()},
         "nodes_pip_ge_0.5": {k: int((v >= 0.5).sum()) for k, v in pips.items()},

@@ -51,6 +51,11 @@ _positive_float = _checked(float, lambda v: v > 0, "a positive number")
 _fraction = _checked(float, lambda v: 0 <= v < 1, "a fraction in [0, 1)")
 
 
+def _tests(text: str) -> int | None:
+    """``--gate-tests``: a positive number of examples, or ``none``."""
+    return None if text.lower() == "none" else _positive_int(text)
+
+
 def _number_list(ok: Callable[[float], bool], expected: str) -> Callable:
     """An argparse type for comma-separated numbers, each checked by ``ok``."""
 
@@ -213,6 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="compile the SVI step's forward, loss and backward with torch.compile "
                      "(one process; falls back to the eager step with a warning where "
                      "compilation fails; pays only for long fits of conv nets on a CPU)")  # fmt: skip
+    fit.add_argument("--gate-tests", type=_tests, default=256, metavar="N",
+                     help="training examples on which each gate switch that the SVI proposes is "
+                     "tested exactly before it is taken (bp.fit's gate_tests; 'none' turns the "
+                     "tests off; default 256)")  # fmt: skip
     fit.add_argument(
         "--out", type=Path, required=True, metavar="DIR", help="run directory to write"
     )

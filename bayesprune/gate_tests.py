@@ -1,0 +1,244 @@
+r"""Exact tests of the gate switches that the natural step proposes.
+
+:func:`bayesprune.fit` moves the gates of point-weight layers with the natural step of
+:mod:`bayesprune.natural`, which estimates a node's worth
+
+.. math:: \Delta_j = \mathrm{NLL}(z_j{=}0) - \mathrm{NLL}(z_j{=}1)
+
+from the gradient of the loss in the gate draws. That estimate is first-order. At a gate near 1 it
+sees almost no draw with the node off, only the derivative along the node's scale, which is zero
+at a trained network's optimum; and many gates move in the same step, each on evidence gathered
+while the others were on. On a trained ResNet-20 the first gate steps then switch off hundreds of
+channels at once and the fit never recovers (``docs/notes/gate-decisions.md``, points 3 and 9).
+
+So no gate changes side on the natural step's word alone. After every natural step, each gate
+whose logit changed sign is tested, strongest proposal first, each against the state that the
+tests before it left. With every gate of these layers at its sign (the median-probability model,
+weights as they are), the test compares the tempered objective
+
+.. math:: \mathrm{NLL}(z) + \beta\, \mathrm{KL}\big(q(z) \,\|\, p(z)\big)
+
+with the gate switched against without: the NLL of the training-mode network on a fixed set of
+training examples (the first ``size`` that the fit sees), scaled to the full data; the KL at the
+logits' bounds. A switch that lowers it is taken (the logit goes to the bound of its new side),
+one that does not is refused (the logit goes back to the bound of its old side) and the gate is
+held there, its gradients cleared, for the rest of the epoch and one more; for the rest of the
+epoch and two more after a second refusal, four after a third, and so on. Either way the gate's
+summed gradient is cleared, so that its next proposal rests on new evidence. Without the hold,
+the prior's pull proposes the same switch again within a few steps.
+
+This is iterated conditional modes on the gates (Besag 1986), with the natural step as the
+proposal: every switch taken lowers the objective of the median model, and decisions are
+revisited whenever the natural step proposes them again. The PIPs it leaves are those of
+:mod:`bayesprune.natural` with these decisions; they are not the mean-field optimum.
+
+The tests run in the training mode of the network with the random state of the fit set aside
+and one fixed seed, so that both sides of a test see the same draws of anything else that is
+random (Bayesian weights, dropout); the BatchNorm running statistics are restored after each
+forward pass. In a distributed fit every process tests on its own examples and the NLL is summed
+over the processes, so that all of them take the same decisions.
+
+Measured on the cells of ``benchmarks/robustness.py``: ``benchmarks/README.md#robustness`` and
+the ``verify_hold`` rows of ``docs/notes/gate-decisions.md``.
+
+Example
+-------
+>>> import torch
+>>> import bayesprune as bp
+>>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+<torch._C.Generator object at ...>
+>>> x = torch.randn(512, 4)
+>>> data = torch.utils.data.TensorDataset(x, (x[:, 0] > 0).long())
+>>> loader = torch.utils.data.DataLoader(data, batch_size=64, shuffle=True)
+>>> bnet = bp.bayesianize(torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(),
+...                                           torch.nn.Linear(16, 2)))
+>>> result = bp.fit(bnet, loader, epochs=30, lr=1e-2, progress=False, seed=0)
+>>> sorted(result.gate_tests)
+['held', 'refused', 'seconds', 'switched_off', 'switched_on', 'tests']
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+
+import torch
+
+__all__ = ["GateTests"]
+
+#: training examples each test evaluates, the default of ``bp.fit(gate_tests=...)``
+DEFAULT_SIZE = 256
+
+
+class GateTests:
+    r"""The tests of :mod:`bayesprune.gate_tests` for one fit.
+
+    Parameters
+    ----------
+    bnet
+        The :class:`~bayesprune.BayesianModule` being fitted.
+    gates
+        The gate logits that the natural step moves (``bnet.gate_parameters()``).
+    size
+        How many training examples every test evaluates: the first ``size`` that the fit sees
+        (:meth:`collect`).
+    reduce
+        Sums a tensor over the processes of a distributed fit (in place); ``None`` alone.
+    """
+
+    def __init__(
+        self,
+        bnet,
+        gates: list[torch.nn.Parameter],
+        size: int,
+        *,
+        reduce: Callable[[torch.Tensor], None] | None = None,
+    ) -> None:
+        owners = {id(layer.gate_logit): layer for layer in bnet.bayesian_layers.values()}
+        unknown = [p for p in gates if id(p) not in owners]
+        if unknown:
+            raise ValueError("every tested gate must be the gate_logit of a Bayesian layer")
+        self.bnet, self.gates, self.size, self.reduce = bnet, gates, size, reduce
+        self.layers = [owners[id(p)] for p in gates]
+        self.examples: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.count = 0
+        self.held_until = [torch.zeros_like(p, dtype=torch.long) for p in gates]
+        self.refusals = [torch.zeros_like(p, dtype=torch.long) for p in gates]
+        self.epoch = 0
+        self.counts = dict.fromkeys(("tests", "switched_off", "switched_on", "refused"), 0)
+        self.seconds = 0.0
+
+    def collect(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Keep examples of a training batch until there are ``size`` (the fit calls it with
+        each batch it sees, before its step: the tests use the first examples of the fit)."""
+        take = min(len(y), self.size - self.count)
+        if take > 0:
+            self.examples.append((x[:take].detach().clone(), y[:take].detach().clone()))
+            self.count += take
+
+    # -- around the natural step ---------------------------------------------------------------
+    @property
+    def epoch(self) -> int:
+        """The fit's epoch (0-based): holds are counted in epochs."""
+        return self._epoch
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        self._epoch = value
+        self.holding = any(bool((h > value).any()) for h in self.held_until)
+
+    @torch.no_grad()
+    def before_step(self) -> list[torch.Tensor]:
+        """The logits before the natural step."""
+        return [p.detach().clone() for p in self.gates]
+
+    @torch.no_grad()
+    def after_step(self, natural, logits: list[torch.Tensor]) -> None:
+        """Hold the held gates, then test every sign change the natural step proposed (one
+        device sync when it proposed none)."""
+        start = time.perf_counter()
+        if self.holding:
+            for p, old, until in zip(self.gates, logits, self.held_until, strict=True):
+                held = until > self.epoch
+                p.copy_(torch.where(held, old, p))
+                if p.grad is not None:
+                    p.grad.masked_fill_(held, 0)
+        changed = [(p > 0) != (old > 0) for p, old in zip(self.gates, logits, strict=True)]
+        if torch.stack([c.any() for c in changed]).any():
+            proposals = []
+            for i, (p, old) in enumerate(zip(self.gates, logits, strict=True)):
+                if p.grad is None:
+                    continue
+                q = torch.sigmoid(old)
+                # the size of the step each gate took, before the clamp: the strongest first
+                strength = (p.grad / (q * (1 - q)).clamp_min(1e-12)).abs().view(-1)
+                for j in changed[i].view(-1).nonzero().flatten().tolist():
+                    proposals.append((float(strength[j]), i, j))
+            bound_of = {id(p): g["max_logit"] for g in natural.param_groups for p in g["params"]}
+            bounds = [bound_of[id(p)] for p in self.gates]
+            self._test(sorted(proposals, reverse=True), logits, bounds, natural.beta)
+        self.seconds += time.perf_counter() - start
+
+    def _test(self, proposals, logits, bounds, beta: float) -> None:
+        stepped = [p.detach().clone() for p in self.gates]
+        for p, old in zip(self.gates, logits, strict=True):  # the median model before the step
+            p.copy_(torch.where(old > 0, math.inf, -math.inf))
+        current = self._nll()
+        tested = [torch.zeros_like(p, dtype=torch.bool) for p in self.gates]
+        for _, i, j in proposals:
+            p, layer, bound = self.gates[i], self.layers[i], bounds[i]
+            flat = p.view(-1)
+            on = bool(flat[j] > 0)
+            kl_switch = self._kl_change(layer, p, j, bound)
+            flat[j] = -flat[j]
+            value = self._nll()
+            self.counts["tests"] += 1
+            if value + beta * kl_switch < current:
+                current = value
+                self.counts["switched_off" if on else "switched_on"] += 1
+            else:
+                flat[j] = -flat[j]
+                self.counts["refused"] += 1
+                refusals = int(self.refusals[i].view(-1)[j]) + 1
+                self.refusals[i].view(-1)[j] = refusals
+                self.held_until[i].view(-1)[j] = self.epoch + 2 ** (refusals - 1) + 1
+                self.holding = True
+            tested[i].view(-1)[j] = True
+            if p.grad is not None:
+                p.grad.view(-1)[j] = 0  # the next proposal rests on new evidence
+        for p, new, bound, done in zip(self.gates, stepped, bounds, tested, strict=True):
+            p.copy_(torch.where(done, p.sign() * bound, new))  # untested gates keep their step
+
+    def _kl_change(self, layer, p: torch.Tensor, j: int, bound: float) -> float:
+        """KL of the layer with gate ``j`` switched minus without, the logits at their bounds."""
+        saved = p.detach().clone()
+        p.copy_(p.sign() * bound)
+        before = float(layer.kl())
+        p.view(-1)[j] = -p.view(-1)[j]
+        after = float(layer.kl())
+        p.copy_(saved)
+        return after - before
+
+    def _nll(self) -> float:
+        """NLL (nats, full-data scale) of the network as it is on the test examples."""
+        bnet = self.bnet
+        buffers = [b.detach().clone() for b in bnet.buffers()]
+        devices = [bnet.device] if bnet.device.type == "cuda" else []
+        total = torch.zeros(2, dtype=torch.float64, device=bnet.device)
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(0)
+            for x, y in self.examples:
+                total[0] -= bnet.log_likelihood(bnet(x), y).sum().double()
+        total[1] = self.count
+        for b, old in zip(bnet.buffers(), buffers, strict=True):
+            b.copy_(old)
+        if self.reduce is not None:
+            self.reduce(total)
+        nll, count = total.tolist()
+        return nll * bnet.num_data / count
+
+    # -- bookkeeping ---------------------------------------------------------------------------
+    def summary(self) -> dict[str, float]:
+        """What the tests did: counts, gates held now, seconds spent."""
+        held = sum(int((h > self.epoch).sum()) for h in self.held_until)
+        return {**self.counts, "held": held, "seconds": round(self.seconds, 3)}
+
+    def state_dict(self) -> dict:
+        """The examples, holds, refusals and counts (what a resumed fit needs to go on exactly)."""
+        return {"epoch": self.epoch, "held_until": self.held_until, "refusals": self.refusals,
+                "counts": dict(self.counts), "seconds": self.seconds,
+                "examples": [[x, y] for x, y in self.examples]}  # fmt: skip
+
+    def load_state_dict(self, state: dict) -> None:
+        """Put back what :meth:`state_dict` saved."""
+        device = self.bnet.device
+        self.held_until = [
+            t.to(p.device) for t, p in zip(state["held_until"], self.gates, strict=True)
+        ]
+        self.refusals = [t.to(p.device) for t, p in zip(state["refusals"], self.gates, strict=True)]
+        self.counts = dict(state["counts"])
+        self.seconds = float(state["seconds"])
+        self.examples = [(x.to(device), y.to(device)) for x, y in state["examples"]]
+        self.count = sum(len(y) for _, y in self.examples)
+        self.epoch = int(state["epoch"])

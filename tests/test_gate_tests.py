@@ -1,0 +1,187 @@
+import warnings
+
+import pytest
+import torch
+from helpers import fit_options_of_cli
+
+import bayesprune as bp
+from bayesprune.gate_tests import GateTests
+from bayesprune.natural import BernoulliNaturalGradient
+
+
+def _planted(n: int = 256, bn: bool = False):
+    """Hidden unit 0 carries the label (y = x0 > 0); units 1 and 2 have zero weights."""
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(4, 3)]
+    if bn:
+        layers.append(torch.nn.BatchNorm1d(3))
+    net = torch.nn.Sequential(*layers, torch.nn.ReLU(), torch.nn.Linear(3, 2))
+    bnet = bp.bayesianize(net)
+    first, last = bnet.bayesian_layers["0"], bnet.bayesian_layers[str(len(layers) + 1)]
+    with torch.no_grad():
+        first.weight_loc.zero_()
+        first.weight_loc[0, 0] = 5.0
+        first.bias_loc.zero_()
+        last.weight_loc.zero_()
+        last.weight_loc[1, 0], last.weight_loc[0, 0] = 4.0, -4.0
+        last.bias_loc.copy_(torch.tensor([1.0, -1.0]))
+    x = torch.randn(n, 4)
+    bnet.num_data = n
+    bnet.train()
+    return bnet, first, x, (x[:, 0] > 0).long()
+
+
+def _propose_all_off(bnet, first, tests: GateTests) -> BernoulliNaturalGradient:
+    """Every gate of the first layer at +8, with a summed gradient that switches it off."""
+    natural = BernoulliNaturalGradient(tests.gates, lr=1.0)
+    with torch.no_grad():
+        first.gate_logit.fill_(8.0)
+    first.gate_logit.grad = torch.full_like(first.gate_logit, 1.0)  # dq: 1 / (q (1 - q)) ~ 3000
+    before = tests.before_step()
+    natural.step()
+    assert (first.gate_logit < 0).all()  # the natural step proposes to switch all three off
+    tests.after_step(natural, before)
+    return natural
+
+
+def test_a_needed_node_is_kept_and_the_useless_ones_are_switched_off() -> None:
+    bnet, first, x, y = _planted()
+    tests = GateTests(bnet, [first.gate_logit], 256)
+    tests.collect(x, y)
+    _propose_all_off(bnet, first, tests)
+    # unit 0 carries the label: switching it off costs far more NLL than the KL it saves
+    assert first.gate_logit.tolist() == [8.0, -8.0, -8.0]
+    assert tests.counts == {"tests": 3, "switched_off": 2, "switched_on": 0, "refused": 1}
+    assert first.gate_logit.grad.abs().sum() == 0  # every tested gate starts a fresh sum
+
+
+def test_a_refused_gate_is_held_for_the_rest_of_the_epoch_and_one_more() -> None:
+    bnet, first, x, y = _planted()
+    tests = GateTests(bnet, [first.gate_logit], 256)
+    tests.collect(x, y)
+    natural = _propose_all_off(bnet, first, tests)
+    assert tests.summary()["held"] == 1
+    for epoch, held in [(0, True), (1, True), (2, False)]:
+        tests.epoch = epoch
+        first.gate_logit.grad = torch.tensor([1.0, 0.0, 0.0])
+        before = tests.before_step()
+        natural.step()
+        tests.after_step(natural, before)
+        if held:  # the step is undone and the pressure cleared
+            assert first.gate_logit[0] == 8.0 and first.gate_logit.grad[0] == 0
+    # released at epoch 2: proposed again, tested again, refused again, now held two epochs more
+    assert tests.counts["refused"] == 2 and int(tests.held_until[0][0]) == 2 + 2 + 1
+
+
+def test_a_switch_on_that_pays_is_taken() -> None:
+    bnet, first, x, y = _planted()
+    tests = GateTests(bnet, [first.gate_logit], 256)
+    tests.collect(x, y)
+    natural = BernoulliNaturalGradient(tests.gates, lr=1.0)
+    with torch.no_grad():
+        first.gate_logit.fill_(-8.0)
+    first.gate_logit.grad = torch.full_like(first.gate_logit, -1.0)  # all three proposed on
+    before = tests.before_step()
+    natural.step()
+    tests.after_step(natural, before)
+    assert first.gate_logit.tolist() == [8.0, -8.0, -8.0]  # only the unit the labels need
+    assert tests.counts["switched_on"] == 1 and tests.counts["refused"] == 2
+
+
+def test_tests_use_the_first_examples_and_leave_batchnorm_and_random_state_alone() -> None:
+    bnet, first, x, y = _planted(bn=True)
+    tests = GateTests(bnet, [first.gate_logit], 100)
+    tests.collect(x[:64], y[:64])
+    tests.collect(x[64:128], y[64:128])
+    tests.collect(x[128:], y[128:])
+    assert tests.count == 100 and [len(b) for _, b in tests.examples] == [64, 36]
+    stats = [b.clone() for b in bnet.buffers()]
+    rng = torch.random.get_rng_state()
+    _propose_all_off(bnet, first, tests)
+    assert all(torch.equal(a, b) for a, b in zip(stats, bnet.buffers(), strict=True))
+    assert torch.equal(rng, torch.random.get_rng_state())
+    assert first.gate_logit[0] == 8.0
+
+
+def _data(n: int = 512):
+    torch.manual_seed(0)
+    x = torch.randn(n, 4)
+    data = torch.utils.data.TensorDataset(x, (x[:, 0] > 0).long())
+    return torch.utils.data.DataLoader(data, batch_size=64, shuffle=True)
+
+
+def _net():
+    torch.manual_seed(1)
+    return torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+
+
+def test_fit_runs_the_tests_by_default_and_reports_them() -> None:
+    loader = _data()
+    bnet = bp.bayesianize(_net())
+    result = bp.fit(bnet, loader, epochs=30, lr=1e-2, progress=False, seed=0)
+    report = result.gate_tests
+    assert report["tests"] > 0
+    assert report["tests"] == report["switched_off"] + report["switched_on"] + report["refused"]
+    assert bp.evaluate(bp.prune(bnet, threshold=0.5), loader) > 0.95
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # two epochs: the PIPs are not decided yet, it says so
+        off = bp.fit(bp.bayesianize(_net()), loader, epochs=2, progress=False, gate_tests=None)
+    assert off.gate_tests == {}
+
+
+@pytest.mark.parametrize("bad", [0, -5, 2.5, True, "256"])
+def test_gate_tests_must_be_a_positive_count_or_none(bad) -> None:
+    with pytest.raises(ValueError, match="gate_tests must be a positive number"):
+        bp.fit(bp.bayesianize(_net()), _data(64), epochs=1, progress=False, gate_tests=bad)
+
+
+def test_the_cli_passes_gate_tests_to_fit(tmp_path, monkeypatch, capsys) -> None:
+    from bayesprune.cli import main
+
+    assert fit_options_of_cli(tmp_path, monkeypatch, "--subset", "500")["gate_tests"] == 256
+    seen = fit_options_of_cli(tmp_path, monkeypatch, "--subset", "500", "--gate-tests", "none")
+    assert seen["gate_tests"] is None
+    seen = fit_options_of_cli(tmp_path, monkeypatch, "--subset", "500", "--gate-tests", "64")
+    assert seen["gate_tests"] == 64
+    argv = ["fit", "--model", "lenet_300_100", "--out", str(tmp_path / "bad"), "--gate-tests", "0"]
+    assert main(argv) == 2
+    assert "expected a positive integer, got 0" in capsys.readouterr().err
+
+
+def test_a_switch_is_taken_exactly_when_it_lowers_nll_plus_beta_kl() -> None:
+    """The tempered rule: off when NLL(off) - NLL(on) < beta (KL(on) - KL(off)); the cost of a
+    unit that helps a little is measured here independently of the tests, and the decision flips
+    between a beta 20% below and 20% above the break-even."""
+    bnet, first, x, y = _planted()
+    last = bnet.bayesian_layers["2"]
+    with torch.no_grad():  # unit 1 carries a weak copy of the label
+        first.weight_loc[1, 0] = 0.3
+        last.weight_loc[1, 1], last.weight_loc[0, 1] = 0.3, -0.3
+
+    def nll(gates) -> float:
+        with torch.no_grad():
+            first.gate_logit.copy_(torch.tensor(gates) * float("inf"))
+            torch.manual_seed(0)
+            return float(-bnet.log_likelihood(bnet(x), y).sum())
+
+    def kl(gates) -> float:
+        with torch.no_grad():
+            first.gate_logit.copy_(torch.tensor(gates) * 8.0)
+            return float(first.kl())
+
+    cost = nll([1.0, -1.0, -1.0]) - nll([1.0, 1.0, -1.0])
+    saving = kl([1.0, 1.0, -1.0]) - kl([1.0, -1.0, -1.0])
+    assert cost > 0 and saving > 0
+    for beta, taken in [(0.8 * cost / saving, False), (1.25 * cost / saving, True)]:
+        tests = GateTests(bnet, [first.gate_logit], 256)
+        tests.collect(x, y)
+        natural = BernoulliNaturalGradient(tests.gates, lr=1.0)
+        natural.beta = beta
+        with torch.no_grad():
+            first.gate_logit.copy_(torch.tensor([8.0, 8.0, -8.0]))
+        first.gate_logit.grad = torch.tensor([0.0, 1.0, 0.0])  # propose unit 1 off
+        before = tests.before_step()
+        natural.step()
+        tests.after_step(natural, before)
+        assert (first.gate_logit[1] < 0) == taken, (beta, cost / saving)
+        assert tests.counts["tests"] == 1
