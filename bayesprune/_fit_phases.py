@@ -199,7 +199,8 @@ class Optimizers:
     sched: Any = None
     natural: BernoulliNaturalGradient | None = None
     gate_sched: Any = None
-    #: ids of the gate logits that the natural step moves (their gradients are never zeroed)
+    #: ids of the gate logits that the natural step moves (their gradients are not zeroed with
+    #: Adam's; the gate tests clear those of the gates they test or hold)
     gate_ids: set[int] = field(default_factory=set)
     #: what a checkpoint saves and a resumed fit restores, by name
     stateful: dict[str, Any] = field(default_factory=dict)
@@ -393,8 +394,8 @@ def fit_step(
             if not math.isfinite(value):
                 _raise_nonfinite(value, run.epoch, run.step)
         o.opt.zero_grad(set_to_none=True)
-        # The gate gradients are NOT cleared: every natural step uses their running
-        # sum since the start of the fit (see bayesprune.natural, "What bp.fit runs").
+        # The gate gradients are NOT cleared here: every natural step uses their running
+        # sum since the start of the fit (or since a gate test cleared that gate's) (see bayesprune.natural, "What bp.fit runs").
         # Clearing them gives the damped CAVI step, whose fixed point leaves most PIPs
         # undecided (issue 22's closing note). The sign changes it proposes are tested
         # exactly before they are taken (bayesprune.gate_tests).
@@ -471,7 +472,7 @@ def end_of_epoch(
         if optimizers.fast:
             result.seconds = time.perf_counter() - run.start
             progress_made = {"epoch": run.epoch + 1, "step": run.step, "hidden": run.hidden}
-            # the gate logits' gradients are never zeroed: they sum over the steps
+            # the gate logits' gradients are not zeroed with Adam's: they sum over the steps
             grads = {k: p.grad for k, p in bnet.named_parameters() if id(p) in optimizers.gate_ids}
             ckpt.save_fit_state(
                 ckpt.state_path(checkpoint),

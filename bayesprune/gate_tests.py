@@ -18,8 +18,9 @@ weights as they are), the test compares the tempered objective
 
 .. math:: \mathrm{NLL}(z) + \beta\, \mathrm{KL}\big(q(z) \,\|\, p(z)\big)
 
-with the gate switched against without: the NLL of the training-mode network on a fixed set of
-training examples (the first ``size`` that the fit sees), scaled to the full data; the KL at the
+with the gate switched against without: the NLL of the training-mode network on the first ``size``
+training examples that the fit sees (the ones seen so far, until there are that many; at most
+the training set), in one batch, scaled to the full data; the KL at the
 logits' bounds. A switch that lowers it is taken (the logit goes to the bound of its new side),
 one that does not is refused (the logit goes back to the bound of its old side) and the gate is
 held there, its gradients cleared, for the rest of the epoch and one more; for the rest of the
@@ -35,7 +36,12 @@ revisited whenever the natural step proposes them again. The PIPs it leaves are 
 The tests run in the training mode of the network with the random state of the fit set aside
 and one fixed seed, so that both sides of a test see the same draws of anything else that is
 random (Bayesian weights, dropout); the BatchNorm running statistics are restored after each
-forward pass. In a distributed fit every process tests on its own examples and the NLL is summed
+evaluation, and the gates are put back as they were before the step if a test is interrupted.
+A switch taken clears the gate's summed gradient too, so that a gate switched off drifts from
+its bound toward the natural step's target (the prior inclusion, moved by the evidence): PIPs of
+switched-off nodes can end between the bound and the prior inclusion (the column "PIPs in
+[0.1, 0.9]" of the robustness table counts them). A distributed fit resumed from a checkpoint tests on process 0's examples on every
+process (the checkpoint holds those alone), so it goes on, but not exactly as it would have. In a distributed fit every process tests on its own examples and the NLL is summed
 over the processes, so that all of them take the same decisions.
 
 Measured on the cells of ``benchmarks/robustness.py``: ``benchmarks/README.md#robustness`` and
@@ -95,13 +101,17 @@ class GateTests:
         *,
         reduce: Callable[[torch.Tensor], None] | None = None,
     ) -> None:
-        owners = {id(layer.gate_logit): layer for layer in bnet.bayesian_layers.values()}
+        owners = {
+            id(logit): layer
+            for layer in bnet.bayesian_layers.values()
+            if (logit := getattr(layer, "gate_logit", None)) is not None
+        }
         unknown = [p for p in gates if id(p) not in owners]
         if unknown:
             raise ValueError("every tested gate must be the gate_logit of a Bayesian layer")
         self.bnet, self.gates, self.size, self.reduce = bnet, gates, size, reduce
         self.layers = [owners[id(p)] for p in gates]
-        self.examples: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.examples: list[tuple[torch.Tensor, torch.Tensor]] = []  # as collected
         self.count = 0
         self.held_until = [torch.zeros_like(p, dtype=torch.long) for p in gates]
         self.refusals = [torch.zeros_like(p, dtype=torch.long) for p in gates]
@@ -111,11 +121,16 @@ class GateTests:
 
     def collect(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """Keep examples of a training batch until there are ``size`` (the fit calls it with
-        each batch it sees, before its step: the tests use the first examples of the fit)."""
+        each batch it sees, before its step, for its first pass over the data only: the tests
+        use the first examples of the fit, the ones collected so far until there are enough).
+        They are kept as one batch, so that a BatchNorm layer sees all of them at once."""
         take = min(len(y), self.size - self.count)
         if take > 0:
             self.examples.append((x[:take].detach().clone(), y[:take].detach().clone()))
             self.count += take
+            if len(self.examples) > 1:
+                xs, ys = zip(*self.examples, strict=True)
+                self.examples = [(torch.cat(xs), torch.cat(ys))]
 
     # -- around the natural step ---------------------------------------------------------------
     @property
@@ -144,7 +159,8 @@ class GateTests:
                 p.copy_(torch.where(held, old, p))
                 if p.grad is not None:
                     p.grad.masked_fill_(held, 0)
-        changed = [(p > 0) != (old > 0) for p, old in zip(self.gates, logits, strict=True)]
+        # on: PIP >= 1/2, as the median-probability model (bayesprune.diagnostics)
+        changed = [(p >= 0) != (old >= 0) for p, old in zip(self.gates, logits, strict=True)]
         if torch.stack([c.any() for c in changed]).any():
             proposals = []
             for i, (p, old) in enumerate(zip(self.gates, logits, strict=True)):
@@ -153,8 +169,9 @@ class GateTests:
                 q = torch.sigmoid(old)
                 # the size of the step each gate took, before the clamp: the strongest first
                 strength = (p.grad / (q * (1 - q)).clamp_min(1e-12)).abs().view(-1)
-                for j in changed[i].view(-1).nonzero().flatten().tolist():
-                    proposals.append((float(strength[j]), i, j))
+                index = changed[i].view(-1).nonzero().flatten()
+                values, places = strength[index].tolist(), index.tolist()
+                proposals += [(v, i, j) for v, j in zip(values, places, strict=True)]
             bound_of = {id(p): g["max_logit"] for g in natural.param_groups for p in g["params"]}
             bounds = [bound_of[id(p)] for p in self.gates]
             self._test(sorted(proposals, reverse=True), logits, bounds, natural.beta)
@@ -162,14 +179,22 @@ class GateTests:
 
     def _test(self, proposals, logits, bounds, beta: float) -> None:
         stepped = [p.detach().clone() for p in self.gates]
+        try:
+            self._run_tests(proposals, logits, bounds, beta, stepped)
+        except BaseException:  # (Ctrl-C included) the gates as before the untested step
+            for p, old in zip(self.gates, logits, strict=True):
+                p.copy_(old)
+            raise
+
+    def _run_tests(self, proposals, logits, bounds, beta: float, stepped) -> None:
         for p, old in zip(self.gates, logits, strict=True):  # the median model before the step
-            p.copy_(torch.where(old > 0, math.inf, -math.inf))
+            p.copy_(torch.where(old >= 0, math.inf, -math.inf))
         current = self._nll()
         tested = [torch.zeros_like(p, dtype=torch.bool) for p in self.gates]
         for _, i, j in proposals:
             p, layer, bound = self.gates[i], self.layers[i], bounds[i]
             flat = p.view(-1)
-            on = bool(flat[j] > 0)
+            on = bool(flat[j] >= 0)
             kl_switch = self._kl_change(layer, p, j, bound)
             flat[j] = -flat[j]
             value = self._nll()
@@ -202,17 +227,27 @@ class GateTests:
 
     def _nll(self) -> float:
         """NLL (nats, full-data scale) of the network as it is on the test examples."""
-        bnet = self.bnet
+        bnet, dev = self.bnet, self.bnet.device
         buffers = [b.detach().clone() for b in bnet.buffers()]
-        devices = [bnet.device] if bnet.device.type == "cuda" else []
-        total = torch.zeros(2, dtype=torch.float64, device=bnet.device)
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(0)
-            for x, y in self.examples:
-                total[0] -= bnet.log_likelihood(bnet(x), y).sum().double()
+        total = torch.zeros(2, dtype=torch.float64, device=dev)
+        accel = dev.type != "cpu"
+        try:
+            with torch.random.fork_rng(
+                devices=[dev] if accel else [], device_type=dev.type if accel else "cuda"
+            ):
+                # one fixed seed for both sides of a test, on this fit's generators only
+                torch.random.default_generator.manual_seed(0)
+                if dev.type == "cuda":
+                    with torch.cuda.device(dev):
+                        torch.cuda.manual_seed(0)
+                elif accel:
+                    getattr(torch, dev.type).manual_seed(0)
+                for x, y in self.examples:
+                    total[0] -= bnet.log_likelihood(bnet(x), y).double().sum()
+        finally:
+            for b, old in zip(bnet.buffers(), buffers, strict=True):
+                b.copy_(old)
         total[1] = self.count
-        for b, old in zip(bnet.buffers(), buffers, strict=True):
-            b.copy_(old)
         if self.reduce is not None:
             self.reduce(total)
         nll, count = total.tolist()

@@ -108,7 +108,8 @@ class FitResult:
     gate_tests
         What the exact tests of the gate switches did (``fit(gate_tests=...)``,
         :mod:`bayesprune.gate_tests`): tests run, switches off and on taken, switches refused,
-        gates held at the end, seconds spent; empty when no test ran.
+        gates held at the end, seconds spent; empty with ``gate_tests=None`` or without
+        point-weight gates.
     """
 
     loss: list[float] = field(default_factory=list)
@@ -534,10 +535,11 @@ def fit(
             bnet, optimizers.gate_ids, info, sync_bn=sync_batchnorm
         )
     if optimizers.natural is not None and gate_tests is not None:
+        share = n if info is None else max(1, n // info.world)  # the examples one process sees
         optimizers.gate_tests = GateTests(
             bnet,
             [p for g in optimizers.natural.param_groups for p in g["params"]],
-            gate_tests,
+            min(gate_tests, share),
             reduce=optimizers.sync.sum if optimizers.sync is not None else None,
         )
         optimizers.stateful["gate_tests"] = optimizers.gate_tests

@@ -94,7 +94,7 @@ def test_tests_use_the_first_examples_and_leave_batchnorm_and_random_state_alone
     tests.collect(x[:64], y[:64])
     tests.collect(x[64:128], y[64:128])
     tests.collect(x[128:], y[128:])
-    assert tests.count == 100 and [len(b) for _, b in tests.examples] == [64, 36]
+    assert tests.count == 100 and [len(b) for _, b in tests.examples] == [100]  # one batch
     stats = [b.clone() for b in bnet.buffers()]
     rng = torch.random.get_rng_state()
     _propose_all_off(bnet, first, tests)
@@ -185,3 +185,60 @@ def test_a_switch_is_taken_exactly_when_it_lowers_nll_plus_beta_kl() -> None:
         tests.after_step(natural, before)
         assert (first.gate_logit[1] < 0) == taken, (beta, cost / saving)
         assert tests.counts["tests"] == 1
+
+
+def test_an_interrupted_test_puts_the_gates_back_as_before_the_step(monkeypatch) -> None:
+    bnet, first, x, y = _planted(bn=True)
+    tests = GateTests(bnet, [first.gate_logit], 256)
+    tests.collect(x, y)
+    natural = BernoulliNaturalGradient(tests.gates, lr=1.0)
+    with torch.no_grad():
+        first.gate_logit.fill_(8.0)
+    first.gate_logit.grad = torch.full_like(first.gate_logit, 1.0)
+    stats = [b.clone() for b in bnet.buffers()]
+    calls = []
+
+    def stop(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    original = bnet.log_likelihood
+    monkeypatch.setattr(bnet, "log_likelihood", stop)
+    before = tests.before_step()
+    natural.step()
+    with pytest.raises(KeyboardInterrupt):
+        tests.after_step(natural, before)
+    assert first.gate_logit.tolist() == [8.0, 8.0, 8.0]
+    assert all(torch.equal(a, b) for a, b in zip(stats, bnet.buffers(), strict=True))
+
+
+def test_fits_with_other_priors_and_small_batchnorm_batches_run_with_the_tests() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(300, 4)
+    data = torch.utils.data.TensorDataset(x, (x[:, 0] > 0).long())
+    net = torch.nn.Sequential(
+        torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(), torch.nn.Linear(8, 2)
+    )
+    mixed = {"0": bp.priors.SpikeAndSlab(), "3": bp.priors.GroupHorseshoe()}
+    # batches of 5: 256 = 51 x 5 + 1, the examples must not be evaluated in pieces of one
+    loader = torch.utils.data.DataLoader(data, batch_size=5, shuffle=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a few epochs: the PIPs need not be decided
+        result = bp.fit(bp.bayesianize(net, prior=mixed), loader, epochs=2, progress=False)
+    assert set(result.gate_tests) >= {"tests", "refused"}
+    small = torch.utils.data.TensorDataset(x[:100], (x[:100, 0] > 0).long())
+    tests_of = {}
+    original = GateTests.collect
+
+    def spy(self, xb, yb):
+        tests_of["t"] = self
+        original(self, xb, yb)
+
+    with warnings.catch_warnings(), pytest.MonkeyPatch.context() as m:
+        warnings.simplefilter("ignore")
+        m.setattr(GateTests, "collect", spy)
+        bp.fit(bp.bayesianize(_net()), torch.utils.data.DataLoader(small, batch_size=32),
+               epochs=3, progress=False)  # fmt: skip
+    assert tests_of["t"].count == 100  # at most the training set, no example twice
