@@ -373,8 +373,8 @@ def fit_step(
 ) -> float:
     """One SVI step on the batch ``(x, y)`` with KL weight ``beta``; returns the loss."""
     o = optimizers
-    if o.gate_tests is not None and o.gate_tests.count < o.gate_tests.size:
-        o.gate_tests.collect(x, y)
+    if o.gate_tests is not None:
+        o.gate_tests.collect(x, y)  # (nothing once it holds its examples)
     if o.fast:
         o.elbo.kl_scale = beta
         # only the first batch: a later failure is not about the input shape
@@ -395,7 +395,8 @@ def fit_step(
                 _raise_nonfinite(value, run.epoch, run.step)
         o.opt.zero_grad(set_to_none=True)
         # The gate gradients are NOT cleared here: every natural step uses their running
-        # sum since the start of the fit (or since a gate test cleared that gate's) (see bayesprune.natural, "What bp.fit runs").
+        # sum since the start of the fit, or since a gate test cleared that gate's (see
+        # bayesprune.natural, "What bp.fit runs").
         # Clearing them gives the damped CAVI step, whose fixed point leaves most PIPs
         # undecided (issue 22's closing note). The sign changes it proposes are tested
         # exactly before they are taken (bayesprune.gate_tests).

@@ -8,8 +8,8 @@
   fit as if it had not stopped: the module's state, the optimizers' and learning-rate
   schedulers' states, the gradients of the gate logits (``fit`` does not zero them with
   the others: the natural-gradient step sees their sum over the steps so far), the state of the
-  gate tests (:mod:`bayesprune.gate_tests`: their examples, holds and counts), the step and epoch reached, the :class:`~bayesprune.FitResult` history so
-  far, the random states (torch's CPU generator, the fit device's CUDA generator, Python's
+  gate tests (:mod:`bayesprune.gate_tests`: their examples, holds and counts), the step and
+  epoch reached, the :class:`~bayesprune.FitResult` history so far, the random states (torch's CPU generator, the fit device's CUDA generator, Python's
   ``random``, NumPy's global generator) and the state of every ``torch.Generator`` the training
   loader brings (its own, its sampler's), and the fit's options, which a resumed fit must repeat.
 

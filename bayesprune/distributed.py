@@ -41,10 +41,10 @@ Random draws and order: the weight noise and gate draws of process :math:`r` com
 seed, :func:`rank_seed` of the fit's ``seed``, epoch and :math:`r` (re-seeded at the start of every
 epoch, so a distributed fit resumed on as many processes continues exactly, but for the tests of
 the gate switches, :mod:`bayesprune.gate_tests`, whose examples the checkpoint holds for
-process 0 alone). The global order of
-the examples is drawn from the loader's generator, seeded with ``seed`` on every process, or, for
-a sampler that draws from torch's global generator, from a generator the processes share. With
-``seed=None``, process 0 draws a seed and sends it to the others.
+process 0 alone). The global order of the examples is drawn from the loader's generator,
+seeded with ``seed`` on every process, or, for a sampler that draws from torch's global
+generator, from a generator the processes share. With ``seed=None``, process 0 draws a seed and
+sends it to the others.
 
 After every step the parameters are the same on every process (each applies the same averaged
 gradient); after every epoch the BatchNorm running statistics are averaged over the processes and

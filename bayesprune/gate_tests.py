@@ -40,9 +40,12 @@ evaluation, and the gates are put back as they were before the step if a test is
 A switch taken clears the gate's summed gradient too, so that a gate switched off drifts from
 its bound toward the natural step's target (the prior inclusion, moved by the evidence): PIPs of
 switched-off nodes can end between the bound and the prior inclusion (the column "PIPs in
-[0.1, 0.9]" of the robustness table counts them). A distributed fit resumed from a checkpoint tests on process 0's examples on every
-process (the checkpoint holds those alone), so it goes on, but not exactly as it would have. In a distributed fit every process tests on its own examples and the NLL is summed
-over the processes, so that all of them take the same decisions.
+[0.1, 0.9]" of the robustness table counts them).
+
+In a distributed fit every process tests on its own examples and the NLL is summed over the
+processes, so that all of them take the same decisions. A distributed fit resumed from a
+checkpoint tests on process 0's examples on every process (the checkpoint holds those alone), so
+it goes on, but not exactly as it would have.
 
 Measured on the cells of ``benchmarks/robustness.py``: ``benchmarks/README.md#robustness`` and
 the ``verify_hold`` rows of ``docs/notes/gate-decisions.md``.
@@ -118,6 +121,20 @@ class GateTests:
         self.epoch = 0
         self.counts = dict.fromkeys(("tests", "switched_off", "switched_on", "refused"), 0)
         self.seconds = 0.0
+
+    @classmethod
+    def for_natural(
+        cls,
+        bnet,
+        natural,
+        size: int,
+        *,
+        reduce: Callable[[torch.Tensor], None] | None = None,
+    ) -> GateTests:
+        """The tests of the gates that ``natural`` (a
+        :class:`~bayesprune.natural.BernoulliNaturalGradient`) moves."""
+        gates = [p for group in natural.param_groups for p in group["params"]]
+        return cls(bnet, gates, size, reduce=reduce)
 
     def collect(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """Keep examples of a training batch until there are ``size`` (the fit calls it with

@@ -536,9 +536,9 @@ def fit(
         )
     if optimizers.natural is not None and gate_tests is not None:
         share = n if info is None else max(1, n // info.world)  # the examples one process sees
-        optimizers.gate_tests = GateTests(
+        optimizers.gate_tests = GateTests.for_natural(
             bnet,
-            [p for g in optimizers.natural.param_groups for p in g["params"]],
+            optimizers.natural,
             min(gate_tests, share),
             reduce=optimizers.sync.sum if optimizers.sync is not None else None,
         )

@@ -155,8 +155,7 @@ def default_fit_step(
     )  # fmt: skip
     optimizers.loss_step = LossStep(optimizers.elbo, bnet, compile=compile)
     if gate_tests and optimizers.natural is not None:  # bp.fit's tests of the gate switches
-        gates = [p for g in optimizers.natural.param_groups for p in g["params"]]
-        optimizers.gate_tests = GateTests(bnet, gates, DEFAULT_TEST_SIZE)
+        optimizers.gate_tests = GateTests.for_natural(bnet, optimizers.natural, DEFAULT_TEST_SIZE)
     result, run, kind = FitResult(num_data=num_data), Progress(step=1), type(bnet.net).__name__
     bnet.train()
 

@@ -219,9 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "(one process; falls back to the eager step with a warning where "
                      "compilation fails; pays only for long fits of conv nets on a CPU)")  # fmt: skip
     fit.add_argument("--gate-tests", type=_tests, default=256, metavar="N",
-                     help="training examples on which each gate switch that the natural gate step proposes is "
-                     "tested exactly before it is taken (bp.fit's gate_tests; 'none' turns the "
-                     "tests off; default 256)")  # fmt: skip
+                     help="training examples on which each gate switch that the natural gate "
+                     "step proposes is tested exactly before it is taken (bp.fit's gate_tests; "
+                     "'none' turns the tests off; default 256)")  # fmt: skip
     fit.add_argument(
         "--out", type=Path, required=True, metavar="DIR", help="run directory to write"
     )
