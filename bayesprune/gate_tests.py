@@ -34,9 +34,14 @@ revisited whenever the natural step proposes them again. The PIPs it leaves are 
 :mod:`bayesprune.natural` with these decisions; they are not the mean-field optimum.
 
 The tests run in the training mode of the network with the random state of the fit set aside
-and one fixed seed, so that both sides of a test see the same draws of anything else that is
+and fixed seeds, so that both sides of a test see the same draws of anything else that is
 random (Bayesian weights, dropout); the BatchNorm running statistics are restored after each
 evaluation, and the gates are put back as they were before the step if a test is interrupted.
+A test does not compute the whole pass again: :class:`~bayesprune.replay.ForwardReplay` hands
+back the outputs of the modules called before the tested layer (and that layer's output before
+its node multiplier), which the switch cannot change, and seeds the random generators around
+every module call from its place in the pass. The numbers are those of the whole pass; a test
+of a gate near the output costs little.
 A switch taken clears the gate's summed gradient too, so that a gate switched off drifts from
 its bound toward the natural step's target (the prior inclusion, moved by the evidence): PIPs of
 switched-off nodes can end between the bound and the prior inclusion (the column "PIPs in
@@ -73,6 +78,8 @@ import time
 from collections.abc import Callable
 
 import torch
+
+from .replay import ForwardReplay
 
 __all__ = ["GateTests"]
 
@@ -121,6 +128,9 @@ class GateTests:
         self.epoch = 0
         self.counts = dict.fromkeys(("tests", "switched_off", "switched_on", "refused"), 0)
         self.seconds = 0.0
+        #: the passes of the tests, each from the tested layer on (kept: it learns which outputs
+        #: the network changes in place)
+        self.replay = ForwardReplay(bnet.net, device=bnet.device)
 
     @classmethod
     def for_natural(
@@ -206,7 +216,14 @@ class GateTests:
     def _run_tests(self, proposals, logits, bounds, beta: float, stepped) -> None:
         for p, old in zip(self.gates, logits, strict=True):  # the median model before the step
             p.copy_(torch.where(old >= 0, math.inf, -math.inf))
-        current = self._nll()
+        with self.replay as replay:
+            current = self._nll(replay)
+            replay.commit()
+            tested = self._test_each(proposals, bounds, beta, current, replay)
+        for p, new, bound, done in zip(self.gates, stepped, bounds, tested, strict=True):
+            p.copy_(torch.where(done, p.sign() * bound, new))  # untested gates keep their step
+
+    def _test_each(self, proposals, bounds, beta: float, current: float, replay) -> list:
         tested = [torch.zeros_like(p, dtype=torch.bool) for p in self.gates]
         for _, i, j in proposals:
             p, layer, bound = self.gates[i], self.layers[i], bounds[i]
@@ -214,10 +231,11 @@ class GateTests:
             on = bool(flat[j] >= 0)
             kl_switch = self._kl_change(layer, p, j, bound)
             flat[j] = -flat[j]
-            value = self._nll()
+            value = self._nll(replay, start=layer)  # the modules before the layer handed back
             self.counts["tests"] += 1
             if value + beta * kl_switch < current:
                 current = value
+                replay.commit()
                 self.counts["switched_off" if on else "switched_on"] += 1
             else:
                 flat[j] = -flat[j]
@@ -229,8 +247,7 @@ class GateTests:
             tested[i].view(-1)[j] = True
             if p.grad is not None:
                 p.grad.view(-1)[j] = 0  # the next proposal rests on new evidence
-        for p, new, bound, done in zip(self.gates, stepped, bounds, tested, strict=True):
-            p.copy_(torch.where(done, p.sign() * bound, new))  # untested gates keep their step
+        return tested
 
     def _kl_change(self, layer, p: torch.Tensor, j: int, bound: float) -> float:
         """KL of the layer with gate ``j`` switched minus without, the logits at their bounds."""
@@ -242,8 +259,9 @@ class GateTests:
         p.copy_(saved)
         return after - before
 
-    def _nll(self) -> float:
-        """NLL (nats, full-data scale) of the network as it is on the test examples."""
+    def _nll(self, replay: ForwardReplay, *, start=None) -> float:
+        """NLL (nats, full-data scale) of the network as it is on the test examples (the
+        outputs of the modules called before ``start`` handed back by ``replay``)."""
         bnet, dev = self.bnet, self.bnet.device
         buffers = [b.detach().clone() for b in bnet.buffers()]
         total = torch.zeros(2, dtype=torch.float64, device=dev)
@@ -252,15 +270,20 @@ class GateTests:
             with torch.random.fork_rng(
                 devices=[dev] if accel else [], device_type=dev.type if accel else "cuda"
             ):
-                # one fixed seed for both sides of a test, on this fit's generators only
+                # fixed seeds for both sides of a test, on this fit's generators only
                 torch.random.default_generator.manual_seed(0)
                 if dev.type == "cuda":
                     with torch.cuda.device(dev):
                         torch.cuda.manual_seed(0)
                 elif accel:
                     getattr(torch, dev.type).manual_seed(0)
-                for x, y in self.examples:
-                    total[0] -= bnet.log_likelihood(bnet(x), y).double().sum()
+
+                def nll() -> torch.Tensor:
+                    return sum(
+                        bnet.log_likelihood(bnet(x), y).double().sum() for x, y in self.examples
+                    )
+
+                total[0] -= replay.run(nll, start=start)
         finally:
             for b, old in zip(bnet.buffers(), buffers, strict=True):
                 b.copy_(old)

@@ -313,6 +313,14 @@ class BayesianLayer(PyroModule):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, mult = self.forward_pre_gate(x)
+        return self.gate_output(out, mult)
+
+    def forward_pre_gate(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The layer's output before its node multiplier, and that multiplier where it does not
+        depend on the pass (``"mean"`` and ``"fixed"`` modes; ``None`` in ``"sample"`` mode, where
+        :meth:`gate_output` draws it). Node-level gates act in :meth:`gate_output` alone, so
+        :class:`~bayesprune.replay.ForwardReplay` can reuse this part when only they change."""
         mode = self.mode
         rank1 = self.weight_sd == "rank1" and not self.prior.weight_level
         local = self.local_reparam and not (self.exact_draws and self._positions_share_weights(x))
@@ -371,7 +379,13 @@ class BayesianLayer(PyroModule):
             out = self._op(x, w, b)
         else:  # pragma: no cover - guarded by set_mode
             raise ValueError(f"unknown mode {mode!r}")
-        if mode == "sample":
+        return out, (None if mode == "sample" else mult)
+
+    def gate_output(self, out: torch.Tensor, mult: torch.Tensor | None) -> torch.Tensor:
+        """``out`` (from :meth:`forward_pre_gate`) times the node multiplier, which a
+        ``"sample"``-mode pass draws here; kept for the BatchNorm hook when the multiplier acts
+        after a following module (``gate_after``)."""
+        if self.mode == "sample":
             # node multipliers drawn per example under every estimator: each example's term of
             # the expected log-likelihood depends on its own (w, z) only, so this stays unbiased,
             # and every gate sees a batch of draws per step instead of one

@@ -8,7 +8,8 @@ optimisation step (forward, loss, backward, Adam update; CUDA synchronised) of
   ``fit_step`` of ``bp.fit`` (ELBO, Adam, the natural-gradient step of the gates, the schedules,
   the history it records), and the ELBO + Adam part of it alone,
 * ``bp.fit`` end to end with the defaults, ``progress=False``, one epoch over the same batches
-  (its end-of-epoch summaries included), against a deterministic epoch over them,
+  (its end-of-epoch summaries included), against a deterministic epoch over them, and ten
+  epochs of a fresh net against ten deterministic epochs,
 * the same step with the older model, mean-field Gaussian weights under the spike-and-slab
   (``weights="gaussian"``, ``reparam="local"``, and ``"auto"`` for nets with convolutions), and
   with the ``Gaussian`` prior (no node gates), also with the rank-one sd family
@@ -83,6 +84,8 @@ FIT_STEP = "bp.fit step, defaults (node spike-and-slab, point weights)"
 FIT_STEP_UNTESTED = "bp.fit step, defaults but gate_tests=None (no tests of the gate switches)"
 #: the row of whole bp.fit epochs with their defaults
 FIT_EPOCH = "bp.fit end to end, defaults, 1 epoch of the same batches (per step)"
+#: a longer fit, where the gates' first proposals (and their tests) are a smaller share
+FIT_EPOCHS = "bp.fit end to end, defaults, 10 epochs of the same batches (per step)"
 
 #: posterior draws of the batched predict rows
 DRAWS = 32
@@ -340,26 +343,31 @@ def _fit_end_to_end(
     n: int,
     rounds: int,
     ms: dict[str, dict[str, float]],
+    *,
+    epochs: int = 1,
+    warm_up: bool = True,
 ) -> dict[str, float]:
-    """``bp.fit(bnet, batches, epochs=1, progress=False)`` as a user runs it (end-of-epoch summaries
-    and end-of-fit checks included), against a deterministic epoch over the same batches,
-    alternated ``rounds`` times after one warm-up round: the median time of a fit, per step,
-    scaled to the deterministic step of the main round (as the ratio of the two medians)."""
+    """``bp.fit(bnet, batches, epochs=epochs, progress=False)`` as a user runs it (end-of-epoch
+    summaries and end-of-fit checks included), on a fresh net, against deterministic epochs over
+    the same batches, alternated ``rounds`` times after one warm-up round (if ``warm_up``): the
+    median time of a fit, per step, scaled to the deterministic step of the main round (as the
+    ratio of the two medians)."""
     net = get_model(name).to(dev)
     opt = make_adam(net.parameters(), 1e-3)
-    bnet = bp.bayesianize(get_model(name)).to(dev)
     batches = list(zip(xs, ys, strict=True))
     fits, dets = [], []
-    for r in range(rounds + 1):
+    for r in range(rounds + 1) if warm_up else range(1, rounds + 1):
+        bnet = bp.bayesianize(get_model(name)).to(dev)
         t0 = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            bp.fit(bnet, batches, epochs=1, num_data=n, progress=False)
+            bp.fit(bnet, batches, epochs=epochs, num_data=n, progress=False)
         t1 = time.perf_counter()
-        for x, y in batches:
-            opt.zero_grad(set_to_none=True)
-            F.cross_entropy(net(x), y).backward()
-            opt.step()
+        for _ in range(epochs):
+            for x, y in batches:
+                opt.zero_grad(set_to_none=True)
+                F.cross_entropy(net(x), y).backward()
+                opt.step()
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         t2 = time.perf_counter()
@@ -475,6 +483,7 @@ def bench_model(
         for m, mib in _peak_memory(methods, owners, warmup + steps + 1, dev).items():
             ms[m]["peak_mib"] = mib
     ms[FIT_EPOCH] = _fit_end_to_end(name, dev, xs, ys, n, max(steps // 10, 3), ms)
+    ms[FIT_EPOCHS] = _fit_end_to_end(name, dev, xs, ys, n, 1, ms, epochs=10, warm_up=False)
     if trace:
         tnet = bp.bayesianize(get_model(name), prior=bp.priors.SpikeAndSlab(level="node")).to(dev)
         tnet.num_data = n

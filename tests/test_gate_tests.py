@@ -242,3 +242,60 @@ def test_fits_with_other_priors_and_small_batchnorm_batches_run_with_the_tests()
         bp.fit(bp.bayesianize(_net()), torch.utils.data.DataLoader(small, batch_size=32),
                epochs=3, progress=False)  # fmt: skip
     assert tests_of["t"].count == 100  # at most the training set, no example twice
+
+
+def test_the_replayed_passes_decide_as_whole_passes(monkeypatch) -> None:
+    """bayesprune.replay hands back the outputs before the tested layer: the same decisions as
+    computing every pass whole (a budget of 0 bytes), on a net with BatchNorm, an in-place ReLU
+    and a residual addition."""
+    import functools
+
+    import bayesprune.gate_tests as gate_tests_module
+    from bayesprune.replay import ForwardReplay
+
+    def fitted(budget: int | None):
+        if budget is not None:
+            replay = functools.partial(ForwardReplay, budget=budget)
+            monkeypatch.setattr(gate_tests_module, "ForwardReplay", replay)
+        torch.manual_seed(0)
+        x = torch.randn(256, 1, 8, 8)
+        y = (x[:, 0, :4].mean((1, 2)) > 0).long()
+        loader = torch.utils.data.DataLoader(
+            torch.utils.data.TensorDataset(x, y), batch_size=64, shuffle=True
+        )
+        bnet = bp.bayesianize(_residual_net())
+        result = bp.fit(bnet, loader, epochs=30, lr=1e-2, progress=False, seed=0)
+        gates = [p.detach().clone() for p in bnet.gate_parameters()]
+        return {k: v for k, v in result.gate_tests.items() if k != "seconds"}, gates
+
+    replayed, gates = fitted(None)
+    whole, whole_gates = fitted(0)
+    assert replayed["tests"] > 10
+    assert replayed == whole
+    assert all(torch.equal(a, b) for a, b in zip(gates, whole_gates, strict=True))
+
+
+def _residual_net() -> torch.nn.Module:
+    class Block(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(8, 8, 3, padding=1, bias=False)
+            self.bn = torch.nn.BatchNorm2d(8)
+            self.relu = torch.nn.ReLU(inplace=True)
+
+        def forward(self, x):
+            out = self.bn(self.conv(x))
+            out += x
+            return self.relu(out)
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = torch.nn.Conv2d(1, 8, 3, padding=1)
+            self.blocks = torch.nn.Sequential(Block(), Block())
+            self.head = torch.nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.head(self.blocks(torch.relu(self.stem(x))).mean((2, 3)))
+
+    return Net()

@@ -1,0 +1,300 @@
+r"""Forward passes that start where a change enters the network.
+
+:mod:`bayesprune.gate_tests` evaluates the same examples many times in a row, each time with one
+node gate switched. A node gate of a :class:`~bayesprune.layers.BayesianLayer` acts only on that
+layer's output (:meth:`~bayesprune.layers.BayesianLayer.gate_output`), so every module the pass
+calls before that layer sees the same inputs as before, and gives the same outputs.
+:class:`ForwardReplay` records the outputs of one pass and, in the next ones, hands them back
+instead of computing them again, up to the first call of the layer whose gate changed; from
+there on the pass is computed.
+
+What is handed back is the output of every call of a Bayesian layer (the modules of types
+``keep``): for those with the standard forward, the output before the node multiplier (the
+multiplier itself is always drawn again, so a changed gate takes effect and the BatchNorm hook
+that applies it later reads the new one); for those with a forward of their own (attention),
+the output of ``forward``. The other modules (BatchNorm, activations, pooling) and the Python
+code between module calls (additions of residual branches, reshapes) run again on what is handed
+back: they are cheap next to the layers, and the record holds the layers' outputs alone. The
+module hooks run as usual; a kept module whose output is its input writes the recorded output
+into its input, as it would have.
+
+Outputs are recorded and handed back as they are, not copied. An output that something changes
+in place after it was recorded or handed back moves its tensor's version counter; the record is
+then dropped from that call on (the pass itself was right: it used the tensor as a fresh pass
+would have), and that module's outputs are copied from then on, on the way in and on the way
+out. Copying every output instead costs about as much as computing them again on a CPU.
+
+So that the modules that run see the same random draws whatever was skipped before them, the
+random generators (CPU and the network's device) are seeded before and after every module call
+from its index in the pass.
+
+Outputs are recorded in call order until ``budget`` bytes are held; calls after that are always
+computed. A pass whose calls differ from the record (other modules, or in another order) computes
+from the first difference on.
+
+Example
+-------
+>>> import torch
+>>> from bayesprune.replay import ForwardReplay
+>>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+>>> x = torch.randn(16, 4)
+>>> with torch.no_grad(), ForwardReplay(net, device=x.device, keep=(torch.nn.Linear,)) as replay:
+...     first = replay.run(lambda: net(x))
+...     replay.commit()
+...     again = replay.run(lambda: net(x), start=net[2])  # Linear(4, 8) handed back, ReLU run
+>>> replay.reused, bool(torch.equal(first, again))
+(1, True)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from .layers import BayesianLayer
+
+__all__ = ["ForwardReplay"]
+
+#: bytes of recorded outputs held at most (calls beyond are computed every time)
+DEFAULT_BUDGET = 256 * 2**20
+
+
+def _splits_at_gate(module: nn.Module) -> bool:
+    """Whether the module's node gates act after the rest of its forward (reusable before)."""
+    return (
+        isinstance(module, BayesianLayer)
+        and type(module).forward is BayesianLayer.forward
+        and not module.prior.weight_level
+    )
+
+
+def _tensors(value: Any) -> list[torch.Tensor] | None:
+    """The tensors of a module output; ``None`` for outputs it does not record."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)) and all(
+        v is None or isinstance(v, torch.Tensor) for v in value
+    ):
+        return [v for v in value if v is not None]
+    return None
+
+
+def _copy(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    return type(value)(None if v is None else v.clone() for v in value)
+
+
+class _Record:
+    """One module call of a pass: which module, what it gave, and that output's versions."""
+
+    __slots__ = ("in_place", "kept", "module", "mult", "output", "size", "versions")
+
+    def __init__(
+        self,
+        module: nn.Module,
+        output: Any = None,
+        mult: Any = None,
+        in_place: bool = False,
+        tensors: list | None = None,
+    ) -> None:
+        self.module, self.output, self.mult, self.in_place = module, output, mult, in_place
+        self.kept = tensors is not None  # else: a call computed again in every pass
+        tensors = tensors or []
+        self.size = sum(t.numel() * t.element_size() for t in tensors)
+        self.versions = [t._version for t in tensors]
+
+    def intact(self) -> bool:
+        """Whether nothing changed the output in place since it was recorded."""
+        if not self.kept:
+            return True
+        tensors = _tensors(self.output)
+        return [t._version for t in tensors] == self.versions
+
+
+class ForwardReplay:
+    """Record a network's forward pass, then replay it from a given module on.
+
+    A context manager: on entry it wraps the ``forward`` of the network's modules (on the
+    instances), on exit it puts them back and drops the record (what it learnt about outputs
+    changed in place is kept for the next entry). Use it under :func:`torch.no_grad`: the record
+    holds no autograd history.
+
+    Parameters
+    ----------
+    net
+        The network whose passes are replayed.
+    device
+        The device whose random generator is seeded with the CPU's around every module call.
+    budget
+        Bytes of recorded outputs held at most.
+    keep
+        The module types whose outputs are recorded and handed back (the others run again).
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        *,
+        device: torch.device,
+        budget: int = DEFAULT_BUDGET,
+        keep: tuple[type[nn.Module], ...] = (BayesianLayer,),
+    ) -> None:
+        if budget < 0:
+            raise ValueError(f"budget must be >= 0 bytes, got {budget}")
+        self.net, self.device, self.budget, self.keep = net, torch.device(device), budget, keep
+        self.modules = self._units(net)
+        self.own_forwards: dict[int, Any] = {}  # forwards set on the instances before entry
+        self.copied: set[int] = set()  # modules whose outputs something changes in place
+        self.record: dict[int, _Record] = {}  # the committed pass, by call index
+        self.pending: dict[int, _Record | None] = {}  # what the last pass computed
+        self.handed: list[int] = []  # the calls the last pass handed back
+        self.index = 0
+        self.reuse_below = 0
+        self.reused = 0  # module calls handed back in the last pass
+
+    @staticmethod
+    def _units(net: nn.Module) -> list[nn.Module]:
+        """The modules whose calls are recorded: Bayesian layers and modules without children,
+        none inside another one."""
+        units: list[nn.Module] = []
+        inside: list[str] = []
+        for name, module in net.named_modules():
+            if any(name.startswith(prefix) for prefix in inside):
+                continue
+            if isinstance(module, BayesianLayer) or not any(True for _ in module.children()):
+                units.append(module)
+                inside.append(f"{name}." if name else "")
+        return units
+
+    # -- entering and leaving ------------------------------------------------------------------
+    def __enter__(self) -> ForwardReplay:
+        self.own_forwards = {
+            id(m): m.__dict__["forward"] for m in self.modules if "forward" in m.__dict__
+        }
+        try:
+            for module in self.modules:
+                module.forward = self._wrap(module)
+        except BaseException:
+            self._unwrap()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._unwrap()
+        self.record, self.pending, self.handed = {}, {}, []
+
+    def _unwrap(self) -> None:
+        for module in self.modules:
+            if id(module) in self.own_forwards:
+                module.forward = self.own_forwards[id(module)]
+            else:
+                module.__dict__.pop("forward", None)
+
+    # -- passes --------------------------------------------------------------------------------
+    def run(self, fn: Callable[[], Any], *, start: nn.Module | None = None) -> Any:
+        """Run ``fn`` (a forward pass of the network), handing back the recorded outputs of the
+        calls made before the first call of ``start`` (``None``: no call is handed back; a
+        Bayesian layer whose gates act after its forward is handed back itself, its multiplier
+        drawn again). What it computes is kept for :meth:`commit`."""
+        self.index, self.pending, self.handed, self.reused = 0, {}, [], 0
+        self.reuse_below = self._reuse_limit(start)
+        result = fn()
+        for k in self.handed:  # changed in place after it was handed back: drop from there on
+            rec = self.record.get(k)
+            if rec is not None and not rec.intact():
+                self.copied.add(id(rec.module))
+                self._drop_from(k)
+        for k, rec in self.pending.items():  # changed in place after it was recorded
+            if rec is not None and not rec.intact():
+                self.copied.add(id(rec.module))
+                self.pending[k] = None
+        return result
+
+    def commit(self) -> None:
+        """Make the last pass the record (its reused calls kept, its computed calls replacing
+        the recorded ones), as far as the budget and the intact outputs go."""
+        for k, rec in self.pending.items():
+            if rec is None:
+                self.record.pop(k, None)
+            else:
+                self.record[k] = rec
+        used, k = 0, 0
+        while k in self.record and k < self.index and used + self.record[k].size <= self.budget:
+            used += self.record[k].size
+            k += 1
+        self._drop_from(k)
+        self.pending = {}
+
+    def _drop_from(self, k: int) -> None:
+        for j in [j for j in self.record if j >= k]:
+            del self.record[j]
+
+    def _reuse_limit(self, start: nn.Module | None) -> int:
+        if start is None:
+            return 0
+        k = 0
+        while k in self.record:
+            if self.record[k].module is start:
+                return k + 1 if _splits_at_gate(start) else k
+            k += 1
+        return k
+
+    def _seed(self, value: int) -> None:
+        torch.random.default_generator.manual_seed(value)
+        if self.device.type == "cuda":
+            torch.cuda.default_generators[self.device.index or 0].manual_seed(value)
+        elif self.device.type != "cpu":
+            getattr(torch, self.device.type).manual_seed(value)
+
+    def _wrap(self, module: nn.Module) -> Callable[..., Any]:
+        splits = _splits_at_gate(module)
+        compute = module.forward_pre_gate if splits else module.forward
+
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            k = self.index
+            self.index += 1
+            self._seed(2 * k + 1)
+            rec = self.record.get(k) if k < self.reuse_below else None
+            if rec is not None and rec.module is module and not rec.kept:
+                result = compute(*args, **kwargs)  # run again, as recorded
+                if splits:
+                    result = module.gate_output(*result)
+            elif rec is not None and rec.module is module:
+                self.reused += 1
+                self.handed.append(k)
+                result = self._hand_back(rec, args)
+            else:
+                if k < self.reuse_below:  # the pass left the record: compute from here on
+                    self.reuse_below = k
+                result = self._compute(module, compute, splits, args, kwargs, k)
+            self._seed(2 * k + 2)
+            return result
+
+        return wrapped
+
+    def _compute(self, module, compute, splits: bool, args, kwargs, k: int) -> Any:
+        copy = id(module) in self.copied
+        result = compute(*args, **kwargs)
+        out, mult = result if splits else (result, None)
+        tensors = _tensors(out)
+        if not isinstance(module, self.keep):
+            self.pending[k] = _Record(module)
+        elif tensors is None:
+            self.pending[k] = None
+        else:
+            kept = _copy(out) if copy else out
+            in_place = not splits and bool(args) and out is args[0]
+            self.pending[k] = _Record(module, kept, mult, in_place, _tensors(kept))
+        return module.gate_output(out, mult) if splits else result
+
+    def _hand_back(self, rec: _Record, args: tuple) -> Any:
+        out = _copy(rec.output) if id(rec.module) in self.copied else rec.output
+        if _splits_at_gate(rec.module):
+            return rec.module.gate_output(out, rec.mult)
+        if rec.in_place and args and isinstance(args[0], torch.Tensor):
+            return args[0] if args[0] is out else args[0].copy_(out)
+        return out

@@ -1,0 +1,163 @@
+import pytest
+import torch
+from torch import nn
+
+import bayesprune as bp
+from bayesprune.layers import BayesianLayer
+from bayesprune.replay import ForwardReplay
+
+
+class _Block(nn.Module):
+    """A residual block written the torchvision way: an in-place ReLU and ``out += identity``."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += x
+        return self.relu(out)
+
+
+class _Net(nn.Module):
+    def __init__(self, width: int = 6) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, width, 3, padding=1)
+        self.act = nn.ReLU(inplace=True)  # changes the stem's output in place (the gate after it)
+        self.block1, self.block2 = _Block(width), _Block(width)
+        self.pool = nn.AvgPool2d(1)  # its output is changed in place below
+        self.drop = nn.Dropout(0.3)  # random, after every gated layer
+        self.head = nn.Linear(width, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.pool(self.act(self.stem(x)))
+        out += 1.0
+        out = self.block2(self.block1(out))
+        return self.head(self.drop(out.mean((2, 3))))
+
+
+def _bnet():
+    torch.manual_seed(0)
+    bnet = bp.bayesianize(_Net())
+    bnet.train()
+    return bnet, torch.randn(32, 1, 8, 8)
+
+
+def _full(replay, bnet, x):
+    """The whole pass, nothing handed back (and nothing committed)."""
+    torch.manual_seed(0)
+    return replay.run(lambda: bnet(x))
+
+
+@torch.no_grad()
+def test_a_pass_from_a_switched_gate_equals_the_whole_pass() -> None:
+    bnet, x = _bnet()
+    layers = bnet.bayesian_layers
+    assert any(layer.gate_after for layer in layers.values())  # the BatchNorm hook is exercised
+    with ForwardReplay(bnet.net, device=x.device, budget=0) as other:
+        reference = _full(other, bnet, x)
+    with ForwardReplay(bnet.net, device=x.device) as replay:
+        first = _full(replay, bnet, x)
+        replay.commit()  # the record stops at the stem, whose output the ReLU changes in place
+        assert torch.equal(first, reference)  # the same draws in another replay
+        assert torch.equal(_full(replay, bnet, x), reference)
+        replay.commit()  # now with a copy of the stem's output
+        for name in ("block1.conv2", "block2.conv1", "stem"):
+            layer = layers[name]
+            layer.gate_logit[1] = -layer.gate_logit[1]  # switch one node
+            torch.manual_seed(0)
+            again = replay.run(lambda: bnet(x), start=layer)
+            assert replay.reused > 0 or name == "stem"
+            assert not torch.equal(again, first)
+            replay.commit()  # take the switch
+            assert torch.equal(again, _full(replay, bnet, x))
+            first = again
+        # the stem's output, changed in place after it was recorded, is copied from then on
+        assert replay.copied == {id(bnet.net.stem)}
+
+
+@torch.no_grad()
+def test_the_modules_before_the_start_are_not_run(monkeypatch) -> None:
+    bnet, x = _bnet()
+    start = bnet.bayesian_layers["block2.conv1"]
+    computed: list[nn.Module] = []
+    original = BayesianLayer.forward_pre_gate
+
+    def counted(self, inp):
+        computed.append(self)
+        return original(self, inp)
+
+    monkeypatch.setattr(BayesianLayer, "forward_pre_gate", counted)
+    with ForwardReplay(bnet.net, device=x.device) as replay:
+        replay.run(lambda: bnet(x))
+        replay.commit()  # the record stops at the stem: its output was changed in place
+        replay.run(lambda: bnet(x))
+        replay.commit()  # and now holds a copy of it
+        computed.clear()
+        replay.run(lambda: bnet(x), start=start)
+    names = {id(m): n for n, m in bnet.bayesian_layers.items()}
+    # stem, block1 and block2.conv1's part before its gate handed back
+    assert [names[id(m)] for m in computed] == ["block2.conv2", "head"]
+    # the layers stem, block1.conv1, block1.conv2, block2.conv1 (the others run again)
+    assert replay.reused == 4
+
+
+@torch.no_grad()
+def test_a_refused_pass_leaves_the_record_and_budget_zero_reuses_nothing() -> None:
+    bnet, x = _bnet()
+    layer = bnet.bayesian_layers["block1.conv2"]
+    with ForwardReplay(bnet.net, device=x.device) as replay:
+        replay.run(lambda: bnet(x))
+        replay.commit()
+        layer.gate_logit[0] = -layer.gate_logit[0]
+        replay.run(lambda: bnet(x), start=layer)  # not committed: refused
+        layer.gate_logit[0] = -layer.gate_logit[0]
+        torch.manual_seed(0)
+        back = replay.run(lambda: bnet(x), start=bnet.bayesian_layers["block2.conv2"])
+        assert torch.equal(back, _full(replay, bnet, x))
+    with ForwardReplay(bnet.net, device=x.device, budget=0) as replay:
+        replay.run(lambda: bnet(x))
+        replay.commit()
+        replay.run(lambda: bnet(x), start=bnet.bayesian_layers["block2.conv2"])
+        assert replay.reused == 0
+
+
+def test_the_forwards_are_put_back_and_bad_budgets_refused() -> None:
+    net = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
+    own = net[1].forward
+    net[1].forward = own  # an instance forward set before: kept
+    with pytest.raises(ValueError, match="budget must be >= 0"):
+        ForwardReplay(net, device=torch.device("cpu"), budget=-1)
+    with ForwardReplay(net, device=torch.device("cpu")):
+        assert "forward" in net[0].__dict__
+    assert "forward" not in net[0].__dict__
+    assert net[1].__dict__["forward"] is own
+
+
+@torch.no_grad()
+def test_a_pass_that_leaves_the_record_computes_from_there() -> None:
+    a, b = nn.Linear(3, 3), nn.Linear(3, 3)
+    order = {"ab": True}
+
+    class Switching(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = a, b
+
+        def forward(self, x):
+            return self.b(self.a(x)) if order["ab"] else self.a(self.b(x))
+
+    net, x = Switching(), torch.randn(4, 3)
+    with ForwardReplay(net, device=x.device) as replay:
+        replay.run(lambda: net(x))
+        replay.commit()
+        order["ab"] = False
+        out = replay.run(lambda: net(x), start=a)
+        assert replay.reused == 0
+        assert torch.equal(out, a(b(x)))
