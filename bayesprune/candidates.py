@@ -101,14 +101,21 @@ def _masks_at(
     logits: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Node decisions at one level: PIP >= threshold, or the top ``keep`` fraction (global),
-    ranked by log-odds of inclusion when given (PIPs saturate at 1.0, their log-odds do not)."""
+    ranked by log-odds of inclusion when given (PIPs saturate at 1.0, their log-odds do not).
+    Nodes with the same score (gates at the bounds where :mod:`bayesprune.gate_tests` leaves
+    them) are taken in equal shares from every layer, in index order within a layer: a global
+    tie broken by index alone would empty the last layers first."""
     if by == "threshold":
         return {k: v >= level for k, v in pips.items()}
     if logits is not None:
         pips = {k: logits[k] for k in pips}
-    flat = torch.cat(list(pips.values()))
+    flat = torch.cat(list(pips.values())).double()
+    share = torch.cat(
+        [torch.arange(v.numel(), dtype=torch.float64) / v.numel() for v in pips.values()]
+    )
+    order = np.lexsort((share.numpy(), -flat.numpy()))  # by score, then by share of the layer
     chosen = torch.zeros(flat.numel(), dtype=torch.bool)
-    chosen[torch.argsort(-flat, stable=True)[: max(1, round(level * flat.numel()))]] = True
+    chosen[torch.as_tensor(order[: max(1, round(level * flat.numel()))])] = True
     return dict(zip(pips, torch.split(chosen, [v.numel() for v in pips.values()]), strict=True))
 
 

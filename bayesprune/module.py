@@ -382,7 +382,9 @@ class BayesianModule(nn.Module):
         A PIP of exactly 1.0 (a horseshoe node far above its threshold, after a short fit of a
         pretrained net) still has a finite log-odds, so rankings (``prune(keep=)``,
         ``certify(by="keep")``, the pruner's per-layer floors) order nodes by evidence, not by
-        index.
+        index. Gates that :mod:`bayesprune.gate_tests` left at their bounds tie; a keep fraction
+        takes tied nodes in equal shares from every layer
+        (:func:`bayesprune.candidates.pip_candidates`).
         """
         out = {}
         for path, layer in self.bayesian_layers.items():

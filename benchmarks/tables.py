@@ -26,6 +26,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from table_structured import render_structured
+
 HERE = Path(__file__).parent
 RESULTS = HERE / "results"
 README = HERE / "README.md"
@@ -622,6 +624,7 @@ RENDERERS: dict[str, Callable[[], list[str]]] = {
     "distributed": render_distributed,
     "gate-probes": render_gate_probes,
     "transformers": render_transformers,
+    "structured": render_structured,
 }
 #: tables that live on a page of their own instead of the README
 PAGES: dict[str, Path] = {
@@ -629,6 +632,7 @@ PAGES: dict[str, Path] = {
     "gate-step": HERE.parent / "docs" / "notes" / "gate-decisions.md",
     "transformers": HERE.parent / "docs" / "transformers.md",
     "compile-speed": HERE.parent / "docs" / "compiled-step.md",
+    "structured": HERE.parent / "docs" / "structured.md",
 }
 
 

@@ -387,3 +387,23 @@ def test_a_bayesian_reference_is_refused_and_the_callers_net_keeps_its_mode(net,
     cert = certify_candidates([nn.Sequential(nn.Flatten(), nn.Linear(64, 10))], ref, _cal(digits),
                               alpha=0.01, progress=False)  # fmt: skip
     assert not cert.passed and cert.model is ref and ref.training  # the caller's net, untouched
+
+
+def test_keep_fractions_take_tied_nodes_in_equal_shares_per_layer() -> None:
+    """Gates left at their bounds by the exact tests tie: a keep fraction takes the same share
+    of every layer, not the first layer's nodes (which would empty the last one)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 2))
+    bnet = bp.bayesianize(net)
+    first, second = bnet.bayesian_layers["0"], bnet.bayesian_layers["2"]
+    with torch.no_grad():
+        first.gate_logit.fill_(6.9)
+        second.gate_logit.fill_(6.9)
+    x = torch.zeros(1, 4)
+    _, (half,) = pip_candidates(bnet, [0.5], by="keep", example_input=x)
+    assert (half[0].out_features, half[2].out_features) == (4, 2)
+    with torch.no_grad():
+        second.gate_logit[3] = 7.0  # a higher score still comes first
+    _, (one,) = pip_candidates(bnet, [1 / 12], by="keep", example_input=x)
+    assert one[2].out_features == 1
+    assert torch.allclose(one[2].bias, second.bias_loc[3:]), "the kept node is node 3"

@@ -1,0 +1,234 @@
+"""Accuracy against parameters kept: our structured nets against every structured baseline.
+
+Issue "Posteriors that prune well out of the box", the structured compression target: at every
+parameter budget from 5% to 50%, our certified or median-probability structured nets are at least
+as accurate as every structured baseline of ``bayesprune.baselines`` on LeNet-300-100,
+LeNet-5-Caffe and ResNet-20 (Fashion-MNIST), one accuracy-versus-parameters plot per net.
+
+Per net, one dense net trained by this script (``bp.train``, 20 epochs), then, with no fine-tuning
+of any pruned net (as target (b) of the robustness matrix):
+
+* ``magnitude (structured)``, ``SNACS``: scores of the dense net, pruned at every level of
+  ``LEVELS`` (the fraction of the prunable nodes removed, global ranking);
+* ``self-compression (SNR)``: a Gaussian BNN fitted from the dense net (``SVI_EPOCHS``, rounds of
+  30% as in ``compare.py``), pruned at every level by SNR;
+* ``Gumbel node masks``: node masks trained with the weights (``SVI_EPOCHS`` epochs, target
+  density 0.1), pruned at every level by mask logit;
+* ours, ``bp.fit`` with its defaults from the dense net (``SVI_EPOCHS`` epochs): the
+  median-probability net (PIP >= 0.5) and the net Learn then Test certifies (alpha 0.02,
+  delta 0.1, accuracy drop against the posterior predictive, 5,000 calibration images), and
+  the nodes ranked by inclusion log-odds at every keep fraction of ``pip_candidates(by="keep")``;
+  then the median-probability nets of the same fit with the prior inclusion ``GAMMAS`` (the prior's
+  answer to "how small": the only setting changed).
+
+The check (printed, and in the table): for every baseline net with 5% to 50% of the parameters,
+the most accurate of our median-probability and certified nets with at most as many parameters,
+and the gap.
+
+    python benchmarks/structured.py --threads 2 --models lenet_300_100 lenet5_caffe
+    python benchmarks/structured.py --plot          # the PNGs of docs/structured.md from the JSON
+
+Rows are merged by (model, method, level) into ``benchmarks/results/structured.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import platform
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from results_io import merge_rows
+
+import bayesprune as bp
+from bayesprune.baselines import SNACS, GumbelPruning, MagnitudePruning, SelfCompression
+from bayesprune.candidates import pip_candidates
+from bayesprune.data import load_fashion_mnist, loader
+from bayesprune.models import get_model
+
+HERE = Path(__file__).parent
+RESULTS = HERE / "results" / "structured.json"
+PLOTS = HERE.parent / "docs" / "structured"
+BATCH = 128
+#: training images per net (ResNet-20 on a CPU: the size of robustness cell 9)
+TRAIN_SIZE = {"lenet_300_100": 50000, "lenet5_caffe": 10000, "resnet20": 2000}
+DENSE_EPOCHS = 20
+SVI_EPOCHS = 20
+LEVELS = [0.0, 0.2, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.925, 0.95, 0.97, 0.98]
+KEEP = [0.5, 0.4, 0.3, 0.25, 0.2, 0.15, 0.1, 0.075, 0.05, 0.03, 0.02]
+GAMMAS = [0.3, 0.03, 0.01]
+ALPHA, DELTA = 0.02, 0.1
+BUDGET = (0.05, 0.50)
+
+
+def _row(model: str, method: str, level, net, dense, test, **extra) -> dict:
+    return {
+        "model": model,
+        "method": method,
+        "level": level,
+        "acc": round(bp.evaluate(net.eval(), test), 4),
+        "params": round(bp.count_params(net) / bp.count_params(dense), 4),
+        **extra,
+    }
+
+
+def _curve(model, method, pm, dense, test) -> list[dict]:
+    rows = []
+    for level in LEVELS:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            net = pm.prune(level)
+        rows.append(_row(model, method, level, net, dense, test))
+    return rows
+
+
+def run_model(model: str, seed: int) -> list[dict]:
+    splits = load_fashion_mnist(subset=TRAIN_SIZE[model], val_size=2000, cal_size=5000)
+    train = loader(splits.train, BATCH, seed=seed)
+    test = loader(splits.test, 512, shuffle=False)
+    cal = loader(splits.cal, 512, shuffle=False)
+    x = next(iter(test))[0][:2]
+    torch.manual_seed(seed)
+    dense = get_model(model)
+    bp.train(dense, train, epochs=DENSE_EPOCHS, progress=False, seed=seed)
+    rows = [_row(model, "dense", None, dense, dense, test, seconds=None)]
+    print(rows[-1], flush=True)
+
+    def timed(method, make):
+        t0 = time.perf_counter()
+        pm = make().fit(copy.deepcopy(dense), train)
+        seconds = round(time.perf_counter() - t0, 1)
+        for r in _curve(model, method, pm, dense, test):
+            rows.append({**r, "seconds": seconds})
+            print(rows[-1], flush=True)
+
+    timed("magnitude (structured)", lambda: MagnitudePruning(structured=True))
+    timed("SNACS", lambda: SNACS(per_class=200, progress=False, seed=seed))
+    timed("self-compression (SNR)", lambda: SelfCompression(
+        "snr", epochs=SVI_EPOCHS, rounds=3, round_fraction=0.3, round_epochs=2,
+        progress=False, seed=seed))  # fmt: skip
+    timed("Gumbel node masks", lambda: GumbelPruning(
+        0.1, granularity="node", epochs=SVI_EPOCHS, progress=False, seed=seed))  # fmt: skip
+
+    for gamma in [None, *GAMMAS]:
+        prior = bp.priors.SpikeAndSlab(
+            level="node", **({} if gamma is None else {"prior_inclusion": gamma})
+        )
+        bnet = bp.bayesianize(copy.deepcopy(dense), prior)
+        t0 = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            bp.fit(bnet, train, epochs=SVI_EPOCHS, progress=False, seed=seed)
+            seconds = round(time.perf_counter() - t0, 1)
+            small = bp.prune(bnet, threshold=0.5, example_input=x)
+        label = "ours, defaults" if gamma is None else f"ours, prior inclusion {gamma:g}"
+        rows.append(_row(model, f"{label}: PIP >= 0.5", 0.5, small, dense, test, seconds=seconds))
+        print(rows[-1], flush=True)
+        if gamma is not None:
+            continue
+        cert = bp.conformal.certify(
+            bnet, cal, alpha=ALPHA, delta=DELTA, example_input=x, progress=False
+        )
+        if cert.index is not None:
+            rows.append(_row(model, f"{label}: certified (α={ALPHA}, δ={DELTA})", cert.level,
+                             cert.model, dense, test, seconds=seconds))  # fmt: skip
+            print(rows[-1], flush=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            levels, nets = pip_candidates(bnet, KEEP, by="keep", example_input=x)
+        for level, net in zip(levels, nets, strict=True):
+            rows.append(_row(model, f"{label}: top nodes by log-odds", level, net, dense, test,
+                             seconds=seconds))  # fmt: skip
+            print(rows[-1], flush=True)
+    return rows
+
+
+def check(rows: list[dict]) -> list[dict]:
+    """For every baseline net within the budget range: the best of ours (median-probability or
+    certified) with at most its parameters, and the gap in points."""
+    ours = [r for r in rows if r["method"].startswith("ours") and "top nodes" not in r["method"]]
+    out = []
+    for r in rows:
+        if r["method"] == "dense" or r["method"].startswith("ours"):
+            continue
+        if not BUDGET[0] <= r["params"] <= BUDGET[1]:
+            continue
+        fits = [o for o in ours if o["model"] == r["model"] and o["params"] <= r["params"]]
+        best = max(fits, key=lambda o: o["acc"], default=None)
+        out.append({
+            "model": r["model"], "baseline": r["method"], "params": r["params"], "acc": r["acc"],
+            "ours": None if best is None else best["acc"],
+            "ours_params": None if best is None else best["params"],
+            "gap": None if best is None else round(100 * (best["acc"] - r["acc"]), 2),
+        })  # fmt: skip
+    return out
+
+
+def plot(payload: dict) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    PLOTS.mkdir(parents=True, exist_ok=True)
+    paths = []
+    rows = payload["rows"]
+    for model in sorted({r["model"] for r in rows}):
+        mine = [r for r in rows if r["model"] == model]
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        dense = next(r for r in mine if r["method"] == "dense")
+        ax.axhline(dense["acc"], color="k", lw=0.8, ls=":", label=f"dense {dense['acc']:.4f}")
+        ax.axvspan(*BUDGET, color="0.93", zorder=0)
+        for method in dict.fromkeys(r["method"] for r in mine if r["method"] != "dense"):
+            pts = sorted((r["params"], r["acc"]) for r in mine if r["method"] == method)
+            single = len(pts) == 1 or (method.startswith("ours") and "top nodes" not in method)
+            ax.plot(*zip(*pts, strict=True), "o" if single else ".-", label=method,
+                    ms=7 if single else 4)  # fmt: skip
+        ax.set_xscale("log")
+        ax.set_xlabel("parameters kept (share of dense)")
+        ax.set_ylabel("test accuracy (no fine-tuning)")
+        ax.set_ylim(max(0.0, dense["acc"] - 0.35), dense["acc"] + 0.02)
+        ax.set_title(f"{model}, Fashion-MNIST, {TRAIN_SIZE.get(model, '?')} training images")
+        ax.legend(fontsize=7, loc="lower right")
+        fig.tight_layout()
+        path = PLOTS / f"{model}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", nargs="+", default=["lenet_300_100", "lenet5_caffe"],
+                   choices=sorted(TRAIN_SIZE))  # fmt: skip
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--plot", action="store_true", help="only draw the plots from the JSON")
+    args = p.parse_args(argv)
+    if args.plot:
+        import json
+
+        for path in plot(json.loads(RESULTS.read_text())):
+            print(path)
+        return
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    command = "python benchmarks/structured.py " + " ".join(argv or __import__("sys").argv[1:])
+    device = f"cpu ({platform.machine()}), {torch.get_num_threads()} thread(s)"
+    for model in args.models:
+        rows = run_model(model, args.seed)
+        for r in rows:
+            r.update(command=command.strip(), device=device, seed=args.seed)
+        merge_rows(RESULTS, rows, key=lambda r: (r["model"], r["method"], r["level"]))
+        checks = check(rows)
+        merge_rows(RESULTS, checks, key=lambda c: c["model"], field="checks")  # this net's
+        for c in checks:
+            print(c, flush=True)
+
+
+if __name__ == "__main__":
+    main()
