@@ -217,8 +217,12 @@ class GateTests:
         for p, old in zip(self.gates, logits, strict=True):  # the median model before the step
             p.copy_(torch.where(old >= 0, math.inf, -math.inf))
         with self.replay as replay:
+            copied = len(replay.copied)
             current = self._nll(replay)
             replay.commit()
+            if len(replay.copied) > copied:  # an output changed in place: record it again
+                current = self._nll(replay)
+                replay.commit()
             tested = self._test_each(proposals, bounds, beta, current, replay)
         for p, new, bound, done in zip(self.gates, stepped, bounds, tested, strict=True):
             p.copy_(torch.where(done, p.sign() * bound, new))  # untested gates keep their step

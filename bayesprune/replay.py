@@ -25,8 +25,10 @@ would have), and that module's outputs are copied from then on, on the way in an
 out. Copying every output instead costs about as much as computing them again on a CPU.
 
 So that the modules that run see the same random draws whatever was skipped before them, the
-random generators (CPU and the network's device) are seeded before and after every module call
-from its index in the pass.
+random generators (CPU and the network's device) are seeded before and after every module call,
+and before a Bayesian layer draws its node multiplier, from the call's index in the pass; the
+caller's random state is put back after each pass. Changes that bypass the version counter
+(``tensor.data.mul_()``) are not seen. Replays do not nest.
 
 Outputs are recorded in call order until ``budget`` bytes are held; calls after that are always
 computed. A pass whose calls differ from the record (other modules, or in another order) computes
@@ -85,7 +87,8 @@ def _tensors(value: Any) -> list[torch.Tensor] | None:
 def _copy(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return value.clone()
-    return type(value)(None if v is None else v.clone() for v in value)
+    copies = [None if v is None else v.clone() for v in value]
+    return type(value)(*copies) if hasattr(value, "_fields") else type(value)(copies)
 
 
 class _Record:
@@ -155,6 +158,7 @@ class ForwardReplay:
         self.index = 0
         self.reuse_below = 0
         self.reused = 0  # module calls handed back in the last pass
+        self.entered = False
 
     @staticmethod
     def _units(net: nn.Module) -> list[nn.Module]:
@@ -172,9 +176,17 @@ class ForwardReplay:
 
     # -- entering and leaving ------------------------------------------------------------------
     def __enter__(self) -> ForwardReplay:
+        if self.entered or any(
+            getattr(m.__dict__.get("forward"), "_replay", None) is not None for m in self.modules
+        ):
+            raise RuntimeError(
+                "this network's forwards are already wrapped by a ForwardReplay; leave that one "
+                "first (replays do not nest)"
+            )
         self.own_forwards = {
             id(m): m.__dict__["forward"] for m in self.modules if "forward" in m.__dict__
         }
+        self.entered = True
         try:
             for module in self.modules:
                 module.forward = self._wrap(module)
@@ -185,6 +197,7 @@ class ForwardReplay:
 
     def __exit__(self, *exc: object) -> None:
         self._unwrap()
+        self.entered = False
         self.record, self.pending, self.handed = {}, {}, []
 
     def _unwrap(self) -> None:
@@ -202,17 +215,23 @@ class ForwardReplay:
         drawn again). What it computes is kept for :meth:`commit`."""
         self.index, self.pending, self.handed, self.reused = 0, {}, [], 0
         self.reuse_below = self._reuse_limit(start)
-        result = fn()
-        for k in self.handed:  # changed in place after it was handed back: drop from there on
-            rec = self.record.get(k)
-            if rec is not None and not rec.intact():
-                self.copied.add(id(rec.module))
-                self._drop_from(k)
-        for k, rec in self.pending.items():  # changed in place after it was recorded
-            if rec is not None and not rec.intact():
-                self.copied.add(id(rec.module))
-                self.pending[k] = None
-        return result
+        accel = self.device.type != "cpu"
+        try:
+            with torch.random.fork_rng(
+                devices=[self.device] if accel else [],
+                device_type=self.device.type if accel else "cuda",
+            ):  # the seeds of the module calls do not leak into the caller's random state
+                return fn()
+        finally:  # (also after an exception) outputs changed in place are not handed back again
+            for k in self.handed:
+                rec = self.record.get(k)
+                if rec is not None and not rec.intact():
+                    self.copied.add(id(rec.module))
+                    self._drop_from(k)
+            for k, rec in self.pending.items():
+                if rec is not None and not rec.intact():
+                    self.copied.add(id(rec.module))
+                    self.pending[k] = None
 
     def commit(self) -> None:
         """Make the last pass the record (its reused calls kept, its computed calls replacing
@@ -251,29 +270,33 @@ class ForwardReplay:
             getattr(torch, self.device.type).manual_seed(value)
 
     def _wrap(self, module: nn.Module) -> Callable[..., Any]:
-        splits = _splits_at_gate(module)
+        # an instance forward (a user's patch, an accelerate hook) is called as it is
+        splits = _splits_at_gate(module) and id(module) not in self.own_forwards
         compute = module.forward_pre_gate if splits else module.forward
 
         def wrapped(*args: Any, **kwargs: Any) -> Any:
             k = self.index
             self.index += 1
-            self._seed(2 * k + 1)
+            self._seed(3 * k + 1)
             rec = self.record.get(k) if k < self.reuse_below else None
+            if rec is not None and rec.kept and not rec.intact():  # changed since: not reused
+                self.copied.add(id(rec.module))
+                self._drop_from(k)
+                rec = None
             if rec is not None and rec.module is module and not rec.kept:
-                result = compute(*args, **kwargs)  # run again, as recorded
-                if splits:
-                    result = module.gate_output(*result)
+                result = self._compute(module, compute, splits, args, kwargs, k)  # as recorded
             elif rec is not None and rec.module is module:
                 self.reused += 1
                 self.handed.append(k)
-                result = self._hand_back(rec, args)
+                result = self._hand_back(rec, args, k)
             else:
                 if k < self.reuse_below:  # the pass left the record: compute from here on
                     self.reuse_below = k
                 result = self._compute(module, compute, splits, args, kwargs, k)
-            self._seed(2 * k + 2)
+            self._seed(3 * k + 3)
             return result
 
+        wrapped._replay = self  # type: ignore[attr-defined]
         return wrapped
 
     def _compute(self, module, compute, splits: bool, args, kwargs, k: int) -> Any:
@@ -289,11 +312,15 @@ class ForwardReplay:
             kept = _copy(out) if copy else out
             in_place = not splits and bool(args) and out is args[0]
             self.pending[k] = _Record(module, kept, mult, in_place, _tensors(kept))
-        return module.gate_output(out, mult) if splits else result
+        if not splits:
+            return result
+        self._seed(3 * k + 2)  # the multiplier's draws, the same when handed back
+        return module.gate_output(out, mult)
 
-    def _hand_back(self, rec: _Record, args: tuple) -> Any:
+    def _hand_back(self, rec: _Record, args: tuple, k: int) -> Any:
         out = _copy(rec.output) if id(rec.module) in self.copied else rec.output
-        if _splits_at_gate(rec.module):
+        if _splits_at_gate(rec.module) and id(rec.module) not in self.own_forwards:
+            self._seed(3 * k + 2)
             return rec.module.gate_output(out, rec.mult)
         if rec.in_place and args and isinstance(args[0], torch.Tensor):
             return args[0] if args[0] is out else args[0].copy_(out)

@@ -161,3 +161,77 @@ def test_a_pass_that_leaves_the_record_computes_from_there() -> None:
         out = replay.run(lambda: net(x), start=a)
         assert replay.reused == 0
         assert torch.equal(out, a(b(x)))
+
+
+class _Skip(nn.Module):
+    """``c(relu(b(h)) + h)``: what layer ``a`` draws reaches ``c`` around ``b``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(4, 16), nn.Linear(16, 16), nn.Linear(16, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.a(x))
+        return self.c(torch.relu(self.b(h)) + h)
+
+
+@torch.no_grad()
+def test_random_multipliers_of_handed_back_layers_are_drawn_as_in_a_whole_pass() -> None:
+    """Gaussian weights under ``a`` (mixed priors): its multiplier is drawn again when handed
+    back, from the same seed as in a whole pass, though its weight noise was not drawn."""
+    torch.manual_seed(0)
+    ss = bp.priors.SpikeAndSlab
+    priors = {
+        "a": ss(level="node", weights="gaussian"),
+        "b": ss(level="node"),
+        "c": ss(level="node"),
+    }
+    bnet = bp.bayesianize(_Skip(), prior=priors)
+    bnet.train()
+    x = torch.randn(64, 4)
+    with ForwardReplay(bnet.net, device=x.device, budget=0) as whole:
+        reference = whole.run(lambda: bnet(x))
+    state = torch.random.get_rng_state()
+    with ForwardReplay(bnet.net, device=x.device) as replay:
+        replay.run(lambda: bnet(x))
+        replay.commit()
+        again = replay.run(lambda: bnet(x), start=bnet.bayesian_layers["b"])
+    assert replay.reused == 2
+    assert torch.equal(again, reference)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's random state kept
+
+
+@torch.no_grad()
+def test_an_output_changed_in_place_during_a_failed_pass_is_not_handed_back() -> None:
+    boom = {"on": False}
+
+    class Boom(nn.Module):
+        def forward(self, x):
+            if boom["on"]:
+                x.mul_(0)
+                raise RuntimeError("boom")
+            return x
+
+    net, x = nn.Sequential(nn.Linear(4, 8), Boom(), nn.Linear(8, 2)), torch.randn(3, 4)
+    with ForwardReplay(net, device=x.device, keep=(nn.Linear,)) as replay:
+        reference = replay.run(lambda: net(x))
+        replay.commit()
+        boom["on"] = True
+        with pytest.raises(RuntimeError, match="boom"):
+            replay.run(lambda: net(x), start=net[2])
+        boom["on"] = False
+        assert torch.equal(replay.run(lambda: net(x), start=net[2]), reference)
+
+
+@torch.no_grad()
+def test_an_instance_forward_is_kept_and_replays_do_not_nest() -> None:
+    bnet, x = _bnet()
+    head = bnet.bayesian_layers["head"]
+    head.forward = lambda inp: BayesianLayer.forward(head, inp) * 0  # a user's patch
+    with ForwardReplay(bnet.net, device=x.device) as replay:
+        assert (replay.run(lambda: bnet(x)) == 0).all()
+        with pytest.raises(RuntimeError, match="do not nest"):
+            ForwardReplay(bnet.net, device=x.device).__enter__()
+        with pytest.raises(RuntimeError, match="do not nest"):
+            replay.__enter__()
+    assert "forward" in head.__dict__ and not hasattr(head.__dict__["forward"], "_replay")
