@@ -266,28 +266,15 @@ class GateTests:
     def _nll(self, replay: ForwardReplay, *, start=None) -> float:
         """NLL (nats, full-data scale) of the network as it is on the test examples (the
         outputs of the modules called before ``start`` handed back by ``replay``)."""
-        bnet, dev = self.bnet, self.bnet.device
+        bnet = self.bnet
         buffers = [b.detach().clone() for b in bnet.buffers()]
-        total = torch.zeros(2, dtype=torch.float64, device=dev)
-        accel = dev.type != "cpu"
-        try:
-            with torch.random.fork_rng(
-                devices=[dev] if accel else [], device_type=dev.type if accel else "cuda"
-            ):
-                # fixed seeds for both sides of a test, on this fit's generators only
-                torch.random.default_generator.manual_seed(0)
-                if dev.type == "cuda":
-                    with torch.cuda.device(dev):
-                        torch.cuda.manual_seed(0)
-                elif accel:
-                    getattr(torch, dev.type).manual_seed(0)
+        total = torch.zeros(2, dtype=torch.float64, device=bnet.device)
 
-                def nll() -> torch.Tensor:
-                    return sum(
-                        bnet.log_likelihood(bnet(x), y).double().sum() for x, y in self.examples
-                    )
+        def nll() -> torch.Tensor:
+            return sum(bnet.log_likelihood(bnet(x), y).double().sum() for x, y in self.examples)
 
-                total[0] -= replay.run(nll, start=start)
+        try:  # seeded by the replay, on this fit's generators only, the same on both sides
+            total[0] -= replay.run(nll, start=start)
         finally:
             for b, old in zip(bnet.buffers(), buffers, strict=True):
                 b.copy_(old)

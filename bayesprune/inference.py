@@ -414,8 +414,8 @@ def fit(
         :math:`\beta` KL of the median-probability model; a refused gate is held for an epoch or
         more). Default 256. ``None`` turns the tests off: the natural step alone, which on a
         trained network can switch off many needed nodes at once
-        (``docs/notes/gate-decisions.md``). Each test costs a forward pass over these examples;
-        ``FitResult.gate_tests`` reports how many ran and their time. Fast ELBO only.
+        (``docs/notes/gate-decisions.md``). Each test costs a forward pass over these examples
+        from the tested layer on (:mod:`bayesprune.replay`); ``FitResult.gate_tests`` reports how many ran and their time. Fast ELBO only.
 
     Raises
     ------

@@ -25,8 +25,9 @@ would have), and that module's outputs are copied from then on, on the way in an
 out. Copying every output instead costs about as much as computing them again on a CPU.
 
 So that the modules that run see the same random draws whatever was skipped before them, the
-random generators (CPU and the network's device) are seeded before and after every module call,
-and before a Bayesian layer draws its node multiplier, from the call's index in the pass; the
+random generators (CPU and the network's device) are seeded at the start of every pass, before
+and after every module call, and before a Bayesian layer draws its node multiplier, from the
+call's index in the pass; the
 caller's random state is put back after each pass. Changes that bypass the version counter
 (``tensor.data.mul_()``) are not seen. Replays do not nest.
 
@@ -221,6 +222,7 @@ class ForwardReplay:
                 devices=[self.device] if accel else [],
                 device_type=self.device.type if accel else "cuda",
             ):  # the seeds of the module calls do not leak into the caller's random state
+                self._seed(0)  # what runs before the first module call: the same in every pass
                 return fn()
         finally:  # (also after an exception) outputs changed in place are not handed back again
             for k in self.handed:
@@ -288,7 +290,7 @@ class ForwardReplay:
             elif rec is not None and rec.module is module:
                 self.reused += 1
                 self.handed.append(k)
-                result = self._hand_back(rec, args, k)
+                result = self._hand_back(rec, args, k, splits)
             else:
                 if k < self.reuse_below:  # the pass left the record: compute from here on
                     self.reuse_below = k
@@ -317,9 +319,9 @@ class ForwardReplay:
         self._seed(3 * k + 2)  # the multiplier's draws, the same when handed back
         return module.gate_output(out, mult)
 
-    def _hand_back(self, rec: _Record, args: tuple, k: int) -> Any:
+    def _hand_back(self, rec: _Record, args: tuple, k: int, splits: bool) -> Any:
         out = _copy(rec.output) if id(rec.module) in self.copied else rec.output
-        if _splits_at_gate(rec.module) and id(rec.module) not in self.own_forwards:
+        if splits:
             self._seed(3 * k + 2)
             return rec.module.gate_output(out, rec.mult)
         if rec.in_place and args and isinstance(args[0], torch.Tensor):
