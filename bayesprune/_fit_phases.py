@@ -536,7 +536,7 @@ def _hidden(bnet: BayesianModule, x: torch.Tensor) -> list[str]:
     last batch (an untraceable network gets every node-PIP layer, with a warning)."""
     if not bnet.inclusion_probs():
         return []
-    example = x[:1].detach().cpu()
+    example = x[:1].detach()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

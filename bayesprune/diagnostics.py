@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from .pruning import dependency_groups
+from .pruning.layers import to_module_device
 
 __all__ = [
     "COLLAPSED_SHARE",
@@ -64,9 +65,10 @@ def hidden_layers(bnet, example_input: torch.Tensor) -> list[str]:
     pips = bnet.inclusion_probs()
     if not pips:
         return []
+    mean = bnet.mean_module()
     outputs = {
         p
-        for g in dependency_groups(bnet.mean_module(), example_input)
+        for g in dependency_groups(mean, to_module_device(example_input, mean))
         if "the network output" in g.frozen
         for p in g.producers
     }

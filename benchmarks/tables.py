@@ -26,6 +26,13 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from table_speed import (
+    composite_origin,
+    origin,
+    render_compile_speed,
+    render_gpu,
+    render_svi_speed,
+)
 from table_structured import render_structured
 
 HERE = Path(__file__).parent
@@ -51,40 +58,6 @@ def _x(v) -> str:
 
 def _pts(v) -> str:
     return "–" if v is None else f"{v:+.2f}"
-
-
-def _origin(payload: dict, name: str) -> str:
-    """The provenance line under a table: the file, its note, and where its numbers came from."""
-    parts = [f"From `results/{name}`."]
-    if payload.get("note"):
-        parts.append(payload["note"])
-    if payload.get("source"):
-        parts.append(f"Numbers {payload['source']}.")
-    elif payload.get("meta"):
-        m = payload["meta"]
-        parts.append(
-            f"Measured by `{m.get('command', '?')}` on {m.get('device', '?')}, "
-            f"torch {m.get('torch', '?')}."
-        )
-    return "*" + " ".join(parts) + "*"
-
-
-def _composite_origin(payload: dict, rows: list[dict], name: str) -> str:
-    """The provenance of a table assembled from several commands, each row with its own."""
-    parts = [f"From `results/{name}`."]
-    if payload.get("note"):
-        parts.append(payload["note"])
-    transcribed = sum(1 for r in rows if r.get("source"))
-    if transcribed == len(rows) and payload.get("source"):
-        parts.append(f"Numbers {payload['source']}.")
-    elif transcribed:
-        parts.append(
-            f"{transcribed} of {len(rows)} rows transcribed from benchmarks/RESULTS.md (their "
-            "`source`); every row records its command."
-        )
-    else:
-        parts.append("Every row records the command that measured it.")
-    return " ".join(parts)
 
 
 # -- the default fit ------------------------------------------------------------------------------
@@ -131,7 +104,7 @@ def robustness_table(payload: dict, cells: dict[int, tuple]) -> list[str]:
 def render_robustness() -> list[str]:
     payload = load("robustness.json")
     lines = robustness_table(payload, _robustness_cells())
-    notes = [_origin(payload, "robustness.json")]
+    notes = [origin(payload, "robustness.json")]
     seed0 = {r["cell"]: r for r in payload["cells"]}
     other = load("robustness_seed1.json")
     both = [(seed0[r["cell"]], r) for r in other["cells"] if r["cell"] in seed0]
@@ -205,7 +178,7 @@ def render_gate_step() -> list[str]:
                 f"{r['uncertain']:.0%} |"
             )
         lines.append(f"| {data} | {steps} | {dense:.4f} |" + "".join(cells))
-    lines += ["", _origin(payload, "gate_step.json")]
+    lines += ["", origin(payload, "gate_step.json")]
     return lines
 
 
@@ -249,118 +222,10 @@ def render_gate_probes() -> list[str]:
             f"{r['hidden_off']:.0%} | {r['uncertain']:.0%} | "
             f"{mark[r['a']]} {mark[r['b']]} {mark[r['c']]} | {elbo} | {flips} |"
         )
-    return [*lines, "", _origin(payload, "gate_probes.json")]
+    return [*lines, "", origin(payload, "gate_probes.json")]
 
 
 # -- cost -----------------------------------------------------------------------------------------
-
-
-def render_svi_speed() -> list[str]:
-    payload = load("svi_speed.json")
-    cells: dict[str, dict[str, str]] = {}
-    models: list[str] = []
-    order: list[str] = []  # methods in the order of the rows; a new one after its predecessor
-    before, model = None, None
-    for r in payload["rows"]:
-        if r["model"] != model:
-            before, model = None, r["model"]
-        if model not in models:
-            models.append(model)
-        if r["method"] not in order:
-            order.insert(order.index(before) + 1 if before else len(order), r["method"])
-        before = r["method"]
-        value = "n/a" if r.get("step") is None else f"{r['ratio']:.2f}x ({r['step']:.2f} ms)"
-        extras = [f"ops {r['ops_ratio']:.1f}x"] if r.get("ops_ratio") is not None else []
-        if r.get("peak_ratio") is not None:
-            extras.append(f"mem {r['peak_ratio']:.2f}x")
-        if extras:
-            value = value[:-1] + "; " + "; ".join(extras) + ")"
-        cells.setdefault(r["method"], {})[model] = value
-    lines = [
-        "| method | " + " | ".join(models) + " |",
-        "|---|" + "---:|" * len(models),
-    ]
-    for method in order:
-        row = cells[method]
-        lines.append(f"| {method} | " + " | ".join(row.get(m, "–") for m in models) + " |")
-    origin = _composite_origin(payload, payload["rows"], "svi_speed.json")
-    lines += [
-        "",
-        "*Ratio to the deterministic step of the same run (ms per step; ops: ATen operators "
-        "dispatched per step, `--ops`; mem: peak memory of the step with parameters and "
-        f"optimiser state, `--memory`; same ratios). {origin}*",
-    ]
-    # the predictive draws go on the same line (one paragraph under the table)
-    predict = load("svi_predict.json")
-    per_model: dict[str, list[str]] = {}
-    for r in predict["rows"]:
-        if r["method"].startswith("posterior draw"):
-            what = r["method"].removeprefix("posterior draw, ")
-            per_model.setdefault(r["model"], []).append(f"{what} {r['ratio']:.2f}x")
-    if per_model:
-        lines[-1] += (
-            " *Posterior draws against one deterministic forward pass of the same batch: "
-            + "; ".join(f"{m}: " + ", ".join(v) for m, v in per_model.items())
-            + " ("
-            + _origin(predict, "svi_predict.json").strip("*")
-            + ")*"
-        )
-    return lines
-
-
-def render_compile_speed() -> list[str]:
-    """``bp.fit(compile=True)`` against eager: per step, and whole short and long fits."""
-    payload = load("compile_speed.json")
-    lines = [
-        "| net | deterministic step | bp.fit step, eager | compiled | compiled / eager | "
-        "first compiled step | `compile_seconds` | break-even |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in payload["steps"]:
-        even = "never" if r["break_even_steps"] is None else f"{r['break_even_steps']:,.0f} steps"
-        lines.append(
-            f"| {r['model']} | {r['det_ms']:.2f} ms | {r['eager_ms']:.2f} ms "
-            f"({r['eager_ratio']:.2f}x) | {r['compiled_ms']:.2f} ms ({r['compiled_ratio']:.2f}x) | "
-            f"{r['compiled_vs_eager']:.2f}x | {r['first_step_s']:.1f} s | {r['compile_s']:.1f} s | "
-            f"{even} |"
-        )
-    lines += [
-        "",
-        "| LeNet-300-100 fit | steps | eager | compiled (ratio) | graphs compiled | predictive "
-        "acc: eager / compiled | hidden PIP < 0.5: eager / compiled |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-    ]
-
-    def each(values: list[float], fmt: str) -> str:
-        return ", ".join(format(v, fmt) for v in dict.fromkeys(values))
-
-    for r in payload["fits"]:
-        runs = (
-            f"median of {r['runs']}"
-            if len(r["seeds"]) == 1
-            else "seeds " + ", ".join(str(s) for s in r["seeds"])
-        )
-        lines.append(
-            f"| {r['data']} ({r['train_images']:,}), {r['epochs']} epoch(s), {runs} | "
-            f"{r['steps']} | {r['eager_s']:.2f} s | {r['compiled_s']:.2f} s ({r['ratio']:.1f}x) | "
-            f"{r['graphs']} | {each(r['accuracy_eager'], '.4f')} / "
-            f"{each(r['accuracy_compiled'], '.4f')} | {each(r['hidden_off_eager'], '.0%')} / "
-            f"{each(r['hidden_off_compiled'], '.0%')} |"
-        )
-    m = payload["meta"]
-    lines += [
-        "",
-        f"*Milliseconds per step: median after warm-up, the three steps timed in turn (batch "
-        f"128, random data; ratio to the deterministic step). First compiled step: its wall time "
-        f"with compilation of forward and backward; `compile_seconds`: what `FitResult` reports "
-        f"(the same first step's forward and backward); break-even: steps until the per-step "
-        f"gain repays the first step. Fits: wall time of `bp.fit(..., progress=False)`, "
-        f"compilation included, arms alternated; graphs: dynamo graphs compiled in the fit. "
-        f"Compile times {m['cache'].replace('cold: ', 'cold (')}). From "
-        f"`results/compile_speed.json`. Measured by `{m['command']}` on {m['device']}, "
-        f"{m['threads']} thread(s), torch {m['torch']}.*",
-    ]
-    return lines
 
 
 # -- pruning against the baselines ---------------------------------------------------------------
@@ -398,8 +263,8 @@ def render_baselines() -> list[str]:
             f"{_acc(r['acc'])} | {_pct(r['params'])}{kind} | {_pct(r['flops'])} | "
             f"{_acc(r.get('cert_acc'))} | {_pct(r.get('cert_params'))} |"
         )
-    origin = _composite_origin(payload, payload["results"], "baselines.json")
-    lines += ["", f"*Dense nets: {', '.join(dense)}. {origin}*"]
+    provenance = composite_origin(payload, payload["results"], "baselines.json")
+    lines += ["", f"*Dense nets: {', '.join(dense)}. {provenance}*"]
     return lines
 
 
@@ -428,7 +293,7 @@ def render_conformal() -> list[str]:
         f"*δ = {m['delta']:g}, risk: {m['risk']}; dense {m['dense_acc']:.4f}, unpruned "
         f"posterior-mean net {m['mean_acc']:.4f}, predictive {m['predictive_acc']:.4f}; splits "
         f"of the {m['pool']:,}-image held-out pool with n_cal = {m['n_cal']:,}. "
-        + _origin(payload, "conformal.json").strip("*")
+        + origin(payload, "conformal.json").strip("*")
         + "*"
     )
     return lines
@@ -464,8 +329,8 @@ def render_compression() -> list[str]:
             f"{_x(r.get('flop_reduction'))} | {_x(r.get('speedup_b1'))} | "
             f"{_x(r.get('speedup_b256'))} |"
         )
-    origin = _composite_origin(payload, payload["rows"], "compression.json")
-    lines += ["", f"*{origin}*"]
+    provenance = composite_origin(payload, payload["rows"], "compression.json")
+    lines += ["", f"*{provenance}*"]
     return lines
 
 
@@ -495,7 +360,7 @@ def render_frontier() -> list[str]:
         f"*Mean test accuracy over seeds {', '.join(map(str, m['seeds']))}, {m['epochs']} "
         f"epochs, budget {m['budget']:,} parameters; Δ against the dense LeNet-300-100 of the same "
         f"run ({dense}; mean {m['dense_mean']:.4f}). "
-        + _origin(payload, "frontier.json").strip("*")
+        + origin(payload, "frontier.json").strip("*")
         + "*"
     )
     return lines
@@ -534,7 +399,7 @@ def render_distributed() -> list[str]:
     notes = [
         f"*LeNet-300-100, {m['train_images']:,} Fashion-MNIST images, batch "
         f"{cpu['rows'][0]['batch_size']} (the global batch); the CPU processes share "
-        f"{m['device']}. " + _origin(cpu, "distributed.json").strip("*") + "*"
+        f"{m['device']}. " + origin(cpu, "distributed.json").strip("*") + "*"
     ]
     for r in single:
         notes[-1] = notes[-1][:-1] + (
@@ -544,7 +409,7 @@ def render_distributed() -> list[str]:
     if gpu is None:
         notes.append("*GPU rows unmeasured: `bash benchmarks/gpu_check.sh`.*")
     else:
-        notes.append("*" + _origin(gpu, "distributed_gpu.json").strip("*") + "*")
+        notes.append("*" + origin(gpu, "distributed_gpu.json").strip("*") + "*")
     mem = {r["operation"]: r for r in cpu.get("memory", [])}
     if mem:
         words = {
@@ -625,6 +490,7 @@ RENDERERS: dict[str, Callable[[], list[str]]] = {
     "gate-probes": render_gate_probes,
     "transformers": render_transformers,
     "structured": render_structured,
+    "gpu": render_gpu,
 }
 #: tables that live on a page of their own instead of the README
 PAGES: dict[str, Path] = {
@@ -633,6 +499,7 @@ PAGES: dict[str, Path] = {
     "transformers": HERE.parent / "docs" / "transformers.md",
     "compile-speed": HERE.parent / "docs" / "compiled-step.md",
     "structured": HERE.parent / "docs" / "structured.md",
+    "gpu": HERE.parent / "docs" / "gpu.md",
 }
 
 
