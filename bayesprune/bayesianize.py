@@ -418,7 +418,17 @@ def _find_gate_points(work: nn.Module, chosen: list[str]) -> _GatePoints:
     """Phase 4: :func:`_gate_points` of the plain copy ``work``, before any layer is swapped; warns
     when ``work`` cannot be traced although it has BatchNorms (the gates then act at the layers'
     outputs)."""
-    followers, activations, traced = _gate_points(work, chosen)
+    followers, activations, traced, shared = _gate_points(work, chosen)
+    if shared:
+        warnings.warn(
+            f"{', '.join(sorted(shared))} {'is' if len(shared) == 1 else 'are'} called more than "
+            "once, and a BatchNorm follows a call: the node gates act at the layer's output, "
+            "where they reach every call, so gated-off channels are not exactly zero after those "
+            "BatchNorms and the pruned network, which drops the channels there too, differs from "
+            "the posterior-mean network; give each call a layer of its own to prune it exactly",
+            UserWarning,
+            stacklevel=3,  # bayesianize's caller
+        )
     if not traced and any(isinstance(m, _BN_TYPES) for m in work.modules()):
         warnings.warn(
             f"{type(work).__name__} could not be traced with torch.fx, so node gates act at each "
@@ -432,12 +442,14 @@ def _find_gate_points(work: nn.Module, chosen: list[str]) -> _GatePoints:
 
 def _gate_points(
     net: nn.Module, paths: Iterable[str]
-) -> tuple[dict[str, str], dict[str, str], bool]:
+) -> tuple[dict[str, str], dict[str, str], bool, set[str]]:
     r"""Where each layer's node multiplier acts, found with :mod:`torch.fx`.
 
-    Returns ``(bn, act, traced)``: layer path -> a BatchNorm that alone consumes its output, and
+    Returns ``(bn, act, traced, shared)``: layer path -> a BatchNorm that alone consumes its output, and
     layer path -> a ReLU / LeakyReLU module that alone consumes the output of the layer (or of
-    that BatchNorm) and is called nowhere else. The multiplier acts after the last of these. For
+    that BatchNorm) and is called nowhere else; for a layer the network calls once (a layer
+    called twice keeps its multiplier at its own output; ``shared`` holds those of them that a
+    BatchNorm follows). The multiplier acts after the last of these. For
     a multiplier :math:`m \ge 0` and a positively homogeneous activation,
     :math:`\mathrm{relu}(m a) = m\,\mathrm{relu}(a)`, so the forward value is the same, but a gate
     after the ReLU gets a gradient when it is 0 (before the ReLU it would sit on the kink, where the
@@ -454,7 +466,7 @@ def _gate_points(
             try:
                 gm = symbolic_trace(net)
             except Exception:  # any tracing failure: fall back to gating at the layer output
-                return {}, {}, False
+                return {}, {}, False, set()
         found.append(_gate_points_in(gm, modules, paths))
     bn: dict[str, str] = {}
     act: dict[str, str] = {}
@@ -463,7 +475,7 @@ def _gate_points(
         # the points of every graph that runs the layer (one graph: LayerDrop skips it in
         # training, or an auxiliary head runs only there) must agree: the BatchNorm on its own,
         # the activation only where the BatchNorm before it agrees too
-        runs = [(b, a) for b, a, called in found if k in called]
+        runs = [(b, a) for b, a, called, _ in found if k in called]
         bns, acts = {b.get(k) for b, _ in runs}, {a.get(k) for _, a in runs}
         if len(bns) != 1:
             continue
@@ -480,12 +492,12 @@ def _gate_points(
         for k in [k for k, v in points.items() if claimed[v] > 1]:
             del points[k]
     act = {k: v for k, v in act.items() if bn.get(k) == agreed_bn[k]}
-    return bn, act, True
+    return bn, act, True, set().union(*(f[3] for f in found))
 
 
 def _gate_points_in(
     gm: torch.fx.GraphModule, modules: dict[str, nn.Module], paths: set[str]
-) -> tuple[dict[str, str], dict[str, str], set[str]]:
+) -> tuple[dict[str, str], dict[str, str], set[str], set[str]]:
     calls: dict[str, int] = {}
     for node in gm.graph.nodes:
         if node.op == "call_module":
@@ -500,8 +512,19 @@ def _gate_points_in(
 
     bn: dict[str, str] = {}
     act: dict[str, str] = {}
+    shared: set[str] = set()
     for node in gm.graph.nodes:
         if node.op != "call_module" or node.target not in paths:
+            continue
+        if calls[node.target] > 1:
+            # its gate stays at its output, where it acts on every call: a BatchNorm or ReLU
+            # after one call would leave the others ungated
+            users = list(node.users)
+            if any(
+                u.op == "call_module" and isinstance(modules.get(u.target), _BN_TYPES)
+                for u in users
+            ):
+                shared.add(node.target)
             continue
         cur = node
         user = sole_module_user(cur, _BN_TYPES)
@@ -511,7 +534,7 @@ def _gate_points_in(
         user = sole_module_user(cur, (nn.ReLU, nn.LeakyReLU))
         if user is not None:
             act[node.target] = user.target
-    return bn, act, set(calls)
+    return bn, act, set(calls), shared
 
 
 def _swap_layers(

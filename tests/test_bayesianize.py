@@ -89,6 +89,34 @@ def test_gates_act_after_the_batchnorm_in_branches_that_only_one_mode_runs() -> 
     assert bnet.gate_after["c1"] == "bn1"  # the BatchNorm point both modes agree on stays
 
 
+def test_a_layer_called_twice_keeps_its_gate_at_its_output() -> None:
+    class Shared(nn.Module):  # one conv, each call followed by a BatchNorm of its own
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn_a, self.bn_b = (
+                nn.Conv2d(1, 4, 3),
+                nn.BatchNorm2d(4),
+                nn.BatchNorm2d(4),
+            )
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            a = torch.relu(self.bn_a(self.conv(x))).mean((2, 3))
+            b = torch.relu(self.bn_b(self.conv(x.flip(-1)))).mean((2, 3))
+            return self.head(torch.cat([a, b], 1))
+
+    with pytest.warns(UserWarning, match="conv is called more than once, and a BatchNorm"):
+        bnet = bp.bayesianize(Shared(), prior=bp.priors.SpikeAndSlab())
+    assert "conv" not in bnet.gate_after and bnet.net.conv.gate_after is None
+    with torch.no_grad():
+        bnet.net.conv.gate_logit.fill_(-60.0)  # every node off
+    seen = []
+    bnet.net.conv.register_forward_hook(lambda m, i, o: seen.append(o))
+    bnet.train()
+    bnet(torch.randn(8, 1, 6, 6))
+    assert len(seen) == 2 and all(torch.equal(o, torch.zeros_like(o)) for o in seen)
+
+
 def test_forward_keeps_the_networks_own_errors() -> None:
     class Buggy(nn.Module):
         def __init__(self) -> None:
