@@ -59,6 +59,9 @@ REPARAMS = ("local", "shared", "auto")
 #: smaller than this. Larger passes were slower per draw on a CPU for conv nets (their
 #: activations leave the caches): ``benchmarks/README.md#svi-speed``
 PREDICT_ROWS = 128
+#: the same bound on a GPU, where a pass costs its launches more than its rows: 32 draws of a
+#: batch of 128 in one pass (``docs/gpu.md``)
+PREDICT_ROWS_GPU = 4096
 
 
 class RegressionPrediction(NamedTuple):
@@ -509,8 +512,8 @@ class BayesianModule(nn.Module):
         batched pass: the batch repeated ``num_samples`` times along its first axis is ``S``
         independent draws for each example. Otherwise (weights drawn once per pass) each draw is
         its own pass. Either way, no pass reads more than ``batch_size`` rows (examples times the
-        draws made together; default :data:`PREDICT_ROWS`): a large ``x`` goes through in chunks,
-        so memory stays bounded whatever its size.
+        draws made together; default :data:`PREDICT_ROWS` on a CPU, :data:`PREDICT_ROWS_GPU` on a
+        GPU): a large ``x`` goes through in chunks, so memory stays bounded whatever its size.
 
         ``x`` is a batch of inputs; or one batch of a loader, a list or tuple ``(x, y)`` or
         ``(x,)`` (its inputs are used, the labels ignored); or an iterable of such batches (a
@@ -574,7 +577,10 @@ class BayesianModule(nn.Module):
     def _predictive(self, x, num_samples: int, seed: int | None, batch_size: int | None, reduce):
         """``reduce`` of the ``[num_samples, examples, ...]`` outputs, chunk by chunk of ``x`` (a
         batch, or an iterable of batches), concatenated."""
-        rows = PREDICT_ROWS if batch_size is None else batch_size
+        if batch_size is None:
+            rows = PREDICT_ROWS_GPU if self.device.type == "cuda" else PREDICT_ROWS
+        else:
+            rows = batch_size
         if isinstance(rows, bool) or not isinstance(rows, numbers.Integral) or rows < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         rows = int(rows)

@@ -76,6 +76,7 @@ from bayesprune.gate_tests import DEFAULT_SIZE as DEFAULT_TEST_SIZE
 from bayesprune.gate_tests import GateTests
 from bayesprune.inference import FitResult, LocalReparamELBO, _build_optimizers, make_adam
 from bayesprune.models import get_model
+from bayesprune.module import PREDICT_ROWS, PREDICT_ROWS_GPU
 from bayesprune.train import resolve_device
 
 #: the row of bp.fit's whole step with its defaults
@@ -538,6 +539,7 @@ def bench_predict(name: str, dev: torch.device, steps: int, warmup: int, batch: 
     draw, next to the same draws in as many separate passes (what ``predict`` did before)."""
     xs, _, _ = _batches(dev, batch, 4)
     k = len(xs)
+    rows = PREDICT_ROWS_GPU if dev.type == "cuda" else PREDICT_ROWS  # predict's default
     net = get_model(name).to(dev).eval()
     bnet = bp.bayesianize(get_model(name)).to(dev)
     bnet.eval()
@@ -552,7 +554,7 @@ def bench_predict(name: str, dev: torch.device, steps: int, warmup: int, batch: 
             lambda i: bnet.predict(xs[i % k], num_samples=1),
             None,
         ),
-        f"posterior draw, bnet.predict, {DRAWS} draws, batched passes of at most 128 rows (per draw)": (
+        f"posterior draw, bnet.predict, {DRAWS} draws, batched passes of at most {rows} rows (per draw)": (
             lambda i: bnet.predict(xs[i % k], num_samples=DRAWS),
             None,
         ),
