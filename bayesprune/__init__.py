@@ -29,6 +29,7 @@ from .registry import LayerSpec, register_layer
 # -- pruning (issue 4) --
 # isort: split
 from .batchnorm import fold_batchnorm, recalibrate_batchnorm
+from .elimination import elimination_scores
 from .pruning import (
     CompressionReport,
     PrunedMultiheadAttention,
@@ -75,6 +76,7 @@ __all__ = [
     "data",
     "dependency_groups",
     "distributed",
+    "elimination_scores",
     "evaluate",
     "files",
     "finetune",

@@ -19,7 +19,11 @@ of any pruned net (as target (b) of the robustness matrix):
   delta 0.1, accuracy drop against the posterior predictive, 5,000 calibration images), and
   the nodes ranked by inclusion log-odds at every keep fraction of ``pip_candidates(by="keep")``;
   then the median-probability nets of the same fit with the prior inclusion ``GAMMAS`` (the prior's
-  answer to "how small": the only setting changed).
+  answer to "how small": the only setting changed);
+* ours, the elimination path of the same default fit (``bp.elimination_scores`` on the training
+  data, then ``bp.prune(keep=f, scores=...)`` at the fractions of ``KEEP`` below the median
+  model's), and the net Learn then Test certifies among the median model and these (accuracy
+  drop against the dense net, as ``certify``).
 
 The check (printed, and in the table): for every baseline net with 5% to 50% of the parameters,
 the most accurate of our median-probability and certified nets with at most as many parameters,
@@ -35,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import platform
 import time
 import warnings
@@ -59,7 +64,11 @@ DENSE_EPOCHS = 20
 SVI_EPOCHS = 20
 LEVELS = [0.0, 0.2, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.925, 0.95, 0.97, 0.98]
 KEEP = [0.5, 0.4, 0.3, 0.25, 0.2, 0.15, 0.1, 0.075, 0.05, 0.03, 0.02]
-GAMMAS = [0.3, 0.03, 0.01]
+#: prior inclusions of the extra fits: the prior's answer to "how small" (with point weights a node
+#: stays only if it lowers the training NLL by more than about log(1 / gamma) nats)
+GAMMAS = [0.3, 0.03, 0.01, 1e-5, 1e-10, 1e-20, 1e-30, 1e-50, 1e-80, 1e-150, 1e-300]
+#: bp.elimination_scores options other than its defaults (ResNet-20: a test is a deep pass)
+ELIMINATION = {"resnet20": {"examples": 256, "fraction": 0.2}}
 ALPHA, DELTA = 0.02, 0.1
 BUDGET = (0.05, 0.50)
 
@@ -85,7 +94,7 @@ def _curve(model, method, pm, dense, test) -> list[dict]:
     return rows
 
 
-def run_model(model: str, seed: int) -> list[dict]:
+def run_model(model: str, seed: int, baselines: bool = True) -> list[dict]:
     splits = load_fashion_mnist(subset=TRAIN_SIZE[model], val_size=2000, cal_size=5000)
     train = loader(splits.train, BATCH, seed=seed)
     test = loader(splits.test, 512, shuffle=False)
@@ -105,13 +114,14 @@ def run_model(model: str, seed: int) -> list[dict]:
             rows.append({**r, "seconds": seconds})
             print(rows[-1], flush=True)
 
-    timed("magnitude (structured)", lambda: MagnitudePruning(structured=True))
-    timed("SNACS", lambda: SNACS(per_class=200, progress=False, seed=seed))
-    timed("self-compression (SNR)", lambda: SelfCompression(
-        "snr", epochs=SVI_EPOCHS, rounds=3, round_fraction=0.3, round_epochs=2,
-        progress=False, seed=seed))  # fmt: skip
-    timed("Gumbel node masks", lambda: GumbelPruning(
-        0.1, granularity="node", epochs=SVI_EPOCHS, progress=False, seed=seed))  # fmt: skip
+    if baselines:
+        timed("magnitude (structured)", lambda: MagnitudePruning(structured=True))
+        timed("SNACS", lambda: SNACS(per_class=200, progress=False, seed=seed))
+        timed("self-compression (SNR)", lambda: SelfCompression(
+            "snr", epochs=SVI_EPOCHS, rounds=3, round_fraction=0.3, round_epochs=2,
+            progress=False, seed=seed))  # fmt: skip
+        timed("Gumbel node masks", lambda: GumbelPruning(
+            0.1, granularity="node", epochs=SVI_EPOCHS, progress=False, seed=seed))  # fmt: skip
 
     for gamma in [None, *GAMMAS]:
         prior = bp.priors.SpikeAndSlab(
@@ -143,13 +153,50 @@ def run_model(model: str, seed: int) -> list[dict]:
             rows.append(_row(model, f"{label}: top nodes by log-odds", level, net, dense, test,
                              seconds=seconds))  # fmt: skip
             print(rows[-1], flush=True)
+        rows += _elimination(model, label, bnet, small, dense, train, cal, test, x)
+    return rows
+
+
+def _elimination(model, label, bnet, median, dense, train, cal, test, x) -> list[dict]:
+    """The nets of bp.elimination_scores (greedy backward elimination on the posterior-mean net,
+    training data) at the keep fractions of KEEP below the median model's, and the one Learn then
+    Test certifies among them (the median model first, then from least to most pruned)."""
+    t0 = time.perf_counter()
+    scores = bp.elimination_scores(bnet, train, **ELIMINATION.get(model, {}))
+    seconds = round(time.perf_counter() - t0, 1)
+    nodes = sum(int((p >= 0.5).sum()) for p in bnet.inclusion_probs().values())
+    total = sum(p.numel() for p in bnet.inclusion_probs().values())
+    levels = [f for f in KEEP if f < nodes / total]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        nets = [bp.prune(bnet, keep=f, scores=scores, example_input=x) for f in levels]
+    rows = []
+    for level, net in zip(levels, nets, strict=True):
+        rows.append(_row(model, f"{label}: elimination path", level, net, dense, test,
+                         seconds=seconds))  # fmt: skip
+        print(rows[-1], flush=True)
+    reference = bnet.dense_module().eval()
+    cert = bp.conformal.certify_candidates(
+        [median, *nets], reference, cal, alpha=ALPHA, delta=DELTA, levels=[0.5, *levels],
+        level_name="keep", dense=reference, progress=False,
+    )  # fmt: skip
+    if cert.index is not None:
+        rows.append(_row(model, f"{label}: elimination path, certified (α={ALPHA}, δ={DELTA})",
+                         cert.level, cert.model, dense, test, seconds=seconds))  # fmt: skip
+        print(rows[-1], flush=True)
     return rows
 
 
 def check(rows: list[dict]) -> list[dict]:
     """For every baseline net within the budget range: the best of ours (median-probability or
     certified) with at most its parameters, and the gap in points."""
-    ours = [r for r in rows if r["method"].startswith("ours") and "top nodes" not in r["method"]]
+    ours = [
+        r
+        for r in rows
+        if r["method"].startswith("ours")
+        and "top nodes" not in r["method"]
+        and not r["method"].endswith("elimination path")
+    ]
     out = []
     for r in rows:
         if r["method"] == "dense" or r["method"].startswith("ours"):
@@ -167,6 +214,15 @@ def check(rows: list[dict]) -> list[dict]:
     return out
 
 
+def _series(method: str) -> str:
+    """The median-probability nets of every prior inclusion are one line of the plot."""
+    if method == "ours, defaults: PIP >= 0.5" or (
+        method.startswith("ours, prior inclusion") and method.endswith("PIP >= 0.5")
+    ):
+        return "ours: median-probability nets, prior inclusion 0.1 (default) down to 1e-300"
+    return method
+
+
 def plot(payload: dict) -> list[Path]:
     import matplotlib
 
@@ -182,9 +238,13 @@ def plot(payload: dict) -> list[Path]:
         dense = next(r for r in mine if r["method"] == "dense")
         ax.axhline(dense["acc"], color="k", lw=0.8, ls=":", label=f"dense {dense['acc']:.4f}")
         ax.axvspan(*BUDGET, color="0.93", zorder=0)
-        for method in dict.fromkeys(r["method"] for r in mine if r["method"] != "dense"):
-            pts = sorted((r["params"], r["acc"]) for r in mine if r["method"] == method)
-            single = len(pts) == 1 or (method.startswith("ours") and "top nodes" not in method)
+        series: dict[str, list[tuple[float, float]]] = {}
+        for r in mine:
+            if r["method"] != "dense":
+                series.setdefault(_series(r["method"]), []).append((r["params"], r["acc"]))
+        for method, pts in series.items():
+            pts = sorted(pts)
+            single = len(pts) == 1
             ax.plot(*zip(*pts, strict=True), "o" if single else ".-", label=method,
                     ms=7 if single else 4)  # fmt: skip
         ax.set_xscale("log")
@@ -208,10 +268,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--plot", action="store_true", help="only draw the plots from the JSON")
+    p.add_argument("--ours-only", action="store_true",
+                   help="skip the baselines (their saved rows stay; the check reads them)")  # fmt: skip
     args = p.parse_args(argv)
     if args.plot:
-        import json
-
         for path in plot(json.loads(RESULTS.read_text())):
             print(path)
         return
@@ -220,11 +280,12 @@ def main(argv: list[str] | None = None) -> None:
     command = "python benchmarks/structured.py " + " ".join(argv or __import__("sys").argv[1:])
     device = f"cpu ({platform.machine()}), {torch.get_num_threads()} thread(s)"
     for model in args.models:
-        rows = run_model(model, args.seed)
+        rows = run_model(model, args.seed, baselines=not args.ours_only)
         for r in rows:
             r.update(command=command.strip(), device=device, seed=args.seed)
         merge_rows(RESULTS, rows, key=lambda r: (r["model"], r["method"], r["level"]))
-        checks = check(rows)
+        saved = json.loads(RESULTS.read_text())["rows"]  # with the baselines' saved rows
+        checks = check([r for r in saved if r["model"] == model])
         merge_rows(RESULTS, checks, key=lambda c: c["model"], field="checks")  # this net's
         for c in checks:
             print(c, flush=True)

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import bayesprune as bp
 from bayesprune import priors
+from bayesprune.data import loader
 from bayesprune.layers import BayesianConv2d, BayesianLayer, BayesianLinear
 from bayesprune.priors import (
     Gaussian,
@@ -419,3 +420,22 @@ def test_saturated_horseshoe_pips_still_rank_nodes_by_log_odds() -> None:
         certify(bnet, cal, progress=False)
     cert = certify(bnet, cal, by="keep", levels=[1.0, 0.5], progress=False, alpha=0.5)
     assert len(cert.curve) == 2
+
+
+def test_a_smaller_prior_inclusion_gives_a_smaller_median_model_that_still_works(
+    digits, net
+) -> None:
+    """The prior's answer to "how small": with point weights a node stays only if it lowers the
+    training NLL by more than about log(1/gamma) nats (docs/structured.md)."""
+    test = loader(digits.test, 256, shuffle=False)
+    sizes = {}
+    for gamma in (0.1, 1e-4):
+        bnet = bp.bayesianize(
+            copy.deepcopy(net), prior=bp.priors.SpikeAndSlab(prior_inclusion=gamma)
+        )
+        bp.fit(bnet, loader(digits.train, 64, seed=0), epochs=10, progress=False, seed=0)
+        small = bp.prune(bnet, threshold=0.5)
+        sizes[gamma] = bp.count_params(small)
+        # measured: 0.967 and 0.958 against the dense net's 0.967
+        assert bp.evaluate(small.eval(), test) >= bp.evaluate(net, test) - 0.03
+    assert sizes[1e-4] < 0.6 * sizes[0.1]  # measured: 0.45 of it
