@@ -28,7 +28,7 @@ from __future__ import annotations
 import gzip
 import os
 import struct
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +47,7 @@ __all__ = [
     "Splits",
     "batch_xy",
     "check_finite",
+    "examples_of",
     "fashion_mnist_root",
     "input_errors",
     "load_digits",
@@ -332,6 +333,48 @@ def batch_xy(batch: Any, what: str = "the loader") -> tuple[torch.Tensor, torch.
     x, y = batch
     input_tensor(x, f"{what} yielded inputs that are")
     return x, torch.as_tensor(y)
+
+
+def examples_of(data: Any, max_examples: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x, y)`` tensors from ``(inputs, labels)`` tensors, a ``TensorDataset`` or an iterable of
+    batches (a loader: read only until ``max_examples`` are in), cut to ``max_examples``.
+
+    Example
+    -------
+    >>> import torch
+    >>> from bayesprune.data import examples_of
+    >>> batches = [(torch.zeros(4, 3), torch.zeros(4)) for _ in range(3)]
+    >>> [t.shape[0] for t in examples_of(batches, 6)]
+    [6, 6]
+    """
+    if isinstance(data, tuple | list) and len(data) == 2 and all(torch.is_tensor(t) for t in data):
+        x, y = data
+    elif hasattr(data, "tensors") and len(data.tensors) == 2:  # TensorDataset
+        x, y = data.tensors
+    elif isinstance(data, Iterable):
+        xs, ys, n = [], [], 0
+        for batch in data:
+            x, y = batch_xy(batch, "data")
+            xs.append(x)
+            ys.append(y)
+            n += len(x)
+            if max_examples is not None and n >= max_examples:
+                break
+        if not xs:
+            raise ValueError("data is empty")
+        x, y = torch.cat(xs), torch.cat(ys)
+    else:
+        raise TypeError(
+            "data must be (inputs, labels) tensors, a TensorDataset or a DataLoader, got "
+            f"{type(data).__name__}"
+        )
+    if len(x) != len(y):
+        raise ValueError(f"data has {len(x)} inputs but {len(y)} labels")
+    if len(x) == 0:
+        raise ValueError("data is empty")
+    if max_examples is not None:
+        x, y = x[:max_examples], y[:max_examples]
+    return x, y
 
 
 def input_tensor(x: Any, what: str = "inputs are") -> torch.Tensor:

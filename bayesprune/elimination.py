@@ -54,7 +54,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .data import batch_xy
+from .data import examples_of
 from .pruning import dependency_groups
 from .pruning.layers import to_module_device
 from .replay import ForwardReplay
@@ -80,7 +80,8 @@ def elimination_scores(
     bnet
         A fitted :class:`~bayesprune.BayesianModule` with node PIPs.
     data
-        Training batches (a loader, or one ``(x, y)`` batch): the first ``examples`` are used.
+        Training data (a loader, a ``TensorDataset`` or ``(x, y)`` tensors): the first
+        ``examples`` examples are used.
     examples
         Examples each evaluation reads.
     fraction
@@ -115,7 +116,7 @@ def elimination_scores(
             stacklevel=2,
         )
     base = bnet.mean_module().eval()
-    x, y = _examples(data, examples, base)
+    x, y = (to_module_device(t, base) for t in examples_of(data, examples))
     trace = x[:1] if example_input is None else to_module_device(example_input, base)
     modules = dict(base.named_modules())
     units = _units(dependency_groups(base, trace), pips, modules)
@@ -123,22 +124,6 @@ def elimination_scores(
         raise ValueError("no prunable node-level layer: nothing to eliminate")
     with torch.no_grad(), ForwardReplay(base, device=x.device, keep=_LAYERS) as replay:
         return _eliminate(bnet, base, modules, units, pips, x, y, fraction, replay)
-
-
-def _examples(data: Any, n: int, base: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    if isinstance(data, tuple | list) and len(data) == 2 and torch.is_tensor(data[0]):
-        data = [data]
-    xs, ys, count = [], [], 0
-    for batch in data:
-        x, y = batch_xy(batch, "data")
-        xs.append(x[: n - count])
-        ys.append(y[: n - count])
-        count += len(xs[-1])
-        if count >= n:
-            break
-    if not count:
-        raise ValueError("data holds no examples")
-    return to_module_device(torch.cat(xs), base), to_module_device(torch.cat(ys), base)
 
 
 class _Unit:
@@ -154,7 +139,6 @@ class _Unit:
             w = modules[path].weight
             params += w.shape[0] * math.prod(w.shape[2:]) * repeat
         self.params = params + 2 * len(self.norms)
-        self.saved: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def tensors(self, modules):
         for path in self.producers + self.norms:
@@ -163,25 +147,25 @@ class _Unit:
                 if t is not None:
                     yield t
 
-    def remove(self, modules) -> None:
-        self.saved = [(t, t[self.j].clone()) for t in self.tensors(modules)]
-        for t, _ in self.saved:
+    def remove(self, modules) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Zero the unit; returns what :meth:`restore` puts back."""
+        saved = [(t, t[self.j].clone()) for t in self.tensors(modules)]
+        for t, _ in saved:
             t[self.j] = 0
+        return saved
 
-    def restore(self) -> None:
-        for t, value in self.saved:
+    def restore(self, saved: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        for t, value in saved:
             t[self.j] = value
-        self.saved = []
 
 
-def _units(groups, pips: dict[str, torch.Tensor], modules) -> list[tuple[_Unit, str]]:
-    """Every unit of the prunable groups whose producers all have node PIPs, with the module its
-    removal changes first (the first producer in graph order)."""
+def _units(groups, pips: dict[str, torch.Tensor], modules) -> list[_Unit]:
+    """Every unit of the prunable groups whose producers all have node PIPs."""
     out = []
     for g in groups:
         if g.frozen or not g.producers or any(p not in pips for p in g.producers):
             continue
-        out += [(_Unit(g, j, modules), g.producers[0]) for j in range(g.width)]
+        out += [_Unit(g, j, modules) for j in range(g.width)]
     return out
 
 
@@ -197,34 +181,32 @@ def _eliminate(bnet, base, modules, units, pips, x, y, fraction, replay):
     rank: dict[int, float] = {}
     # the median model first: its off units go first, the least probable first
     off = sorted(
-        (u for u, _ in units if not on_in_median(u)),
+        (u for u in units if not on_in_median(u)),
         key=lambda u: max(float(pips[p][u.j]) for p in u.producers),
     )
     for u in off:
         rank[id(u)] = len(rank)
         u.remove(modules)
-        u.saved = []
-    alive = [(u, start) for u, start in units if id(u) not in rank]
+    alive = [u for u in units if id(u) not in rank]
     while alive:
         current = nll()
         replay.commit()
         cost = []
-        for u, start in alive:
-            u.remove(modules)
-            cost.append((nll(start=modules[start]) - current) / u.params)
-            u.restore()
+        for u in alive:
+            saved = u.remove(modules)
+            # evaluated from the first producer in graph order, the first module it changes
+            cost.append((nll(start=modules[u.producers[0]]) - current) / u.params)
+            u.restore(saved)
         order = sorted(range(len(alive)), key=cost.__getitem__)
         drop = order[: max(1, math.ceil(fraction * len(alive)))]
         for i in drop:
-            u = alive[i][0]
-            rank[id(u)] = len(rank)
-            u.remove(modules)
-            u.saved = []
+            rank[id(alive[i])] = len(rank)
+            alive[i].remove(modules)
         dropped = set(drop)
-        alive = [a for i, a in enumerate(alive) if i not in dropped]
+        alive = [u for i, u in enumerate(alive) if i not in dropped]
     # nodes outside the eliminated units (frozen groups, the output) are never ranked below them
     scores = {k: torch.full_like(v, float(len(rank)), dtype=torch.float64) for k, v in pips.items()}
-    for u, _ in units:
+    for u in units:
         for p in u.producers:
             scores[p][u.j] = float(rank[id(u)])
     return scores

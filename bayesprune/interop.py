@@ -56,7 +56,7 @@ Example
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -65,7 +65,7 @@ import torch
 from pyro import poutine
 from tqdm.auto import tqdm
 
-from .data import batch_xy
+from .data import examples_of
 
 __all__ = ["to_arviz"]
 
@@ -187,7 +187,7 @@ class _GuideConverter:
         self.progress = progress
         self.layers = bnet.bayesian_layers
         self.keep_weights = set(_weight_layers(weights, list(self.layers)))
-        x, y = _collect_data(data, max_examples)
+        x, y = (None, None) if data is None else examples_of(data, max_examples)
         if x is not None:
             x, y = x.to(bnet.device), y.to(bnet.device)
         self.x, self.y = x, y
@@ -352,42 +352,6 @@ def _check_bnet(bnet: Any) -> None:
         raise TypeError(
             f"to_arviz expects a BayesianModule (from bp.bayesianize), got {type(bnet).__name__}"
         )
-
-
-def _collect_data(
-    data: Any, max_examples: int | None
-) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
-    """``(x, y)`` tensors from a tuple, a TensorDataset or an iterable of batches."""
-    if data is None:
-        return None, None
-    if isinstance(data, tuple | list) and len(data) == 2 and all(torch.is_tensor(t) for t in data):
-        x, y = data
-    elif hasattr(data, "tensors") and len(data.tensors) == 2:  # TensorDataset
-        x, y = data.tensors
-    elif isinstance(data, Iterable):
-        xs, ys, n = [], [], 0
-        for batch in data:
-            x, y = batch_xy(batch, "data")
-            xs.append(x)
-            ys.append(y)
-            n += len(x)
-            if max_examples is not None and n >= max_examples:
-                break
-        if not xs:
-            raise ValueError("data is empty")
-        x, y = torch.cat(xs), torch.cat(ys)
-    else:
-        raise TypeError(
-            "data must be (inputs, labels) tensors, a TensorDataset or a DataLoader, got "
-            f"{type(data).__name__}"
-        )
-    if len(x) != len(y):
-        raise ValueError(f"data has {len(x)} inputs but {len(y)} labels")
-    if len(x) == 0:
-        raise ValueError("data is empty")
-    if max_examples is not None:
-        x, y = x[:max_examples], y[:max_examples]
-    return x, y
 
 
 def _weight_layers(

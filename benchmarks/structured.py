@@ -164,9 +164,9 @@ def _elimination(model, label, bnet, median, dense, train, cal, test, x) -> list
     t0 = time.perf_counter()
     scores = bp.elimination_scores(bnet, train, **ELIMINATION.get(model, {}))
     seconds = round(time.perf_counter() - t0, 1)
-    nodes = sum(int((p >= 0.5).sum()) for p in bnet.inclusion_probs().values())
-    total = sum(p.numel() for p in bnet.inclusion_probs().values())
-    levels = [f for f in KEEP if f < nodes / total]
+    pips = list(bnet.inclusion_probs().values())
+    median_share = sum(int((p >= 0.5).sum()) for p in pips) / sum(p.numel() for p in pips)
+    levels = [f for f in KEEP if f < median_share]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         nets = [bp.prune(bnet, keep=f, scores=scores, example_input=x) for f in levels]
