@@ -181,3 +181,22 @@ def test_input_errors_names_the_input_and_lets_other_errors_through() -> None:
     with pytest.raises(torch.OutOfMemoryError):
         with input_errors("Linear", "inputs", (2, 3)):
             raise torch.OutOfMemoryError("out of memory")
+
+
+def test_examples_of_reads_tensors_datasets_and_loaders_and_names_bad_data() -> None:
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from bayesprune.data import examples_of
+
+    x, y = torch.randn(10, 3), torch.arange(10)
+    for data in ((x, y), TensorDataset(x, y), DataLoader(TensorDataset(x, y), batch_size=4)):
+        got_x, got_y = examples_of(data, 6)
+        assert torch.equal(got_x, x[:6]) and torch.equal(got_y, y[:6])
+    with pytest.raises(ValueError, match="data is empty"):
+        examples_of([])
+    with pytest.raises(ValueError, match="data is empty"):
+        examples_of((torch.zeros(0, 3), torch.zeros(0)))
+    with pytest.raises(TypeError, match="a TensorDataset or a DataLoader, got int"):
+        examples_of(3)
+    with pytest.raises(TypeError, match="must yield \\(inputs, labels\\) pairs"):
+        examples_of([{"x": x}])

@@ -118,3 +118,13 @@ def test_a_posterior_without_node_pips_is_refused_with_the_fix() -> None:
     net, data = _planted()
     with pytest.raises(ValueError, match="SpikeAndSlab"):
         bp.elimination_scores(bp.bayesianize(net, prior=bp.priors.Gaussian()), data)
+
+
+def test_data_that_is_not_labelled_examples_is_refused_by_name() -> None:
+    net, _ = _planted()
+    with pytest.raises(TypeError, match="a TensorDataset or a DataLoader, got int"):
+        bp.elimination_scores(bp.bayesianize(net), 64)
+    with pytest.raises(TypeError, match="data must yield \\(inputs, labels\\) pairs; got a str"):
+        bp.elimination_scores(bp.bayesianize(net), "train.csv")
+    with pytest.raises(ValueError, match="data is empty"):
+        bp.elimination_scores(bp.bayesianize(net), [])
