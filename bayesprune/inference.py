@@ -64,7 +64,6 @@ from .layers import BayesianLayer
 from .module import BayesianModule
 from .natural import BernoulliNaturalGradient
 from .priors import SpikeAndSlab
-from .priors._math import kl_bernoulli
 
 __all__ = ["FitResult", "LocalReparamELBO", "fit", "model_kl"]
 
@@ -190,8 +189,9 @@ class LocalReparamELBO(pyro.infer.ELBO):
 
 
 def _gates_only(layer: BayesianLayer) -> float | None:
-    r"""The prior inclusion :math:`\gamma` of a layer whose KL is the Bernoulli KL of its gate
-    logits alone (point-weight node spike-and-slab, the default), else ``None``."""
+    r"""The prior log-odds :math:`\log(\gamma / (1 - \gamma))` of a layer whose KL is the
+    Bernoulli KL of its gate logits alone (point-weight node spike-and-slab, the default), else
+    ``None``."""
     prior = layer.prior
     if (
         type(layer).kl is BayesianLayer.kl  # (a layer class with a KL of its own keeps it)
@@ -200,7 +200,7 @@ def _gates_only(layer: BayesianLayer) -> float | None:
         and prior.level == "node"
         and prior.point_weights
     ):
-        return prior.gamma(layer)
+        return prior.log_odds(layer)
     return None
 
 
@@ -222,18 +222,18 @@ def model_kl(bnet: BayesianModule) -> torch.Tensor:
     >>> torch.allclose(model_kl(bnet), bnet.kl())
     True
     """
-    groups: dict[float, list[torch.Tensor]] = {}
+    groups: dict[float, tuple[BayesianLayer, list[torch.Tensor]]] = {}
     total = None
     for layer in bnet.bayesian_layers.values():
-        gamma = _gates_only(layer)
-        if gamma is None:
+        log_odds = _gates_only(layer)
+        if log_odds is None:
             term = layer.kl()
             total = term if total is None else total + term
         else:
-            groups.setdefault(gamma, []).append(layer.gate_logit.reshape(-1))
-    for gamma, logits in groups.items():
+            groups.setdefault(log_odds, (layer, []))[1].append(layer.gate_logit.reshape(-1))
+    for first, logits in groups.values():
         flat = logits[0] if len(logits) == 1 else torch.cat(logits)
-        term = kl_bernoulli(flat, gamma).sum()
+        term = first.prior.kl_gates(first, flat).sum()
         total = term if total is None else total + term
     return total if total is not None else torch.zeros((), device=bnet.device)
 

@@ -192,8 +192,6 @@ def _ramped(fraction: float, total: int):
 @torch.no_grad()
 def _flip_pass(bnet, train, hidden: list[str], rounds: int) -> dict:
     """Greedy exact flips of the decided gates (see the ``flip`` probe); returns the counts."""
-    from bayesprune.priors._math import kl_bernoulli
-
     xs, ys, seen_n = [], [], 0
     for x, y in R.loader(train.dataset, 256, shuffle=False):
         xs.append(x)
@@ -216,7 +214,7 @@ def _flip_pass(bnet, train, hidden: list[str], rounds: int) -> dict:
             for x, y in zip(xs, ys, strict=True)
         )
         kl = sum(
-            float(kl_bernoulli(layer.gate_logit.sign() * bound, layer.prior.gamma(layer)).sum())
+            float(layer.prior.kl_gates(layer, layer.gate_logit.sign() * bound).sum())
             for layer in layers.values()
         )
         return nll * n / seen_n + kl
@@ -279,8 +277,6 @@ class _Verifier:
 
     @torch.no_grad()
     def __call__(self, opt, before, strength) -> None:
-        from bayesprune.priors._math import kl_bernoulli
-
         t0 = time.perf_counter()
         params = [p for g in opt.param_groups for p in g["params"]]
         bounds = [g["max_logit"] for g in opt.param_groups for _ in g["params"]]
@@ -320,15 +316,15 @@ class _Verifier:
         for _, i, j in proposals:
             tested[i].view(-1)[j] = True
             p, bound = params[i], bounds[i]
-            gamma = self.layers[id(p)].prior.gamma(self.layers[id(p)])
+            layer = self.layers[id(p)]
             on = float(p.view(-1)[j]) > 0
             flat = torch.tensor([bound, -bound]) if on else torch.tensor([-bound, bound])
-            kl_old, kl_new = (float(kl_bernoulli(v, gamma).sum()) for v in flat)
+            kl_old, kl_new = (float(layer.prior.kl_gates(layer, v).sum()) for v in flat)
             p.view(-1)[j] = -p.view(-1)[j]
             value = self._nll()
             self.counts["tests"] += 1
             worth = (value - base) if on else (base - value)  # NLL(off) - NLL(on)
-            cavi[i].view(-1)[j] = math.log(gamma / (1 - gamma)) + worth / beta
+            cavi[i].view(-1)[j] = layer.prior.log_odds(layer) + worth / beta
             if value + beta * kl_new < base + beta * kl_old:
                 base = value
                 self.counts["off" if on else "on"] += 1

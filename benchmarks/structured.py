@@ -18,8 +18,9 @@ of any pruned net (as target (b) of the robustness matrix):
   median-probability net (PIP >= 0.5) and the net Learn then Test certifies (alpha 0.02,
   delta 0.1, accuracy drop against the posterior predictive, 5,000 calibration images), and
   the nodes ranked by inclusion log-odds at every keep fraction of ``pip_candidates(by="keep")``;
-  then the median-probability nets of the same fit with the prior inclusion ``GAMMAS`` (the prior's
-  answer to "how small": the only setting changed);
+  then the median-probability nets of fits with the prior inclusions ``GAMMAS`` and, below what a
+  double holds, the prior log-odds ``LOG_ODDS`` (the prior's answer to "how small": the only
+  setting changed);
 * ours, the elimination path of the same default fit (``bp.elimination_scores`` on the training
   data, then ``bp.prune(keep=f, scores=...)`` at the fractions of ``KEEP`` below the median
   model's), and the net Learn then Test certifies among the median model and these (accuracy
@@ -32,7 +33,8 @@ and the gap.
     python benchmarks/structured.py --threads 2 --models lenet_300_100 lenet5_caffe
     python benchmarks/structured.py --plot          # the PNGs of docs/structured.md from the JSON
 
-Rows are merged by (model, method, level) into ``benchmarks/results/structured.json``.
+Rows go to ``benchmarks/results/structured.json``: a method a run measures replaces all its saved
+rows of that net; the other saved rows (``--ours-only`` keeps the baselines') stay.
 """
 
 from __future__ import annotations
@@ -67,6 +69,8 @@ KEEP = [0.5, 0.4, 0.3, 0.25, 0.2, 0.15, 0.1, 0.075, 0.05, 0.03, 0.02]
 #: prior inclusions of the extra fits: the prior's answer to "how small" (with point weights a node
 #: stays only if it lowers the training NLL by more than about log(1 / gamma) nats)
 GAMMAS = [0.3, 0.03, 0.01, 1e-5, 1e-10, 1e-20, 1e-30, 1e-50, 1e-80, 1e-150, 1e-300]
+#: stronger priors, as log-odds log(gamma / (1 - gamma)) (1e-300 is -690.8): nats per node
+LOG_ODDS = [-1000.0, -1500.0, -2000.0]
 #: bp.elimination_scores options other than its defaults (ResNet-20: a test is a deep pass)
 ELIMINATION = {"resnet20": {"examples": 256, "fraction": 0.2}}
 ALPHA, DELTA = 0.02, 0.1
@@ -123,10 +127,11 @@ def run_model(model: str, seed: int, baselines: bool = True) -> list[dict]:
         timed("Gumbel node masks", lambda: GumbelPruning(
             0.1, granularity="node", epochs=SVI_EPOCHS, progress=False, seed=seed))  # fmt: skip
 
-    for gamma in [None, *GAMMAS]:
-        prior = bp.priors.SpikeAndSlab(
-            level="node", **({} if gamma is None else {"prior_inclusion": gamma})
-        )
+    settings = [{}, *({"prior_inclusion": g} for g in GAMMAS),
+                *({"prior_log_odds": a} for a in LOG_ODDS)]  # fmt: skip
+    path = []  # (prior log-odds, label, median-probability net) of every prior
+    for kw in settings:
+        prior = bp.priors.SpikeAndSlab(level="node", **kw)
         bnet = bp.bayesianize(copy.deepcopy(dense), prior)
         t0 = time.perf_counter()
         with warnings.catch_warnings():
@@ -134,10 +139,11 @@ def run_model(model: str, seed: int, baselines: bool = True) -> list[dict]:
             bp.fit(bnet, train, epochs=SVI_EPOCHS, progress=False, seed=seed)
             seconds = round(time.perf_counter() - t0, 1)
             small = bp.prune(bnet, threshold=0.5, example_input=x)
-        label = "ours, defaults" if gamma is None else f"ours, prior inclusion {gamma:g}"
+        label = _label(kw)
         rows.append(_row(model, f"{label}: PIP >= 0.5", 0.5, small, dense, test, seconds=seconds))
         print(rows[-1], flush=True)
-        if gamma is not None:
+        path.append((prior.log_odds(next(iter(bnet.bayesian_layers.values()))), label, small))
+        if kw:
             continue
         cert = bp.conformal.certify(
             bnet, cal, alpha=ALPHA, delta=DELTA, example_input=x, progress=False
@@ -154,7 +160,35 @@ def run_model(model: str, seed: int, baselines: bool = True) -> list[dict]:
                              seconds=seconds))  # fmt: skip
             print(rows[-1], flush=True)
         rows += _elimination(model, label, bnet, small, dense, train, cal, test, x)
+    rows += _certify_path(model, path, dense, cal, test)
     return rows
+
+
+def _certify_path(model, path, dense, cal, test) -> list[dict]:
+    """Learn then Test over the median-probability nets of the priors, ordered by the prior's
+    log-odds from weakest to strongest (an order fixed before the calibration data is seen):
+    the most pruned net whose accuracy drop against the dense net is certified."""
+    path = sorted(path, key=lambda p: -p[0])
+    cert = bp.conformal.certify_candidates(
+        [net for _, _, net in path], dense, cal, alpha=ALPHA, delta=DELTA,
+        levels=[label.removeprefix("ours, ") for _, label, _ in path], level_name="prior",
+        dense=dense, progress=False,
+    )  # fmt: skip
+    if cert.index is None:
+        print(f"{model}: no net of the prior path certified", flush=True)
+        return []
+    row = _row(model, f"ours, prior path: certified (α={ALPHA}, δ={DELTA})", cert.level,
+               cert.model, dense, test, seconds=None)  # fmt: skip
+    print(row, flush=True)
+    return [row]
+
+
+def _label(kw: dict) -> str:
+    if "prior_inclusion" in kw:
+        return f"ours, prior inclusion {kw['prior_inclusion']:g}"
+    if "prior_log_odds" in kw:
+        return f"ours, prior log-odds {kw['prior_log_odds']:g}"
+    return "ours, defaults"
 
 
 def _elimination(model, label, bnet, median, dense, train, cal, test, x) -> list[dict]:
@@ -215,11 +249,12 @@ def check(rows: list[dict]) -> list[dict]:
 
 
 def _series(method: str) -> str:
-    """The median-probability nets of every prior inclusion are one line of the plot."""
+    """The median-probability nets of every prior are one line of the plot."""
     if method == "ours, defaults: PIP >= 0.5" or (
-        method.startswith("ours, prior inclusion") and method.endswith("PIP >= 0.5")
+        method.startswith(("ours, prior inclusion", "ours, prior log-odds"))
+        and method.endswith("PIP >= 0.5")
     ):
-        return "ours: median-probability nets, prior inclusion 0.1 (default) down to 1e-300"
+        return "ours: median-probability nets, the default prior (0.1) and stronger ones"
     return method
 
 
@@ -283,7 +318,10 @@ def main(argv: list[str] | None = None) -> None:
         rows = run_model(model, args.seed, baselines=not args.ours_only)
         for r in rows:
             r.update(command=command.strip(), device=device, seed=args.seed)
-        merge_rows(RESULTS, rows, key=lambda r: (r["model"], r["method"], r["level"]))
+        # a method this run measured replaces all its saved rows (no stale levels stay)
+        ran = {(r["model"], r["method"]) for r in rows}
+        merge_rows(RESULTS, rows, key=lambda r: (r["model"], r["method"]) if (
+            r["model"], r["method"]) in ran else (r["model"], r["method"], r["level"]))  # fmt: skip
         saved = json.loads(RESULTS.read_text())["rows"]  # with the baselines' saved rows
         checks = check([r for r in saved if r["model"] == model])
         merge_rows(RESULTS, checks, key=lambda c: c["model"], field="checks")  # this net's

@@ -262,6 +262,11 @@ def test_bad_options(tmp_path, capsys, run_dir):
     _one_line_error(capsys, [*fit, "--prior", "horseshoe", "--prior-inclusion", "0.1"],
                     "--prior spike-and-slab")  # fmt: skip
     _one_line_error(capsys, [*fit, "--prior-inclusion", "1"], "(0, 1)")
+    _one_line_error(capsys, [*fit, "--prior-log-odds", "nan"], "a finite number")
+    _one_line_error(capsys, [*fit, "--prior-inclusion", "0.01", "--prior-log-odds", "-900"],
+                    "not both")  # fmt: skip
+    _one_line_error(capsys, [*fit, "--prior", "horseshoe", "--prior-log-odds", "-900"],
+                    "--prior spike-and-slab")  # fmt: skip
     _one_line_error(capsys, [*fit, "--kl-weight", "0"], "positive")
     _one_line_error(capsys, [*fit, "--structure-delay", "1"], "[0, 1)")
     _one_line_error(capsys, ["certify", "--run", str(run_dir), "--alpha", "1.5"], "(0, 1)")

@@ -184,7 +184,14 @@ def test_predict_regression_batched_and_streamed() -> None:
         torch.testing.assert_close(a, b)
 
 
-@pytest.mark.parametrize("prior", [None, bp.priors.SpikeAndSlab(level="node", weights="gaussian")])
+@pytest.mark.parametrize(
+    "prior",
+    [
+        None,
+        bp.priors.SpikeAndSlab(level="node", weights="gaussian"),
+        bp.priors.SpikeAndSlab(prior_log_odds=-1500.0),
+    ],
+)
 def test_model_kl_is_bnet_kl(prior) -> None:
     """The training step's KL (default layers' gate logits together) is ``bnet.kl()`` up to the
     order of its sums, with the same gradients."""

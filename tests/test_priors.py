@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 
+import pyro
 import pyro.distributions as dist
 import pytest
 import torch
@@ -28,6 +29,7 @@ from bayesprune.priors._math import (
     kl_lognormal_gamma,
     kl_lognormal_invgamma,
     kl_normal,
+    log_sigmoid,
     trapezoid_gate,
 )
 from bayesprune.priors._weights import node_kl
@@ -82,6 +84,50 @@ def test_kl_bernoulli_matches_torch() -> None:
         torch.distributions.Bernoulli(logits=logit), torch.distributions.Bernoulli(probs=0.03)
     )
     torch.testing.assert_close(kl_bernoulli(logit, 0.03), ref, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("gamma", [0.1, 1e-4, 1e-300])
+def test_kl_bernoulli_of_the_log_odds_is_that_of_the_inclusion(gamma: float) -> None:
+    logit = torch.linspace(-8, 8, 33, dtype=torch.float64)
+    a = math.log(gamma) - math.log1p(-gamma)
+    torch.testing.assert_close(
+        kl_bernoulli(logit, prior_log_odds=a), kl_bernoulli(logit, gamma), rtol=1e-12, atol=1e-12
+    )
+
+
+def test_kl_bernoulli_reaches_priors_below_a_double() -> None:
+    """log-odds -2000 is gamma = e^-2000, which no double holds: a gate that is on pays 2,000 nats
+    (plus its own entropy term), one that is off pays almost nothing."""
+    on, off = torch.tensor([30.0], dtype=torch.float64), torch.tensor([-30.0], dtype=torch.float64)
+    assert kl_bernoulli(on, prior_log_odds=-2000.0).item() == pytest.approx(2000.0, abs=1e-6)
+    assert 0 <= kl_bernoulli(off, prior_log_odds=-2000.0).item() < 1e-9
+    assert log_sigmoid(-2000.0) == -2000.0 and log_sigmoid(2000.0) == 0.0
+    with pytest.raises(ValueError, match="exactly one of prior_inclusion and prior_log_odds"):
+        kl_bernoulli(on)
+    with pytest.raises(ValueError, match="exactly one"):
+        kl_bernoulli(on, 0.1, prior_log_odds=-2.0)
+
+
+def test_spike_and_slab_prior_log_odds_prices_a_node_and_keeps_its_pyro_site() -> None:
+    prior = SpikeAndSlab(prior_log_odds=-1500.0)
+    layer = _layer(prior)
+    assert prior.log_odds(layer) == -1500.0
+    with pytest.raises(ValueError, match="below what a double holds; use log_odds"):
+        prior.gamma(layer)
+    assert SpikeAndSlab(prior_log_odds=-2).gamma(layer) == pytest.approx(1 / (1 + math.e**2))
+    with torch.no_grad():
+        layer.gate_logit.fill_(30.0)  # every node on
+    assert layer.kl().item() == pytest.approx(1500.0 * layer.gate_logit.numel(), rel=1e-5)
+    tr = pyro.poutine.trace(lambda: prior.model_sites(layer, "l")).get_trace()
+    site = next(s for name, s in tr.nodes.items() if name.endswith("gate"))
+    ones = torch.ones_like(layer.gate_logit)
+    assert site["fn"].log_prob(ones).item() == pytest.approx(-1500.0 * ones.numel(), rel=1e-6)
+    saved = prior.to_dict()
+    assert saved["prior_log_odds"] == -1500.0 and saved["prior_inclusion"] is None
+    assert prior_from_dict(saved) == prior
+    assert "prior_log_odds" not in SpikeAndSlab().to_dict()  # readable by older versions
+    same = SpikeAndSlab(prior_log_odds=math.log(0.1 / 0.9))
+    assert same.log_odds(layer) == pytest.approx(SpikeAndSlab().log_odds(layer), rel=1e-12)
 
 
 @pytest.mark.parametrize("family", ["gamma", "invgamma"])
@@ -268,6 +314,9 @@ def test_spike_and_slab_pip_is_sigmoid_of_gate_logit() -> None:
         (dict(prior_inclusion=1.5), "prior_inclusion must be a probability"),
         (dict(prior_inclusion="auto"), "prior_inclusion must be a probability"),
         (dict(prior_inclusion=None), "prior_inclusion must be a probability"),
+        (dict(prior_log_odds=float("-inf")), "prior_log_odds must be a finite number"),
+        (dict(prior_log_odds="-100"), "prior_log_odds must be a finite number"),
+        (dict(prior_inclusion=0.01, prior_log_odds=-5.0), "not both"),
         (dict(slab_scale=-1.0), "slab_scale must be a positive finite number"),
         (dict(init_inclusion=1.0), "init_inclusion must be a probability"),
         (dict(init_inclusion="high"), "init_inclusion must be a probability"),

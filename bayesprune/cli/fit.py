@@ -36,11 +36,17 @@ def _prior(args: argparse.Namespace):
         if args.global_scale is not None:
             raise CLIError("--global-scale is an option of --prior horseshoe; for spike-and-slab "
                            "use --prior-inclusion")  # fmt: skip
+        if args.prior_inclusion is not None and args.prior_log_odds is not None:
+            raise CLIError("give --prior-inclusion or --prior-log-odds, not both (--prior-log-odds "
+                           "A is --prior-inclusion 1/(1+exp(-A)))")  # fmt: skip
         kw = {} if args.prior_inclusion is None else {"prior_inclusion": args.prior_inclusion}
+        if args.prior_log_odds is not None:
+            kw["prior_log_odds"] = args.prior_log_odds
         return priors.SpikeAndSlab(level="node", **kw)
-    if args.prior_inclusion is not None:
-        raise CLIError("--prior-inclusion is an option of --prior spike-and-slab; for the "
-                       "horseshoe use --global-scale")  # fmt: skip
+    for name in ("prior_inclusion", "prior_log_odds"):
+        if getattr(args, name) is not None:
+            raise CLIError(f"--{name.replace('_', '-')} is an option of --prior spike-and-slab; "
+                           "for the horseshoe use --global-scale")  # fmt: skip
     kw = {} if args.global_scale is None else {"global_scale": args.global_scale}
     return priors.GroupHorseshoe(**kw)
 
@@ -174,8 +180,8 @@ def _check_devices(args: argparse.Namespace) -> None:
 #: the options of `fit` that a resumed fit must repeat
 _FIT_OPTIONS = (
     "model", "weights", "data", "data_root", "subset", "seed", "prior", "prior_inclusion",
-    "global_scale", "reparam", "weight_sd", "pretrain_epochs", "epochs", "kl_weight",
-    "structure_delay", "lr", "batch_size", "preprocess",
+    "prior_log_odds", "global_scale", "reparam", "weight_sd", "pretrain_epochs", "epochs",
+    "kl_weight", "structure_delay", "lr", "batch_size", "preprocess",
 )  # fmt: skip
 
 

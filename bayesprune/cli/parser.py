@@ -4,6 +4,7 @@ the argument types that reject a bad value with one clear line."""
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,7 @@ _pip_threshold = _checked(float, lambda v: 0 <= v <= 1, "a PIP threshold in [0, 
 _keep_fraction = _checked(float, lambda v: 0 < v <= 1, "a fraction in (0, 1]")
 _positive_float = _checked(float, lambda v: v > 0, "a positive number")
 _fraction = _checked(float, lambda v: 0 <= v < 1, "a fraction in [0, 1)")
+_finite_float = _checked(float, math.isfinite, "a finite number")
 
 
 def _tests(text: str) -> int | None:
@@ -173,6 +175,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="P",
         help="spike-and-slab: prior probability that a node is on (default: the prior's, 0.1)",
+    )
+    fit.add_argument(
+        "--prior-log-odds",
+        type=_finite_float,
+        default=None,
+        metavar="A",
+        help="spike-and-slab: the prior as log(P / (1 - P)), for priors below 1e-300 "
+        "(-1500 charges a node 1,500 nats); instead of --prior-inclusion",
     )
     fit.add_argument(
         "--global-scale",

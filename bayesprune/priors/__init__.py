@@ -31,6 +31,7 @@ Every option is keyword-only (``Gaussian(scale=0.5)``, not ``Gaussian(0.5)``).
 ``SpikeAndSlab(*, level="node" | "weight", prior_inclusion, slab="gaussian" | "group_lasso" | "horseshoe")`` (:mod:`~bayesprune.priors.spike_slab`)
     :math:`z_j \sim \mathrm{Bernoulli}(\gamma)` multiplies node :math:`j`'s output (``level="node"``) or
     each weight (``level="weight"``); the slab is Gaussian, group-lasso or group-horseshoe.
+    ``prior_log_odds`` gives :math:`\gamma` by its log-odds, for priors below what a double holds.
 ``GroupHorseshoe(*, global_scale, regularized, slab_scale, pip_reference)`` (:mod:`~bayesprune.priors.horseshoe`)
     node-wise half-Cauchy scales times a layer-wise half-Cauchy scale, non-centred
     (:class:`~bayesprune.priors.horseshoe.HalfCauchyScale`).

@@ -23,6 +23,7 @@ __all__ = [
     "kl_lognormal_gamma",
     "kl_lognormal_invgamma",
     "kl_normal",
+    "log_sigmoid",
     "trapezoid_gate",
 ]
 
@@ -41,13 +42,33 @@ def kl_normal(
     return 0.5 * (var_ratio + (loc / prior_scale) ** 2 - 1) - log_scale + torch.log(prior_scale)
 
 
-def kl_bernoulli(logit: torch.Tensor, prior_inclusion: float) -> torch.Tensor:
-    r""":math:`\mathrm{KL}(\mathrm{Bern}(\sigma(\theta)) \,\|\, \mathrm{Bern}(\gamma))`, stable in the logit."""
+def log_sigmoid(a: float) -> float:
+    r""":math:`\log \sigma(a)` of a Python float, exact for any finite :math:`a` (no underflow of
+    :math:`\sigma(a)` itself: ``log_sigmoid(-2000.0) == -2000.0``)."""
+    return -math.log1p(math.exp(-a)) if a >= 0 else a - math.log1p(math.exp(a))
+
+
+def kl_bernoulli(
+    logit: torch.Tensor,
+    prior_inclusion: float | None = None,
+    *,
+    prior_log_odds: float | None = None,
+) -> torch.Tensor:
+    r""":math:`\mathrm{KL}(\mathrm{Bern}(\sigma(\theta)) \,\|\, \mathrm{Bern}(\gamma))`, stable in the logit.
+
+    The prior is given by :math:`\gamma` (``prior_inclusion``) or by its log-odds
+    :math:`a = \log(\gamma / (1 - \gamma))` (``prior_log_odds``), which reaches priors below the
+    smallest double (:math:`\log \gamma = \log \sigma(a)` is computed without forming
+    :math:`\gamma`)."""
+    if (prior_inclusion is None) == (prior_log_odds is None):
+        raise ValueError("kl_bernoulli needs exactly one of prior_inclusion and prior_log_odds")
+    if prior_log_odds is None:
+        log_g, log_1mg = math.log(prior_inclusion), math.log1p(-prior_inclusion)
+    else:
+        log_g, log_1mg = log_sigmoid(prior_log_odds), log_sigmoid(-prior_log_odds)
     q = torch.sigmoid(logit)
     log_q, log_1mq = F.logsigmoid(logit), F.logsigmoid(-logit)
-    return q * (log_q - math.log(prior_inclusion)) + (1 - q) * (
-        log_1mq - math.log1p(-prior_inclusion)
-    )
+    return q * (log_q - log_g) + (1 - q) * (log_1mq - log_1mg)
 
 
 def _lognormal_neg_entropy(log_scale: torch.Tensor, loc: torch.Tensor) -> torch.Tensor:

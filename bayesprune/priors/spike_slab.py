@@ -17,6 +17,8 @@ Example
 from __future__ import annotations
 
 import math
+import numbers
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
@@ -27,7 +29,14 @@ import pyro.distributions as dist
 import torch
 
 from ._checks import check_positive, check_probability
-from ._math import hard_concrete, kl_bernoulli, kl_lognormal_gamma, kl_normal, trapezoid_gate
+from ._math import (
+    hard_concrete,
+    kl_bernoulli,
+    kl_lognormal_gamma,
+    kl_normal,
+    log_sigmoid,
+    trapezoid_gate,
+)
 from ._weights import (
     bias_kl,
     guide_weight_sites,
@@ -323,6 +332,14 @@ class SpikeAndSlab(Prior):
         horseshoe slabs are priors on the weights, and weight gates multiply Bayesian weights).
     prior_inclusion
         :math:`\gamma` in (0, 1), or ``"theory"`` for the layer-wise :func:`theory_inclusion`.
+        With point weights a node stays only if it lowers the training NLL by more than about
+        :math:`\log((1 - \gamma) / \gamma)` nats: the prior is the size knob
+        (``docs/USAGE.md``, "How small").
+    prior_log_odds
+        The same prior given by its log-odds :math:`a = \log(\gamma / (1 - \gamma))`, for
+        priors stronger than a double holds (:math:`\gamma` below about :math:`10^{-300}`,
+        :math:`a` below about -690): ``prior_log_odds=-1500.0`` charges a node 1,500 nats. Give it
+        or ``prior_inclusion``, not both.
     slab
         ``"gaussian"``, ``"group_lasso"`` or ``"horseshoe"``.
     slab_scale
@@ -350,7 +367,7 @@ class SpikeAndSlab(Prior):
     """
 
     level: Literal["node", "weight"] = "node"
-    prior_inclusion: float | Literal["theory"] = 0.1
+    prior_inclusion: float | Literal["theory"] | None = 0.1
     slab: Literal["gaussian", "group_lasso", "horseshoe"] = "gaussian"
     slab_scale: float | Literal["he"] = "he"
     temperature: float = 0.5
@@ -359,6 +376,7 @@ class SpikeAndSlab(Prior):
     global_scale: float = 1.0
     lasso_rate: float | None = None
     weights: Literal["point", "gaussian"] | None = None
+    prior_log_odds: float | None = None
 
     def __post_init__(self) -> None:
         if self.level not in ("node", "weight"):
@@ -372,7 +390,19 @@ class SpikeAndSlab(Prior):
                 f"slab={self.slab!r} is a group prior over a node's weights and needs level='node'; "
                 "use slab='gaussian' with level='weight'"
             )
-        if self.prior_inclusion != "theory":
+        if self.prior_log_odds is not None:
+            a = self.prior_log_odds
+            if isinstance(a, bool) or not isinstance(a, numbers.Real) or not math.isfinite(a):
+                raise ValueError(f"prior_log_odds must be a finite number, got {a!r}")
+            if self.prior_inclusion not in (0.1, None):  # 0.1: the default; None: from to_dict
+                raise ValueError(
+                    "give prior_inclusion or prior_log_odds, not both: prior_log_odds=a is "
+                    f"prior_inclusion=1/(1+exp(-a)) (got prior_inclusion={self.prior_inclusion!r}, "
+                    f"prior_log_odds={a!r})"
+                )
+            object.__setattr__(self, "prior_log_odds", float(a))
+            object.__setattr__(self, "prior_inclusion", None)  # so to_dict records one of them
+        elif self.prior_inclusion != "theory":
             p = self.prior_inclusion
             if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p < 1:
                 raise ValueError(
@@ -411,6 +441,12 @@ class SpikeAndSlab(Prior):
             raise ValueError(
                 "slab_scale acts only with weights='gaussian': point weights have no slab"
             )
+
+    def to_dict(self) -> dict[str, Any]:
+        d = super().to_dict()
+        if d["prior_log_odds"] is None:  # files stay readable by versions without the option
+            del d["prior_log_odds"]
+        return d
 
     @classmethod
     def from_dict(cls, options: Mapping[str, Any]) -> SpikeAndSlab:
@@ -454,10 +490,32 @@ class SpikeAndSlab(Prior):
 
     # -- hyperparameters per layer ----------------------------------------------------------
     def gamma(self, layer: BayesianLayer) -> float:
-        """Prior inclusion of the layer (resolves ``"theory"``)."""
+        """Prior inclusion of the layer (resolves ``"theory"``; an error where ``prior_log_odds``
+        is below what a double holds: :meth:`log_odds` is exact)."""
+        if self.prior_log_odds is not None:
+            gamma = math.exp(log_sigmoid(self.prior_log_odds))
+            if gamma < sys.float_info.min:
+                raise ValueError(
+                    f"prior_log_odds={self.prior_log_odds:g} is a prior inclusion below what a "
+                    "double holds; use log_odds(layer) or kl_gates(layer, logit) instead of gamma"
+                )
+            return gamma
         if self.prior_inclusion == "theory":
             return theory_inclusion(layer.weight_loc.shape[0], layer.group_size)
         return float(self.prior_inclusion)
+
+    def log_odds(self, layer: BayesianLayer) -> float:
+        r"""Prior log-odds :math:`\log(\gamma / (1 - \gamma))` of the layer's gates."""
+        if self.prior_log_odds is not None:
+            return float(self.prior_log_odds)
+        gamma = self.gamma(layer)
+        return math.log(gamma) - math.log1p(-gamma)
+
+    def kl_gates(self, layer: BayesianLayer, logit: torch.Tensor) -> torch.Tensor:
+        """Elementwise KL of gates with logits ``logit`` against this layer's prior inclusion."""
+        if self.prior_log_odds is not None:
+            return kl_bernoulli(logit, prior_log_odds=self.prior_log_odds)
+        return kl_bernoulli(logit, self.gamma(layer))
 
     def base_scale(self, layer: BayesianLayer) -> float:
         return self._slab.base_scale(layer)
@@ -506,8 +564,7 @@ class SpikeAndSlab(Prior):
         return self._slab.mean_scale(layer)
 
     def kl(self, layer):
-        gamma = self.gamma(layer)
-        kl_z = kl_bernoulli(layer.gate_logit, gamma)
+        kl_z = self.kl_gates(layer, layer.gate_logit)
         q = torch.sigmoid(layer.gate_logit)
         if self.level == "weight":
             s0 = _slab_sd(self.slab_scale, layer)
@@ -521,10 +578,11 @@ class SpikeAndSlab(Prior):
 
     # -- Pyro sites ---------------------------------------------------------------------------
     def model_sites(self, layer, path):
-        gamma = self.gamma(layer)
         shape = layer.gate_logit.shape
-        probs = layer.weight_loc.new_full(shape, gamma)
-        z = pyro.sample(f"{site_prefix(path)}gate", dist.Bernoulli(probs).to_event(len(shape)))
+        logits = layer.weight_loc.new_full(shape, self.log_odds(layer))
+        z = pyro.sample(
+            f"{site_prefix(path)}gate", dist.Bernoulli(logits=logits).to_event(len(shape))
+        )
         if self.level == "weight":
             w, b = weight_sites(layer, path, _slab_sd(self.slab_scale, layer))
             return z * w, b, None
