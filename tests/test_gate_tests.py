@@ -299,3 +299,22 @@ def _residual_net() -> torch.nn.Module:
             return self.head(self.blocks(torch.relu(self.stem(x))).mean((2, 3)))
 
     return Net()
+
+
+def test_the_kl_change_of_a_switch_is_exact_when_a_gate_costs_thousands_of_nats() -> None:
+    """A layer of 8,192 gates on at prior log-odds -1500 sums to about 1.2e7 nats of KL, where a
+    float32 step is 1 nat: the change of one switch is measured with the other gates off."""
+    from bayesprune.priors._math import kl_bernoulli
+
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8192), torch.nn.ReLU(), torch.nn.Linear(8192, 2))
+    bnet = bp.bayesianize(net, prior=bp.priors.SpikeAndSlab(prior_log_odds=-1500.0))
+    first = bnet.bayesian_layers["0"]
+    tests = GateTests(bnet, [first.gate_logit], 16)
+    with torch.no_grad():
+        first.gate_logit.copy_(torch.linspace(0.5, 8.0, 8192))
+        saved = first.gate_logit.detach().clone()
+        exact = kl_bernoulli(torch.tensor([-8.0, 8.0], dtype=torch.float64), prior_log_odds=-1500.0)
+        for j in (0, 4095, 8191):
+            change = tests._kl_change(first, first.gate_logit, j, 8.0)
+            assert change == pytest.approx(float(exact[0] - exact[1]), abs=0.01)
+        assert torch.equal(first.gate_logit, saved)  # the logits are put back

@@ -182,3 +182,23 @@ def test_an_unknown_feed_forward_activation_keeps_the_units_whole() -> None:
     with pytest.warns(UserWarning, match="only zeroed.*not known to map 0 to 0"):
         small = bp.prune_module(net, {"1.linear1": torch.arange(FF) < 3}, x)
     assert small[1].linear1.out_features == FF
+
+
+def test_self_compression_takes_a_transformer_and_prunes_it_physically() -> None:
+    """The baselines that apply accept transformers: self-compression ranks heads and
+    feed-forward units by SNR and removes them, and the result runs without Pyro."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from bayesprune.baselines import SelfCompression
+
+    torch.manual_seed(0)
+    net = Net("encoder", batch_first=True)
+    x, y = torch.randn(64, L, E), torch.randint(0, C, (64,))
+    train = DataLoader(TensorDataset(x, y), batch_size=32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = SelfCompression("snr", epochs=1, rounds=1, round_epochs=1, progress=False, seed=0)
+        small = pm.fit(net, train).prune(0.5)
+    assert bp.count_params(small) < bp.count_params(net)
+    assert not any("pyro" in type(m).__module__ for m in small.modules())
+    assert small(x).shape == (64, C)
