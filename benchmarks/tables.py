@@ -444,13 +444,9 @@ def render_transformers() -> list[str]:
     words = {"threshold 0.5": "PIP ≥ 0.5", "half": "top half by PIP"}
     notes = {}
     for r in payload["rows"]:
-        if "size_priors" in r:
-            sp = r["size_priors"]
-            words["prior"] = "PIP ≥ 0.5 of a fit with a prior for size: " + ", ".join(
-                f"{kind} {k.removeprefix('prior_').replace('_', '-')} {v:g}"
-                for kind, opts in sp.items()
-                for k, v in opts.items()
-            )
+        if "size_prior" in r:
+            opts = ", ".join(f"{k}={v}" for k, v in r["size_prior"].items())
+            words["prior"] = f"PIP ≥ 0.5 of a fit with a prior for size: SpikeAndSlab({opts})"
 
         def arrow(key: str, fmt: str = "{:,}", r: dict = r) -> str:
             return f"{fmt.format(r[key + '_dense'])} → {fmt.format(r[key + '_pruned'])}"

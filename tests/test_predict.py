@@ -190,6 +190,7 @@ def test_predict_regression_batched_and_streamed() -> None:
         None,
         bp.priors.SpikeAndSlab(level="node", weights="gaussian"),
         bp.priors.SpikeAndSlab(prior_log_odds=-1500.0),
+        bp.priors.SpikeAndSlab(prior_log_odds=-0.3, per_parameter=True),
     ],
 )
 def test_model_kl_is_bnet_kl(prior) -> None:

@@ -130,6 +130,23 @@ def test_spike_and_slab_prior_log_odds_prices_a_node_and_keeps_its_pyro_site() -
     assert same.log_odds(layer) == pytest.approx(SpikeAndSlab().log_odds(layer), rel=1e-12)
 
 
+def test_per_parameter_prices_each_node_by_the_parameters_of_its_group() -> None:
+    """log-odds per parameter times the group size: a 7-input unit (8 parameters) at -0.5 per
+    parameter has log-odds -4, and a gate on pays 4 nats."""
+    prior = SpikeAndSlab(prior_log_odds=-0.5, per_parameter=True)
+    layer = _layer(prior)  # Linear(7, 5): group size 8
+    assert layer.group_size == 8 and prior.log_odds(layer) == -4.0
+    assert prior.gamma(layer) == pytest.approx(1 / (1 + math.e**4))
+    logit = torch.tensor([-3.0, 0.0, 3.0], dtype=torch.float64)
+    torch.testing.assert_close(
+        prior.kl_gates(layer, logit), kl_bernoulli(logit, prior_log_odds=-4.0), rtol=0, atol=0
+    )
+    assert prior_from_dict(prior.to_dict()) == prior
+    assert "per_parameter" not in SpikeAndSlab(prior_log_odds=-4.0).to_dict()
+    with pytest.raises(TypeError, match="per_parameter must be True or False"):
+        SpikeAndSlab(prior_log_odds=-1.0, per_parameter="yes")
+
+
 @pytest.mark.parametrize("family", ["gamma", "invgamma"])
 def test_lognormal_kls_match_monte_carlo(family: str) -> None:
     torch.manual_seed(1)
@@ -317,6 +334,8 @@ def test_spike_and_slab_pip_is_sigmoid_of_gate_logit() -> None:
         (dict(prior_log_odds=float("-inf")), "prior_log_odds must be a finite number"),
         (dict(prior_log_odds="-100"), "prior_log_odds must be a finite number"),
         (dict(prior_inclusion=0.01, prior_log_odds=-5.0), "not both"),
+        (dict(per_parameter=True), "needs level='node' and prior_log_odds"),
+        (dict(level="weight", prior_log_odds=-1.0, per_parameter=True), "needs level='node'"),
         (dict(slab_scale=-1.0), "slab_scale must be a positive finite number"),
         (dict(init_inclusion=1.0), "init_inclusion must be a probability"),
         (dict(init_inclusion="high"), "init_inclusion must be a probability"),

@@ -340,6 +340,12 @@ class SpikeAndSlab(Prior):
         priors stronger than a double holds (:math:`\gamma` below about :math:`10^{-300}`,
         :math:`a` below about -690): ``prior_log_odds=-1500.0`` charges a node 1,500 nats. Give it
         or ``prior_inclusion``, not both.
+    per_parameter
+        With ``prior_log_odds``: price a node by the parameters of its group (``group_size``: a
+        unit's incoming weights and bias; a head's q, k, v rows and out_proj columns), its
+        log-odds ``prior_log_odds * group_size``. One number then prices a 4,000-parameter
+        attention head and a 100-parameter unit alike per parameter
+        (``prior_log_odds=-0.25, per_parameter=True``: 0.25 nats per parameter).
     slab
         ``"gaussian"``, ``"group_lasso"`` or ``"horseshoe"``.
     slab_scale
@@ -377,6 +383,7 @@ class SpikeAndSlab(Prior):
     lasso_rate: float | None = None
     weights: Literal["point", "gaussian"] | None = None
     prior_log_odds: float | None = None
+    per_parameter: bool = False
 
     def __post_init__(self) -> None:
         if self.level not in ("node", "weight"):
@@ -408,6 +415,13 @@ class SpikeAndSlab(Prior):
                 raise ValueError(
                     f"prior_inclusion must be a probability in (0, 1) or 'theory', got {p!r}"
                 )
+        if not isinstance(self.per_parameter, bool):
+            raise TypeError(f"per_parameter must be True or False, got {self.per_parameter!r}")
+        if self.per_parameter and (self.prior_log_odds is None or self.level != "node"):
+            raise ValueError(
+                "per_parameter=True prices each node by its parameters: it needs level='node' "
+                "and prior_log_odds, the log-odds per parameter (e.g. prior_log_odds=-0.25)"
+            )
         if self.gate_gradient not in ("trapezoid", "concrete"):
             raise ValueError(
                 f"gate_gradient must be 'trapezoid' or 'concrete', got {self.gate_gradient!r}"
@@ -444,8 +458,10 @@ class SpikeAndSlab(Prior):
 
     def to_dict(self) -> dict[str, Any]:
         d = super().to_dict()
-        if d["prior_log_odds"] is None:  # files stay readable by versions without the option
+        if d["prior_log_odds"] is None:  # files stay readable by versions without the options
             del d["prior_log_odds"]
+        if not d["per_parameter"]:
+            del d["per_parameter"]
         return d
 
     @classmethod
@@ -493,10 +509,10 @@ class SpikeAndSlab(Prior):
         """Prior inclusion of the layer (resolves ``"theory"``; an error where ``prior_log_odds``
         is below what a double holds: :meth:`log_odds` is exact)."""
         if self.prior_log_odds is not None:
-            gamma = math.exp(log_sigmoid(self.prior_log_odds))
+            gamma = math.exp(log_sigmoid(self.log_odds(layer)))
             if gamma < sys.float_info.min:
                 raise ValueError(
-                    f"prior_log_odds={self.prior_log_odds:g} is a prior inclusion below what a "
+                    f"prior log-odds {self.log_odds(layer):g} is a prior inclusion below what a "
                     "double holds; use log_odds(layer) or kl_gates(layer, logit) instead of gamma"
                 )
             return gamma
@@ -507,14 +523,15 @@ class SpikeAndSlab(Prior):
     def log_odds(self, layer: BayesianLayer) -> float:
         r"""Prior log-odds :math:`\log(\gamma / (1 - \gamma))` of the layer's gates."""
         if self.prior_log_odds is not None:
-            return float(self.prior_log_odds)
+            scale = layer.group_size if self.per_parameter else 1
+            return float(self.prior_log_odds) * scale
         gamma = self.gamma(layer)
         return math.log(gamma) - math.log1p(-gamma)
 
     def kl_gates(self, layer: BayesianLayer, logit: torch.Tensor) -> torch.Tensor:
         """Elementwise KL of gates with logits ``logit`` against this layer's prior inclusion."""
         if self.prior_log_odds is not None:
-            return kl_bernoulli(logit, prior_log_odds=self.prior_log_odds)
+            return kl_bernoulli(logit, prior_log_odds=self.log_odds(layer))
         return kl_bernoulli(logit, self.gamma(layer))
 
     def base_scale(self, layer: BayesianLayer) -> float:
