@@ -227,20 +227,30 @@ def frontier(half_net: nn.Module, train, test, cfg: dict, seed: int) -> dict:
     }
 
 
+def fit_and_prune(dense, train, test, x, cfg: dict, seed: int, prior=None):
+    """``bp.fit(bp.bayesianize(dense, prior=prior))`` for the task's epochs, then the posterior
+    predictive (16 draws) and ``bp.prune(bnet, threshold=0.5)``: the fitted network, its row
+    fields (predictive, fit seconds, the warnings of the prune) and the pruned network."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # positional embeddings stay point estimates (documented)
+        bnet = bp.bayesianize(dense, prior=prior)
+    fit = bp.fit(bnet, train, epochs=cfg["epochs"], progress=False, seed=seed)
+    bnet.eval()
+    row = {"predictive": bp.evaluate(bnet, test, num_samples=16)}
+    row["fit_seconds"] = round(fit.seconds, 1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ours = bp.prune(bnet, threshold=0.5, example_input=x).eval()
+    row["prune_warnings"] = [str(w.message)[:300] for w in caught]
+    return bnet, row, ours
+
+
 def size_prior_row(dense, train, test, x, ft: dict, cfg: dict, seed: int) -> dict:
     """The ``prior`` row: a fit with ``SIZE_PRIOR`` on every Bayesian layer, its
     median-probability model against magnitude pruning."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        prior = bp.priors.SpikeAndSlab(level="node", **SIZE_PRIOR)
-        bnet = bp.bayesianize(copy.deepcopy(dense), prior=prior)
-    fit = bp.fit(bnet, train, epochs=cfg["epochs"], progress=False, seed=seed)
-    bnet.eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ours = bp.prune(bnet, threshold=0.5, example_input=x).eval()
-    row = {"variant": "prior", "size_prior": SIZE_PRIOR, "fit_seconds": round(fit.seconds, 1)}
-    row["predictive"] = bp.evaluate(bnet, test, num_samples=16)
+    prior = bp.priors.SpikeAndSlab(level="node", **SIZE_PRIOR)
+    _, fitted, ours = fit_and_prune(dense, train, test, x, cfg, seed, prior)
+    row = {"variant": "prior", "size_prior": SIZE_PRIOR, **fitted}
     return row | against_magnitude(ours, dense, train, test, x, ft)
 
 
@@ -262,19 +272,12 @@ def run_task(task: str, seed: int = 0) -> list[dict]:
     base: dict = {"task": task, **cfg, "test": len(test_set), "seed": seed}
     base["dense"] = bp.evaluate(dense, test)
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # positional embeddings stay point estimates (documented)
-        bnet = bp.bayesianize(dense)
-    fit = bp.fit(bnet, train, epochs=cfg["epochs"], progress=False, seed=seed)
-    bnet.eval()
-    base["predictive"] = bp.evaluate(bnet, test, num_samples=16)
-    base["dense_seconds"], base["fit_seconds"] = round(dense_s, 1), round(fit.seconds, 1)
+    bnet, fitted, ours = fit_and_prune(dense, train, test, x, cfg, seed)
+    prune_warnings = fitted.pop("prune_warnings")
+    base |= fitted
+    base["dense_seconds"] = round(dense_s, 1)
     ft = {"epochs": cfg["finetune_epochs"], "progress": False, "seed": seed}
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        ours = bp.prune(bnet, threshold=0.5, example_input=x).eval()
-    median = {**base, "variant": "threshold 0.5"}
-    median["prune_warnings"] = [str(w.message)[:300] for w in caught]
+    median = {**base, "variant": "threshold 0.5", "prune_warnings": prune_warnings}
     median |= against_magnitude(ours, dense, train, test, x, ft)
     pips = bnet.inclusion_probs()
     median["pips"] = {k: [round(float(p), 3) for p in pips[k]] for k in counts(dense) if k in pips}
