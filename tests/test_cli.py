@@ -153,6 +153,19 @@ def test_fit_prior_and_objective_options(tmp_path, monkeypatch):
     assert "KL weight 0.2" in (out / "report.md").read_text()
 
 
+def test_fit_prices_nodes_per_parameter(tmp_path):
+    out = tmp_path / "run"
+    argv = ["fit", "--model", "lenet_300_100", "--out", str(out), "--prior-log-odds", "-0.05",
+            "--per-parameter", *QUICK]  # fmt: skip
+    assert main(argv) == 0
+    spec = json.loads((out / "run.json").read_text())["prior_spec"]
+    assert spec["prior_log_odds"] == -0.05 and spec["per_parameter"] is True
+    bnet = bp.load(out / "bayesian.safetensors", lenet_300_100(in_features=64))
+    first = bnet.bayesian_layers["1"]  # 64 inputs and a bias per unit
+    assert first.prior.per_parameter and first.prior.log_odds(first) == pytest.approx(-0.05 * 65)
+    assert main(["prune", "--run", str(out), "--no-progress", "--levels", "0.5"]) == 0
+
+
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
 def test_fit_with_user_weights(tmp_path, suffix):
     torch.manual_seed(1)
@@ -266,6 +279,9 @@ def test_bad_options(tmp_path, capsys, run_dir):
     _one_line_error(capsys, [*fit, "--prior-inclusion", "0.01", "--prior-log-odds", "-900"],
                     "not both")  # fmt: skip
     _one_line_error(capsys, [*fit, "--prior", "horseshoe", "--prior-log-odds", "-900"],
+                    "--prior spike-and-slab")  # fmt: skip
+    _one_line_error(capsys, [*fit, "--per-parameter"], "add --prior-log-odds")
+    _one_line_error(capsys, [*fit, "--prior", "horseshoe", "--per-parameter"],
                     "--prior spike-and-slab")  # fmt: skip
     _one_line_error(capsys, [*fit, "--kl-weight", "0"], "positive")
     _one_line_error(capsys, [*fit, "--structure-delay", "1"], "[0, 1)")

@@ -42,9 +42,14 @@ def _prior(args: argparse.Namespace):
         kw = {} if args.prior_inclusion is None else {"prior_inclusion": args.prior_inclusion}
         if args.prior_log_odds is not None:
             kw["prior_log_odds"] = args.prior_log_odds
+        if args.per_parameter:
+            if args.prior_log_odds is None:
+                raise CLIError("--per-parameter prices the nodes per parameter with "
+                               "--prior-log-odds: add --prior-log-odds A (for example -0.25)")  # fmt: skip
+            kw["per_parameter"] = True
         return priors.SpikeAndSlab(level="node", **kw)
-    for name in ("prior_inclusion", "prior_log_odds"):
-        if getattr(args, name) is not None:
+    for name in ("prior_inclusion", "prior_log_odds", "per_parameter"):
+        if getattr(args, name) not in (None, False):
             raise CLIError(f"--{name.replace('_', '-')} is an option of --prior spike-and-slab; "
                            "for the horseshoe use --global-scale")  # fmt: skip
     kw = {} if args.global_scale is None else {"global_scale": args.global_scale}
@@ -180,8 +185,8 @@ def _check_devices(args: argparse.Namespace) -> None:
 #: the options of `fit` that a resumed fit must repeat
 _FIT_OPTIONS = (
     "model", "weights", "data", "data_root", "subset", "seed", "prior", "prior_inclusion",
-    "prior_log_odds", "global_scale", "reparam", "weight_sd", "pretrain_epochs", "epochs",
-    "kl_weight", "structure_delay", "lr", "batch_size", "preprocess",
+    "prior_log_odds", "per_parameter", "global_scale", "reparam", "weight_sd", "pretrain_epochs",
+    "epochs", "kl_weight", "structure_delay", "lr", "batch_size", "preprocess",
 )  # fmt: skip
 
 
@@ -200,10 +205,12 @@ def _resumable(out: Path, options: dict[str, Any]) -> str:
         saved = json.loads(partial.read_text())
     except ValueError as exc:
         raise CLIError(f"{partial} is not valid JSON ({exc}); run the fit again") from exc
+    then = saved["options"]
     differ = [
-        f"--{k.replace('_', '-')} {saved['options'].get(k)!r} then, {v!r} now"
+        f"--{k.replace('_', '-')} {then.get(k)!r} then, {v!r} now"
         for k, v in options.items()
-        if saved["options"].get(k) != v
+        # (an option newer than the interrupted fit was off then)
+        if then.get(k) != v and not (k not in then and v in (None, False))
     ]
     if differ:
         raise CLIError(f"--resume needs the options of the interrupted fit: {'; '.join(differ)}")

@@ -185,6 +185,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(-1500 charges a node 1,500 nats); instead of --prior-inclusion",
     )
     fit.add_argument(
+        "--per-parameter",
+        action="store_true",
+        help="spike-and-slab: --prior-log-odds A is per parameter, so a node costs -A times "
+        "the parameters it removes (one price for big and small nodes: -0.25 prices a "
+        "4,144-parameter attention head at 1,036 nats)",
+    )
+    fit.add_argument(
         "--global-scale",
         type=_positive_float,
         default=None,
