@@ -1,7 +1,8 @@
 """The speed tables, from ``benchmarks/results/``: the SVI step against deterministic training
 (``svi_speed.json``, ``svi_predict.json``; the README's ``svi-speed``), ``bp.fit(compile=True)``
 against eager (``compile_speed.json``; ``docs/compiled-step.md``) and the same on a GPU
-(``*_gpu.json`` from ``benchmarks/gpu_check.sh``; ``docs/gpu.md``). Standard library only, used
+(``*_gpu.json`` from ``benchmarks/gpu_check.sh``; ``docs/gpu.md``), and whole default fits
+against dense training (``fit_cost.json``; the README's ``fit-cost``). Standard library only, used
 by ``tables.py``, which also takes the provenance lines from here."""
 
 from __future__ import annotations
@@ -157,8 +158,14 @@ def render_compile_speed() -> list[str]:
 
 def compile_step_rows(payload: dict) -> list[str]:
     """Per step: the deterministic step, the eager and the compiled ``bp.fit`` step."""
+    # rows from before gate_tests was recorded timed the step with the tests
+    step = (
+        "bp.fit step without the gate tests"
+        if all(r.get("gate_tests") is False for r in payload["steps"])
+        else "bp.fit step"
+    )
     lines = [
-        "| net | deterministic step | bp.fit step, eager | compiled | compiled / eager | "
+        f"| net | deterministic step | {step}, eager | compiled | compiled / eager | "
         "first compiled step | `compile_seconds` | break-even |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
@@ -188,5 +195,42 @@ def render_gpu() -> list[str]:
         f"steps timed in turn (batch 128, random data; ratio to the deterministic step); first "
         f"compiled step with compilation, {m['cache'].replace('cold: ', 'cold (')}). "
         f"{origin(compiled, 'compile_speed_gpu.json').strip('*')}*",
+    ]
+    return lines
+
+
+def render_fit_cost() -> list[str]:
+    """Whole default fits against the dense training of the same net, data and steps
+    (``benchmarks/fit_cost.py``)."""
+    payload = load("fit_cost.json")
+    rows = sorted(payload["rows"], key=lambda r: (r["cell"], r["seed"]))
+    lines = [
+        "| net | train images x epochs | steps | dense step | bp.fit step | without the tests | "
+        "gate tests: count (gates), seconds, share of the fit | dense acc | pruned acc, params |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        share = r["tests_seconds"] / r["fit_seconds"] if r["fit_seconds"] else 0.0
+        lines.append(
+            f"| {r['net']} | {r['train_images']:,} x {r['epochs']} | {r['steps']:,} | "
+            f"{r['dense_ms_per_step']:.2f} ms | {r['fit_ms_per_step']:.2f} ms "
+            f"({r['ratio']:.2f}x) | {r['ratio_without_tests']:.2f}x | {r['tests']:,} "
+            f"({r['gates']:,}), {r['tests_seconds']:.1f} s, {share:.0%} | {r['dense']:.4f} | "
+            f"{r['pruned']:.4f}, {r['params']:.1%} |"
+        )
+    commands = sorted({r["command"] for r in rows})
+    devices = sorted({f"{r['device']}, torch {r['torch']}" for r in rows})
+    lines += [
+        "",
+        "*Per step: the wall time of `bp.fit(bp.bayesianize(net), loader, epochs=E, "
+        "progress=False)` (every default; from the dense net) over its steps, against "
+        "`bp.train(net, loader, epochs=E)` (the dense net, the same batches and steps) in the "
+        "same run; without the tests: the fit's time less `FitResult.gate_tests['seconds']`. "
+        "Pruned: `bp.prune(bnet, threshold=0.5)`, no fine-tuning, on the 10,000 test images. "
+        "From `results/fit_cost.json`. Measured by "
+        + ", ".join(f"`{c}`" for c in commands)
+        + " on "
+        + "; ".join(devices)
+        + ".*",
     ]
     return lines

@@ -30,6 +30,7 @@ from table_speed import (
     composite_origin,
     origin,
     render_compile_speed,
+    render_fit_cost,
     render_gpu,
     render_svi_speed,
 )
@@ -484,6 +485,7 @@ RENDERERS: dict[str, Callable[[], list[str]]] = {
     "robustness": render_robustness,
     "gate-step": render_gate_step,
     "svi-speed": render_svi_speed,
+    "fit-cost": render_fit_cost,
     "compile-speed": render_compile_speed,
     "baselines": render_baselines,
     "conformal": render_conformal,
