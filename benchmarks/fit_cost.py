@@ -21,6 +21,7 @@ tested, whatever the length of the fit, so the short fits show what they add at 
 
     python benchmarks/fit_cost.py --threads 1            # every cell (about 12 minutes)
     python benchmarks/fit_cost.py --cells 1 2 --threads 1
+    python benchmarks/fit_cost.py --device cuda --json OUT.json   # on a GPU (gpu_check.sh)
 
 Rows are merged by cell into ``benchmarks/results/fit_cost.json`` (written atomically); the table
 of ``benchmarks/README.md#svi-speed`` is generated from it by ``benchmarks/tables.py``.
@@ -57,33 +58,35 @@ CELLS = {
 }
 
 
-def _warm_up(net: torch.nn.Module, train) -> None:
+def _warm_up(net: torch.nn.Module, train, device: str) -> None:
     """Two steps of each loop on copies of ``net``, untimed, so that neither timed call pays
     the process's one-time costs (thread pools, allocator, first kernels)."""
     batches = [b for b, _ in zip(train, range(2), strict=False)]
-    bp.train(copy.deepcopy(net), batches, epochs=1, progress=False)
+    bp.train(copy.deepcopy(net), batches, epochs=1, progress=False, device=device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        bnet = bp.bayesianize(copy.deepcopy(net))
-        bp.fit(bnet, batches, epochs=1, progress=False, num_data=len(train.dataset))
+        bnet = bp.bayesianize(copy.deepcopy(net).to(device))
+        bp.fit(bnet, batches, epochs=1, progress=False, num_data=len(train.dataset), device=device)
 
 
-def run_cell(cell: int, seed: int = 0) -> dict:
+def run_cell(cell: int, seed: int = 0, device: str = "cpu") -> dict:
     name, n, epochs = CELLS[cell]
     splits = load_fashion_mnist(subset=n, val_size=2000, cal_size=1000)
     train = loader(splits.train, BATCH, seed=seed)
     test = loader(splits.test, 1000, shuffle=False)
     torch.manual_seed(seed)
     net = get_model(name)
-    _warm_up(net, train)
+    _warm_up(net, train, device)
     start = time.perf_counter()
-    bp.train(net, train, epochs=epochs, progress=False, seed=seed)
+    bp.train(net, train, epochs=epochs, progress=False, seed=seed, device=device)
+    _sync(device)
     dense_s = time.perf_counter() - start
     dense_acc = bp.evaluate(net, test)
     dense_params = bp.count_params(net)
     bnet = bp.bayesianize(net)
     start = time.perf_counter()
-    fit = bp.fit(bnet, train, epochs=epochs, progress=False, seed=seed)
+    fit = bp.fit(bnet, train, epochs=epochs, progress=False, seed=seed, device=device)
+    _sync(device)
     fit_s = time.perf_counter() - start
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -115,26 +118,35 @@ def run_cell(cell: int, seed: int = 0) -> dict:
     }
 
 
+def _sync(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cells", type=int, nargs="+", default=sorted(CELLS))
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=RESULTS)
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda (benchmarks/gpu_check.sh)")
     args = parser.parse_args(argv)
     unknown = [c for c in args.cells if c not in CELLS]
     if unknown:
         parser.error(f"unknown cell(s) {unknown}: the cells are {sorted(CELLS)}")
     torch.set_num_threads(args.threads)
     command = "python benchmarks/fit_cost.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    gpu = torch.device(args.device).type == "cuda"
     meta = {
-        "device": f"cpu ({platform.machine()}), {args.threads} thread(s)",
+        "device": torch.cuda.get_device_name()
+        if gpu
+        else f"cpu ({platform.machine()}), {args.threads} thread(s)",
         "torch": torch.__version__,
         "batch": BATCH,
     }
     rows = []
     for cell in args.cells:
-        row = {**run_cell(cell, args.seed), **meta, "command": command.strip()}
+        row = {**run_cell(cell, args.seed, args.device), **meta, "command": command.strip()}
         print(
             f"cell {cell} {row['net']} {row['train_images']} x {row['epochs']} epochs: "
             f"{row['steps']} steps, dense {row['dense_ms_per_step']} ms/step, fit "

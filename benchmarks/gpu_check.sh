@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# On one GPU, in about 7 minutes (each step has a time limit): tests/test_gpu.py (fit, prune,
+# On one GPU, in about 8 minutes (each step has a time limit): tests/test_gpu.py (fit, prune,
 # predict, certify, reload and a compiled fit on the GPU), then the GPU rows of docs/gpu.md: SVI
 # step time of LeNet-300-100 and ResNet-20 against deterministic training (with operator counts
 # and peak memory), compiled and eager (docs/compiled-step.md), and the posterior-predictive
-# draw against a forward pass;
+# draw against a forward pass, and whole default fits against dense training (fit_cost.py);
 # then the GPU rows of benchmarks/README.md#distributed: bp.fit(devices=N) seconds per epoch on
 # 1 GPU, and on 2 and all GPUs where the machine has them (NCCL). Writes the JSON to $OUT (the
 # device tool's output folder) or, without it, to benchmarks/results/.
@@ -52,6 +52,10 @@ step svi_predict 60 python3 benchmarks/svi_speed.py --device cuda --steps 100 --
 # bp.fit(compile=True) against eager, per step (cold inductor cache; about a minute)
 step compile_speed 150 python3 benchmarks/compile_speed.py --device cuda --no-fits --steps 200 40 \
     --json "$out/compile_speed_gpu.json"
+# whole default fits against bp.train of the same net and batches (Fashion-MNIST; the exact gate
+# tests included), short and long, LeNet-300-100 and ResNet-20 (about a minute)
+step fit_cost 120 python3 benchmarks/fit_cost.py --device cuda --cells 1 2 5 6 \
+    --json "$out/fit_cost_gpu.json"
 # data-parallel SVI: 1 GPU, then 2 and all of them where present (one process per GPU, NCCL)
 ngpu=$(python3 -c "import torch; print(torch.cuda.device_count())")
 devices="1"

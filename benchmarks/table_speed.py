@@ -196,13 +196,18 @@ def render_gpu() -> list[str]:
         f"compiled step with compilation, {m['cache'].replace('cold: ', 'cold (')}). "
         f"{origin(compiled, 'compile_speed_gpu.json').strip('*')}*",
     ]
+    if (RESULTS / "fit_cost_gpu.json").exists():
+        lines += ["", *render_fit_cost("fit_cost_gpu.json")]
+    else:
+        lines += ["", "*Whole default fits against dense training (`benchmarks/fit_cost.py`, a "
+                  "step of `gpu_check.sh`): not yet run on a GPU.*"]  # fmt: skip
     return lines
 
 
-def render_fit_cost() -> list[str]:
+def render_fit_cost(name: str = "fit_cost.json") -> list[str]:
     """Whole default fits against the dense training of the same net, data and steps
-    (``benchmarks/fit_cost.py``)."""
-    payload = load("fit_cost.json")
+    (``benchmarks/fit_cost.py``; ``name``: its JSON under ``benchmarks/results/``)."""
+    payload = load(name)
     rows = sorted(payload["rows"], key=lambda r: (r["cell"], r["seed"]))
     lines = [
         "| net | train images x epochs | steps | dense step | bp.fit step | without the tests | "
@@ -227,7 +232,7 @@ def render_fit_cost() -> list[str]:
         "`bp.train(net, loader, epochs=E)` (the dense net, the same batches and steps) in the "
         "same run; without the tests: the fit's time less `FitResult.gate_tests['seconds']`. "
         "Pruned: `bp.prune(bnet, threshold=0.5)`, no fine-tuning, on the 10,000 test images. "
-        "From `results/fit_cost.json`. Measured by "
+        f"From `results/{name}`. Measured by "
         + ", ".join(f"`{c}`" for c in commands)
         + " on "
         + "; ".join(devices)
