@@ -150,7 +150,8 @@ def test_fit_prior_and_objective_options(tmp_path, monkeypatch):
     bnet = bp.load(out / "bayesian.safetensors", lenet_300_100(in_features=64))
     assert {p.global_scale for p in bnet.priors.values()} == {0.01}
     assert main(["report", "--run", str(out)]) == 0
-    assert "KL weight 0.2" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "KL weight 0.2" in report and "horseshoe (global scale 0.01)" in report
 
 
 def test_fit_prices_nodes_per_parameter(tmp_path):
@@ -164,6 +165,8 @@ def test_fit_prices_nodes_per_parameter(tmp_path):
     first = bnet.bayesian_layers["1"]  # 64 inputs and a bias per unit
     assert first.prior.per_parameter and first.prior.log_odds(first) == pytest.approx(-0.05 * 65)
     assert main(["prune", "--run", str(out), "--no-progress", "--levels", "0.5"]) == 0
+    assert main(["report", "--run", str(out)]) == 0
+    assert "spike-and-slab (prior log-odds -0.05 per parameter)" in (out / "report.md").read_text()
 
 
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])

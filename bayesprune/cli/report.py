@@ -16,6 +16,18 @@ from .rundir import out_dir, read_run
 __all__ = ["report_command"]
 
 
+def _prior_size(spec: dict) -> str:
+    """The prior's size setting, as the run recorded it (`` (prior inclusion 0.1)``)."""
+    if spec.get("prior_log_odds") is not None:
+        per = " per parameter" if spec.get("per_parameter") else " per node"
+        return f" (prior log-odds {spec['prior_log_odds']:g}{per})"
+    if spec.get("prior_inclusion") is not None:
+        return f" (prior inclusion {spec['prior_inclusion']:g})"
+    if spec.get("type") == "GroupHorseshoe":
+        return f" (global scale {spec['global_scale']:g})"
+    return ""
+
+
 def report_command(args: argparse.Namespace) -> None:
     run_dir = args.run
     cfg = read_run(run_dir)
@@ -50,7 +62,8 @@ def report_command(args: argparse.Namespace) -> None:
         f"- model: `{cfg['model']}`" + (f" with weights `{cfg['weights']}`" if cfg.get("weights") else ""),
         f"- data: {cfg['data']}" + (f" (subset {cfg['subset']})" if cfg.get("subset") else "")
         + f"; inputs: {PREPROCESS_WORDS[pre]} (`--preprocess {pre}`)",
-        f"- prior: {cfg['prior']}, seed {cfg['seed']}" + (f", run id `{run_id}`" if run_id else ""),
+        f"- prior: {cfg['prior']}{_prior_size(cfg.get('prior_spec') or {})}, seed {cfg['seed']}"
+        + (f", run id `{run_id}`" if run_id else ""),
         "",
     ]  # fmt: skip
     if fit:
