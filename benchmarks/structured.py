@@ -20,7 +20,10 @@ of any pruned net (as target (b) of the robustness matrix):
   the nodes ranked by inclusion log-odds at every keep fraction of ``pip_candidates(by="keep")``;
   then the median-probability nets of fits with the prior inclusions ``GAMMAS`` and, below what a
   double holds, the prior log-odds ``LOG_ODDS`` (the prior's answer to "how small": the only
-  setting changed);
+  setting changed), and of per-parameter priors priced in proportion to the training set,
+  ``PER_EXAMPLE`` (``SpikeAndSlab(prior_log_odds=-lam * N, per_parameter=True)``: a node costs
+  ``lam`` nats per parameter per training example, the same trade of mean training loss
+  against parameters on every data size);
 * ours, the elimination path of the same default fit (``bp.elimination_scores`` on the training
   data, then ``bp.prune(keep=f, scores=...)`` at the fractions of ``KEEP`` below the median
   model's), and the net Learn then Test certifies among the median model and these (accuracy
@@ -71,6 +74,11 @@ KEEP = [0.5, 0.4, 0.3, 0.25, 0.2, 0.15, 0.1, 0.075, 0.05, 0.03, 0.02]
 GAMMAS = [0.3, 0.03, 0.01, 1e-5, 1e-10, 1e-20, 1e-30, 1e-50, 1e-80, 1e-150, 1e-300]
 #: stronger priors, as log-odds log(gamma / (1 - gamma)) (1e-300 is -690.8): nats per node
 LOG_ODDS = [-1000.0, -1500.0, -2000.0]
+#: per-parameter priors, lam * N nats per parameter of a node's group (N training images): the
+#: penalty lam * (parameters kept) on the *mean* training loss of L0 regularisation (Louizos,
+#: Welling and Kingma 2018), in the ELBO's scale. Not on the certified prior path (a family
+#: of its own: its order against the per-node priors differs from layer to layer)
+PER_EXAMPLE = [2e-5, 4e-5, 6e-5]
 #: bp.elimination_scores options other than its defaults (ResNet-20: a test is a deep pass)
 ELIMINATION = {"resnet20": {"examples": 256, "fraction": 0.2}}
 ALPHA, DELTA = 0.02, 0.1
@@ -127,10 +135,14 @@ def run_model(model: str, seed: int, baselines: bool = True) -> list[dict]:
         timed("Gumbel node masks", lambda: GumbelPruning(
             0.1, granularity="node", epochs=SVI_EPOCHS, progress=False, seed=seed))  # fmt: skip
 
+    n = len(splits.train)
     settings = [{}, *({"prior_inclusion": g} for g in GAMMAS),
-                *({"prior_log_odds": a} for a in LOG_ODDS)]  # fmt: skip
+                *({"prior_log_odds": a} for a in LOG_ODDS),
+                *({"prior_log_odds": -lam * n, "per_parameter": True, "lam": lam}
+                  for lam in PER_EXAMPLE)]  # fmt: skip
     path = []  # (prior log-odds, label, median-probability net) of every prior
     for kw in settings:
+        lam = kw.pop("lam", None)
         prior = bp.priors.SpikeAndSlab(level="node", **kw)
         bnet = bp.bayesianize(copy.deepcopy(dense), prior)
         t0 = time.perf_counter()
@@ -139,9 +151,11 @@ def run_model(model: str, seed: int, baselines: bool = True) -> list[dict]:
             bp.fit(bnet, train, epochs=SVI_EPOCHS, progress=False, seed=seed)
             seconds = round(time.perf_counter() - t0, 1)
             small = bp.prune(bnet, threshold=0.5, example_input=x)
-        label = _label(kw)
+        label = _label(kw) if lam is None else f"ours, {lam:g} N nats per parameter"
         rows.append(_row(model, f"{label}: PIP >= 0.5", 0.5, small, dense, test, seconds=seconds))
         print(rows[-1], flush=True)
+        if lam is not None:
+            continue
         path.append((prior.log_odds(next(iter(bnet.bayesian_layers.values()))), label, small))
         if kw:
             continue
@@ -255,6 +269,9 @@ def _series(method: str) -> str:
         and method.endswith("PIP >= 0.5")
     ):
         return "ours: median-probability nets, the default prior (0.1) and stronger ones"
+    if method.endswith("N nats per parameter: PIP >= 0.5"):
+        lo, hi = min(PER_EXAMPLE), max(PER_EXAMPLE)
+        return f"ours: median-probability nets, lam N nats per parameter (lam {lo:g} to {hi:g})"
     return method
 
 
