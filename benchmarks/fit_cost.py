@@ -24,7 +24,7 @@ tested, whatever the length of the fit, so the short fits show what they add at 
     python benchmarks/fit_cost.py --device cuda --json OUT.json   # on a GPU (gpu_check.sh)
 
 Rows are merged by cell into ``benchmarks/results/fit_cost.json`` (written atomically); the table
-of ``benchmarks/README.md#svi-speed`` is generated from it by ``benchmarks/tables.py``.
+of ``docs/fit-cost.md`` is generated from it by ``benchmarks/tables.py``.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 (``svi_speed.json``, ``svi_predict.json``; the README's ``svi-speed``), ``bp.fit(compile=True)``
 against eager (``compile_speed.json``; ``docs/compiled-step.md``) and the same on a GPU
 (``*_gpu.json`` from ``benchmarks/gpu_check.sh``; ``docs/gpu.md``), and whole default fits
-against dense training (``fit_cost.json``; the README's ``fit-cost``). Standard library only, used
+against dense training (``fit_cost.json``; ``docs/fit-cost.md``). Standard library only, used
 by ``tables.py``, which also takes the provenance lines from here."""
 
 from __future__ import annotations

@@ -503,6 +503,7 @@ PAGES: dict[str, Path] = {
     "gate-step": HERE.parent / "docs" / "notes" / "gate-decisions.md",
     "transformers": HERE.parent / "docs" / "transformers.md",
     "compile-speed": HERE.parent / "docs" / "compiled-step.md",
+    "fit-cost": HERE.parent / "docs" / "fit-cost.md",
     "structured": HERE.parent / "docs" / "structured.md",
     "gpu": HERE.parent / "docs" / "gpu.md",
 }
