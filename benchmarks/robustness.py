@@ -16,6 +16,7 @@ misses a target stays in the table with what was measured.
 
     python benchmarks/robustness.py --threads 2                  # the whole matrix (about 15 minutes)
     python benchmarks/robustness.py --cells 1 2 3 --threads 1    # some cells
+    python benchmarks/robustness.py --price-per-example 5e-6 --threads 2   # a candidate default
     python benchmarks/robustness.py --table                      # markdown table from the JSON
     python benchmarks/robustness.py --write-docs                 # that table into README.md
 
@@ -104,6 +105,10 @@ CELLS = {
     19: ("fmnist", 2000, "resnet20", "random", "long", 20, "ghs"),
 }
 DENSE_EPOCHS = {"digits": 60, "fmnist": 20}
+#: ``--price-per-example LAM``: the spike-and-slab cells' prior becomes
+#: ``SpikeAndSlab(prior_log_odds=-LAM * N, per_parameter=True)`` (N training images): a candidate
+#: default, measured beside the table (its own JSON), not the table's
+PRICE_PER_EXAMPLE: float | None = None
 
 # Why a cell misses a target, as measured (the table prints it for each cell that misses one;
 # docs/notes/gate-decisions.md has the probes). A reason for a cell that meets every target is
@@ -148,7 +153,11 @@ def run_cell(cell: int, seed: int = 0) -> dict:
     dense_s = time.perf_counter() - t0
     dense = bp.evaluate(dense_net, test)
     net = dense_net if start == "dense" else build(net_name, data)
-    bnet = bp.bayesianize(net, PRIORS[prior]())
+    if prior == "ss" and PRICE_PER_EXAMPLE is not None:
+        lam = PRICE_PER_EXAMPLE * len(splits.train)
+        bnet = bp.bayesianize(net, bp.priors.SpikeAndSlab(prior_log_odds=-lam, per_parameter=True))
+    else:
+        bnet = bp.bayesianize(net, PRIORS[prior]())
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         fit = bp.fit(bnet, train, epochs=epochs, progress=False, seed=seed)
@@ -185,6 +194,8 @@ def run_cell(cell: int, seed: int = 0) -> dict:
         "gate_tests": fit.gate_tests,
         "kl_weight": fit.kl_weight,
     }
+    if prior == "ss" and PRICE_PER_EXAMPLE is not None:
+        row["price_per_example"] = PRICE_PER_EXAMPLE
     if start == "random" and budget == "short":
         # the dense reference trains for DENSE_EPOCHS; a short fit from random weights is also
         # compared with a dense net trained from the same start for the fit's own epochs
@@ -212,6 +223,11 @@ def _fresh_gate_gradients() -> None:
         return out
 
     BernoulliNaturalGradient.step = fresh
+
+
+def argv_cells_default(args: argparse.Namespace) -> bool:
+    """Whether ``--cells`` was left at its default (every cell)."""
+    return args.cells == sorted(CELLS)
 
 
 def results_path(seed: int = 0) -> Path:
@@ -246,6 +262,15 @@ def main(argv: list[str] | None = None) -> None:
         "step (bp.fit sums them; see bayesprune/natural.py); results go to "
         "robustness_fresh_gates.json",
     )
+    p.add_argument(
+        "--price-per-example",
+        type=float,
+        default=None,
+        metavar="LAM",
+        help="a candidate default: the spike-and-slab cells (the only ones run unless --cells "
+        "says otherwise) with SpikeAndSlab(prior_log_odds=-LAM * N, per_parameter=True); "
+        "results go to robustness_lam<LAM>.json",
+    )
     p.add_argument("--table", action="store_true", help="print the markdown table and exit")
     p.add_argument(
         "--write-docs",
@@ -268,13 +293,23 @@ def main(argv: list[str] | None = None) -> None:
     if args.fresh_gate_gradients:
         _fresh_gate_gradients()
         path = path.with_name(path.stem + "_fresh_gates.json")
+    lam = args.price_per_example
+    if lam is not None:
+        if not lam > 0:
+            p.error(f"--price-per-example must be positive, got {lam}")
+        global PRICE_PER_EXAMPLE
+        PRICE_PER_EXAMPLE = lam
+        path = path.with_name(f"{path.stem}_lam{lam:g}.json")
+        if argv_cells_default(args):
+            args.cells = [c for c, v in CELLS.items() if v[-1] == "ss"]
     rows = {}
     if path.exists():
         rows = {r["cell"]: r for r in json.loads(path.read_text())["cells"]}
     meta = {
         "command": "python benchmarks/robustness.py"
         + (f" --seed {args.seed}" if args.seed else "")
-        + (" --fresh-gate-gradients" if args.fresh_gate_gradients else ""),
+        + (" --fresh-gate-gradients" if args.fresh_gate_gradients else "")
+        + (f" --price-per-example {lam:g}" if lam is not None else ""),
         "device": f"cpu ({platform.processor() or platform.machine()}), "
         f"{torch.get_num_threads()} thread(s)",
         "torch": torch.__version__,

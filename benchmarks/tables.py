@@ -120,6 +120,21 @@ def render_robustness() -> list[str]:
             f"predictive within {100 * d_pred:.1f} points, params kept within "
             f"{100 * d_params:.1f} points.*"
         )
+    for path in sorted(RESULTS.glob("robustness_lam*.json")):
+        cand = json.loads(path.read_text())
+        pairs = [(seed0[r["cell"]], r) for r in cand["cells"] if r["cell"] in seed0]
+        if not pairs:
+            continue
+        met = [b["cell"] for _, b in pairs if False not in (b["a"], b["b"], b["c"])]
+        base = [a["cell"] for a, _ in pairs if False not in (a["a"], a["b"], a["c"])]
+        notes.append(
+            f"*A candidate default, the spike-and-slab cells with "
+            f"`SpikeAndSlab(prior_log_odds=-lam * N, per_parameter=True)`, lam "
+            f"{pairs[0][1]['price_per_example']:g} (`results/{path.name}`, "
+            f"`{cand['meta']['command']}`): every target that applies met in {len(met)} of "
+            f"{len(pairs)} cells ({', '.join(map(str, met))}), against {len(base)} of the same "
+            f"cells with the default prior ({', '.join(map(str, base))}).*"
+        )
     same = [r for r in payload["cells"] if "dense_same_budget" in r]
     if same:
         parts = ", ".join(
