@@ -93,6 +93,7 @@ def run_cell(cell: int, seed: int = 0, device: str = "cpu") -> dict:
         small = bp.prune(bnet, threshold=0.5)
     steps = len(fit.loss)
     tests = fit.gate_tests
+    tests_s = tests.get("seconds", 0.0)
     gates = sum(p.numel() for p in bnet.gate_parameters())
     per_dense, per_fit = dense_s / steps, fit_s / steps
     return {
@@ -104,11 +105,11 @@ def run_cell(cell: int, seed: int = 0, device: str = "cpu") -> dict:
         "steps": steps,
         "dense_seconds": round(dense_s, 2),
         "fit_seconds": round(fit_s, 2),
-        "tests_seconds": tests.get("seconds", 0.0),
+        "tests_seconds": tests_s,
         "tests": tests.get("tests", 0),
         "gates": gates,
         "ratio": round(per_fit / per_dense, 3),
-        "ratio_without_tests": round((fit_s - tests.get("seconds", 0.0)) / steps / per_dense, 3),
+        "ratio_without_tests": round((fit_s - tests_s) / steps / per_dense, 3),
         "dense_ms_per_step": round(1000 * per_dense, 2),
         "fit_ms_per_step": round(1000 * per_fit, 2),
         "dense": round(dense_acc, 4),

@@ -105,10 +105,6 @@ CELLS = {
     19: ("fmnist", 2000, "resnet20", "random", "long", 20, "ghs"),
 }
 DENSE_EPOCHS = {"digits": 60, "fmnist": 20}
-#: ``--price-per-example LAM``: the spike-and-slab cells' prior becomes
-#: ``SpikeAndSlab(prior_log_odds=-LAM * N, per_parameter=True)`` (N training images): a candidate
-#: default, measured beside the table (its own JSON), not the table's
-PRICE_PER_EXAMPLE: float | None = None
 
 # Why a cell misses a target, as measured (the table prints it for each cell that misses one;
 # docs/notes/gate-decisions.md has the probes). A reason for a cell that meets every target is
@@ -141,7 +137,10 @@ def _splits(data: str, n: int):
     return load_fashion_mnist(subset=n, val_size=2000, cal_size=1000)
 
 
-def run_cell(cell: int, seed: int = 0) -> dict:
+def run_cell(cell: int, seed: int = 0, price_per_example: float | None = None) -> dict:
+    """One cell of the matrix. ``price_per_example`` (``--price-per-example``): the
+    spike-and-slab cells' prior becomes ``SpikeAndSlab(prior_log_odds=-lam * N,
+    per_parameter=True)`` (N training images), a candidate default measured beside the table."""
     data, n, net_name, start, budget, epochs, prior = CELLS[cell]
     splits = _splits(data, n)
     train = loader(splits.train, BATCH, seed=seed)
@@ -153,9 +152,10 @@ def run_cell(cell: int, seed: int = 0) -> dict:
     dense_s = time.perf_counter() - t0
     dense = bp.evaluate(dense_net, test)
     net = dense_net if start == "dense" else build(net_name, data)
-    if prior == "ss" and PRICE_PER_EXAMPLE is not None:
-        lam = PRICE_PER_EXAMPLE * len(splits.train)
-        bnet = bp.bayesianize(net, bp.priors.SpikeAndSlab(prior_log_odds=-lam, per_parameter=True))
+    lam = price_per_example if prior == "ss" else None
+    if lam is not None:
+        price = -lam * len(splits.train)
+        bnet = bp.bayesianize(net, bp.priors.SpikeAndSlab(prior_log_odds=price, per_parameter=True))
     else:
         bnet = bp.bayesianize(net, PRIORS[prior]())
     with warnings.catch_warnings(record=True) as caught:
@@ -194,8 +194,8 @@ def run_cell(cell: int, seed: int = 0) -> dict:
         "gate_tests": fit.gate_tests,
         "kl_weight": fit.kl_weight,
     }
-    if prior == "ss" and PRICE_PER_EXAMPLE is not None:
-        row["price_per_example"] = PRICE_PER_EXAMPLE
+    if lam is not None:
+        row["price_per_example"] = lam
     if start == "random" and budget == "short":
         # the dense reference trains for DENSE_EPOCHS; a short fit from random weights is also
         # compared with a dense net trained from the same start for the fit's own epochs
@@ -223,11 +223,6 @@ def _fresh_gate_gradients() -> None:
         return out
 
     BernoulliNaturalGradient.step = fresh
-
-
-def argv_cells_default(args: argparse.Namespace) -> bool:
-    """Whether ``--cells`` was left at its default (every cell)."""
-    return args.cells == sorted(CELLS)
 
 
 def results_path(seed: int = 0) -> Path:
@@ -297,10 +292,8 @@ def main(argv: list[str] | None = None) -> None:
     if lam is not None:
         if not lam > 0:
             p.error(f"--price-per-example must be positive, got {lam}")
-        global PRICE_PER_EXAMPLE
-        PRICE_PER_EXAMPLE = lam
         path = path.with_name(f"{path.stem}_lam{lam:g}.json")
-        if argv_cells_default(args):
+        if args.cells == sorted(CELLS):  # --cells left at every cell
             args.cells = [c for c, v in CELLS.items() if v[-1] == "ss"]
     rows = {}
     if path.exists():
@@ -316,7 +309,7 @@ def main(argv: list[str] | None = None) -> None:
         "bayesprune": bp.__version__,
     }
     for cell in args.cells:
-        row = run_cell(cell, seed=args.seed)
+        row = run_cell(cell, seed=args.seed, price_per_example=lam)
         rows[cell] = row
         _save(rows, meta, path)
         print(json.dumps({k: v for k, v in row.items() if k != "fit_warnings"}), flush=True)
