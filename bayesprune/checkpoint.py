@@ -214,6 +214,8 @@ def _bnet_config(bnet: BayesianModule) -> dict[str, Any]:
     cfg = json.loads(json.dumps(bnet.config()))
     for key in ("num_data", "input_shape", "dense_reference"):
         cfg.pop(key, None)
+    for prior in cfg.get("priors", {}).values():  # N of a prior that depends on it: as num_data
+        prior.pop("num_data", None)
     return cfg
 
 

@@ -113,12 +113,23 @@ def informativeness_warnings(
     pips = bnet.inclusion_probs()
     off = float((torch.cat([pips[k] for k in layers]) < 0.5).float().mean())
     if off >= COLLAPSED_SHARE:
+        layer_map = bnet.bayesian_layers
+        if all(layer_map[k].prior.point_weights for k in layers if k in layer_map):
+            why = (
+                "With point weights a node stays when it lowers the NLL by more than its prior "
+                "log-odds charge: use a weaker prior (a prior_inclusion nearer 0.5, a smaller "
+                "price_per_example, or prior_log_odds nearer 0)"
+            )
+        else:
+            why = (
+                "Usually the KL of the weights outweighs what the data can pay for; with a node "
+                "SpikeAndSlab use weights='point' (the default for the Gaussian slab), otherwise "
+                "more data or a tempered fit (kl_weight < 1, and report it)"
+            )
         messages.append(
             f"the posterior switched off {off:.0%} of the hidden nodes (PIP < 0.5): the "
             "median-probability model, what prune(threshold=0.5) keeps, has collapsed to an "
-            "empty network. Usually the KL of the weights outweighs what the data can pay for; "
-            "with a node SpikeAndSlab use weights='point' (the default for the Gaussian slab), "
-            "otherwise more data or a tempered fit (kl_weight < 1, and report it)"
+            f"empty network. {why}"
         )
     share = uncertain_fraction(bnet, layers)
     if share > UNCERTAIN_SHARE:

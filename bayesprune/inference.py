@@ -514,7 +514,7 @@ def fit(
             ckpt.seed_loader(train_loader, seed)
         dev = resolve_device(device) if device is not None else bnet.device
     bnet.to(dev)
-    bnet.num_data = n
+    bnet.set_num_data(n)
 
     optimizers = _build_optimizers(
         bnet,

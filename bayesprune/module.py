@@ -136,6 +136,17 @@ class BayesianModule(nn.Module):
         """Layer path -> Bayesian layer, in module order."""
         return {p: m for p, m in self.net.named_modules() if isinstance(m, BayesianLayer)}
 
+    def set_num_data(self, num_data: int) -> None:
+        """Set :attr:`num_data` (the ELBO's :math:`N`) and give every layer its prior for that
+        many examples (:meth:`bayesprune.priors.Prior.for_data`); :func:`bayesprune.fit` calls
+        it with its training-set size."""
+        self.num_data = num_data
+        layers = self.bayesian_layers
+        for path, prior in list(self.priors.items()):
+            bound = prior.for_data(num_data)
+            if bound is not prior:
+                self.priors[path] = layers[path].prior = bound
+
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device

@@ -21,7 +21,7 @@ of any pruned net (as target (b) of the robustness matrix):
   then the median-probability nets of fits with the prior inclusions ``GAMMAS`` and, below what a
   double holds, the prior log-odds ``LOG_ODDS`` (the prior's answer to "how small": the only
   setting changed), and of per-parameter priors priced in proportion to the training set,
-  ``PER_EXAMPLE`` (``SpikeAndSlab(prior_log_odds=-lam * N, per_parameter=True)``: a node costs
+  ``PER_EXAMPLE`` (``SpikeAndSlab(prior_log_odds=0, price_per_example=lam)``: a node costs
   ``lam`` nats per parameter per training example, the same trade of mean training loss
   against parameters on every data size);
 * ours, the elimination path of the same default fit (``bp.elimination_scores`` on the training
@@ -135,14 +135,12 @@ def run_model(model: str, seed: int, baselines: bool = True) -> list[dict]:
         timed("Gumbel node masks", lambda: GumbelPruning(
             0.1, granularity="node", epochs=SVI_EPOCHS, progress=False, seed=seed))  # fmt: skip
 
-    n = len(splits.train)
     settings = [{}, *({"prior_inclusion": g} for g in GAMMAS),
                 *({"prior_log_odds": a} for a in LOG_ODDS),
-                *({"prior_log_odds": -lam * n, "per_parameter": True, "lam": lam}
-                  for lam in PER_EXAMPLE)]  # fmt: skip
+                *({"prior_log_odds": 0.0, "price_per_example": lam} for lam in PER_EXAMPLE)]  # fmt: skip
     path = []  # (prior log-odds, label, median-probability net) of every prior
     for kw in settings:
-        lam = kw.pop("lam", None)
+        lam = kw.get("price_per_example")
         prior = bp.priors.SpikeAndSlab(level="node", **kw)
         bnet = bp.bayesianize(copy.deepcopy(dense), prior)
         t0 = time.perf_counter()

@@ -120,21 +120,10 @@ def render_robustness() -> list[str]:
             f"predictive within {100 * d_pred:.1f} points, params kept within "
             f"{100 * d_params:.1f} points.*"
         )
-    for path in sorted(RESULTS.glob("robustness_lam*.json")):
-        cand = json.loads(path.read_text())
-        pairs = [(seed0[r["cell"]], r) for r in cand["cells"] if r["cell"] in seed0]
-        if not pairs:
-            continue
-        met = [b["cell"] for _, b in pairs if False not in (b["a"], b["b"], b["c"])]
-        base = [a["cell"] for a, _ in pairs if False not in (a["a"], a["b"], a["c"])]
-        notes.append(
-            f"*A candidate default, the spike-and-slab cells with "
-            f"`SpikeAndSlab(prior_log_odds=-lam * N, per_parameter=True)`, lam "
-            f"{pairs[0][1]['price_per_example']:g} (`results/{path.name}`, "
-            f"`{cand['meta']['command']}`): every target that applies met in {len(met)} of "
-            f"{len(pairs)} cells ({', '.join(map(str, met))}), against {len(base)} of the same "
-            f"cells with the default prior ({', '.join(map(str, base))}).*"
-        )
+    notes.append(
+        "*Candidate default priors, on the spike-and-slab cells of this table and on held-out "
+        "cells: [`docs/default-candidates.md`](../docs/default-candidates.md).*"
+    )
     same = [r for r in payload["cells"] if "dense_same_budget" in r]
     if same:
         parts = ", ".join(
@@ -496,8 +485,73 @@ def render_transformers() -> list[str]:
     return lines
 
 
+def _setting(path: Path, rows: list[dict]) -> str:
+    """The prior of a robustness JSON's spike-and-slab cells, in words."""
+    lam = rows[0].get("price_per_example") if rows else None
+    if lam is None:
+        return "default: `SpikeAndSlab()` (prior inclusion 0.1)"
+    if rows[0].get("prior_inclusion", 0.5) == 0.1:  # rows without it had inclusion 1/2
+        return f"`SpikeAndSlab(price_per_example={lam:g})`"
+    return f"`SpikeAndSlab(prior_log_odds=0, price_per_example={lam:g})`"
+
+
+def render_default_candidates() -> list[str]:
+    """The default prior against candidate defaults, on the matrix's spike-and-slab cells and on
+    the held-out cells that no default was chosen on (``HELDOUT`` of robustness.py)."""
+    cells = {**_robustness_cells(), **_robustness_cells("HELDOUT")}
+    files = [
+        ("robustness.json", "robustness_lam*.json"),
+        ("robustness_heldout.json", "robustness_heldout_lam*.json"),
+    ]
+    summary, lines = (
+        [],
+        [
+            "| cell | data (train images) | net | start | budget, steps | prior | dense | predictive "
+            "| pruned | params kept | hidden off | (a) | (b) | (c) |",
+            "|---:|---|---|---|---|---|---:|---:|---:|---:|---:|---|---|---|",
+        ],
+    )
+    mark = {True: "yes", False: "**no**", None: "-"}
+    by_setting: dict[str, dict[str, list]] = {}
+    for default, pattern in files:
+        paths = [RESULTS / default] if (RESULTS / default).exists() else []
+        for path in [*paths, *sorted(RESULTS.glob(pattern))]:
+            payload = json.loads(path.read_text())
+            rows = [r for r in payload["cells"] if r["prior"] == "ss"]
+            name = _setting(path, [r for r in rows if "price_per_example" in r] or rows)
+            part = "held-out" if "heldout" in path.name else "matrix"
+            entry = by_setting.setdefault(name, {})
+            entry.setdefault(part, []).extend(rows)
+            entry.setdefault("files", []).append(
+                f"`results/{path.name}` (`{payload['meta']['command']}`)"
+            )
+    rows_out = []
+    for name, entry in by_setting.items():
+        for part in ("matrix", "held-out"):
+            for r in entry.get(part, []):
+                rows_out.append((r["cell"], name, r))
+        counts = []
+        for part in ("matrix", "held-out"):
+            rows = entry.get(part, [])
+            if rows:
+                met = [r["cell"] for r in rows if False not in (r["a"], r["b"], r["c"])]
+                counts.append(f"{len(met)} of {len(rows)} {part} cells")
+        summary.append(f"- {name}: every target that applies met in {', '.join(counts)}; "
+                       f"from {', '.join(entry['files'])}.")  # fmt: skip
+    for cell, name, r in sorted(rows_out, key=lambda t: (t[0], not t[1].startswith("default"))):
+        data, _, net, start, budget, *_ = cells[cell]
+        lines.append(
+            f"| {cell} | {data} ({r['train_images']}) | {net} | {start} | {budget}, {r['steps']} "
+            f"| {name} | {r['dense']:.4f} | {r['predictive']:.4f} | {r['pruned']:.4f} | "
+            f"{r['params']:.1%} | {r['hidden_off']:.0%} | {mark[r['a']]} | {mark[r['b']]} | "
+            f"{mark[r['c']]} |"
+        )
+    return [*summary, "", *lines]
+
+
 RENDERERS: dict[str, Callable[[], list[str]]] = {
     "robustness": render_robustness,
+    "default-candidates": render_default_candidates,
     "gate-step": render_gate_step,
     "svi-speed": render_svi_speed,
     "fit-cost": render_fit_cost,
@@ -519,6 +573,7 @@ PAGES: dict[str, Path] = {
     "transformers": HERE.parent / "docs" / "transformers.md",
     "compile-speed": HERE.parent / "docs" / "compiled-step.md",
     "fit-cost": HERE.parent / "docs" / "fit-cost.md",
+    "default-candidates": HERE.parent / "docs" / "default-candidates.md",
     "structured": HERE.parent / "docs" / "structured.md",
     "gpu": HERE.parent / "docs" / "gpu.md",
 }

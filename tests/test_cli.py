@@ -4,6 +4,7 @@ give one line on stderr and exit status 2."""
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -169,6 +170,26 @@ def test_fit_prices_nodes_per_parameter(tmp_path):
     assert "spike-and-slab (prior log-odds -0.05 per parameter)" in (out / "report.md").read_text()
 
 
+def test_fit_prices_parameters_per_example(tmp_path):
+    """--price-per-example LAM: log-odds logit(0.1) - LAM N m, N the training images."""
+    out = tmp_path / "run"
+    argv = ["fit", "--model", "lenet_300_100", "--out", str(out), "--price-per-example", "1e-4",
+            *QUICK]  # fmt: skip
+    assert main(argv) == 0
+    spec = json.loads((out / "run.json").read_text())["prior_spec"]
+    assert spec["price_per_example"] == 1e-4 and "num_data" not in spec  # as the user gave it
+    bnet = bp.load(out / "bayesian.safetensors", lenet_300_100(in_features=64))
+    first = bnet.bayesian_layers["1"]  # 64 inputs and a bias per unit
+    n = bnet.num_data
+    assert first.prior.num_data == n and n > 0
+    assert first.prior.log_odds(first) == pytest.approx(-math.log(9) - 1e-4 * n * 65)
+    assert main(["report", "--run", str(out)]) == 0
+    assert (
+        "(prior inclusion 0.1, plus 0.0001 x N nats per parameter)"
+        in (out / "report.md").read_text()
+    )
+
+
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
 def test_fit_with_user_weights(tmp_path, suffix):
     torch.manual_seed(1)
@@ -284,6 +305,11 @@ def test_bad_options(tmp_path, capsys, run_dir):
     _one_line_error(capsys, [*fit, "--prior", "horseshoe", "--prior-log-odds", "-900"],
                     "--prior spike-and-slab")  # fmt: skip
     _one_line_error(capsys, [*fit, "--per-parameter"], "add --prior-log-odds")
+    _one_line_error(capsys, [*fit, "--prior-log-odds", "-1", "--per-parameter",
+                             "--price-per-example", "1e-5"], "give one")  # fmt: skip
+    _one_line_error(capsys, [*fit, "--prior", "horseshoe", "--price-per-example", "1e-5"],
+                    "--prior spike-and-slab")  # fmt: skip
+    _one_line_error(capsys, [*fit, "--price-per-example", "0"], "positive")
     _one_line_error(capsys, [*fit, "--prior", "horseshoe", "--per-parameter"],
                     "--prior spike-and-slab")  # fmt: skip
     _one_line_error(capsys, [*fit, "--kl-weight", "0"], "positive")

@@ -285,9 +285,9 @@ def test_an_interrupted_fit_resumes_to_the_same_result(tmp_path, monkeypatch, ca
     assert "--resume" in _error_line(capsys, 2)
     assert main([*argv, "--out", str(run), "--lr", "0.01", "--resume"]) == 2  # other options
     assert "--lr 0.001 then, 0.01 now" in _error_line(capsys, 2)
-    partial = run / "fit.partial.json"  # as from a version before --per-parameter: it was off
+    partial = run / "fit.partial.json"  # as from a version before these options: they were off
     saved = json.loads(partial.read_text())
-    del saved["options"]["per_parameter"]
+    del saved["options"]["per_parameter"], saved["options"]["price_per_example"]
     partial.write_text(json.dumps(saved))
     assert main([*argv, "--out", str(run), "--resume"]) == 0
     a, b = load_file(straight / "bayesian.safetensors"), load_file(run / "bayesian.safetensors")

@@ -52,11 +52,19 @@ def test_fit_records_the_terms_and_the_median_model_per_epoch() -> None:
 
 
 def test_a_collapsed_network_is_reported() -> None:
+    """With the default point weights the advice is a weaker prior; with Bayesian weights it is
+    point weights."""
     bnet = _bnet()
     with torch.no_grad():
         bnet.net[0].gate_logit.fill_(-8.0)
     (message,) = informativeness_warnings(bnet, ["0"])
-    assert "switched off 100% of the hidden nodes" in message and "weights='point'" in message
+    assert "switched off 100% of the hidden nodes" in message and "weaker prior" in message
+    net = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 3))
+    gaussian = bp.bayesianize(net, bp.priors.SpikeAndSlab(weights="gaussian"))
+    with torch.no_grad():
+        gaussian.net[0].gate_logit.fill_(-8.0)
+    (message,) = informativeness_warnings(gaussian, ["0"])
+    assert "KL of the weights" in message and "weights='point'" in message
     with torch.no_grad():
         bnet.net[0].gate_logit[0] = 8.0  # one of six kept: not a collapse
     assert informativeness_warnings(bnet, ["0"]) == []

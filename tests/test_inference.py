@@ -13,6 +13,7 @@ import bayesprune as bp
 from bayesprune.data import planted_teacher
 from bayesprune.inference import LocalReparamELBO, _delay_steps
 from bayesprune.models import lenet_300_100
+from bayesprune.priors._math import kl_bernoulli
 
 
 class Batches:
@@ -326,6 +327,35 @@ def test_n_is_what_the_loader_draws_from() -> None:
     ):
         loader = DataLoader(data, 16, sampler=sampler)
         assert bp.fit(bnet, loader, epochs=1, progress=False).num_data == 96
+
+
+def test_fit_gives_a_price_per_example_prior_its_n(tmp_path) -> None:
+    """SpikeAndSlab(price_per_example=lam): the fit sets N on every layer's prior, the KL is the
+    Bernoulli KL at log-odds logit(0.1) - lam N m, and a saved fit loads with that N."""
+    from torch.utils.data import DataLoader, SubsetRandomSampler, TensorDataset
+
+    x, y = _digits_like()
+    data = TensorDataset(x, y)
+    bnet = bp.bayesianize(_mlp(), bp.priors.SpikeAndSlab(price_per_example=1e-3))
+    with pytest.raises(ValueError, match=r"bayesprune\.fit sets it"):
+        bnet.kl()
+    subset = DataLoader(data, batch_size=16, sampler=SubsetRandomSampler(range(40)))
+    path = tmp_path / "fit.safetensors"
+    bp.fit(bnet, subset, epochs=1, progress=False, checkpoint=path)
+    for name, layer in bnet.bayesian_layers.items():
+        assert layer.prior is bnet.priors[name] and layer.prior.num_data == 40
+        a = -math.log(9) - 1e-3 * 40 * layer.group_size
+        assert layer.prior.log_odds(layer) == pytest.approx(a, rel=1e-12)
+    want = sum(
+        kl_bernoulli(layer.gate_logit, prior_log_odds=layer.prior.log_odds(layer)).sum()
+        for layer in bnet.bayesian_layers.values()
+    )
+    torch.testing.assert_close(bnet.kl(), want)
+    loaded = bp.load(path, _mlp())
+    assert loaded.priors == bnet.priors
+    torch.testing.assert_close(loaded.kl(), bnet.kl())
+    bp.fit(bnet, DataLoader(data, 32), epochs=1, progress=False)  # a new N: priors follow it
+    assert {p.num_data for p in bnet.priors.values()} == {96}
 
 
 def test_fit_rejects_bad_arguments() -> None:

@@ -47,8 +47,13 @@ def _prior(args: argparse.Namespace):
                 raise CLIError("--per-parameter prices the nodes per parameter with "
                                "--prior-log-odds: add --prior-log-odds A (for example -0.25)")  # fmt: skip
             kw["per_parameter"] = True
+        if args.price_per_example is not None:
+            if args.per_parameter:
+                raise CLIError("--per-parameter and --price-per-example both price each node's "
+                               "parameters: give one")  # fmt: skip
+            kw["price_per_example"] = args.price_per_example
         return priors.SpikeAndSlab(level="node", **kw)
-    for name in ("prior_inclusion", "prior_log_odds", "per_parameter"):
+    for name in ("prior_inclusion", "prior_log_odds", "per_parameter", "price_per_example"):
         if getattr(args, name) not in (None, False):
             raise CLIError(f"--{name.replace('_', '-')} is an option of --prior spike-and-slab; "
                            "for the horseshoe use --global-scale")  # fmt: skip
@@ -185,7 +190,7 @@ def _check_devices(args: argparse.Namespace) -> None:
 #: the options of `fit` that a resumed fit must repeat
 _FIT_OPTIONS = (
     "model", "weights", "data", "data_root", "subset", "seed", "prior", "prior_inclusion",
-    "prior_log_odds", "per_parameter", "global_scale", "reparam", "weight_sd", "pretrain_epochs",
+    "prior_log_odds", "per_parameter", "price_per_example", "global_scale", "reparam", "weight_sd", "pretrain_epochs",
     "epochs", "kl_weight", "structure_delay", "lr", "batch_size", "preprocess",
 )  # fmt: skip
 

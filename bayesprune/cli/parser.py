@@ -192,6 +192,15 @@ def build_parser() -> argparse.ArgumentParser:
         "4,144-parameter attention head at 1,036 nats)",
     )
     fit.add_argument(
+        "--price-per-example",
+        type=_positive_float,
+        default=None,
+        metavar="LAM",
+        help="spike-and-slab: add LAM x N nats per parameter to each node's charge (N training "
+        "images), so a parameter must be worth LAM nats of mean training loss whatever N "
+        "(SpikeAndSlab(price_per_example=LAM))",
+    )
+    fit.add_argument(
         "--global-scale",
         type=_positive_float,
         default=None,

@@ -18,11 +18,14 @@ __all__ = ["report_command"]
 
 def _prior_size(spec: dict) -> str:
     """The prior's size setting, as the run recorded it (`` (prior inclusion 0.1)``)."""
+    price = ""
+    if spec.get("price_per_example") is not None:
+        price = f", plus {spec['price_per_example']:g} x N nats per parameter"
     if spec.get("prior_log_odds") is not None:
         per = " per parameter" if spec.get("per_parameter") else " per node"
-        return f" (prior log-odds {spec['prior_log_odds']:g}{per})"
+        return f" (prior log-odds {spec['prior_log_odds']:g}{per}{price})"
     if spec.get("prior_inclusion") is not None:
-        return f" (prior inclusion {spec['prior_inclusion']:g})"
+        return f" (prior inclusion {spec['prior_inclusion']:g}{price})"
     if spec.get("type") == "GroupHorseshoe":
         return f" (global scale {spec['global_scale']:g})"
     return ""

@@ -31,7 +31,9 @@ Every option is keyword-only (``Gaussian(scale=0.5)``, not ``Gaussian(0.5)``).
 ``SpikeAndSlab(*, level="node" | "weight", prior_inclusion, slab="gaussian" | "group_lasso" | "horseshoe")`` (:mod:`~bayesprune.priors.spike_slab`)
     :math:`z_j \sim \mathrm{Bernoulli}(\gamma)` multiplies node :math:`j`'s output (``level="node"``) or
     each weight (``level="weight"``); the slab is Gaussian, group-lasso or group-horseshoe.
-    ``prior_log_odds`` gives :math:`\gamma` by its log-odds, for priors below what a double holds.
+    ``prior_log_odds`` gives :math:`\gamma` by its log-odds, for priors below what a double holds;
+    ``price_per_example`` :math:`\lambda` lowers node :math:`j`'s log-odds by :math:`\lambda N m_j`
+    (:math:`m_j` parameters, :math:`N` training examples, which :func:`bayesprune.fit` supplies).
 ``GroupHorseshoe(*, global_scale, regularized, slab_scale, pip_reference)`` (:mod:`~bayesprune.priors.horseshoe`)
     node-wise half-Cauchy scales times a layer-wise half-Cauchy scale, non-centred
     (:class:`~bayesprune.priors.horseshoe.HalfCauchyScale`).

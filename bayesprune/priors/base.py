@@ -69,6 +69,7 @@ class Prior:
     member                                    meaning
     ========================================  ==========================================================
     ``to_dict()`` / ``from_dict(options)``    serialised form (``"type"``: the registered name); inverse
+    ``for_data(num_data)``                    the prior for N training examples (itself by default)
     ``setup(layer, init_scale)``              register the prior's own variational parameters on ``layer``
     ``structure_parameter_names(layer)``      which of them get ``structure_lr`` in :func:`bayesprune.fit`
     ``natural_gate_names(layer)``             Bernoulli gate logits that ``fit`` moves by natural steps
@@ -129,6 +130,12 @@ class Prior:
                 f"{_registered_name(cls)} has no option(s) {unknown}; its options are {known}"
             )
         return cls(**options)
+
+    def for_data(self, num_data: int) -> Prior:
+        """The prior for a training set of ``num_data`` examples: :func:`bayesprune.fit` hands
+        each layer this before it fits (itself by default; a prior whose options depend on the
+        data size returns a copy that records it, so that a saved fit reloads with it)."""
+        return self
 
     # -- variational family -----------------------------------------------------------------
     def setup(self, layer: BayesianLayer, init_scale: float) -> None:

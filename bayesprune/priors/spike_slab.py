@@ -16,6 +16,7 @@ Example
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 import sys
@@ -346,6 +347,21 @@ class SpikeAndSlab(Prior):
         log-odds ``prior_log_odds * group_size``. One number then prices a 4,000-parameter
         attention head and a 100-parameter unit alike per parameter
         (``prior_log_odds=-0.25, per_parameter=True``: 0.25 nats per parameter).
+    price_per_example
+        :math:`\lambda`, a price per parameter and per training example added to the prior's
+        log-odds: node :math:`j` of a layer has log-odds
+        :math:`\log(\gamma / (1 - \gamma)) - \lambda N m_j`, with :math:`m_j` its group size
+        and :math:`N` the training-set size (``num_data``). With point weights a node then stays
+        only if it lowers the *mean* training NLL by more than about
+        :math:`\lambda m_j + \log((1 - \gamma)/\gamma) / N` nats: the :math:`L_0` penalty of
+        Louizos, Welling and Kingma (2018) in the ELBO's scale, the same trade of mean loss
+        against parameters at every data size (a per-node prior alone is outweighed by a
+        likelihood that grows with :math:`N`). The prior then depends on :math:`N`: the PIPs are
+        of this data-size-dependent prior, and a fit on N examples is not a fit on fewer
+        examples updated with more. Node level only; not with ``per_parameter``.
+    num_data
+        :math:`N` of ``price_per_example``. :func:`bayesprune.fit` sets it to its training-set
+        size (:meth:`for_data`); give it only to use the prior outside a fit.
     slab
         ``"gaussian"``, ``"group_lasso"`` or ``"horseshoe"``.
     slab_scale
@@ -370,6 +386,8 @@ class SpikeAndSlab(Prior):
     >>> from bayesprune.priors import SpikeAndSlab
     >>> SpikeAndSlab(level="node", slab="group_lasso").slab
     'group_lasso'
+    >>> SpikeAndSlab(price_per_example=5e-6).for_data(10_000).num_data
+    10000
     """
 
     level: Literal["node", "weight"] = "node"
@@ -384,6 +402,8 @@ class SpikeAndSlab(Prior):
     weights: Literal["point", "gaussian"] | None = None
     prior_log_odds: float | None = None
     per_parameter: bool = False
+    price_per_example: float | None = None
+    num_data: int | None = None
 
     def __post_init__(self) -> None:
         if self.level not in ("node", "weight"):
@@ -422,6 +442,7 @@ class SpikeAndSlab(Prior):
                 "per_parameter=True prices each node by its parameters: it needs level='node' "
                 "and prior_log_odds, the log-odds per parameter (e.g. prior_log_odds=-0.25)"
             )
+        self._check_price()
         if self.gate_gradient not in ("trapezoid", "concrete"):
             raise ValueError(
                 f"gate_gradient must be 'trapezoid' or 'concrete', got {self.gate_gradient!r}"
@@ -460,9 +481,41 @@ class SpikeAndSlab(Prior):
         d = super().to_dict()
         if d["prior_log_odds"] is None:  # files stay readable by versions without the options
             del d["prior_log_odds"]
-        if not d["per_parameter"]:
-            del d["per_parameter"]
+        for name in ("per_parameter", "price_per_example", "num_data"):
+            if d[name] in (None, False):
+                del d[name]
         return d
+
+    def _check_price(self) -> None:
+        lam, n = self.price_per_example, self.num_data
+        if lam is not None:
+            if (
+                isinstance(lam, bool)
+                or not isinstance(lam, numbers.Real)
+                or not 0 <= lam < math.inf
+            ):
+                raise ValueError(
+                    "price_per_example must be a finite number >= 0 (nats of mean training loss "
+                    f"per parameter, e.g. 5e-6), got {lam!r}"
+                )
+            object.__setattr__(self, "price_per_example", float(lam))
+            if self.level != "node" or self.per_parameter:
+                raise ValueError(
+                    "price_per_example prices each node by its parameters: it needs level='node' "
+                    "and no per_parameter (both price parameters; give one)"
+                )
+        if n is not None:
+            if lam is None:
+                raise ValueError("num_data is the N of price_per_example; give price_per_example")
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                raise ValueError(f"num_data must be a positive integer, got {n!r}")
+
+    def for_data(self, num_data: int) -> SpikeAndSlab:
+        """This prior for a training set of ``num_data`` examples (itself without
+        ``price_per_example``, which is the only option that depends on it)."""
+        if self.price_per_example is None or self.num_data == num_data:
+            return self
+        return dataclasses.replace(self, num_data=num_data)
 
     @classmethod
     def from_dict(cls, options: Mapping[str, Any]) -> SpikeAndSlab:
@@ -508,7 +561,7 @@ class SpikeAndSlab(Prior):
     def gamma(self, layer: BayesianLayer) -> float:
         """Prior inclusion of the layer (resolves ``"theory"``; an error where ``prior_log_odds``
         is below what a double holds: :meth:`log_odds` is exact)."""
-        if self.prior_log_odds is not None:
+        if self.prior_log_odds is not None or self.price_per_example is not None:
             gamma = math.exp(log_sigmoid(self.log_odds(layer)))
             if gamma < sys.float_info.min:
                 raise ValueError(
@@ -524,13 +577,27 @@ class SpikeAndSlab(Prior):
         r"""Prior log-odds :math:`\log(\gamma / (1 - \gamma))` of the layer's gates."""
         if self.prior_log_odds is not None:
             scale = layer.group_size if self.per_parameter else 1
-            return float(self.prior_log_odds) * scale
-        gamma = self.gamma(layer)
-        return math.log(gamma) - math.log1p(-gamma)
+            a = float(self.prior_log_odds) * scale
+        else:
+            gamma = (
+                theory_inclusion(layer.weight_loc.shape[0], layer.group_size)
+                if self.prior_inclusion == "theory"
+                else float(self.prior_inclusion)
+            )
+            a = math.log(gamma) - math.log1p(-gamma)
+        if self.price_per_example is None:
+            return a
+        if self.num_data is None:
+            raise ValueError(
+                "price_per_example charges lam * N nats per parameter, N the training-set size, "
+                "which this prior does not know yet: bayesprune.fit sets it; outside a fit use "
+                "prior.for_data(N)"
+            )
+        return a - self.price_per_example * self.num_data * layer.group_size
 
     def kl_gates(self, layer: BayesianLayer, logit: torch.Tensor) -> torch.Tensor:
         """Elementwise KL of gates with logits ``logit`` against this layer's prior inclusion."""
-        if self.prior_log_odds is not None:
+        if self.prior_log_odds is not None or self.price_per_example is not None:
             return kl_bernoulli(logit, prior_log_odds=self.log_odds(layer))
         return kl_bernoulli(logit, self.gamma(layer))
 
