@@ -342,7 +342,7 @@ def epoch_loop(
             epoch_count += 1
             bar.update()
             if progress:
-                bar.set_postfix(epoch=epoch + 1, loss=f"{value:.4g}")
+                bar.set_postfix(epoch=epoch + 1, loss=f"{value:.4g}", refresh=False)
         if epoch_count == 0:
             raise ValueError("train_loader is empty")
         result.epoch_loss.append(epoch_sum / epoch_count)

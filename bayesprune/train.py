@@ -143,7 +143,7 @@ def train(
             history.loss.append(value)
             total, count = total + value * len(y), count + len(y)
             bar.update()
-            bar.set_postfix(epoch=epoch + 1, loss=f"{value:.3f}")
+            bar.set_postfix(epoch=epoch + 1, loss=f"{value:.3f}", refresh=False)
         history.epoch_loss.append(total / max(count, 1))
         if val_loader is not None:
             history.val_accuracy.append(evaluate(net, val_loader, device=dev))

@@ -62,6 +62,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     )
     parser.add_argument("--prior-inclusion", default="0.1", help="a probability or 'theory'")
     parser.add_argument(
+        "--price-per-example",
+        type=float,
+        default=None,
+        metavar="LAM",
+        help="SpikeAndSlab(price_per_example=LAM): each node charged at least LAM x N nats per "
+        "parameter (default: no price)",
+    )
+    parser.add_argument(
         "--slab", default="gaussian", choices=["gaussian", "group_lasso", "horseshoe"]
     )
     parser.add_argument("--reparam", default="local", choices=["local", "shared"])
@@ -113,7 +121,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     t_dense = time.perf_counter() - t0
 
     pi = args.prior_inclusion if args.prior_inclusion == "theory" else float(args.prior_inclusion)
-    prior = bp.priors.SpikeAndSlab(level="node", prior_inclusion=pi, slab=args.slab)
+    price = {} if args.price_per_example is None else {"price_per_example": args.price_per_example}
+    prior = bp.priors.SpikeAndSlab(level="node", prior_inclusion=pi, slab=args.slab, **price)
     rows = []
     for beta in args.kl_weight:
         bnet = bp.bayesianize(

@@ -22,6 +22,7 @@ import argparse
 import ast
 import json
 import re
+import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -490,9 +491,12 @@ def _setting(path: Path, rows: list[dict]) -> str:
     lam = rows[0].get("price_per_example") if rows else None
     if lam is None:
         return "default: `SpikeAndSlab()` (prior inclusion 0.1)"
-    if rows[0].get("prior_inclusion", 0.5) == 0.1:  # rows without it had inclusion 1/2
+    if rows[0].get("prior_inclusion", 0.5) == 0.5:  # rows without it had inclusion 1/2
+        return f"`SpikeAndSlab(prior_log_odds=0, price_per_example={lam:g})`"
+    if rows[0].get("price_rule") == "min":
         return f"`SpikeAndSlab(price_per_example={lam:g})`"
-    return f"`SpikeAndSlab(prior_log_odds=0, price_per_example={lam:g})`"
+    # the option's first rule (git history: robustness_lam5e-06_sum.json), since replaced
+    return f"log-odds logit(0.1) - {lam:g} N m (the charges added; an earlier rule of the option)"
 
 
 def render_default_candidates() -> list[str]:
@@ -502,7 +506,9 @@ def render_default_candidates() -> list[str]:
     files = [
         ("robustness.json", "robustness_lam*.json"),
         ("robustness_heldout.json", "robustness_heldout_lam*.json"),
+        ("robustness_seed1.json", "robustness_seed1_lam*.json"),
     ]
+    parts = ("matrix", "held-out", "seed-1 matrix")
     summary, lines = (
         [],
         [
@@ -519,7 +525,7 @@ def render_default_candidates() -> list[str]:
             payload = json.loads(path.read_text())
             rows = [r for r in payload["cells"] if r["prior"] == "ss"]
             name = _setting(path, [r for r in rows if "price_per_example" in r] or rows)
-            part = "held-out" if "heldout" in path.name else "matrix"
+            part = parts[[d for d, _ in files].index(default)]
             entry = by_setting.setdefault(name, {})
             entry.setdefault(part, []).extend(rows)
             entry.setdefault("files", []).append(
@@ -527,15 +533,20 @@ def render_default_candidates() -> list[str]:
             )
     rows_out = []
     for name, entry in by_setting.items():
-        for part in ("matrix", "held-out"):
+        for part in parts[:2]:  # the seed-1 rows are counted, not listed
             for r in entry.get(part, []):
                 rows_out.append((r["cell"], name, r))
         counts = []
-        for part in ("matrix", "held-out"):
+        for part in parts:
             rows = entry.get(part, [])
             if rows:
                 met = [r["cell"] for r in rows if False not in (r["a"], r["b"], r["c"])]
-                counts.append(f"{len(met)} of {len(rows)} {part} cells")
+                worst = min(r["predictive"] - r["dense"] for r in rows)
+                kept = statistics.median(r["params"] for r in rows)
+                counts.append(
+                    f"{len(met)} of {len(rows)} {part} cells (predictive - dense at worst "
+                    f"{100 * worst:+.2f} points, median params kept {kept:.0%})"
+                )
         summary.append(f"- {name}: every target that applies met in {', '.join(counts)}; "
                        f"from {', '.join(entry['files'])}.")  # fmt: skip
     for cell, name, r in sorted(rows_out, key=lambda t: (t[0], not t[1].startswith("default"))):
@@ -546,6 +557,18 @@ def render_default_candidates() -> list[str]:
             f"{r['params']:.1%} | {r['hidden_off']:.0%} | {mark[r['a']]} | {mark[r['b']]} | "
             f"{mark[r['c']]} |"
         )
+    for path in [
+        RESULTS / "bayes_lenet_defaults.json",
+        *sorted(RESULTS.glob("bayes_lenet_price*.json")),
+    ]:
+        full = json.loads(path.read_text())
+        for r in full["rows"]:
+            summary.append(
+                f"- LeNet-300-100 on all 50,000 training images, 60 epochs (`results/{path.name}`, "
+                f"`{full['command']}`): dense {r['dense_acc']:.4f}, predictive {r['bayes_acc']:.4f}, "
+                f"median-probability model {r['median_model_acc']:.4f}, hidden nodes with PIP < 0.5 "
+                f"{r['hidden_below_half']:.0%}."
+            )
     return [*summary, "", *lines]
 
 

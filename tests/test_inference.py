@@ -331,7 +331,7 @@ def test_n_is_what_the_loader_draws_from() -> None:
 
 def test_fit_gives_a_price_per_example_prior_its_n(tmp_path) -> None:
     """SpikeAndSlab(price_per_example=lam): the fit sets N on every layer's prior, the KL is the
-    Bernoulli KL at log-odds logit(0.1) - lam N m, and a saved fit loads with that N."""
+    Bernoulli KL at log-odds min(logit(0.1), -lam N m), and a saved fit loads with that N."""
     from torch.utils.data import DataLoader, SubsetRandomSampler, TensorDataset
 
     x, y = _digits_like()
@@ -344,7 +344,7 @@ def test_fit_gives_a_price_per_example_prior_its_n(tmp_path) -> None:
     bp.fit(bnet, subset, epochs=1, progress=False, checkpoint=path)
     for name, layer in bnet.bayesian_layers.items():
         assert layer.prior is bnet.priors[name] and layer.prior.num_data == 40
-        a = -math.log(9) - 1e-3 * 40 * layer.group_size
+        a = min(-math.log(9), -1e-3 * 40 * layer.group_size)
         assert layer.prior.log_odds(layer) == pytest.approx(a, rel=1e-12)
     want = sum(
         kl_bernoulli(layer.gate_logit, prior_log_odds=layer.prior.log_odds(layer)).sum()
@@ -356,6 +356,15 @@ def test_fit_gives_a_price_per_example_prior_its_n(tmp_path) -> None:
     torch.testing.assert_close(loaded.kl(), bnet.kl())
     bp.fit(bnet, DataLoader(data, 32), epochs=1, progress=False)  # a new N: priors follow it
     assert {p.num_data for p in bnet.priors.values()} == {96}
+
+
+def test_the_fit_progress_bar_does_not_write_a_line_per_step(capsys) -> None:
+    """In a log the bar refreshes at tqdm's interval: 256 steps, far fewer updates."""
+    x, y = _digits_like()
+    loader = Batches(x.repeat(8, 1), y.repeat(8), batch_size=3)
+    bp.fit(bp.bayesianize(_mlp()), loader, epochs=1, progress=True, gate_tests=None)
+    updates = capsys.readouterr().err.count("\r")
+    assert len(loader) == 256 and 0 < updates < 128, updates
 
 
 def test_fit_rejects_bad_arguments() -> None:

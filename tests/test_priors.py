@@ -147,27 +147,27 @@ def test_per_parameter_prices_each_node_by_the_parameters_of_its_group() -> None
         SpikeAndSlab(prior_log_odds=-1.0, per_parameter="yes")
 
 
-def test_price_per_example_adds_lam_n_per_parameter_to_the_log_odds() -> None:
-    """log-odds logit(gamma) - lam N m: a Linear(7, 5) unit (8 parameters) at gamma 0.1, lam 0.01
-    and N 50 has log-odds -log 9 - 4; without N it is an error that names the fix."""
+def test_price_per_example_charges_the_larger_of_the_node_prior_and_lam_n_m() -> None:
+    """log-odds min(logit(gamma), -lam N m): a Linear(7, 5) unit (8 parameters) at gamma 0.1 and
+    lam 0.01 has log-odds -4 at N 50 (the price: 4 > log 9) and -log 9 at N 10 (0.8 < log 9);
+    without N it is an error that names the fix."""
     prior = SpikeAndSlab(price_per_example=0.01)
     layer = _layer(prior)
     with pytest.raises(ValueError, match=r"prior.for_data\(N\)"):
         prior.log_odds(layer)
     bound = prior.for_data(50)
     assert bound.num_data == 50 and bound.for_data(50) is bound and prior.num_data is None
-    assert bound.log_odds(layer) == pytest.approx(-math.log(9) - 4.0, rel=1e-12)
-    assert bound.gamma(layer) == pytest.approx(1 / (1 + 9 * math.e**4), rel=1e-12)
+    assert bound.log_odds(layer) == pytest.approx(-4.0, rel=1e-12)
+    assert bound.gamma(layer) == pytest.approx(1 / (1 + math.e**4), rel=1e-12)
+    assert prior.for_data(10).log_odds(layer) == pytest.approx(-math.log(9), rel=1e-12)
     logit = torch.tensor([-3.0, 0.0, 3.0], dtype=torch.float64)
     torch.testing.assert_close(
-        bound.kl_gates(layer, logit),
-        kl_bernoulli(logit, prior_log_odds=-math.log(9) - 4.0),
+        bound.kl_gates(layer, logit), kl_bernoulli(logit, prior_log_odds=-4.0)
     )
     assert prior_from_dict(bound.to_dict()) == bound
-    # a zero price is the per-node prior; files of priors without it stay as they were
-    assert SpikeAndSlab(price_per_example=0.0).for_data(50).log_odds(layer) == pytest.approx(
-        SpikeAndSlab().log_odds(layer), rel=1e-12
-    )
+    # prior_log_odds=0 leaves the price alone: -lam N m at every N
+    alone = SpikeAndSlab(prior_log_odds=0.0, price_per_example=0.01).for_data(10)
+    assert alone.log_odds(layer) == pytest.approx(-0.8, rel=1e-12)
     assert "price_per_example" not in SpikeAndSlab().to_dict()
     assert SpikeAndSlab().for_data(50) == SpikeAndSlab()
 
@@ -361,9 +361,10 @@ def test_spike_and_slab_pip_is_sigmoid_of_gate_logit() -> None:
         (dict(prior_inclusion=0.01, prior_log_odds=-5.0), "not both"),
         (dict(per_parameter=True), "needs level='node' and prior_log_odds"),
         (dict(level="weight", prior_log_odds=-1.0, per_parameter=True), "needs level='node'"),
-        (dict(price_per_example=-1e-6), "price_per_example must be a finite number >= 0"),
-        (dict(price_per_example=float("inf")), "price_per_example must be a finite number >= 0"),
-        (dict(price_per_example=True), "price_per_example must be a finite number >= 0"),
+        (dict(price_per_example=-1e-6), "price_per_example must be a positive finite number"),
+        (dict(price_per_example=0.0), "price_per_example must be a positive finite number"),
+        (dict(price_per_example=float("inf")), "price_per_example must be a positive finite"),
+        (dict(price_per_example=True), "price_per_example must be a positive finite number"),
         (dict(level="weight", price_per_example=1e-6), "needs level='node'"),
         (
             dict(prior_log_odds=-1.0, per_parameter=True, price_per_example=1e-6),

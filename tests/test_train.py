@@ -116,3 +116,18 @@ def test_a_net_with_auxiliary_outputs_gets_a_clear_error() -> None:
         bp.fit(bnet, data, epochs=1, progress=False, num_data=4)
     with pytest.raises(TypeError, match="returned a tuple"):
         bnet.predict(torch.randn(2, 3))
+
+
+def test_the_progress_bar_does_not_write_a_line_per_step(capsys) -> None:
+    """In a log (stderr not a terminal) the bar refreshes at tqdm's interval, not at every step:
+    512 steps write far fewer than 512 updates."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(
+        torch.randn(4096, 20, generator=g), torch.randint(0, 3, (4096,), generator=g)
+    )
+    net = torch.nn.Sequential(torch.nn.Linear(20, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    train(net, DataLoader(data, batch_size=8), epochs=1, progress=True)
+    updates = capsys.readouterr().err.count("\r")
+    assert 0 < updates < 100, updates

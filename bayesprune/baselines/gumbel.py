@@ -288,7 +288,9 @@ class GumbelPruning(PruningMethod):
                     opt.step()
                     step += 1
                     bar.update()
-                    bar.set_postfix(loss=f"{task.item():.3f}", density=f"{density.item():.4f}")
+                    bar.set_postfix(
+                        loss=f"{task.item():.3f}", density=f"{density.item():.4f}", refresh=False
+                    )
                 self.history.append(
                     {"epoch": epoch + 1, "loss": task.item(), "density": density.item(), "tau": tau}
                 )

@@ -196,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_float,
         default=None,
         metavar="LAM",
-        help="spike-and-slab: add LAM x N nats per parameter to each node's charge (N training "
+        help="spike-and-slab: charge each node at least LAM x N nats per parameter (N training "
         "images), so a parameter must be worth LAM nats of mean training loss whatever N "
         "(SpikeAndSlab(price_per_example=LAM))",
     )

@@ -20,7 +20,7 @@ def _prior_size(spec: dict) -> str:
     """The prior's size setting, as the run recorded it (`` (prior inclusion 0.1)``)."""
     price = ""
     if spec.get("price_per_example") is not None:
-        price = f", plus {spec['price_per_example']:g} x N nats per parameter"
+        price = f", at least {spec['price_per_example']:g} x N nats per parameter"
     if spec.get("prior_log_odds") is not None:
         per = " per parameter" if spec.get("per_parameter") else " per node"
         return f" (prior log-odds {spec['prior_log_odds']:g}{per}{price})"

@@ -32,7 +32,7 @@ Every option is keyword-only (``Gaussian(scale=0.5)``, not ``Gaussian(0.5)``).
     :math:`z_j \sim \mathrm{Bernoulli}(\gamma)` multiplies node :math:`j`'s output (``level="node"``) or
     each weight (``level="weight"``); the slab is Gaussian, group-lasso or group-horseshoe.
     ``prior_log_odds`` gives :math:`\gamma` by its log-odds, for priors below what a double holds;
-    ``price_per_example`` :math:`\lambda` lowers node :math:`j`'s log-odds by :math:`\lambda N m_j`
+    ``price_per_example`` :math:`\lambda` caps node :math:`j`'s log-odds at :math:`-\lambda N m_j`
     (:math:`m_j` parameters, :math:`N` training examples, which :func:`bayesprune.fit` supplies).
 ``GroupHorseshoe(*, global_scale, regularized, slab_scale, pip_reference)`` (:mod:`~bayesprune.priors.horseshoe`)
     node-wise half-Cauchy scales times a layer-wise half-Cauchy scale, non-centred

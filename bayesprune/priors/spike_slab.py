@@ -348,17 +348,19 @@ class SpikeAndSlab(Prior):
         attention head and a 100-parameter unit alike per parameter
         (``prior_log_odds=-0.25, per_parameter=True``: 0.25 nats per parameter).
     price_per_example
-        :math:`\lambda`, a price per parameter and per training example added to the prior's
-        log-odds: node :math:`j` of a layer has log-odds
-        :math:`\log(\gamma / (1 - \gamma)) - \lambda N m_j`, with :math:`m_j` its group size
-        and :math:`N` the training-set size (``num_data``). With point weights a node then stays
-        only if it lowers the *mean* training NLL by more than about
-        :math:`\lambda m_j + \log((1 - \gamma)/\gamma) / N` nats: the :math:`L_0` penalty of
-        Louizos, Welling and Kingma (2018) in the ELBO's scale, the same trade of mean loss
-        against parameters at every data size (a per-node prior alone is outweighed by a
-        likelihood that grows with :math:`N`). The prior then depends on :math:`N`: the PIPs are
-        of this data-size-dependent prior, and a fit on N examples is not a fit on fewer
-        examples updated with more. Node level only; not with ``per_parameter``.
+        :math:`\lambda`, a price per parameter and per training example: node :math:`j` of a
+        layer has log-odds :math:`\min(\log(\gamma / (1 - \gamma)), -\lambda N m_j)`, with
+        :math:`m_j` its group size and :math:`N` the training-set size (``num_data``): its
+        prior inclusion is at most :math:`\gamma` and at most what its parameters' price allows.
+        With point weights a node then stays only if it lowers the *mean* training NLL by more
+        than about :math:`\lambda m_j` nats (or :math:`\log((1 - \gamma)/\gamma) / N` where
+        that is more): the :math:`L_0` penalty of Louizos, Welling and Kingma (2018) in the
+        ELBO's scale, the same trade of mean loss against parameters at every data size (a
+        per-node prior alone is outweighed by a likelihood that grows with :math:`N`; the
+        per-node charge still rules small nodes on small data). The prior then depends on
+        :math:`N`: the PIPs are of this data-size-dependent prior, and a fit on N examples is
+        not a fit on fewer examples updated with more. Node level only; not with
+        ``per_parameter``.
     num_data
         :math:`N` of ``price_per_example``. :func:`bayesprune.fit` sets it to its training-set
         size (:meth:`for_data`); give it only to use the prior outside a fit.
@@ -489,14 +491,10 @@ class SpikeAndSlab(Prior):
     def _check_price(self) -> None:
         lam, n = self.price_per_example, self.num_data
         if lam is not None:
-            if (
-                isinstance(lam, bool)
-                or not isinstance(lam, numbers.Real)
-                or not 0 <= lam < math.inf
-            ):
+            if isinstance(lam, bool) or not isinstance(lam, numbers.Real) or not 0 < lam < math.inf:
                 raise ValueError(
-                    "price_per_example must be a finite number >= 0 (nats of mean training loss "
-                    f"per parameter, e.g. 5e-6), got {lam!r}"
+                    "price_per_example must be a positive finite number (nats of mean training "
+                    f"loss per parameter, e.g. 5e-6; None for no price), got {lam!r}"
                 )
             object.__setattr__(self, "price_per_example", float(lam))
             if self.level != "node" or self.per_parameter:
@@ -590,10 +588,10 @@ class SpikeAndSlab(Prior):
         if self.num_data is None:
             raise ValueError(
                 "price_per_example charges lam * N nats per parameter, N the training-set size, "
-                "which this prior does not know yet: bayesprune.fit sets it; outside a fit use "
-                "prior.for_data(N)"
+                "which this prior does not know yet: bayesprune.fit sets it; outside a fit call "
+                "bnet.set_num_data(N) on the BayesianModule, or use prior.for_data(N)"
             )
-        return a - self.price_per_example * self.num_data * layer.group_size
+        return min(a, -self.price_per_example * self.num_data * layer.group_size)
 
     def kl_gates(self, layer: BayesianLayer, logit: torch.Tensor) -> torch.Tensor:
         """Elementwise KL of gates with logits ``logit`` against this layer's prior inclusion."""
