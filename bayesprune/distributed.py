@@ -678,7 +678,8 @@ def spawn_fit(
     for name, p in params.items():
         grad = payload["grads"].get(name)
         p.grad = None if grad is None else grad.to(device=p.device, dtype=p.dtype)
-    bnet.num_data, bnet.input_shape = payload["num_data"], payload["input_shape"]
+    bnet.set_num_data(payload["num_data"])  # a prior that depends on N gets it, as in a fit
+    bnet.input_shape = payload["input_shape"]
     for category, message in payload["warnings"]:
         warnings.warn(message, category, stacklevel=3)  # fit's caller
     return payload["result"]

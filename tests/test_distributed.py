@@ -168,6 +168,20 @@ def _digits_loader(**kw) -> DataLoader:
     return loader(load_digits(seed=0).train, **kw)
 
 
+def test_a_fit_on_two_processes_hands_n_to_a_price_prior(tmp_path) -> None:
+    """SpikeAndSlab(price_per_example=...): the caller's module gets the priors with N, as after a
+    fit on one process, and saves and loads with them."""
+    splits = load_digits(seed=0)
+    bnet = bp.bayesianize(_plain(), bp.priors.SpikeAndSlab(price_per_example=1e-6))
+    bp.fit(bnet, loader(splits.train, 64, seed=0), epochs=1, devices=2, progress=False)
+    n = len(splits.train)
+    assert {p.num_data for p in bnet.priors.values()} == {n}
+    assert all(layer.prior.num_data == n for layer in bnet.bayesian_layers.values())
+    path = tmp_path / "fit.safetensors"
+    bnet.save(path)
+    torch.testing.assert_close(bp.load(path, _plain()).kl(), bnet.kl())
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
