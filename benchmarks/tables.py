@@ -103,6 +103,14 @@ def robustness_table(payload: dict, cells: dict[int, tuple]) -> list[str]:
     return lines
 
 
+def _lenet_full(r: dict) -> str:
+    """A row of ``bayes_lenet.py``'s JSON in words (accuracies, hidden nodes switched off)."""
+    return (
+        f"dense {r['dense_acc']:.4f}, predictive {r['bayes_acc']:.4f}, median-probability model "
+        f"{r['median_model_acc']:.4f}, hidden nodes with PIP < 0.5 {r['hidden_below_half']:.0%}"
+    )
+
+
 def render_robustness() -> list[str]:
     payload = load("robustness.json")
     lines = robustness_table(payload, _robustness_cells())
@@ -154,9 +162,7 @@ def render_robustness() -> list[str]:
         per = ", ".join(f"{v:.0%}" for v in r["per_layer_below_half"].values())
         notes.append(
             f"*LeNet-300-100 on all 50,000 training images (`results/bayes_lenet_defaults.json`, "
-            f"`{full['command']}`): dense {r['dense_acc']:.4f}, predictive {r['bayes_acc']:.4f}, "
-            f"median-probability model {r['median_model_acc']:.4f}, hidden nodes with PIP < 0.5 "
-            f"{r['hidden_below_half']:.0%} ({per} per layer).*"
+            f"`{full['command']}`): {_lenet_full(r)} ({per} per layer).*"
         )
     return [*lines, "", " ".join(notes)]
 
@@ -486,7 +492,7 @@ def render_transformers() -> list[str]:
     return lines
 
 
-def _setting(path: Path, rows: list[dict]) -> str:
+def _setting(rows: list[dict]) -> str:
     """The prior of a robustness JSON's spike-and-slab cells, in words."""
     lam = rows[0].get("price_per_example") if rows else None
     if lam is None:
@@ -503,29 +509,25 @@ def render_default_candidates() -> list[str]:
     """The default prior against candidate defaults, on the matrix's spike-and-slab cells and on
     the held-out cells that no default was chosen on (``HELDOUT`` of robustness.py)."""
     cells = {**_robustness_cells(), **_robustness_cells("HELDOUT")}
-    files = [
-        ("robustness.json", "robustness_lam*.json"),
-        ("robustness_heldout.json", "robustness_heldout_lam*.json"),
-        ("robustness_seed1.json", "robustness_seed1_lam*.json"),
+    files = {  # part: (the default's file, the candidates' files)
+        "matrix": ("robustness.json", "robustness_lam*.json"),
+        "held-out": ("robustness_heldout.json", "robustness_heldout_lam*.json"),
+        "seed-1 matrix": ("robustness_seed1.json", "robustness_seed1_lam*.json"),
+    }
+    summary = []
+    lines = [
+        "| cell | data (train images) | net | start | budget, steps | prior | dense | predictive "
+        "| pruned | params kept | hidden off | (a) | (b) | (c) |",
+        "|---:|---|---|---|---|---|---:|---:|---:|---:|---:|---|---|---|",
     ]
-    parts = ("matrix", "held-out", "seed-1 matrix")
-    summary, lines = (
-        [],
-        [
-            "| cell | data (train images) | net | start | budget, steps | prior | dense | predictive "
-            "| pruned | params kept | hidden off | (a) | (b) | (c) |",
-            "|---:|---|---|---|---|---|---:|---:|---:|---:|---:|---|---|---|",
-        ],
-    )
     mark = {True: "yes", False: "**no**", None: "-"}
     by_setting: dict[str, dict[str, list]] = {}
-    for default, pattern in files:
+    for part, (default, pattern) in files.items():
         paths = [RESULTS / default] if (RESULTS / default).exists() else []
         for path in [*paths, *sorted(RESULTS.glob(pattern))]:
             payload = json.loads(path.read_text())
             rows = [r for r in payload["cells"] if r["prior"] == "ss"]
-            name = _setting(path, [r for r in rows if "price_per_example" in r] or rows)
-            part = parts[[d for d, _ in files].index(default)]
+            name = _setting([r for r in rows if "price_per_example" in r] or rows)
             entry = by_setting.setdefault(name, {})
             entry.setdefault(part, []).extend(rows)
             entry.setdefault("files", []).append(
@@ -533,11 +535,11 @@ def render_default_candidates() -> list[str]:
             )
     rows_out = []
     for name, entry in by_setting.items():
-        for part in parts[:2]:  # the seed-1 rows are counted, not listed
+        for part in ("matrix", "held-out"):  # the seed-1 rows are counted, not listed
             for r in entry.get(part, []):
                 rows_out.append((r["cell"], name, r))
         counts = []
-        for part in parts:
+        for part in files:
             rows = entry.get(part, [])
             if rows:
                 met = [r["cell"] for r in rows if False not in (r["a"], r["b"], r["c"])]
@@ -565,9 +567,7 @@ def render_default_candidates() -> list[str]:
         for r in full["rows"]:
             summary.append(
                 f"- LeNet-300-100 on all 50,000 training images, 60 epochs (`results/{path.name}`, "
-                f"`{full['command']}`): dense {r['dense_acc']:.4f}, predictive {r['bayes_acc']:.4f}, "
-                f"median-probability model {r['median_model_acc']:.4f}, hidden nodes with PIP < 0.5 "
-                f"{r['hidden_below_half']:.0%}."
+                f"`{full['command']}`): {_lenet_full(r)}."
             )
     return [*summary, "", *lines]
 

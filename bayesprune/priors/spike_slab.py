@@ -556,20 +556,31 @@ class SpikeAndSlab(Prior):
         return _GaussianSlab(self.slab_scale)
 
     # -- hyperparameters per layer ----------------------------------------------------------
-    def gamma(self, layer: BayesianLayer) -> float:
-        """Prior inclusion of the layer (resolves ``"theory"``; an error where ``prior_log_odds``
-        is below what a double holds: :meth:`log_odds` is exact)."""
-        if self.prior_log_odds is not None or self.price_per_example is not None:
-            gamma = math.exp(log_sigmoid(self.log_odds(layer)))
-            if gamma < sys.float_info.min:
-                raise ValueError(
-                    f"prior log-odds {self.log_odds(layer):g} is a prior inclusion below what a "
-                    "double holds; use log_odds(layer) or kl_gates(layer, logit) instead of gamma"
-                )
-            return gamma
+    @property
+    def _via_log_odds(self) -> bool:
+        """Whether the prior is computed from its log-odds (:meth:`log_odds` is exact where the
+        inclusion underflows a double) rather than from ``prior_inclusion``."""
+        return self.prior_log_odds is not None or self.price_per_example is not None
+
+    def _stated_inclusion(self, layer: BayesianLayer) -> float:
+        """``prior_inclusion``, with ``"theory"`` resolved for the layer."""
         if self.prior_inclusion == "theory":
             return theory_inclusion(layer.weight_loc.shape[0], layer.group_size)
         return float(self.prior_inclusion)
+
+    def gamma(self, layer: BayesianLayer) -> float:
+        """Prior inclusion of the layer (resolves ``"theory"``; an error where ``prior_log_odds``
+        is below what a double holds: :meth:`log_odds` is exact)."""
+        if not self._via_log_odds:
+            return self._stated_inclusion(layer)
+        a = self.log_odds(layer)
+        gamma = math.exp(log_sigmoid(a))
+        if gamma < sys.float_info.min:
+            raise ValueError(
+                f"prior log-odds {a:g} is a prior inclusion below what a double holds; use "
+                "log_odds(layer) or kl_gates(layer, logit) instead of gamma"
+            )
+        return gamma
 
     def log_odds(self, layer: BayesianLayer) -> float:
         r"""Prior log-odds :math:`\log(\gamma / (1 - \gamma))` of the layer's gates."""
@@ -577,11 +588,7 @@ class SpikeAndSlab(Prior):
             scale = layer.group_size if self.per_parameter else 1
             a = float(self.prior_log_odds) * scale
         else:
-            gamma = (
-                theory_inclusion(layer.weight_loc.shape[0], layer.group_size)
-                if self.prior_inclusion == "theory"
-                else float(self.prior_inclusion)
-            )
+            gamma = self._stated_inclusion(layer)
             a = math.log(gamma) - math.log1p(-gamma)
         if self.price_per_example is None:
             return a
@@ -595,7 +602,7 @@ class SpikeAndSlab(Prior):
 
     def kl_gates(self, layer: BayesianLayer, logit: torch.Tensor) -> torch.Tensor:
         """Elementwise KL of gates with logits ``logit`` against this layer's prior inclusion."""
-        if self.prior_log_odds is not None or self.price_per_example is not None:
+        if self._via_log_odds:
             return kl_bernoulli(logit, prior_log_odds=self.log_odds(layer))
         return kl_bernoulli(logit, self.gamma(layer))
 
