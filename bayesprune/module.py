@@ -140,12 +140,16 @@ class BayesianModule(nn.Module):
         """Set :attr:`num_data` (the ELBO's :math:`N`) and give every layer its prior for that
         many examples (:meth:`bayesprune.priors.Prior.for_data`); :func:`bayesprune.fit` calls
         it with its training-set size."""
+        if isinstance(num_data, bool) or not isinstance(num_data, int) or num_data < 1:
+            raise ValueError(
+                f"num_data must be a positive integer (the training-set size), got {num_data!r}"
+            )
+        bound = {path: prior.for_data(num_data) for path, prior in self.priors.items()}
+        layers = self.bayesian_layers  # (nothing changes until every prior took N)
+        for path, prior in bound.items():
+            if prior is not self.priors[path]:
+                self.priors[path] = layers[path].prior = prior
         self.num_data = num_data
-        layers = self.bayesian_layers
-        for path, prior in list(self.priors.items()):
-            bound = prior.for_data(num_data)
-            if bound is not prior:
-                self.priors[path] = layers[path].prior = bound
 
     @property
     def device(self) -> torch.device:

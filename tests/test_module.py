@@ -279,3 +279,19 @@ def test_the_natural_step_gates_are_declared_by_the_prior() -> None:
         bp.priors.GroupHorseshoe(),
     ):
         assert bp.bayesianize(net, prior=prior).gate_parameters() == []
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True, "100", None])
+def test_set_num_data_refuses_what_is_not_a_training_set_size(bad) -> None:
+    """An error that names the problem, and the module and its priors left as they were."""
+    bnet = bp.bayesianize(
+        torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)),
+        bp.priors.SpikeAndSlab(price_per_example=1e-3),
+    )
+    before = dict(bnet.priors)
+    with pytest.raises(ValueError, match="num_data must be a positive integer"):
+        bnet.set_num_data(bad)
+    assert bnet.num_data is None and bnet.priors == before
+    assert all(layer.prior.num_data is None for layer in bnet.bayesian_layers.values())
+    bnet.set_num_data(100)
+    assert bnet.num_data == 100 and {p.num_data for p in bnet.priors.values()} == {100}
