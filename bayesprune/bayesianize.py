@@ -56,7 +56,7 @@ Example
 >>> import torch
 >>> import bayesprune as bp
 >>> from bayesprune.models import lenet_300_100
->>> bnet = bp.bayesianize(lenet_300_100(in_features=64), prior=bp.priors.SpikeAndSlab(level="node"))
+>>> bnet = bp.bayesianize(lenet_300_100(in_features=64))  # the default prior: node spike-and-slab
 >>> sorted(bnet.inclusion_probs())
 ['1', '3', '5']
 >>> bnet.predict(torch.randn(2, 64), num_samples=4).shape
@@ -79,7 +79,7 @@ from ._utils import modes_kept, resolve_device
 from .io import mismatch, read_config, restore_state
 from .layers import INIT_SCALE, WEIGHT_SD_FAMILIES, BayesianLayer, bayesian_layer_for
 from .module import REPARAMS, BayesianModule, RegressionPrediction
-from .priors import Prior, SpikeAndSlab, prior_from_dict
+from .priors import Prior, default_prior, prior_from_dict
 from .registry import prepare_blocks, symbolic_trace
 
 # BayesianModule and RegressionPrediction are defined in bayesprune.module
@@ -111,9 +111,12 @@ def bayesianize(
         Any ``nn.Module`` (Sequential or not, residual nets included). It is deep-copied and never
         modified; posterior means start at its weights (so a pretrained net starts near its accuracy).
     prior
-        A :mod:`bayesprune.priors` object for every Bayesian layer (default
-        ``SpikeAndSlab(level="node")``), or a dict layer path -> prior (its keys are then the
-        Bayesian layers unless ``layers`` is given).
+        A :mod:`bayesprune.priors` object for every Bayesian layer, or a dict layer path ->
+        prior (its keys are then the Bayesian layers unless ``layers`` is given). Default
+        :func:`bayesprune.priors.default_prior`: node spike-and-slab, prior inclusion 0.1, with a
+        price per parameter and per training example that :func:`bayesprune.fit` binds to the
+        data size (``SpikeAndSlab(level="node", price_per_example=2e-6)``; before a fit,
+        ``bnet.set_num_data(N)`` binds it for a loop of your own).
     layers
         Paths (``net.named_modules()`` names) of the layers to make Bayesian; default all supported.
     skip
@@ -217,7 +220,7 @@ def _check_options(
             f"node factor x input factor), got {weight_sd!r}"
         )
     if prior is None:
-        prior = SpikeAndSlab(level="node")
+        prior = default_prior()
     per_layer = dict(prior) if isinstance(prior, Mapping) else None
     for p in per_layer.values() if per_layer is not None else [prior]:
         if not isinstance(p, Prior):

@@ -70,10 +70,11 @@ def main(argv: list[str] | None = None) -> dict:
     dense_acc = bp.evaluate(dense, test_loader)
 
     print(
-        "2/4 bayesianizing with a node-level spike-and-slab prior and running SVI "
+        "2/4 bayesianizing with the default prior (node spike-and-slab with a price per "
+        "parameter) and running SVI "
         f"(KL weight {args.kl_weight})"
     )
-    bnet = bp.bayesianize(dense, prior=bp.priors.SpikeAndSlab(level="node"))
+    bnet = bp.bayesianize(dense)  # bp.priors.default_prior()
     bp.fit(
         bnet,
         train_loader,

@@ -151,7 +151,8 @@ class LocalReparamELBO(pyro.infer.ELBO):
     ``(bnet.model, bnet.guide)``, and the gate logits' gradient is a biased, low-variance
     estimate of its gradient.
     It follows :class:`pyro.infer.ELBO`'s interface, so ``pyro.infer.SVI(bnet.model, bnet.guide,
-    optim, loss=LocalReparamELBO())`` works; :func:`fit` calls :meth:`differentiable_loss` directly
+    optim, loss=LocalReparamELBO())`` works (after ``bnet.num_data = N``, which the default
+    prior's price needs); :func:`fit` calls :meth:`differentiable_loss` directly
     with a plain ``torch.optim.Adam``.
     """
 
@@ -219,6 +220,7 @@ def model_kl(bnet: BayesianModule) -> torch.Tensor:
     >>> import bayesprune as bp
     >>> from bayesprune.inference import model_kl
     >>> bnet = bp.bayesianize(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)))
+    >>> bnet.num_data = 100  # the default prior's price needs N (bp.fit sets it)
     >>> torch.allclose(model_kl(bnet), bnet.kl())
     True
     """

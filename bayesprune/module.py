@@ -116,7 +116,7 @@ class BayesianModule(nn.Module):
         self.priors = dict(priors)
         self.likelihood = likelihood
         self.num_classes = num_classes
-        self.num_data: int | None = None
+        self._num_data: int | None = None
         #: shape of one input example, recorded by :func:`bayesprune.fit` from its first batch, so
         #: that pruning and certifying a conv net need no ``example_input``
         self.input_shape: tuple[int, ...] | None = None
@@ -136,20 +136,52 @@ class BayesianModule(nn.Module):
         """Layer path -> Bayesian layer, in module order."""
         return {p: m for p, m in self.net.named_modules() if isinstance(m, BayesianLayer)}
 
+    def __setstate__(self, state: dict) -> None:
+        # a module pickled before num_data was a property holds it as a plain attribute
+        if "num_data" in state:
+            state["_num_data"] = state.pop("num_data")
+        super().__setstate__(state)
+
+    @property
+    def num_data(self) -> int | None:
+        """Training-set size :math:`N` of the ELBO's data plate, ``None`` until set. Setting it
+        (``bnet.num_data = N``) is :meth:`set_num_data`: the priors that depend on :math:`N` (the
+        default prior's price per example) get it too."""
+        return self._num_data
+
+    @num_data.setter
+    def num_data(self, value: int | None) -> None:
+        if value is None:
+            self._num_data = None  # (a prior keeps the N it was given)
+        else:
+            self.set_num_data(value)
+
     def set_num_data(self, num_data: int) -> None:
         """Set :attr:`num_data` (the ELBO's :math:`N`) and give every layer its prior for that
         many examples (:meth:`bayesprune.priors.Prior.for_data`); :func:`bayesprune.fit` calls
-        it with its training-set size."""
-        if isinstance(num_data, bool) or not isinstance(num_data, int) or num_data < 1:
+        it with its training-set size. A training loop of your own calls it before the first
+        step when a prior depends on :math:`N` (``bp.priors.default_prior()`` does).
+
+        Example
+        -------
+        >>> import torch
+        >>> import bayesprune as bp
+        >>> bnet = bp.bayesianize(torch.nn.Sequential(torch.nn.Linear(4, 3)))
+        >>> bnet.set_num_data(1000)
+        >>> bnet.priors["0"].num_data
+        1000
+        """
+        if isinstance(num_data, bool) or not isinstance(num_data, numbers.Integral) or num_data < 1:
             raise ValueError(
                 f"num_data must be a positive integer (the training-set size), got {num_data!r}"
             )
+        num_data = int(num_data)  # (a numpy integer too)
         bound = {path: prior.for_data(num_data) for path, prior in self.priors.items()}
         layers = self.bayesian_layers  # (nothing changes until every prior took N)
         for path, prior in bound.items():
             if prior is not self.priors[path]:
                 self.priors[path] = layers[path].prior = prior
-        self.num_data = num_data
+        self._num_data = num_data
 
     @property
     def device(self) -> torch.device:
@@ -335,7 +367,8 @@ class BayesianModule(nn.Module):
         """Generative model: weights from the prior, ``y`` observed in the subsampled data plate.
 
         The plate's size is ``self.num_data`` (the training-set size, set by :func:`bayesprune.fit`,
-        or the batch size when unset), so the minibatch log-likelihood is scaled by ``N / B``.
+        or the batch size when unset), so the minibatch log-likelihood is scaled by ``N / B``. A
+        prior that depends on :math:`N` (the default prior's price) raises until it is set.
         """
         with pyro.poutine.scale(scale=self._kl_scale):
             for path, layer in self.bayesian_layers.items():

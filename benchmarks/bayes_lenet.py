@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         default=None,
         metavar="LAM",
         help="SpikeAndSlab(price_per_example=LAM): each node charged at least LAM x N nats per "
-        "parameter (default: no price)",
+        "parameter (default: the default prior's, bp.priors.DEFAULT_PRICE_PER_EXAMPLE; 0: no "
+        "price, the per-node charge of --prior-inclusion alone)",
     )
     parser.add_argument(
         "--slab", default="gaussian", choices=["gaussian", "group_lasso", "horseshoe"]
@@ -121,7 +122,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     t_dense = time.perf_counter() - t0
 
     pi = args.prior_inclusion if args.prior_inclusion == "theory" else float(args.prior_inclusion)
-    price = {} if args.price_per_example is None else {"price_per_example": args.price_per_example}
+    lam = args.price_per_example
+    lam = bp.priors.DEFAULT_PRICE_PER_EXAMPLE if lam is None else lam
+    if lam < 0:
+        parser.error(f"--price-per-example must be >= 0, got {lam}")
+    price = {"price_per_example": lam} if lam > 0 else {}
     prior = bp.priors.SpikeAndSlab(level="node", prior_inclusion=pi, slab=args.slab, **price)
     rows = []
     for beta in args.kl_weight:
@@ -177,7 +182,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(
         f"device {dev}; subset {args.subset}; dense "
         f"{args.dense_weights or f'{args.dense_epochs} epochs'}; SVI epochs {args.epochs}; "
-        f"prior inclusion {args.prior_inclusion}; slab {args.slab}; sd family {args.weight_sd}; "
+        f"prior inclusion {args.prior_inclusion}; price per example {lam:g}; slab {args.slab}; sd family {args.weight_sd}; "
         f"reparam {args.reparam}; seed {args.seed}; "
         f"fit seed {fit_seed}"
     )

@@ -14,11 +14,13 @@ of any pruned net (as target (b) of the robustness matrix):
   30% as in ``compare.py``), pruned at every level by SNR;
 * ``Gumbel node masks``: node masks trained with the weights (``SVI_EPOCHS`` epochs, target
   density 0.1), pruned at every level by mask logit;
-* ours, ``bp.fit`` with its defaults from the dense net (``SVI_EPOCHS`` epochs): the
+* ours, ``bp.fit`` with its defaults (``bp.priors.default_prior()``) from the dense net
+  (``SVI_EPOCHS`` epochs): the
   median-probability net (PIP >= 0.5) and the net Learn then Test certifies (alpha 0.02,
   delta 0.1, accuracy drop against the posterior predictive, 5,000 calibration images), and
   the nodes ranked by inclusion log-odds at every keep fraction of ``pip_candidates(by="keep")``;
-  then the median-probability nets of fits with the prior inclusions ``GAMMAS`` and, below what a
+  then the median-probability nets of fits with per-node priors, ``SpikeAndSlab(level="node")``
+  with the prior inclusions ``GAMMAS`` and, below what a
   double holds, the prior log-odds ``LOG_ODDS`` (the prior's answer to "how small": the only
   setting changed), and of per-parameter priors priced in proportion to the training set,
   ``PER_EXAMPLE`` (``SpikeAndSlab(prior_log_odds=0, price_per_example=lam)``: a node costs
@@ -51,7 +53,7 @@ import warnings
 from pathlib import Path
 
 import torch
-from results_io import merge_rows
+from results_io import merge_rows, write_json
 
 import bayesprune as bp
 from bayesprune.baselines import SNACS, GumbelPruning, MagnitudePruning, SelfCompression
@@ -141,7 +143,8 @@ def run_model(model: str, seed: int, baselines: bool = True) -> list[dict]:
     path = []  # (prior log-odds, label, median-probability net) of every prior
     for kw in settings:
         lam = kw.get("price_per_example")
-        prior = bp.priors.SpikeAndSlab(level="node", **kw)
+        # {}: the default prior (its log-odds on the first layer place it on the prior path)
+        prior = bp.priors.SpikeAndSlab(level="node", **kw) if kw else bp.priors.default_prior()
         bnet = bp.bayesianize(copy.deepcopy(dense), prior)
         t0 = time.perf_counter()
         with warnings.catch_warnings():
@@ -154,7 +157,8 @@ def run_model(model: str, seed: int, baselines: bool = True) -> list[dict]:
         print(rows[-1], flush=True)
         if lam is not None:
             continue
-        path.append((prior.log_odds(next(iter(bnet.bayesian_layers.values()))), label, small))
+        first = next(iter(bnet.bayesian_layers.values()))
+        path.append((first.prior.log_odds(first), label, small))  # (the prior bound to N)
         if kw:
             continue
         cert = bp.conformal.certify(
@@ -311,6 +315,24 @@ def plot(payload: dict) -> list[Path]:
     return paths
 
 
+def _drop_stale_ours(model: str, ran: set[tuple[str, str]]) -> None:
+    """Remove the saved rows of ``model``'s dense net and of our methods that this run did not
+    measure: every run measures all of ours, so such a row is from an earlier run."""
+    if not RESULTS.exists():
+        return
+    payload = json.loads(RESULTS.read_text())
+    ours = ("dense", "ours")
+    kept = [
+        r
+        for r in payload.get("rows", [])
+        if r["model"] != model
+        or not r["method"].startswith(ours)
+        or (r["model"], r["method"]) in ran
+    ]
+    if len(kept) != len(payload.get("rows", [])):
+        write_json(RESULTS, {**payload, "rows": kept})
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", nargs="+", default=["lenet_300_100", "lenet5_caffe"],
@@ -333,8 +355,10 @@ def main(argv: list[str] | None = None) -> None:
         rows = run_model(model, args.seed, baselines=not args.ours_only)
         for r in rows:
             r.update(command=command.strip(), device=device, seed=args.seed)
-        # a method this run measured replaces all its saved rows (no stale levels stay)
+        # a method this run measured replaces all its saved rows (no stale levels stay), and our
+        # saved methods that it did not give again (a certificate that no net passed) go
         ran = {(r["model"], r["method"]) for r in rows}
+        _drop_stale_ours(model, ran)
         merge_rows(RESULTS, rows, key=lambda r: (r["model"], r["method"]) if (
             r["model"], r["method"]) in ran else (r["model"], r["method"], r["level"]))  # fmt: skip
         saved = json.loads(RESULTS.read_text())["rows"]  # with the baselines' saved rows

@@ -130,8 +130,9 @@ def render_robustness() -> list[str]:
             f"{100 * d_params:.1f} points.*"
         )
     notes.append(
-        "*Candidate default priors, on the spike-and-slab cells of this table and on held-out "
-        "cells: [`docs/default-candidates.md`](../docs/default-candidates.md).*"
+        "*The default prior against the per-node charge alone (the default before it) and the "
+        "other candidates, on the spike-and-slab cells of this table and on held-out cells: "
+        "[`docs/default-candidates.md`](../docs/default-candidates.md).*"
     )
     same = [r for r in payload["cells"] if "dense_same_budget" in r]
     if same:
@@ -492,11 +493,15 @@ def render_transformers() -> list[str]:
     return lines
 
 
-def _setting(rows: list[dict]) -> str:
-    """The prior of a robustness JSON's spike-and-slab cells, in words."""
+def _setting(rows: list[dict], default: bool) -> str:
+    """The prior of a robustness JSON's spike-and-slab cells, in words (``default``: the file of
+    robustness.py's default prior)."""
     lam = rows[0].get("price_per_example") if rows else None
+    if default:
+        price = "" if lam is None else f", `SpikeAndSlab(price_per_example={lam:g})`"
+        return f"default: `bp.priors.default_prior()`{price}"
     if lam is None:
-        return "default: `SpikeAndSlab()` (prior inclusion 0.1)"
+        return 'per-node charge alone: `SpikeAndSlab(level="node")` (prior inclusion 0.1)'
     if rows[0].get("prior_inclusion", 0.5) == 0.5:  # rows without it had inclusion 1/2
         return f"`SpikeAndSlab(prior_log_odds=0, price_per_example={lam:g})`"
     if rows[0].get("price_rule") == "min":
@@ -509,10 +514,10 @@ def render_default_candidates() -> list[str]:
     """The default prior against candidate defaults, on the matrix's spike-and-slab cells and on
     the held-out cells that no default was chosen on (``HELDOUT`` of robustness.py)."""
     cells = {**_robustness_cells(), **_robustness_cells("HELDOUT")}
-    files = {  # part: (the default's file, the candidates' files)
-        "matrix": ("robustness.json", "robustness_lam*.json"),
-        "held-out": ("robustness_heldout.json", "robustness_heldout_lam*.json"),
-        "seed-1 matrix": ("robustness_seed1.json", "robustness_seed1_lam*.json"),
+    files = {  # part: (the default's file, the other priors' files)
+        "matrix": ("robustness", "robustness_lam*.json"),
+        "held-out": ("robustness_heldout", "robustness_heldout_lam*.json"),
+        "seed-1 matrix": ("robustness_seed1", "robustness_seed1_lam*.json"),
     }
     summary = []
     lines = [
@@ -522,12 +527,22 @@ def render_default_candidates() -> list[str]:
     ]
     mark = {True: "yes", False: "**no**", None: "-"}
     by_setting: dict[str, dict[str, list]] = {}
+    default_lam = None
     for part, (default, pattern) in files.items():
-        paths = [RESULTS / default] if (RESULTS / default).exists() else []
-        for path in [*paths, *sorted(RESULTS.glob(pattern))]:
+        paths = [RESULTS / f"{default}{end}.json" for end in ("", "_pernode")]
+        for path in [p for p in paths if p.exists()] + sorted(RESULTS.glob(pattern)):
             payload = json.loads(path.read_text())
             rows = [r for r in payload["cells"] if r["prior"] == "ss"]
-            name = _setting([r for r in rows if "price_per_example" in r] or rows)
+            if not rows:
+                continue
+            name = _setting(rows, default=path == paths[0])
+            if path == paths[0]:
+                default_lam = rows[0].get("price_per_example")
+            elif (rows[0].get("prior_inclusion"), rows[0].get("price_per_example")) == (
+                0.1,
+                default_lam,
+            ):
+                name += ", the default's prior run as a candidate"
             entry = by_setting.setdefault(name, {})
             entry.setdefault(part, []).extend(rows)
             entry.setdefault("files", []).append(
@@ -561,6 +576,7 @@ def render_default_candidates() -> list[str]:
         )
     for path in [
         RESULTS / "bayes_lenet_defaults.json",
+        RESULTS / "bayes_lenet_pernode.json",
         *sorted(RESULTS.glob("bayes_lenet_price*.json")),
     ]:
         full = json.loads(path.read_text())

@@ -309,7 +309,9 @@ def test_bad_options(tmp_path, capsys, run_dir):
                              "--price-per-example", "1e-5"], "give one")  # fmt: skip
     _one_line_error(capsys, [*fit, "--prior", "horseshoe", "--price-per-example", "1e-5"],
                     "--prior spike-and-slab")  # fmt: skip
-    _one_line_error(capsys, [*fit, "--price-per-example", "0"], "positive")
+    _one_line_error(capsys, [*fit, "--price-per-example", "-1"], "a finite number >= 0")
+    _one_line_error(capsys, [*fit, "--prior", "horseshoe", "--price-per-example", "0"],
+                    "--prior spike-and-slab")  # fmt: skip
     _one_line_error(capsys, [*fit, "--prior", "horseshoe", "--per-parameter"],
                     "--prior spike-and-slab")  # fmt: skip
     _one_line_error(capsys, [*fit, "--kl-weight", "0"], "positive")
@@ -361,3 +363,18 @@ def test_subset_shrinks_the_training_and_test_splits_as_its_help_says():
 
     splits = load_splits("digits", 50, seed=0, root=None)
     assert len(splits.train) == len(splits.test) == 50
+
+
+def test_fit_uses_the_default_prior_and_price_per_example_0_drops_its_price(tmp_path):
+    """Without size options, fit's prior is bp.priors.default_prior(); 0 turns its price off."""
+    runs = {}
+    for name, extra in (("default", []), ("off", ["--price-per-example", "0"])):
+        out = tmp_path / name
+        assert main(["fit", "--model", "lenet_300_100", "--out", str(out), *extra, *QUICK]) == 0
+        runs[name] = json.loads((out / "run.json").read_text())["prior_spec"]
+        assert main(["report", "--run", str(out)]) == 0
+        runs[name + " report"] = (out / "report.md").read_text()
+    assert runs["default"]["price_per_example"] == bp.priors.DEFAULT_PRICE_PER_EXAMPLE
+    assert "(prior inclusion 0.1, at least 2e-06 x N nats per parameter)" in runs["default report"]
+    assert runs["off"].get("price_per_example") is None
+    assert "(prior inclusion 0.1)" in runs["off report"]

@@ -264,7 +264,9 @@ def test_an_interrupted_fit_resumes_to_the_same_result(tmp_path, monkeypatch, ca
 
     from bayesprune import checkpoint
 
-    argv = [*FIT, "--epochs", "3", "--pretrain-epochs", "1", "--no-progress", "--threads", "1"]
+    # --price-per-example 0: the prior of the versions before the price was the default
+    argv = [*FIT, "--epochs", "3", "--pretrain-epochs", "1", "--no-progress", "--threads", "1",
+            "--price-per-example", "0"]  # fmt: skip
     straight = tmp_path / "straight"
     assert main([*argv, "--out", str(straight)]) == 0
     run = tmp_path / "run"
@@ -289,6 +291,9 @@ def test_an_interrupted_fit_resumes_to_the_same_result(tmp_path, monkeypatch, ca
     saved = json.loads(partial.read_text())
     del saved["options"]["per_parameter"], saved["options"]["price_per_example"]
     partial.write_text(json.dumps(saved))
+    without = [a for a in argv if a not in ("--price-per-example", "0")]
+    assert main([*without, "--out", str(run), "--resume"]) == 2  # the default has a price now
+    assert "add --price-per-example 0" in _error_line(capsys, 2)
     assert main([*argv, "--out", str(run), "--resume"]) == 0
     a, b = load_file(straight / "bayesian.safetensors"), load_file(run / "bayesian.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

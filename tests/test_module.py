@@ -295,3 +295,21 @@ def test_set_num_data_refuses_what_is_not_a_training_set_size(bad) -> None:
     assert all(layer.prior.num_data is None for layer in bnet.bayesian_layers.values())
     bnet.set_num_data(100)
     assert bnet.num_data == 100 and {p.num_data for p in bnet.priors.values()} == {100}
+
+
+def test_num_data_reads_back_from_a_module_pickled_before_it_was_a_property() -> None:
+    """A BayesianModule pickled whole by an older version holds ``num_data`` as a plain
+    attribute; unpickling moves it, and a numpy integer is a training-set size too."""
+    import pickle
+
+    import numpy as np
+
+    bnet = bp.bayesianize(torch.nn.Sequential(torch.nn.Linear(4, 3)))
+    bnet.num_data = np.int64(250)
+    assert bnet.num_data == 250 and type(bnet.num_data) is int
+    state = bnet.__dict__.copy()
+    state["num_data"] = state.pop("_num_data")  # as the older attribute
+    old = bp.BayesianModule.__new__(bp.BayesianModule)
+    old.__setstate__(state)
+    assert old.num_data == 250 and "num_data" not in old.__dict__
+    assert pickle.loads(pickle.dumps(bnet)).num_data == 250

@@ -197,6 +197,7 @@ def test_model_kl_is_bnet_kl(prior) -> None:
     """The training step's KL (default layers' gate logits together) is ``bnet.kl()`` up to the
     order of its sums, with the same gradients."""
     bnet = _mlp(prior)
+    bnet.num_data = 1000  # the default prior's price per example needs N
     with torch.no_grad():
         for p in bnet.gate_parameters() or bnet.structure_parameters():
             p.normal_()

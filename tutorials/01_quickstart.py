@@ -74,7 +74,11 @@ print(f"dense test accuracy: {dense_acc:.4f}")
 # ## 2. Bayesianize
 # `bayesianize` returns a `BayesianModule`: a Pyro model and guide around a copy of `dense` whose
 # posterior means start at the trained weights. Every node $j$ of a layer gets a gate
-# $z_j \sim \mathrm{Bernoulli}(\gamma)$ multiplying its output.
+# $z_j \sim \mathrm{Bernoulli}(\gamma_j)$ multiplying its output. With no `prior=`, the prior is
+# `bp.priors.default_prior()`: prior inclusion 0.1, and on large data sets a price per parameter,
+# $\operatorname{logit}\gamma_j = \min(\operatorname{logit} 0.1, -\lambda N m_j)$ for a node of
+# $m_j$ parameters and $N$ training images ($\lambda = 2\cdot 10^{-6}$; `fit` supplies $N$), so
+# that a node must be worth about $\lambda m_j$ nats of mean training loss whatever $N$.
 #
 # Two options trade a little for speed (measured in `benchmarks/README.md#svi-speed`):
 # `weight_sd="rank1"` gives the weights rank-one posterior sds (one factor per node, one per
@@ -83,7 +87,7 @@ print(f"dense test accuracy: {dense_acc:.4f}")
 # on a CPU (less accurate at equal epochs in our short fits).
 
 # %%
-bnet = bp.bayesianize(dense, prior=bp.priors.SpikeAndSlab(level="node"))
+bnet = bp.bayesianize(dense)
 bnet
 
 # %% [markdown]
@@ -93,7 +97,8 @@ bnet
 # The default node spike-and-slab treats the gates $z_j$ as the random variables and fits the
 # weights as point estimates, so the objective is
 # $\mathbb E_{q(z)}[\log p(y \mid x, w, z)] - \mathrm{KL}(q(z) \,\|\, p(z))$: a node stays when it
-# is worth more likelihood than its prior odds cost, whatever its fan-in. The gates move by
+# is worth more likelihood than its prior odds cost (above: 2.2 nats, or $\lambda N m_j$ where
+# that is more). The gates move by
 # natural-gradient steps (`bayesprune.natural`), so their PIPs end near 0 or 1 after a few hundred
 # steps. `weights="gaussian"` gives the weights a mean-field Gaussian posterior too; its KL then
 # weighs hundreds of nats per node and, on small data, switches nearly every node off

@@ -16,8 +16,10 @@
 #
 # Which nodes a network needs is decided by the prior over node-level sparsity. bayesprune has two:
 #
-# * **spike-and-slab** (`bp.priors.SpikeAndSlab(level="node")`): node $j$ has a gate
-#   $z_j \sim \mathrm{Bernoulli}(\gamma)$; its posterior inclusion probability (PIP) is
+# * **spike-and-slab** (`bp.priors.default_prior()`, the default: `SpikeAndSlab(level="node",
+#   price_per_example=2e-6)`): node $j$ has a gate $z_j \sim \mathrm{Bernoulli}(\gamma_j)$ with
+#   $\operatorname{logit}\gamma_j = \min(\operatorname{logit} 0.1, -\lambda N m_j)$ ($m_j$ its
+#   parameters, $N$ training examples); its posterior inclusion probability (PIP) is
 #   $q(z_j = 1)$, a number the variational posterior holds directly.
 # * **group horseshoe** (`bp.priors.GroupHorseshoe()`): node $j$'s weights share a scale
 #   $\tilde s_j = \tau\lambda_j$ (regularised), with half-Cauchy $\lambda_j$ and $\tau$: most nodes are
@@ -76,7 +78,7 @@ print(f"dense test accuracy {dense_acc:.4f}")
 
 # %%
 priors = {
-    "spike-and-slab": bp.priors.SpikeAndSlab(level="node"),
+    "spike-and-slab": bp.priors.default_prior(),
     "group horseshoe": bp.priors.GroupHorseshoe(),
 }
 bnets, results = {}, {}

@@ -47,18 +47,31 @@ def _prior(args: argparse.Namespace):
                 raise CLIError("--per-parameter prices the nodes per parameter with "
                                "--prior-log-odds: add --prior-log-odds A (for example -0.25)")  # fmt: skip
             kw["per_parameter"] = True
-        if args.price_per_example is not None:
-            if args.per_parameter:
-                raise CLIError("--per-parameter and --price-per-example both price each node's "
-                               "parameters: give one")  # fmt: skip
-            kw["price_per_example"] = args.price_per_example
+        if args.price_per_example and args.per_parameter:  # (0: no price, nothing to clash)
+            raise CLIError("--per-parameter and --price-per-example both price each node's "
+                           "parameters: give one")  # fmt: skip
+        price = _price(args)
+        if price is not None:
+            kw["price_per_example"] = price
         return priors.SpikeAndSlab(level="node", **kw)
     for name in ("prior_inclusion", "prior_log_odds", "per_parameter", "price_per_example"):
-        if getattr(args, name) not in (None, False):
+        if getattr(args, name) is not None and getattr(args, name) is not False:
             raise CLIError(f"--{name.replace('_', '-')} is an option of --prior spike-and-slab; "
                            "for the horseshoe use --global-scale")  # fmt: skip
     kw = {} if args.global_scale is None else {"global_scale": args.global_scale}
     return priors.GroupHorseshoe(**kw)
+
+
+def _price(args: argparse.Namespace) -> float | None:
+    """The spike-and-slab price per parameter and example: the default prior's unless
+    ``--per-parameter`` prices the nodes itself; ``--price-per-example 0`` turns it off."""
+    from .. import priors
+
+    if args.prior != "spike-and-slab" or args.per_parameter:
+        return None
+    if args.price_per_example is None:
+        return priors.DEFAULT_PRICE_PER_EXAMPLE
+    return args.price_per_example or None
 
 
 def fit_command(args: argparse.Namespace) -> None:
@@ -82,6 +95,7 @@ def fit_command(args: argparse.Namespace) -> None:
         load_weights(net, args.weights, args.model)
     options = {k: json_default(v) if isinstance(v, Path) else v for k, v in vars(args).items()
                if k in _FIT_OPTIONS}  # fmt: skip
+    options["price_per_example"] = _price(args)  # the default's, as a number: a resume compares it
     ckpt_path = out / "checkpoint.safetensors"
     if args.resume:
         run_id = _resumable(out, options)
@@ -218,7 +232,13 @@ def _resumable(out: Path, options: dict[str, Any]) -> str:
         if then.get(k) != v and not (k not in then and v in (None, False))
     ]
     if differ:
-        raise CLIError(f"--resume needs the options of the interrupted fit: {'; '.join(differ)}")
+        hint = ""
+        if then.get("price_per_example") is None and options.get("price_per_example") is not None:
+            hint = (" (a fit without a price per example, the default before it had one: "
+                    "add --price-per-example 0)")  # fmt: skip
+        raise CLIError(
+            f"--resume needs the options of the interrupted fit: {'; '.join(differ)}{hint}"
+        )
     return saved["run_id"]
 
 

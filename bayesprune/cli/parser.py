@@ -49,6 +49,7 @@ _probability = _checked(float, lambda v: 0 < v < 1, "a number in (0, 1)")
 _pip_threshold = _checked(float, lambda v: 0 <= v <= 1, "a PIP threshold in [0, 1]")
 _keep_fraction = _checked(float, lambda v: 0 < v <= 1, "a fraction in (0, 1]")
 _positive_float = _checked(float, lambda v: v > 0, "a positive number")
+_nonnegative_float = _checked(float, lambda v: 0 <= v < math.inf, "a finite number >= 0")
 _fraction = _checked(float, lambda v: 0 <= v < 1, "a fraction in [0, 1)")
 _finite_float = _checked(float, math.isfinite, "a finite number")
 
@@ -174,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_probability,
         default=None,
         metavar="P",
-        help="spike-and-slab: prior probability that a node is on (default: the prior's, 0.1)",
+        help="spike-and-slab: prior probability that a node is on (default: the prior's, 0.1); "
+        "the default price per example still caps it (--price-per-example 0 drops the price)",
     )
     fit.add_argument(
         "--prior-log-odds",
@@ -193,12 +195,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fit.add_argument(
         "--price-per-example",
-        type=_positive_float,
+        type=_nonnegative_float,
         default=None,
         metavar="LAM",
         help="spike-and-slab: charge each node at least LAM x N nats per parameter (N training "
         "images), so a parameter must be worth LAM nats of mean training loss whatever N "
-        "(SpikeAndSlab(price_per_example=LAM))",
+        "(SpikeAndSlab(price_per_example=LAM)); default 2e-6, the default prior's "
+        "(bayesprune.priors.default_prior); 0 charges only the prior inclusion's log-odds",
     )
     fit.add_argument(
         "--global-scale",

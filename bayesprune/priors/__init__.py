@@ -34,6 +34,9 @@ Every option is keyword-only (``Gaussian(scale=0.5)``, not ``Gaussian(0.5)``).
     ``prior_log_odds`` gives :math:`\gamma` by its log-odds, for priors below what a double holds;
     ``price_per_example`` :math:`\lambda` caps node :math:`j`'s log-odds at :math:`-\lambda N m_j`
     (:math:`m_j` parameters, :math:`N` training examples, which :func:`bayesprune.fit` supplies).
+``default_prior()`` (:mod:`~bayesprune.priors.default`)
+    what :func:`bayesprune.bayesianize` uses when no prior is given:
+    ``SpikeAndSlab(level="node", price_per_example=DEFAULT_PRICE_PER_EXAMPLE)``.
 ``GroupHorseshoe(*, global_scale, regularized, slab_scale, pip_reference)`` (:mod:`~bayesprune.priors.horseshoe`)
     node-wise half-Cauchy scales times a layer-wise half-Cauchy scale, non-centred
     (:class:`~bayesprune.priors.horseshoe.HalfCauchyScale`).
@@ -52,6 +55,7 @@ from __future__ import annotations
 
 # the built-in priors register themselves when their modules are imported, here
 from .base import Prior, prior_from_dict, register_prior, registered_priors
+from .default import DEFAULT_PRICE_PER_EXAMPLE, default_prior
 from .gaussian import Gaussian
 from .horseshoe import GroupHorseshoe
 from .spike_slab import SpikeAndSlab, theory_inclusion
@@ -63,10 +67,12 @@ from ._math import kl_bernoulli as _kl_bernoulli  # noqa: F401
 from ._math import kl_normal as _kl_normal  # noqa: F401
 
 __all__ = [
+    "DEFAULT_PRICE_PER_EXAMPLE",
     "Gaussian",
     "GroupHorseshoe",
     "Prior",
     "SpikeAndSlab",
+    "default_prior",
     "prior_from_dict",
     "register_prior",
     "registered_priors",
