@@ -107,7 +107,7 @@ def elimination_scores(
     if not pips:
         raise ValueError(
             "this BayesianModule has no node-level inclusion probabilities; bayesianize with a "
-            "node-level prior such as the default, bp.priors.default_prior()"
+            "node-level prior such as the default, bp.priors.default_prior() (a node SpikeAndSlab)"
         )
     if getattr(bnet, "num_data", 0) is None:  # as bayesprune.prune
         warnings.warn(

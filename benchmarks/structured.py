@@ -108,7 +108,9 @@ def _curve(model, method, pm, dense, test) -> list[dict]:
     return rows
 
 
-def run_model(model: str, seed: int, baselines: bool = True) -> list[dict]:
+def run_model(
+    model: str, seed: int, baselines: bool = True, defaults_only: bool = False
+) -> list[dict]:
     splits = load_fashion_mnist(subset=TRAIN_SIZE[model], val_size=2000, cal_size=5000)
     train = loader(splits.train, BATCH, seed=seed)
     test = loader(splits.test, 512, shuffle=False)
@@ -137,7 +139,7 @@ def run_model(model: str, seed: int, baselines: bool = True) -> list[dict]:
         timed("Gumbel node masks", lambda: GumbelPruning(
             0.1, granularity="node", epochs=SVI_EPOCHS, progress=False, seed=seed))  # fmt: skip
 
-    settings = [{}, *({"prior_inclusion": g} for g in GAMMAS),
+    settings = [{}] if defaults_only else [{}, *({"prior_inclusion": g} for g in GAMMAS),
                 *({"prior_log_odds": a} for a in LOG_ODDS),
                 *({"prior_log_odds": 0.0, "price_per_example": lam} for lam in PER_EXAMPLE)]  # fmt: skip
     path = []  # (prior log-odds, label, median-probability net) of every prior
@@ -176,7 +178,8 @@ def run_model(model: str, seed: int, baselines: bool = True) -> list[dict]:
                              seconds=seconds))  # fmt: skip
             print(rows[-1], flush=True)
         rows += _elimination(model, label, bnet, small, dense, train, cal, test, x)
-    rows += _certify_path(model, path, dense, cal, test)
+    if not defaults_only:  # (the path needs every prior's net)
+        rows += _certify_path(model, path, dense, cal, test)
     return rows
 
 
@@ -315,13 +318,13 @@ def plot(payload: dict) -> list[Path]:
     return paths
 
 
-def _drop_stale_ours(model: str, ran: set[tuple[str, str]]) -> None:
-    """Remove the saved rows of ``model``'s dense net and of our methods that this run did not
-    measure: every run measures all of ours, so such a row is from an earlier run."""
+def _drop_stale_ours(model: str, ran: set[tuple[str, str]], ours=("dense", "ours")) -> None:
+    """Remove the saved rows of ``model``'s dense net and of our methods (the methods starting
+    with ``ours``) that this run did not measure: a run measures all of them, so such a row is
+    from an earlier run."""
     if not RESULTS.exists():
         return
     payload = json.loads(RESULTS.read_text())
-    ours = ("dense", "ours")
     kept = [
         r
         for r in payload.get("rows", [])
@@ -342,7 +345,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--plot", action="store_true", help="only draw the plots from the JSON")
     p.add_argument("--ours-only", action="store_true",
                    help="skip the baselines (their saved rows stay; the check reads them)")  # fmt: skip
+    p.add_argument("--defaults-only", action="store_true",
+                   help="with --ours-only: only the default fit and the rows it gives (the "
+                        "other priors' saved rows and the prior path's stay)")  # fmt: skip
     args = p.parse_args(argv)
+    if args.defaults_only and not args.ours_only:
+        p.error("--defaults-only is an option of --ours-only")
     if args.plot:
         for path in plot(json.loads(RESULTS.read_text())):
             print(path)
@@ -352,13 +360,16 @@ def main(argv: list[str] | None = None) -> None:
     command = "python benchmarks/structured.py " + " ".join(argv or __import__("sys").argv[1:])
     device = f"cpu ({platform.machine()}), {torch.get_num_threads()} thread(s)"
     for model in args.models:
-        rows = run_model(model, args.seed, baselines=not args.ours_only)
+        rows = run_model(
+            model, args.seed, baselines=not args.ours_only, defaults_only=args.defaults_only
+        )
         for r in rows:
             r.update(command=command.strip(), device=device, seed=args.seed)
         # a method this run measured replaces all its saved rows (no stale levels stay), and our
         # saved methods that it did not give again (a certificate that no net passed) go
         ran = {(r["model"], r["method"]) for r in rows}
-        _drop_stale_ours(model, ran)
+        fresh = ("dense", "ours, defaults") if args.defaults_only else ("dense", "ours")
+        _drop_stale_ours(model, ran, fresh)
         merge_rows(RESULTS, rows, key=lambda r: (r["model"], r["method"]) if (
             r["model"], r["method"]) in ran else (r["model"], r["method"], r["level"]))  # fmt: skip
         saved = json.loads(RESULTS.read_text())["rows"]  # with the baselines' saved rows
