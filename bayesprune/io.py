@@ -112,9 +112,7 @@ def restore_state(bnet: BayesianModule, path: Path, cfg: dict[str, Any]) -> None
             ) from None
     else:  # saved before the dense weights were stored: the template holds net's weights
         bnet.has_dense_reference = False
-    if cfg["num_data"] is None:
-        bnet.num_data = None
-    else:  # (the saved priors already hold it; a file without it in its priors gets it here)
-        bnet.set_num_data(cfg["num_data"])
+    # (the property binds the priors: a file whose priors lack N gets it here)
+    bnet.num_data = cfg["num_data"]
     shape = cfg.get("input_shape")  # files saved before it was recorded have none
     bnet.input_shape = None if shape is None else tuple(shape)

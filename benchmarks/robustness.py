@@ -367,15 +367,14 @@ def main(argv: list[str] | None = None) -> None:
         p.error("--per-node and --price-per-example are two priors: give one")
     if args.per_node:
         path = path.with_name(f"{path.stem}_pernode.json")
-        if args.cells == sorted(cells):
-            args.cells = [c for c, v in cells.items() if v[-1] == "ss"]
+    if (args.per_node or lam is not None) and args.cells == sorted(cells):
+        # another spike-and-slab prior: --cells left at every cell runs the spike-and-slab ones
+        args.cells = [c for c, v in cells.items() if v[-1] == "ss"]
     if lam is not None:
         if not lam > 0:
             p.error(f"--price-per-example must be positive, got {lam}")
         incl = "_incl" if args.with_inclusion else ""
         path = path.with_name(f"{path.stem}_lam{lam:g}{incl}.json")
-        if args.cells == sorted(cells):  # --cells left at every cell
-            args.cells = [c for c, v in cells.items() if v[-1] == "ss"]
     rows = {}
     if path.exists():
         rows = {r["cell"]: r for r in json.loads(path.read_text())["cells"]}

@@ -318,22 +318,19 @@ def plot(payload: dict) -> list[Path]:
     return paths
 
 
-def _drop_stale_ours(model: str, ran: set[tuple[str, str]], ours=("dense", "ours")) -> None:
-    """Remove the saved rows of ``model``'s dense net and of our methods (the methods starting
-    with ``ours``) that this run did not measure: a run measures all of them, so such a row is
-    from an earlier run."""
-    if not RESULTS.exists():
-        return
-    payload = json.loads(RESULTS.read_text())
+def _save_rows(model: str, rows: list[dict], fresh: tuple[str, ...]) -> None:
+    """Write ``model``'s ``rows`` into ``RESULTS``: they replace every saved row of their methods
+    (no stale levels stay) and every saved row of the methods starting with ``fresh`` (the
+    dense net and ours, all of which a run measures: a saved one it did not give again, such as
+    a certificate no net passed this time, is from an earlier run). The other rows stay."""
+    payload = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    ran = {r["method"] for r in rows}
     kept = [
         r
         for r in payload.get("rows", [])
-        if r["model"] != model
-        or not r["method"].startswith(ours)
-        or (r["model"], r["method"]) in ran
+        if r["model"] != model or not (r["method"] in ran or r["method"].startswith(fresh))
     ]
-    if len(kept) != len(payload.get("rows", [])):
-        write_json(RESULTS, {**payload, "rows": kept})
+    write_json(RESULTS, {**payload, "rows": kept + rows})
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -365,13 +362,8 @@ def main(argv: list[str] | None = None) -> None:
         )
         for r in rows:
             r.update(command=command.strip(), device=device, seed=args.seed)
-        # a method this run measured replaces all its saved rows (no stale levels stay), and our
-        # saved methods that it did not give again (a certificate that no net passed) go
-        ran = {(r["model"], r["method"]) for r in rows}
         fresh = ("dense", "ours, defaults") if args.defaults_only else ("dense", "ours")
-        _drop_stale_ours(model, ran, fresh)
-        merge_rows(RESULTS, rows, key=lambda r: (r["model"], r["method"]) if (
-            r["model"], r["method"]) in ran else (r["model"], r["method"], r["level"]))  # fmt: skip
+        _save_rows(model, rows, fresh)
         saved = json.loads(RESULTS.read_text())["rows"]  # with the baselines' saved rows
         checks = check([r for r in saved if r["model"] == model])
         merge_rows(RESULTS, checks, key=lambda c: c["model"], field="checks")  # this net's
