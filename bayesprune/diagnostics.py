@@ -2,14 +2,18 @@ r"""Is a fitted posterior any good for pruning? The checks :func:`bayesprune.fit
 
 Inclusion probabilities are useful for pruning only when they *separate* nodes: most PIPs near 0
 or 1, and the median-probability model (keep node :math:`j` iff :math:`\mathrm{PIP}_j \ge 1/2`,
-Barbieri and Berger 2004) about as accurate as the posterior predictive. Three failures are common
+Barbieri and Berger 2004) about as accurate as the posterior predictive. Four failures are common
 and silent without a check:
 
 * **collapse**: nearly every hidden node switched off (the weights' KL outweighs the likelihood,
   variational over-pruning);
 * **uninformative PIPs**: most PIPs between 0.1 and 0.9 (the network then works as a
   random-dropout ensemble, and the median-probability model keeps an arbitrary subset);
-* **a median model far below the predictive**, measured on validation data.
+* **a median model far below the predictive**, measured on validation data;
+* **freeze**: no hidden node switched off, so that ``prune(threshold=0.5)`` gives back a network
+  as large as the dense one (a fit too short for the gates to move, a prior that prices nodes too
+  low for the data, or the group horseshoe, whose scales rarely shrink a node under the
+  mean-field posterior: ``docs/notes/gate-decisions.md``, points 6 and 17).
 
 :func:`bayesprune.fit` records :func:`nodes_off` per epoch in :class:`~bayesprune.FitResult`,
 the median-probability model's validation accuracy when it is given a ``val_loader``
@@ -36,6 +40,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from .priors import GroupHorseshoe
 from .pruning import dependency_groups
 from .pruning.layers import to_module_device
 
@@ -131,6 +136,8 @@ def informativeness_warnings(
             "median-probability model, what prune(threshold=0.5) keeps, has collapsed to an "
             f"empty network. {why}"
         )
+    if off == 0.0:
+        messages.append(_kept_every_node(bnet, layers))
     share = uncertain_fraction(bnet, layers)
     if share > UNCERTAIN_SHARE:
         messages.append(
@@ -152,3 +159,38 @@ def informativeness_warnings(
             "(prune(keep=...) or conformal.certify, which tests each level)"
         )
     return messages
+
+
+def _kept_every_node(bnet, layers: list[str]) -> str:
+    """The freeze message, with what to try for the hidden layers' priors."""
+    layer_map = bnet.bayesian_layers
+    priors = [layer_map[k].prior for k in layers if k in layer_map]
+    if any(isinstance(p, GroupHorseshoe) for p in priors):
+        why = (
+            "The group horseshoe's node scales rarely shrink a node under the mean-field "
+            "posterior: on the nets of benchmarks/README.md#robustness it keeps every node, or "
+            "nearly every node, at its default global_scale; a smaller global_scale pruned some "
+            "nodes but left most PIPs undecided in most cells tried, and point weights pruned "
+            "nothing (docs/notes/gate-decisions.md, points 6 and 17). To prune, fit with the "
+            "default prior: bp.bayesianize(net), or prior=bp.priors.default_prior()"
+        )
+    elif priors and all(p.point_weights for p in priors):
+        why = (
+            "Either every node lowers the training loss by more than its prior price, or the fit "
+            "was too short for the gates to decide (they are frozen for the first part of the "
+            "fit, structure_delay, and a switch needs the evidence of many steps). Fit for more "
+            "epochs, or price nodes higher (SpikeAndSlab(price_per_example=...) above "
+            "bp.priors.DEFAULT_PRICE_PER_EXAMPLE, or a prior_inclusion nearer 0); prune(keep=...) "
+            "or conformal.certify prune to a size whatever the PIPs"
+        )
+    else:
+        why = (
+            "With Bayesian weights (in some or all hidden layers) the gates or scales are moved "
+            "by Adam (structure_lr) against the weights' KL, and often do not move in a fit of "
+            "this length. To prune, fit with "
+            "the default prior: bp.bayesianize(net), or prior=bp.priors.default_prior()"
+        )
+    return (
+        "the posterior keeps every hidden node (no PIP below 0.5): prune(threshold=0.5) gives "
+        f"back a network as large as the dense one. {why}"
+    )

@@ -28,6 +28,13 @@ Probes (``--probe NAME``; ``reset``, ``ghs_scale``, ``init``, ``ramp`` and ``lea
   posterior-mean network on up to 1,024 training examples, scaled to N): the exact conditional
   decision of one gate, instead of the first-order estimate of the natural step.
 * ``ghs_scale``: ``GroupHorseshoe(global_scale=value)``; ``value`` 0 means :math:`1/\\sqrt{n}`.
+* ``ghs_point_ml`` and ``ghs_point_map``: the group horseshoe with point standardised weights
+  :math:`\\beta` (global scale ``value``, default 1), as the default spike-and-slab has point
+  weights: :math:`q` covers the node scales alone, and the KL of the mean-field Gaussian
+  :math:`\\beta` (what dominates the horseshoe's objective, point 6) is gone. ``ml``: no term for
+  :math:`\\beta` (type-II maximum likelihood); ``map``: the :math:`\\mathcal N(0, 1)` prior's
+  :math:`\\tfrac12 \\lVert\\beta\\rVert^2` in its place (a MAP estimate). The PIPs are the
+  horseshoe's, :math:`P_q(\\tilde s_j > \\rho r_l / b_j)`.
 * ``leaky``: the gates' summed gradients decay by :math:`e^{-1/T}` after every step, :math:`T` the
   steps of ``value`` epochs: a leaky integral that bounds the summed pressure of early steps.
 * ``init_clear``: ``init`` (``value`` the initial inclusion) and ``clear_frozen`` together.
@@ -59,6 +66,7 @@ Usage::
 
     python benchmarks/gate_probes.py --probe default --cells 2 5 9 10 --threads 1
     python benchmarks/gate_probes.py --probe ghs_scale --value 0.01 --cells 3 7 13 18 19
+    python benchmarks/gate_probes.py --probe ghs_point_ml --cells 3 7 13 18
 
 Rows are merged into ``benchmarks/results/gate_probes.json`` by (probe, value, cell).
 """
@@ -67,6 +75,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import platform
@@ -105,7 +114,27 @@ PROBES = (
     "verify_hold",
     "theory_tests",
     "tests_size",
+    "ghs_point_ml",
+    "ghs_point_map",
 )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _PointHorseshoe(bp.priors.GroupHorseshoe):
+    """The probes ``ghs_point_ml`` / ``ghs_point_map``: point standardised weights under the
+    group horseshoe's node scales (a probe, not a prior of the package)."""
+
+    map_penalty: bool = False
+    point_weights = True  # the layers then use weight_loc as it is, and do not fit its sds
+    uses_row_stats = False  # its KL reads no row statistics of the weights
+
+    def kl(self, layer):
+        kl = self.scales.kl(layer)
+        if self.map_penalty:  # -log N(beta; 0, 1) up to a constant
+            kl = kl + 0.5 * layer.weight_loc.pow(2).sum()
+            if layer.bias_loc is not None:
+                kl = kl + 0.5 * layer.bias_loc.pow(2).sum()
+        return kl
 
 
 @contextlib.contextmanager
@@ -398,6 +427,10 @@ def run(probe: str, value: float | None, cell: int, seed: int = 0) -> dict:
     if probe == "ghs_scale":
         scale = value if value else 1 / math.sqrt(n_train)
         priors["ghs"] = lambda: bp.priors.GroupHorseshoe(global_scale=scale)
+    if probe in ("ghs_point_ml", "ghs_point_map"):
+        scale = 1.0 if value is None else value
+        options = {"global_scale": scale, "map_penalty": probe == "ghs_point_map"}
+        priors["ghs"] = lambda: _PointHorseshoe(**options)
     if probe in ("init", "init_clear"):
         priors["ss"] = lambda: bp.priors.SpikeAndSlab(level="node", init_inclusion=value)
     with contextlib.ExitStack() as stack:

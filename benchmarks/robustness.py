@@ -147,17 +147,19 @@ MISSED = {
     1: "(a), a short fit from random weights: the dense net of the same budget scores 2.2 points "
     "above the fit, the dense reference (60 epochs) more; not measured further",
     7: "(c), the group horseshoe prunes nothing at its default global scale 1; its KL is "
-    "dominated by the mean-field Gaussian weights' KL (gate-decisions point 6)",
+    "dominated by the mean-field Gaussian weights' KL (gate-decisions point 6), and with point "
+    "weights it prunes nothing either (point 17); `bp.fit` warns that it keeps every node",
     11: "(a), a short fit from random weights (4 epochs): 1.7 points below a dense net trained "
     "for the same 4 epochs (`dense_same_budget`), 3.8 below the 20-epoch reference; the "
     "per-node charge alone, which keeps 71% of the parameters here against 44%, was 0.95 below "
     "the same-budget net (docs/default-candidates.md)",
-    13: "(c), as cell 7",
+    13: "(c), as cell 7, but the group horseshoe switches off 1% of the hidden nodes here (the "
+    "fit's warning is for none)",
     16: "(a), spike-and-slab with Bayesian (horseshoe) weights: their KL outweighs the "
     "likelihood, the gates are left to Adam (gate-decisions point 6)",
     17: "(a) and (b), as cell 16, on 2,000 images: every hidden node switched off",
-    19: "(a) and (c), the group horseshoe on ResNet-20 from random weights collapses; its "
-    "weights' KL dominates, as cell 7",
+    19: "(a) and (c), the group horseshoe on ResNet-20 from random weights does not train: "
+    "every node kept, the predictive far below dense; its weights' KL dominates, as cell 7",
 }
 
 

@@ -119,6 +119,13 @@ def test_report(run_dir):
         assert heading in text
     for png in ("elbo.png", "pips.png", "pruning_curve.png", "risk_curve.png", "set_sizes.png"):
         assert f"]({png})" in text
+    # bp.fit's warnings are kept in fit.json and listed in the report: this one-epoch fit keeps
+    # every hidden node (layers "1" and "3"; "5" is the output), and says so
+    fit = json.loads((run_dir / "fit.json").read_text())
+    assert all(fit["nodes_pip_ge_0.5"][k] == fit["nodes"][k] for k in ("1", "3"))
+    assert any("keeps every hidden node" in w for w in fit["warnings"])
+    for warning in fit["warnings"]:
+        assert f"- {warning}" in text
 
 
 def test_report_elsewhere_links_images(run_dir, tmp_path):

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 import bayesprune as bp
@@ -31,9 +32,11 @@ def test_uninformative_pips_and_a_poor_median_model_are_reported_with_advice() -
     with torch.no_grad():
         bnet.net[0].gate_logit.zero_()  # every PIP 0.5
     messages = informativeness_warnings(bnet, ["0"], val_accuracy=0.9, median_accuracy=0.5)
-    assert len(messages) == 2
-    assert "100% of the hidden nodes" in messages[0] and "epochs=" in messages[0]
-    assert "0.500" in messages[1] and "0.900" in messages[1]
+    assert len(messages) == 3  # every PIP at 0.5 also keeps every node
+    kept, uncertain, median = messages
+    assert "keeps every hidden node" in kept
+    assert "100% of the hidden nodes" in uncertain and "epochs=" in uncertain
+    assert "0.500" in median and "0.900" in median
     assert informativeness_warnings(bnet, [], val_accuracy=0.9, median_accuracy=0.5) == []
 
 
@@ -68,3 +71,44 @@ def test_a_collapsed_network_is_reported() -> None:
     with torch.no_grad():
         bnet.net[0].gate_logit[0] = 8.0  # one of six kept: not a collapse
     assert informativeness_warnings(bnet, ["0"]) == []
+
+
+def test_a_fit_that_keeps_every_node_is_reported_with_advice_for_its_prior() -> None:
+    """Point weights: fit longer or price nodes higher; the group horseshoe and Bayesian weights:
+    the default prior. One node off is not a freeze."""
+    bnet = _bnet()
+    with torch.no_grad():
+        bnet.net[0].gate_logit.fill_(8.0)
+    (message,) = informativeness_warnings(bnet, ["0"])
+    assert "keeps every hidden node" in message and "as large as the dense one" in message
+    assert "price_per_example" in message and "epochs" in message
+    with torch.no_grad():
+        bnet.net[0].gate_logit[0] = -8.0
+    assert informativeness_warnings(bnet, ["0"]) == []
+
+    def fresh(prior):
+        net = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 3))
+        return bp.bayesianize(net, prior)
+
+    horseshoe = fresh(bp.priors.GroupHorseshoe())
+    with torch.no_grad():  # every node scale far above the PIP's threshold
+        horseshoe.net[0].lambda_a_loc.add_(3.0)
+        horseshoe.net[0].lambda_b_loc.add_(3.0)
+    assert bool((horseshoe.inclusion_probs()["0"] >= 0.5).all())
+    (message,) = informativeness_warnings(horseshoe, ["0"])
+    assert "group horseshoe" in message and "default_prior()" in message
+    gaussian = fresh(bp.priors.SpikeAndSlab(weights="gaussian"))
+    with torch.no_grad():
+        gaussian.net[0].gate_logit.fill_(8.0)
+    (message,) = informativeness_warnings(gaussian, ["0"])
+    assert "Bayesian weights" in message and "default_prior()" in message
+
+
+def test_a_fit_too_short_to_move_a_gate_warns() -> None:
+    """One step: the gates are still frozen (structure_delay), so nothing can be pruned."""
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
+    with pytest.warns(UserWarning, match="keeps every hidden node"):
+        result = bp.fit(_bnet(), data, epochs=1, progress=False, seed=0)
+    assert any("keeps every hidden node" in m for m in result.warnings)

@@ -157,7 +157,7 @@ def fit_command(args: argparse.Namespace) -> None:
         "epochs": args.epochs, "lr": args.lr, "kl_weight": args.kl_weight,
         "structure_delay": args.structure_delay, "devices": args.devices or 1,
         "compiled": result.compiled, "compile_seconds": result.compile_seconds,
-        "gate_tests": result.gate_tests,
+        "gate_tests": result.gate_tests, "warnings": list(result.warnings),
         "dense_val_accuracy": dense_acc, "bayes_val_accuracy": bayes_acc,
         "pips": {k: v.tolist() for k, v in pips.items()},
         "nodes_pip_ge_0.5": {k: int((v >= 0.5).sum()) for k, v in pips.items()},

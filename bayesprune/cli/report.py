@@ -85,6 +85,8 @@ def report_command(args: argparse.Namespace) -> None:
             f"{'kept whole: ' + whole[k] if k in whole else ''} |"
             for k in fit["nodes"]
         ]
+        if fit.get("warnings"):  # bp.fit's checks of the PIPs (bayesprune.diagnostics)
+            lines += ["", "The fit warned:", ""] + [f"- {w}" for w in fit["warnings"]]
         lines += [
             "",
             _img(out, run_dir, "elbo.png", "ELBO"),

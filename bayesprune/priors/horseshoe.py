@@ -313,6 +313,17 @@ class GroupHorseshoe(Prior):
     near :math:`1/\sqrt{25}`, so :math:`\tilde s_j > 1/\sqrt{m_j}` excluded most of them before
     any fitting, and the fitted posterior then emptied that layer (``benchmarks/compare.py``).
 
+    **It rarely prunes with its defaults.** Under the mean-field posterior the KL of the
+    standardised weights dominates the objective, and the node scales, moved by Adam, seldom take
+    a node below the PIP's threshold: on the cells of ``benchmarks/README.md#robustness`` it keeps
+    every node, or nearly every node, of the pretrained nets, and from random weights ResNet-20
+    stays far below the dense net. A smaller ``global_scale`` prunes some nodes but, in most of
+    the cells tried, leaves most PIPs between 0.1 and 0.9, and point standardised weights prune
+    nothing (``docs/notes/gate-decisions.md``, points 6 and 17). :func:`bayesprune.fit` warns when
+    a fit keeps every node. For pruning, the default prior
+    (:func:`bayesprune.priors.default_prior`) is the one measured to separate nodes; this prior is
+    for the posterior of the node scales themselves.
+
     Parameters
     ----------
     global_scale
