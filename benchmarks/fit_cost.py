@@ -15,11 +15,12 @@ Both loops first run two steps, untimed, on copies of the net (one-time costs of
 Per cell it records the seconds of both, the steps, the gate tests' seconds and count
 (``FitResult.gate_tests``) and the gates tested; the ratio per step, with and without the tests'
 seconds; and the dense and median-probability pruned nets' test accuracy and size (the fit is
-a real one). Cells: a short fit (about 300 steps, 2,000 images) and a longer one (10,000 images)
-per net. The tests cost about one pass over 256 examples from the tested layer on per gate
+a real one). Cells: a short fit (about 300 steps, 2,000 images) and a longer one (10,000
+images) per net, and for the conv nets ResNet-20 and VGG-small a fit of twice that length. The
+tests cost about one pass over 256 examples from the tested layer on per gate
 tested, whatever the length of the fit, so the short fits show what they add at most::
 
-    python benchmarks/fit_cost.py --threads 1            # every cell (about 12 minutes)
+    python benchmarks/fit_cost.py --threads 1            # every cell (about an hour)
     python benchmarks/fit_cost.py --cells 1 2 --threads 1
     python benchmarks/fit_cost.py --device cuda --json OUT.json   # on a GPU (gpu_check.sh)
 
@@ -47,7 +48,8 @@ from bayesprune.models import get_model
 RESULTS = Path(__file__).parent / "results" / "fit_cost.json"
 BATCH = 128
 
-# id: (net, training images, epochs). Short: about 300 steps; long: 10,000 images.
+# id: (net, training images, epochs). Short: about 300 steps; long: 10,000 images (and
+# 20 epochs of them for the conv nets: what the tests add to a fit of twice the steps).
 CELLS = {
     1: ("lenet_300_100", 2000, 19),
     2: ("lenet_300_100", 10000, 20),
@@ -55,6 +57,10 @@ CELLS = {
     4: ("lenet5_caffe", 10000, 10),
     5: ("resnet20", 2000, 19),
     6: ("resnet20", 10000, 10),
+    7: ("vgg_small", 2000, 19),
+    8: ("vgg_small", 10000, 10),
+    9: ("resnet20", 10000, 20),
+    10: ("vgg_small", 10000, 20),
 }
 
 

@@ -208,7 +208,11 @@ def render_fit_cost(name: str = "fit_cost.json") -> list[str]:
     """Whole default fits against the dense training of the same net, data and steps
     (``benchmarks/fit_cost.py``; ``name``: its JSON under ``benchmarks/results/``)."""
     payload = load(name)
-    rows = sorted(payload["rows"], key=lambda r: (r["cell"], r["seed"]))
+    rows = payload["rows"]
+    first = {}  # each net's rows together, in the order of its first cell, shortest fit first
+    for r in sorted(rows, key=lambda r: r["cell"]):
+        first.setdefault(r["net"], r["cell"])
+    rows = sorted(rows, key=lambda r: (first[r["net"]], r["steps"], r["cell"], r["seed"]))
     lines = [
         "| net | train images x epochs | steps | dense step | bp.fit step | without the tests | "
         "gate tests: count (gates), seconds, share of the fit | dense acc | pruned acc, params |",
