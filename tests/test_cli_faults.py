@@ -65,7 +65,12 @@ def test_ctrl_c_during_fit_leaves_no_run_and_later_commands_refuse(done, tmp_pat
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "bayesprune.cli", *FIT, "--out", str(run), "--epochs", "500",
            "--pretrain-epochs", "1", "--no-progress", "--threads", "1"]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # SIGINT at its default in the child: a shell's background job (pytest ... &) ignores it, and a
+    # child started from there would inherit that and run the whole fit
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
     deadline = time.time() + 120
     for line in proc.stdout:  # wait until SVI runs: the old run has been moved away by then
         if line.startswith("2/3") or time.time() > deadline:
