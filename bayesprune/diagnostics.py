@@ -180,17 +180,17 @@ def _kept_every_node(bnet, layers: list[str]) -> str:
             "was too short for the gates to decide (they are frozen for the first part of the "
             "fit, structure_delay, and a switch needs the evidence of many steps). Fit for more "
             "epochs, or price nodes higher (SpikeAndSlab(price_per_example=...) above "
-            "bp.priors.DEFAULT_PRICE_PER_EXAMPLE, or a prior_inclusion nearer 0); prune(keep=...) "
-            "or conformal.certify prune to a size whatever the PIPs"
+            "bp.priors.DEFAULT_PRICE_PER_EXAMPLE, or a prior_inclusion nearer 0)"
         )
     else:
         why = (
             "With Bayesian weights (in some or all hidden layers) the gates or scales are moved "
             "by Adam (structure_lr) against the weights' KL, and often do not move in a fit of "
-            "this length. To prune, fit with "
-            "the default prior: bp.bayesianize(net), or prior=bp.priors.default_prior()"
+            "this length. To prune, fit with the default prior: bp.bayesianize(net), or "
+            "prior=bp.priors.default_prior()"
         )
     return (
         "the posterior keeps every hidden node (no PIP below 0.5): prune(threshold=0.5) gives "
-        f"back a network as large as the dense one. {why}"
+        f"back a network as large as the dense one. {why}. Whatever the PIPs, prune(keep=...) "
+        "and conformal.certify(..., by='keep') prune to a size, ranking the nodes by PIP"
     )

@@ -81,7 +81,7 @@ def test_a_fit_that_keeps_every_node_is_reported_with_advice_for_its_prior() -> 
         bnet.net[0].gate_logit.fill_(8.0)
     (message,) = informativeness_warnings(bnet, ["0"])
     assert "keeps every hidden node" in message and "as large as the dense one" in message
-    assert "price_per_example" in message and "epochs" in message
+    assert "price_per_example" in message and "epochs" in message and "prune(keep=" in message
     with torch.no_grad():
         bnet.net[0].gate_logit[0] = -8.0
     assert informativeness_warnings(bnet, ["0"]) == []
@@ -97,6 +97,7 @@ def test_a_fit_that_keeps_every_node_is_reported_with_advice_for_its_prior() -> 
     assert bool((horseshoe.inclusion_probs()["0"] >= 0.5).all())
     (message,) = informativeness_warnings(horseshoe, ["0"])
     assert "group horseshoe" in message and "default_prior()" in message
+    assert "by='keep'" in message  # a ranking by PIP still prunes to a size
     gaussian = fresh(bp.priors.SpikeAndSlab(weights="gaussian"))
     with torch.no_grad():
         gaussian.net[0].gate_logit.fill_(8.0)
