@@ -117,9 +117,10 @@ def informativeness_warnings(
         return messages
     pips = bnet.inclusion_probs()
     off = float((torch.cat([pips[k] for k in layers]) < 0.5).float().mean())
+    layer_map = bnet.bayesian_layers
+    priors = [layer_map[k].prior for k in layers if k in layer_map]  # the advice depends on them
     if off >= COLLAPSED_SHARE:
-        layer_map = bnet.bayesian_layers
-        if all(layer_map[k].prior.point_weights for k in layers if k in layer_map):
+        if all(p.point_weights for p in priors):
             why = (
                 "With point weights a node stays when it lowers the NLL by more than its prior "
                 "log-odds charge: use a weaker prior (a prior_inclusion nearer 0.5, a smaller "
@@ -137,7 +138,7 @@ def informativeness_warnings(
             f"empty network. {why}"
         )
     if off == 0.0:
-        messages.append(_kept_every_node(bnet, layers))
+        messages.append(_kept_every_node(priors))
     share = uncertain_fraction(bnet, layers)
     if share > UNCERTAIN_SHARE:
         messages.append(
@@ -161,10 +162,8 @@ def informativeness_warnings(
     return messages
 
 
-def _kept_every_node(bnet, layers: list[str]) -> str:
-    """The freeze message, with what to try for the hidden layers' priors."""
-    layer_map = bnet.bayesian_layers
-    priors = [layer_map[k].prior for k in layers if k in layer_map]
+def _kept_every_node(priors: list) -> str:
+    """The freeze message, with what to try for the hidden layers' ``priors``."""
     if any(isinstance(p, GroupHorseshoe) for p in priors):
         why = (
             "The group horseshoe's node scales rarely shrink a node under the mean-field "
