@@ -39,9 +39,10 @@ random (Bayesian weights, dropout); the BatchNorm running statistics are restore
 evaluation, and the gates are put back as they were before the step if a test is interrupted.
 A test does not compute the whole pass again: :class:`~bayesprune.replay.ForwardReplay` hands
 back the outputs of the modules called before the tested layer (and that layer's output before
-its node multiplier), which the switch cannot change, and seeds the random generators around
-every module call from its place in the pass. The numbers are those of the whole pass; a test
-of a gate near the output costs little.
+its node multiplier), which the switch cannot change, as far as its memory budget goes (the
+layers' outputs, and those of the few other modules that cost more to compute again, such as
+max-pooling), and seeds the random generators around every module call from its place in the
+pass. The numbers are those of the whole pass; a test of a gate near the output costs little.
 A switch taken clears the gate's summed gradient too, so that a gate switched off drifts from
 its bound toward the natural step's target (the prior inclusion, moved by the evidence): PIPs of
 switched-off nodes can end between the bound and the prior inclusion (the column "PIPs in

@@ -12,17 +12,24 @@ What is handed back is the output of every call of a Bayesian layer (the modules
 ``keep``): for those with the standard forward, the output before the node multiplier (the
 multiplier itself is always drawn again, so a changed gate takes effect and the BatchNorm hook
 that applies it later reads the new one); for those with a forward of their own (attention),
-the output of ``forward``. The other modules (BatchNorm, activations, pooling) and the Python
-code between module calls (additions of residual branches, reshapes) run again on what is handed
-back: they are cheap next to the layers, and the record holds the layers' outputs alone. The
-module hooks run as usual; a kept module whose output is its input writes the recorded output
-into its input, as it would have.
+the output of ``forward``. The other modules (BatchNorm, activations, pooling) run again on
+what is handed back, except the few whose outputs are worth their memory: a share of the bytes
+of the layers' outputs (``others``) goes to the calls that cost at least as much per byte of
+output as the layers, the costliest first, as timed in the last whole pass. On a CPU that is
+mostly max-pooling, which costs far more per byte of output than a ReLU or the convolution
+before it (``docs/fit-cost.md``). The Python code between module calls (additions of residual
+branches, reshapes) runs again on what is handed back. The module hooks run as usual, on the handed-back
+output of ``forward``; a kept module whose output is its input writes the recorded output into
+its input, as it would have. A handed-back output is the same tensor that the call gave in the
+recorded pass, so the numbers are those of the whole pass.
 
 Outputs are recorded and handed back as they are, not copied. An output that something changes
 in place after it was recorded or handed back moves its tensor's version counter; the record is
 then dropped from that call on (the pass itself was right: it used the tensor as a fresh pass
 would have), and that module's outputs are copied from then on, on the way in and on the way
-out. Copying every output instead costs about as much as computing them again on a CPU.
+out. Copying every output instead costs about as much as computing them again on a CPU, so
+the other modules are not copied: one whose output something changes in place (a BatchNorm
+before ``nn.ReLU(inplace=True)``), or whose output is its input, runs again in every pass.
 
 So that the modules that run see the same random draws whatever was skipped before them, the
 random generators (CPU and the network's device) are seeded at the start of every pass, before
@@ -31,9 +38,9 @@ call's index in the pass; the
 caller's random state is put back after each pass. Changes that bypass the version counter
 (``tensor.data.mul_()``) are not seen. Replays do not nest.
 
-Outputs are recorded in call order until ``budget`` bytes are held; calls after that are always
-computed. A pass whose calls differ from the record (other modules, or in another order) computes
-from the first difference on.
+Outputs are recorded in call order until ``budget`` bytes are held, the layers' first; calls
+after that are always computed. A pass whose calls differ from the record (other modules, or in
+another order) computes from the first difference on.
 
 Example
 -------
@@ -51,6 +58,7 @@ Example
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -63,6 +71,9 @@ __all__ = ["ForwardReplay"]
 
 #: bytes of recorded outputs held at most (calls beyond are computed every time)
 DEFAULT_BUDGET = 256 * 2**20
+#: the other modules' outputs are held up to this multiple of the bytes of the layers' outputs
+#: (``ForwardReplay(others=...)``)
+OTHERS_SHARE = 0.25
 
 
 def _splits_at_gate(module: nn.Module) -> bool:
@@ -95,7 +106,7 @@ def _copy(value: Any) -> Any:
 class _Record:
     """One module call of a pass: which module, what it gave, and that output's versions."""
 
-    __slots__ = ("in_place", "kept", "module", "mult", "output", "size", "versions")
+    __slots__ = ("in_place", "kept", "module", "mult", "output", "primary", "size", "versions")
 
     def __init__(
         self,
@@ -104,9 +115,12 @@ class _Record:
         mult: Any = None,
         in_place: bool = False,
         tensors: list | None = None,
+        *,
+        primary: bool = True,
     ) -> None:
         self.module, self.output, self.mult, self.in_place = module, output, mult, in_place
         self.kept = tensors is not None  # else: a call computed again in every pass
+        self.primary = primary  # a module of the types ``keep`` (else: one of the others)
         tensors = tensors or []
         self.size = sum(t.numel() * t.element_size() for t in tensors)
         self.versions = [t._version for t in tensors]
@@ -134,9 +148,17 @@ class ForwardReplay:
     device
         The device whose random generator is seeded with the CPU's around every module call.
     budget
-        Bytes of recorded outputs held at most.
+        Bytes of recorded outputs held at most (:data:`DEFAULT_BUDGET`, 256 MiB).
     keep
-        The module types whose outputs are recorded and handed back (the others run again).
+        The module types whose outputs are recorded first and handed back (copied where
+        something changes them in place).
+    others
+        Also record and hand back outputs of the other modules (BatchNorm, activations,
+        pooling), up to this multiple of the bytes of the layers' outputs (:data:`OTHERS_SHARE`;
+        ``0``: they run again in every pass) and within ``budget``: the calls that cost most
+        per byte of output, as timed in the last whole pass (``start=None``; until one has
+        run, none). An output of theirs that something changes in place is computed again in
+        every pass instead (a copy would cost about as much).
     """
 
     def __init__(
@@ -146,13 +168,24 @@ class ForwardReplay:
         device: torch.device,
         budget: int = DEFAULT_BUDGET,
         keep: tuple[type[nn.Module], ...] = (BayesianLayer,),
+        others: float = OTHERS_SHARE,
     ) -> None:
         if budget < 0:
             raise ValueError(f"budget must be >= 0 bytes, got {budget}")
+        if not others >= 0:
+            raise ValueError(f"others must be >= 0 (a multiple of the layers' bytes), got {others}")
         self.net, self.device, self.budget, self.keep = net, torch.device(device), budget, keep
+        self.others = others
         self.modules = self._units(net)
         self.own_forwards: dict[int, Any] = {}  # forwards set on the instances before entry
-        self.copied: set[int] = set()  # modules whose outputs something changes in place
+        # modules whose outputs something changes in place: of ``keep`` (copied), others (run)
+        self.copied: set[int] = set()
+        self.computed: set[int] = set()
+        #: the other modules' calls whose outputs are recorded (by call index), chosen after
+        #: the last whole pass (:meth:`_choose`)
+        self.chosen: set[int] = set()
+        self.costs: dict[int, tuple[float, int]] = {}  # call index: (seconds per byte, bytes)
+        self.whole, self.layer_bytes, self.layer_seconds = False, 0, 0.0  # of the last pass
         self.record: dict[int, _Record] = {}  # the committed pass, by call index
         self.pending: dict[int, _Record | None] = {}  # what the last pass computed
         self.handed: list[int] = []  # the calls the last pass handed back
@@ -216,6 +249,10 @@ class ForwardReplay:
         drawn again). What it computes is kept for :meth:`commit`."""
         self.index, self.pending, self.handed, self.reused = 0, {}, [], 0
         self.reuse_below = self._reuse_limit(start)
+        # the others' costs are measured in whole passes (which of them to record: ``chosen``)
+        self.whole, self.layer_bytes, self.layer_seconds = start is None, 0, 0.0
+        if self.whole:
+            self.costs = {}
         accel = self.device.type != "cpu"
         try:
             with torch.random.fork_rng(
@@ -228,27 +265,68 @@ class ForwardReplay:
             for k in self.handed:
                 rec = self.record.get(k)
                 if rec is not None and not rec.intact():
-                    self.copied.add(id(rec.module))
-                    self._drop_from(k)
+                    self._changed(k, rec, self.record)
             for k, rec in self.pending.items():
                 if rec is not None and not rec.intact():
-                    self.copied.add(id(rec.module))
-                    self.pending[k] = None
+                    self._changed(k, rec, self.pending)
+
+    def _changed(self, k: int, rec: _Record, records: dict) -> None:
+        """Call ``k``'s output ``rec`` in ``records`` was changed in place: a module of ``keep``
+        is copied from then on (the record dropped from ``k`` on, or ``k``'s left pending), one
+        of the others computed in every pass."""
+        if not rec.primary:
+            self.computed.add(id(rec.module))
+            records[k] = _Record(rec.module)
+        elif records is self.pending:
+            self.copied.add(id(rec.module))
+            records[k] = None
+        else:
+            self.copied.add(id(rec.module))
+            self._drop_from(k)
 
     def commit(self) -> None:
         """Make the last pass the record (its reused calls kept, its computed calls replacing
-        the recorded ones), as far as the budget and the intact outputs go."""
+        the recorded ones), as far as the budget and the intact outputs go: the outputs of
+        ``keep`` first, then the others' in call order with what the budget leaves."""
+        if self.whole:
+            self._choose()
         for k, rec in self.pending.items():
             if rec is None:
                 self.record.pop(k, None)
             else:
                 self.record[k] = rec
         used, k = 0, 0
-        while k in self.record and k < self.index and used + self.record[k].size <= self.budget:
-            used += self.record[k].size
+        while k in self.record and k < self.index:
+            rec = self.record[k]
+            if rec.primary:
+                if used + rec.size > self.budget:
+                    break
+                used += rec.size
             k += 1
         self._drop_from(k)
+        for j in sorted(self.record):
+            rec = self.record[j]
+            if rec.kept and not rec.primary:
+                if used + rec.size > self.budget:
+                    used = self.budget + 1  # and the later ones: the record stays a prefix
+                    self.record[j] = _Record(rec.module)
+                else:
+                    used += rec.size
         self.pending = {}
+
+    def _choose(self) -> None:
+        """The other modules' calls whose outputs the next passes record: those that cost at
+        least as much per byte of output as the layers' calls, the costliest first, up to
+        ``others`` times the bytes of the layers' outputs. On a CPU the costs are the times of
+        the last whole pass (a max-pool costs far more per byte than a ReLU); elsewhere, where
+        a call costs its launch, one per call (the smallest outputs first)."""
+        room, chosen = self.others * self.layer_bytes, set()
+        floor = self.layer_seconds / max(self.layer_bytes, 1)  # what a layer's record saves
+        for k, (cost, size) in sorted(self.costs.items(), key=lambda item: -item[1][0]):
+            if cost >= floor and size <= room:
+                room -= size
+                chosen.add(k)
+        self.chosen = chosen
 
     def _drop_from(self, k: int) -> None:
         for j in [j for j in self.record if j >= k]:
@@ -282,9 +360,8 @@ class ForwardReplay:
             self._seed(3 * k + 1)
             rec = self.record.get(k) if k < self.reuse_below else None
             if rec is not None and rec.kept and not rec.intact():  # changed since: not reused
-                self.copied.add(id(rec.module))
-                self._drop_from(k)
-                rec = None
+                self._changed(k, rec, self.record)
+                rec = self.record.get(k)
             if rec is not None and rec.module is module and not rec.kept:
                 result = self._compute(module, compute, splits, args, kwargs, k)  # as recorded
             elif rec is not None and rec.module is module:
@@ -303,17 +380,30 @@ class ForwardReplay:
 
     def _compute(self, module, compute, splits: bool, args, kwargs, k: int) -> Any:
         copy = id(module) in self.copied
+        began = time.perf_counter()
         result = compute(*args, **kwargs)
+        seconds = time.perf_counter() - began
         out, mult = result if splits else (result, None)
         tensors = _tensors(out)
         if not isinstance(module, self.keep):
-            self.pending[k] = _Record(module)
+            rec = None
+            in_place = bool(args) and any(t is args[0] for t in tensors or ())
+            if self.others and tensors is not None and not in_place:
+                rec = _Record(module, out, mult, False, tensors, primary=False)
+                if self.whole and rec.size > 0 and id(module) not in self.computed:
+                    per_byte = seconds if self.device.type == "cpu" else 1.0
+                    self.costs[k] = (per_byte / rec.size, rec.size)
+                if k not in self.chosen or id(module) in self.computed:
+                    rec = None
+            self.pending[k] = rec or _Record(module)
         elif tensors is None:
             self.pending[k] = None
         else:
             kept = _copy(out) if copy else out
             in_place = not splits and bool(args) and out is args[0]
             self.pending[k] = _Record(module, kept, mult, in_place, _tensors(kept))
+            self.layer_bytes += self.pending[k].size
+            self.layer_seconds += seconds if self.device.type == "cpu" else 1.0
         if not splits:
             return result
         self._seed(3 * k + 2)  # the multiplier's draws, the same when handed back

@@ -1,3 +1,5 @@
+import time
+
 import pytest
 import torch
 from torch import nn
@@ -55,14 +57,15 @@ def _full(replay, bnet, x):
     return replay.run(lambda: bnet(x))
 
 
+@pytest.mark.parametrize("others", [0.0, 0.25, 10.0])
 @torch.no_grad()
-def test_a_pass_from_a_switched_gate_equals_the_whole_pass() -> None:
+def test_a_pass_from_a_switched_gate_equals_the_whole_pass(others: float) -> None:
     bnet, x = _bnet()
     layers = bnet.bayesian_layers
     assert any(layer.gate_after for layer in layers.values())  # the BatchNorm hook is exercised
     with ForwardReplay(bnet.net, device=x.device, budget=0) as other:
         reference = _full(other, bnet, x)
-    with ForwardReplay(bnet.net, device=x.device) as replay:
+    with ForwardReplay(bnet.net, device=x.device, others=others) as replay:
         first = _full(replay, bnet, x)
         replay.commit()  # the record stops at the stem, whose output the ReLU changes in place
         assert torch.equal(first, reference)  # the same draws in another replay
@@ -94,7 +97,7 @@ def test_the_modules_before_the_start_are_not_run(monkeypatch) -> None:
         return original(self, inp)
 
     monkeypatch.setattr(BayesianLayer, "forward_pre_gate", counted)
-    with ForwardReplay(bnet.net, device=x.device) as replay:
+    with ForwardReplay(bnet.net, device=x.device, others=0.0) as replay:
         replay.run(lambda: bnet(x))
         replay.commit()  # the record stops at the stem: its output was changed in place
         replay.run(lambda: bnet(x))
@@ -235,3 +238,114 @@ def test_an_instance_forward_is_kept_and_replays_do_not_nest() -> None:
         with pytest.raises(RuntimeError, match="do not nest"):
             replay.__enter__()
     assert "forward" in head.__dict__ and not hasattr(head.__dict__["forward"], "_replay")
+
+
+class _BN(nn.BatchNorm2d):
+    """A BatchNorm that says when its forward computes (its hooks run on handed-back calls too),
+    and that costs more per byte than the layers (a ReLU does not)."""
+
+    def __init__(self, name: str, calls: list[str]) -> None:
+        super().__init__(4)
+        self.name, self.calls = name, calls
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls.append(self.name)
+        time.sleep(0.005)
+        return super().forward(x)
+
+
+class _Counted(nn.Module):
+    """Conv-BN-ReLU twice, then a head; counts the BatchNorms' computed forwards."""
+
+    def __init__(self, inplace: bool) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+        self.c1, self.b1 = nn.Conv2d(1, 4, 3, padding=1), _BN("b1", self.calls)
+        self.r1 = nn.ReLU(inplace=inplace)
+        self.c2, self.b2 = nn.Conv2d(4, 4, 3, padding=1), _BN("b2", self.calls)
+        self.r2 = nn.ReLU()
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.r2(self.b2(self.c2(self.r1(self.b1(self.c1(x))))))
+        return self.head(out.mean((2, 3)))
+
+
+def _passes(net: nn.Module, x: torch.Tensor, start: nn.Module, calls: list, **options):
+    """Two whole passes (the first times the calls, the second records the chosen ones), then
+    one from ``start`` on, changed: the replay and what ``calls`` got in that one."""
+    net.train()
+    keep = (nn.Conv2d, nn.Linear)
+    with ForwardReplay(net, device=x.device, keep=keep, **options) as replay:
+        for _ in range(2):
+            whole = replay.run(lambda: net(x))
+            replay.commit()
+        calls.clear()
+        with torch.no_grad():
+            start.weight[0] = 0  # the change enters at ``start``
+        again = replay.run(lambda: net(x), start=start)
+        ran = list(calls)
+    assert torch.equal(again, net(x))  # the numbers of the whole pass
+    assert not torch.equal(again, whole)
+    return replay, ran
+
+
+@torch.no_grad()
+def test_the_other_modules_before_the_start_are_handed_back_within_the_budget() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(8, 1, 6, 6)
+    size = x.numel() * 4 * 4  # bytes of one 4-channel output (float32)
+
+    def passes(**options):
+        net = _Counted(inplace=False)
+        return _passes(net, x, net.c2, net.calls, **options)
+
+    replay, ran = passes(others=10.0)
+    assert ran == ["b2"] and replay.reused == 2  # c1 and b1 handed back; r1 costs too little
+    replay, ran = passes(others=0.0)
+    assert ran == ["b1", "b2"] and replay.reused == 1  # c1 alone
+    replay, ran = passes()  # the default share: a quarter of c1's and c2's bytes, no output
+    assert ran == ["b1", "b2"] and replay.reused == 1
+    # the layers' outputs first: a budget for c1's and c2's output alone leaves b1 out
+    replay, ran = passes(others=10.0, budget=2 * size + 100)
+    assert ran == ["b1", "b2"] and replay.reused == 1
+    replay, ran = passes(others=10.0, budget=3 * size + 100)
+    assert ran == ["b2"] and replay.reused == 2
+    with pytest.raises(ValueError, match="others must be >= 0"):
+        ForwardReplay(nn.Linear(2, 2), device=x.device, others=-1.0)
+
+
+@torch.no_grad()
+def test_the_other_calls_that_cost_most_per_byte_are_recorded_first() -> None:
+    calls: list[str] = []
+
+    class Slow(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            calls.append("slow")
+            time.sleep(0.02)
+            return x * 2
+
+    class Fast(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            calls.append("fast")
+            return x + 1
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), Fast(), Slow(), nn.Linear(8, 2))
+    x = torch.randn(16, 4)
+    # room for one of the two 8-wide outputs: the layers' outputs take 16 x (8 + 2) floats
+    replay, ran = _passes(net, x, net[3], calls, others=1.0)
+    assert ran == ["fast"]  # Slow handed back though it comes later: the costlier per byte
+    assert replay.reused == 2
+
+
+@torch.no_grad()
+def test_an_output_that_an_in_place_module_changes_runs_again_not_copied() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(8, 1, 6, 6)
+    net = _Counted(inplace=True)
+    replay, ran = _passes(net, x, net.c2, net.calls, others=10.0)
+    # b1's output is changed by the in-place ReLU: b1 runs again, r1 (its output is its input)
+    # too; neither is copied
+    assert ran == ["b1", "b2"] and replay.reused == 1
+    assert replay.computed == {id(net.b1)} and not replay.copied
