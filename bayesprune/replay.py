@@ -96,6 +96,10 @@ def _tensors(value: Any) -> list[torch.Tensor] | None:
     return None
 
 
+def _nbytes(tensors: list[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 def _copy(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return value.clone()
@@ -122,7 +126,7 @@ class _Record:
         self.kept = tensors is not None  # else: a call computed again in every pass
         self.primary = primary  # a module of the types ``keep`` (else: one of the others)
         tensors = tensors or []
-        self.size = sum(t.numel() * t.element_size() for t in tensors)
+        self.size = _nbytes(tensors)
         self.versions = [t._version for t in tensors]
 
     def intact(self) -> bool:
@@ -382,20 +386,25 @@ class ForwardReplay:
         copy = id(module) in self.copied
         began = time.perf_counter()
         result = compute(*args, **kwargs)
-        seconds = time.perf_counter() - began
+        # what the call cost: its time on a CPU, elsewhere (a call costs its launch) one per call
+        cost = time.perf_counter() - began if self.device.type == "cpu" else 1.0
         out, mult = result if splits else (result, None)
         tensors = _tensors(out)
         if not isinstance(module, self.keep):
-            rec = None
+            rec = _Record(module)  # computed again in every pass, unless chosen
             in_place = bool(args) and any(t is args[0] for t in tensors or ())
-            if self.others and tensors is not None and not in_place:
-                rec = _Record(module, out, mult, False, tensors, primary=False)
-                if self.whole and rec.size > 0 and id(module) not in self.computed:
-                    per_byte = seconds if self.device.type == "cpu" else 1.0
-                    self.costs[k] = (per_byte / rec.size, rec.size)
-                if k not in self.chosen or id(module) in self.computed:
-                    rec = None
-            self.pending[k] = rec or _Record(module)
+            if (
+                self.others
+                and tensors is not None
+                and not in_place
+                and id(module) not in self.computed
+            ):
+                size = _nbytes(tensors)
+                if self.whole and size > 0:
+                    self.costs[k] = (cost / size, size)
+                if k in self.chosen:
+                    rec = _Record(module, out, mult, False, tensors, primary=False)
+            self.pending[k] = rec
         elif tensors is None:
             self.pending[k] = None
         else:
@@ -403,7 +412,7 @@ class ForwardReplay:
             in_place = not splits and bool(args) and out is args[0]
             self.pending[k] = _Record(module, kept, mult, in_place, _tensors(kept))
             self.layer_bytes += self.pending[k].size
-            self.layer_seconds += seconds if self.device.type == "cpu" else 1.0
+            self.layer_seconds += cost
         if not splits:
             return result
         self._seed(3 * k + 2)  # the multiplier's draws, the same when handed back
