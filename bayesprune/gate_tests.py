@@ -74,6 +74,8 @@ Example
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 import time
 from collections.abc import Callable
@@ -122,6 +124,8 @@ class GateTests:
             raise ValueError("every tested gate must be the gate_logit of a Bayesian layer")
         self.bnet, self.gates, self.size, self.reduce = bnet, gates, size, reduce
         self.layers = [owners[id(p)] for p in gates]
+        #: where each gate's logits start in the gates concatenated
+        self._starts = [0, *itertools.accumulate(p.numel() for p in gates)][:-1]
         self.examples: list[tuple[torch.Tensor, torch.Tensor]] = []  # as collected
         self.count = 0
         self.held_until = [torch.zeros_like(p, dtype=torch.long) for p in gates]
@@ -173,37 +177,61 @@ class GateTests:
 
     @torch.no_grad()
     def before_step(self) -> list[torch.Tensor]:
-        """The logits before the natural step."""
-        return [p.detach().clone() for p in self.gates]
+        """The logits before the natural step (views of one copy of all of them)."""
+        return self._split(self._flat(self.gates))
 
     @torch.no_grad()
     def after_step(self, natural, logits: list[torch.Tensor]) -> None:
         """Hold the held gates, then test every sign change the natural step proposed (one
-        device sync when it proposed none)."""
+        device sync when it proposed none). All gates at once: a few operators whatever the
+        number of layers, on the gates concatenated."""
         start = time.perf_counter()
+        old, new = self._flat(logits), self._flat(self.gates)
         if self.holding:
-            for p, old, until in zip(self.gates, logits, self.held_until, strict=True):
-                held = until > self.epoch
-                p.copy_(torch.where(held, old, p))
-                if p.grad is not None:
-                    p.grad.masked_fill_(held, 0)
+            held = self._flat(self.held_until) > self.epoch
+            new = torch.where(held, old, new)
+            torch._foreach_copy_(self.gates, self._split(new))
+            grads = [p.grad for p in self.gates if p.grad is not None]
+            if len(grads) < len(self.gates):  # the held flags of the gates with a gradient
+                flags = self._split(held)
+                held = self._flat(
+                    [h for h, p in zip(flags, self.gates, strict=True) if p.grad is not None]
+                )
+            if grads:
+                flat = self._flat(grads)
+                flat.masked_fill_(held, 0)
+                torch._foreach_copy_(grads, self._split(flat, grads))
         # on: PIP >= 1/2, as the median-probability model (bayesprune.diagnostics)
-        changed = [(p >= 0) != (old >= 0) for p, old in zip(self.gates, logits, strict=True)]
-        if torch.stack([c.any() for c in changed]).any():
+        flips = (new >= 0) != (old >= 0)
+        if flips.any():
+            q = torch.sigmoid(old)
+            grad = self._flat([p.grad if p.grad is not None else p.new_zeros(()).expand_as(p)
+                               for p in self.gates])  # fmt: skip
+            # the size of the step each gate took, before the clamp: the strongest first
+            strength = (grad / (q * (1 - q)).clamp_min(1e-12)).abs()
+            index = flips.nonzero().flatten()
             proposals = []
-            for i, (p, old) in enumerate(zip(self.gates, logits, strict=True)):
-                if p.grad is None:
-                    continue
-                q = torch.sigmoid(old)
-                # the size of the step each gate took, before the clamp: the strongest first
-                strength = (p.grad / (q * (1 - q)).clamp_min(1e-12)).abs().view(-1)
-                index = changed[i].view(-1).nonzero().flatten()
-                values, places = strength[index].tolist(), index.tolist()
-                proposals += [(v, i, j) for v, j in zip(values, places, strict=True)]
+            for v, k in zip(strength[index].tolist(), index.tolist(), strict=True):
+                i = bisect.bisect_right(self._starts, k) - 1  # gate k of the flat is (i, j)
+                if self.gates[i].grad is not None:
+                    proposals.append((v, i, k - self._starts[i]))
             bound_of = {id(p): g["max_logit"] for g in natural.param_groups for p in g["params"]}
             bounds = [bound_of[id(p)] for p in self.gates]
             self._test(sorted(proposals, reverse=True), logits, bounds, natural.beta)
         self.seconds += time.perf_counter() - start
+
+    @staticmethod
+    def _flat(tensors: list[torch.Tensor]) -> torch.Tensor:
+        """``tensors`` flattened into one (a copy)."""
+        if len(tensors) == 1:
+            return tensors[0].reshape(-1).clone()
+        return torch.cat([t.reshape(-1) for t in tensors])
+
+    def _split(self, flat: torch.Tensor, like: list[torch.Tensor] | None = None) -> list:
+        """Views of ``flat`` shaped as ``like`` (the gates by default)."""
+        like = self.gates if like is None else like
+        parts = flat.split([t.numel() for t in like])
+        return [part.view(t.shape) for part, t in zip(parts, like, strict=True)]
 
     def _test(self, proposals, logits, bounds, beta: float) -> None:
         stepped = [p.detach().clone() for p in self.gates]

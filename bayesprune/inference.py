@@ -64,6 +64,7 @@ from .layers import BayesianLayer
 from .module import BayesianModule
 from .natural import BernoulliNaturalGradient
 from .priors import SpikeAndSlab
+from .priors.gates_kl import gates_kl
 
 __all__ = ["FitResult", "LocalReparamELBO", "fit", "model_kl"]
 
@@ -189,27 +190,25 @@ class LocalReparamELBO(pyro.infer.ELBO):
         return loss.item()
 
 
-def _gates_only(layer: BayesianLayer) -> float | None:
-    r"""The prior log-odds :math:`\log(\gamma / (1 - \gamma))` of a layer whose KL is the
-    Bernoulli KL of its gate logits alone (point-weight node spike-and-slab, the default), else
-    ``None``."""
+def _gates_only(layer: BayesianLayer) -> bool:
+    """Whether the layer's KL is the Bernoulli KL of its gate logits alone (point-weight node
+    spike-and-slab, the default)."""
     prior = layer.prior
-    if (
+    return (
         type(layer).kl is BayesianLayer.kl  # (a layer class with a KL of its own keeps it)
         and isinstance(prior, SpikeAndSlab)
         and type(prior).kl is SpikeAndSlab.kl
         and prior.level == "node"
         and prior.point_weights
-    ):
-        return prior.log_odds(layer)
-    return None
+    )
 
 
 def model_kl(bnet: BayesianModule) -> torch.Tensor:
     r"""``bnet.kl()`` in fewer operators: the KL terms of the layers with the default prior
     (point-weight node spike-and-slab: the Bernoulli KL of the gate logits) are computed on all
-    their gate logits at once, one set of elementwise operators per prior inclusion instead of
-    one per layer; the other layers' ``layer.kl()`` are added to it.
+    their gate logits at once (:func:`bayesprune.priors.gates_kl.gates_kl`), one set of
+    elementwise operators for all of them instead of one per layer; the other layers'
+    ``layer.kl()`` are added to it.
 
     The same function of the parameters: each logit's terms and gradient are computed by the
     same elementwise operators (the gradients are bit-identical); only the order of the final
@@ -224,18 +223,15 @@ def model_kl(bnet: BayesianModule) -> torch.Tensor:
     >>> torch.allclose(model_kl(bnet), bnet.kl())
     True
     """
-    groups: dict[float, tuple[BayesianLayer, list[torch.Tensor]]] = {}
-    total = None
+    gated, total = [], None
     for layer in bnet.bayesian_layers.values():
-        log_odds = _gates_only(layer)
-        if log_odds is None:
+        if _gates_only(layer):
+            gated.append(layer)
+        else:
             term = layer.kl()
             total = term if total is None else total + term
-        else:
-            groups.setdefault(log_odds, (layer, []))[1].append(layer.gate_logit.reshape(-1))
-    for first, logits in groups.values():
-        flat = logits[0] if len(logits) == 1 else torch.cat(logits)
-        term = first.prior.kl_gates(first, flat).sum()
+    if gated:
+        term = gates_kl(gated)
         total = term if total is None else total + term
     return total if total is not None else torch.zeros((), device=bnet.device)
 

@@ -117,10 +117,24 @@ class BernoulliNaturalGradient(torch.optim.Optimizer):
             lr, bound = group["lr"], group["max_logit"]
             if lr == 0:
                 continue
+            same_kind: dict[tuple, list[torch.Tensor]] = {}
             for p in group["params"]:
-                if p.grad is None:
-                    continue
-                q = torch.sigmoid(p)
-                p.sub_(p.grad / (q * (1 - q)).clamp_min(1e-12), alpha=lr / self.beta)
-                p.clamp_(-bound, bound)
+                if p.grad is not None:
+                    same_kind.setdefault((p.device, p.dtype), []).append(p)
+            for params in same_kind.values():
+                _step(params, [p.grad for p in params], lr / self.beta, bound)
         return None
+
+
+def _step(params: list[torch.Tensor], grads: list[torch.Tensor], rate: float, bound: float) -> None:
+    """``p <- clamp(p - rate * g / (q (1 - q)), -bound, bound)`` for every ``p`` at once: one
+    multi-tensor (``torch._foreach_*``) operator per arithmetic step for all the layers, not one
+    per layer (the numbers of the per-tensor operators, in the same order)."""
+    var = torch._foreach_sigmoid(params)  # q
+    one_minus = torch._foreach_neg(var)
+    torch._foreach_add_(one_minus, 1.0)  # 1 - q
+    torch._foreach_mul_(var, one_minus)  # q (1 - q)
+    torch._foreach_clamp_min_(var, 1e-12)
+    torch._foreach_sub_(params, torch._foreach_div(grads, var), alpha=rate)
+    torch._foreach_clamp_min_(params, -bound)
+    torch._foreach_clamp_max_(params, bound)

@@ -318,3 +318,67 @@ def test_the_kl_change_of_a_switch_is_exact_when_a_gate_costs_thousands_of_nats(
             change = tests._kl_change(first, first.gate_logit, j, 8.0)
             assert change == pytest.approx(float(exact[0] - exact[1]), abs=0.01)
         assert torch.equal(first.gate_logit, saved)  # the logits are put back
+
+
+def _per_layer_reference(tests: GateTests, logits, beta_bound: float = 8.0):
+    """The hold and the proposals of ``after_step`` written one layer at a time (as before the
+    gates were handled concatenated): the gates and gradients after the hold, and the proposals
+    ``(strength, layer, gate)``, the strongest first."""
+    gates = [p.detach().clone() for p in tests.gates]
+    grads = [None if p.grad is None else p.grad.clone() for p in tests.gates]
+    for k, (old, until) in enumerate(zip(logits, tests.held_until, strict=True)):
+        held = until > tests.epoch
+        gates[k] = torch.where(held, old, gates[k])
+        if grads[k] is not None:
+            grads[k] = grads[k].masked_fill(held, 0)
+    proposals = []
+    for i, (p, old, g) in enumerate(zip(gates, logits, grads, strict=True)):
+        if g is None:
+            continue
+        q = torch.sigmoid(old)
+        strength = (g / (q * (1 - q)).clamp_min(1e-12)).abs().view(-1)
+        index = ((p >= 0) != (old >= 0)).view(-1).nonzero().flatten()
+        values, places = strength[index].tolist(), index.tolist()
+        proposals += [(v, i, j) for v, j in zip(values, places, strict=True)]
+    return gates, grads, sorted(proposals, reverse=True)
+
+
+@pytest.mark.parametrize("without_gradient", [None, 1])
+def test_the_gates_of_several_layers_are_held_and_proposed_as_one_layer_at_a_time(
+    without_gradient,
+) -> None:
+    """after_step works on all the gates concatenated: the same holds, the same cleared
+    gradients and the same proposals (layer, gate, strength) as one layer at a time, with
+    gates of different sizes, held gates in two layers and a gate tensor without a gradient."""
+    torch.manual_seed(3)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(4, 5), torch.nn.ReLU(), torch.nn.Linear(5, 7), torch.nn.ReLU(),
+        torch.nn.Linear(7, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2),
+    )  # fmt: skip
+    bnet = bp.bayesianize(net)
+    gates = bnet.gate_parameters()
+    assert len(gates) == 4  # the output layer has gates too
+    tests = GateTests(bnet, gates, 16)
+    natural = BernoulliNaturalGradient(gates, lr=1.0)
+    with torch.no_grad():
+        for p in gates:
+            p.copy_(torch.randn_like(p))
+            p.grad = p.sign() * (0.5 + torch.rand_like(p))  # steps of 2 or more: most flip
+    if without_gradient is not None:
+        gates[without_gradient].grad = None
+    tests.held_until[0][1] = tests.held_until[1][4] = tests.held_until[2][0] = 5
+    tests.epoch = 1
+    assert tests.holding
+    seen = {}
+    tests._test = lambda proposals, logits, bounds, beta: seen.update(proposals=proposals)
+    before = tests.before_step()
+    assert all(torch.equal(b, p) for b, p in zip(before, gates, strict=True))
+    natural.step()
+    expected_gates, expected_grads, expected = _per_layer_reference(tests, before)
+    tests.after_step(natural, before)
+    assert all(torch.equal(p, e) for p, e in zip(gates, expected_gates, strict=True))
+    for p, e in zip(gates, expected_grads, strict=True):
+        assert (p.grad is None) == (e is None) and (e is None or torch.equal(p.grad, e))
+    assert expected and seen["proposals"] == expected
+    with_gradient = {i for i, p in enumerate(gates) if p.grad is not None}
+    assert {i for _, i, _ in expected} == with_gradient  # proposals in every layer

@@ -56,3 +56,29 @@ def test_gates_separate_within_a_short_fit_whatever_the_step_count() -> None:
     pip = bnet.inclusion_probs()["1"]
     assert ((pip < 0.05) | (pip > 0.95)).float().mean() > 0.9, pip
     assert (pip < 0.05).any() and (pip > 0.95).any(), pip  # they moved apart from 0.95
+
+
+def test_all_logits_in_one_step_give_the_bits_of_one_tensor_at_a_time() -> None:
+    """The step runs as multi-tensor operators over all the layers' logits (grouped by dtype); a
+    logit without a gradient is left alone; the numbers are those of the per-tensor step."""
+    torch.manual_seed(0)
+    params = [
+        torch.nn.Parameter(torch.randn(n, dtype=dtype) * 6)
+        for n, dtype in [(5, torch.float32), (300, torch.float32), (7, torch.float64), (1, torch.float32)]
+    ]  # fmt: skip
+    for p in params:
+        p.grad = torch.randn_like(p) * 50
+    params[1].grad = None
+    expected = []
+    for p in params:
+        new = p.detach().clone()
+        if p.grad is not None:
+            q = torch.sigmoid(new)
+            new.sub_(p.grad / (q * (1 - q)).clamp_min(1e-12), alpha=0.3 / 0.7)
+            new.clamp_(-8.0, 8.0)
+        expected.append(new)
+    step = BernoulliNaturalGradient(params, lr=0.3)
+    step.beta = 0.7
+    step.step()
+    assert all(torch.equal(p.detach(), e) for p, e in zip(params, expected, strict=True))
+    assert any((e.abs() == 8.0).any() for e in expected)  # the bound was reached

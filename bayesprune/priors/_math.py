@@ -17,9 +17,11 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "bernoulli_logs",
     "gauss_hermite",
     "hard_concrete",
     "kl_bernoulli",
+    "kl_bernoulli_logs",
     "kl_lognormal_gamma",
     "kl_lognormal_invgamma",
     "kl_normal",
@@ -62,10 +64,25 @@ def kl_bernoulli(
     :math:`\gamma`)."""
     if (prior_inclusion is None) == (prior_log_odds is None):
         raise ValueError("kl_bernoulli needs exactly one of prior_inclusion and prior_log_odds")
+    return kl_bernoulli_logs(logit, *bernoulli_logs(prior_inclusion, prior_log_odds))
+
+
+def bernoulli_logs(
+    prior_inclusion: float | None, prior_log_odds: float | None
+) -> tuple[float, float]:
+    r""":math:`(\log \gamma, \log(1 - \gamma))` of a prior given by :math:`\gamma` or by its
+    log-odds (the second wins where both are given), as :func:`kl_bernoulli` uses them."""
     if prior_log_odds is None:
-        log_g, log_1mg = math.log(prior_inclusion), math.log1p(-prior_inclusion)
-    else:
-        log_g, log_1mg = log_sigmoid(prior_log_odds), log_sigmoid(-prior_log_odds)
+        return math.log(prior_inclusion), math.log1p(-prior_inclusion)
+    return log_sigmoid(prior_log_odds), log_sigmoid(-prior_log_odds)
+
+
+def kl_bernoulli_logs(
+    logit: torch.Tensor, log_g: float | torch.Tensor, log_1mg: float | torch.Tensor
+) -> torch.Tensor:
+    r""":func:`kl_bernoulli` with the prior given by :math:`\log \gamma` and
+    :math:`\log(1 - \gamma)`: numbers, or tensors that broadcast with ``logit`` (one prior per
+    gate; the same value gives the same bits as the number)."""
     q = torch.sigmoid(logit)
     log_q, log_1mq = F.logsigmoid(logit), F.logsigmoid(-logit)
     return q * (log_q - log_g) + (1 - q) * (log_1mq - log_1mg)
@@ -156,7 +173,8 @@ class _TrapezoidGate(torch.autograd.Function):
     def forward(ctx, logit: torch.Tensor, batch: int | None) -> torch.Tensor:
         q = torch.sigmoid(logit)
         shape = logit.shape if batch is None else (batch, *logit.shape)
-        hard = (torch.rand(shape, device=logit.device, dtype=logit.dtype) < q).to(logit.dtype)
+        # u < q, written into u as 0. or 1. (one operator fewer than a comparison and a cast)
+        hard = torch.rand(shape, device=logit.device, dtype=logit.dtype).lt_(q)
         ctx.save_for_backward(q, hard)
         ctx.batched = batch is not None
         return hard

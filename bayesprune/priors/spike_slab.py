@@ -31,8 +31,9 @@ import torch
 
 from ._checks import check_positive, check_probability
 from ._math import (
+    bernoulli_logs,
     hard_concrete,
-    kl_bernoulli,
+    kl_bernoulli_logs,
     kl_lognormal_gamma,
     kl_normal,
     log_sigmoid,
@@ -602,9 +603,15 @@ class SpikeAndSlab(Prior):
 
     def kl_gates(self, layer: BayesianLayer, logit: torch.Tensor) -> torch.Tensor:
         """Elementwise KL of gates with logits ``logit`` against this layer's prior inclusion."""
+        return kl_bernoulli_logs(logit, *self.inclusion_logs(layer))
+
+    def inclusion_logs(self, layer: BayesianLayer) -> tuple[float, float]:
+        r""":math:`(\log \gamma, \log(1 - \gamma))` of the layer's prior inclusion, as
+        :meth:`kl_gates` uses them (from :meth:`log_odds` where ``prior_log_odds`` or
+        ``price_per_example`` is set: exact where :math:`\gamma` underflows a double)."""
         if self._via_log_odds:
-            return kl_bernoulli(logit, prior_log_odds=self.log_odds(layer))
-        return kl_bernoulli(logit, self.gamma(layer))
+            return bernoulli_logs(None, self.log_odds(layer))
+        return bernoulli_logs(self.gamma(layer), None)
 
     def base_scale(self, layer: BayesianLayer) -> float:
         return self._slab.base_scale(layer)
