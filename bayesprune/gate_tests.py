@@ -125,7 +125,7 @@ class GateTests:
         self.bnet, self.gates, self.size, self.reduce = bnet, gates, size, reduce
         self.layers = [owners[id(p)] for p in gates]
         #: where each gate's logits start in the gates concatenated
-        self._starts = [0, *itertools.accumulate(p.numel() for p in gates)][:-1]
+        *self._starts, self._size = [0, *itertools.accumulate(p.numel() for p in gates)]
         self.examples: list[tuple[torch.Tensor, torch.Tensor]] = []  # as collected
         self.count = 0
         self.held_until = [torch.zeros_like(p, dtype=torch.long) for p in gates]
@@ -217,7 +217,7 @@ class GateTests:
                     proposals.append((v, i, k - self._starts[i]))
             bound_of = {id(p): g["max_logit"] for g in natural.param_groups for p in g["params"]}
             bounds = [bound_of[id(p)] for p in self.gates]
-            self._test(sorted(proposals, reverse=True), logits, bounds, natural.beta)
+            self._test(sorted(proposals, reverse=True), old, new, bounds, natural.beta)
         self.seconds += time.perf_counter() - start
 
     @staticmethod
@@ -233,38 +233,50 @@ class GateTests:
         parts = flat.split([t.numel() for t in like])
         return [part.view(t.shape) for part, t in zip(parts, like, strict=True)]
 
-    def _test(self, proposals, logits, bounds, beta: float) -> None:
-        stepped = [p.detach().clone() for p in self.gates]
+    def _test(self, proposals, old, stepped, bounds, beta: float) -> None:
+        """Test ``proposals``; ``old`` and ``stepped``: the gates before and after the natural
+        step, concatenated."""
         try:
-            self._run_tests(proposals, logits, bounds, beta, stepped)
+            self._run_tests(proposals, old, stepped, bounds, beta)
         except BaseException:  # (Ctrl-C included) the gates as before the untested step
-            for p, old in zip(self.gates, logits, strict=True):
-                p.copy_(old)
+            torch._foreach_copy_(self.gates, self._split(old))
             raise
 
-    def _run_tests(self, proposals, logits, bounds, beta: float, stepped) -> None:
-        for p, old in zip(self.gates, logits, strict=True):  # the median model before the step
-            p.copy_(torch.where(old >= 0, math.inf, -math.inf))
+    def _run_tests(self, proposals, old, stepped, bounds, beta: float) -> None:
+        median = torch.where(old >= 0, math.inf, -math.inf)  # the median model before the step
+        torch._foreach_copy_(self.gates, self._split(median))
+        # every pass leaves the buffers (BatchNorm's statistics) as they are now
+        saved = [b.detach().clone() for b in self.bnet.buffers()]
         with self.replay as replay:
             copied = len(replay.copied)
-            current = self._nll(replay)
+            current = self._nll(replay, saved)
             replay.commit()
             if len(replay.copied) > copied:  # an output changed in place: record it again
-                current = self._nll(replay)
+                current = self._nll(replay, saved)
                 replay.commit()
-            tested = self._test_each(proposals, bounds, beta, current, replay)
-        for p, new, bound, done in zip(self.gates, stepped, bounds, tested, strict=True):
-            p.copy_(torch.where(done, p.sign() * bound, new))  # untested gates keep their step
+            tested = self._test_each(proposals, bounds, beta, current, replay, saved)
+        if len(set(bounds)) == 1:
+            bound = bounds[0]
+        else:
+            bound = self._flat(
+                [torch.full_like(p, b) for p, b in zip(self.gates, bounds, strict=True)]
+            )
+        now = self._flat(self.gates)  # untested gates keep their step
+        torch._foreach_copy_(
+            self.gates, self._split(torch.where(tested, now.sign() * bound, stepped))
+        )
 
-    def _test_each(self, proposals, bounds, beta: float, current: float, replay) -> list:
-        tested = [torch.zeros_like(p, dtype=torch.bool) for p in self.gates]
+    def _test_each(
+        self, proposals, bounds, beta: float, current: float, replay, saved
+    ) -> torch.Tensor:
+        tested = torch.zeros(self._size, dtype=torch.bool, device=self.gates[0].device)
         for _, i, j in proposals:
             p, layer, bound = self.gates[i], self.layers[i], bounds[i]
             flat = p.view(-1)
             on = bool(flat[j] >= 0)
             kl_switch = self._kl_change(layer, p, j, bound)
             flat[j] = -flat[j]
-            value = self._nll(replay, start=layer)  # the modules before the layer handed back
+            value = self._nll(replay, saved, start=layer)  # the modules before it handed back
             self.counts["tests"] += 1
             if value + beta * kl_switch < current:
                 current = value
@@ -277,7 +289,7 @@ class GateTests:
                 self.refusals[i].view(-1)[j] = refusals
                 self.held_until[i].view(-1)[j] = self.epoch + 2 ** (refusals - 1) + 1
                 self.holding = True
-            tested[i].view(-1)[j] = True
+            tested[self._starts[i] + j] = True
             if p.grad is not None:
                 p.grad.view(-1)[j] = 0  # the next proposal rests on new evidence
         return tested
@@ -293,17 +305,18 @@ class GateTests:
         side = saved.view(-1)[j].sign()
         p.fill_(-bound)
         p.view(-1)[j] = side * bound
-        before = float(layer.kl())
+        before = layer.kl()
         p.view(-1)[j] = -p.view(-1)[j]
-        after = float(layer.kl())
+        after = layer.kl()
         p.copy_(saved)
+        before, after = torch.stack((before, after)).tolist()  # one read of the device
         return after - before
 
-    def _nll(self, replay: ForwardReplay, *, start=None) -> float:
+    def _nll(self, replay: ForwardReplay, saved: list, *, start=None) -> float:
         """NLL (nats, full-data scale) of the network as it is on the test examples (the
-        outputs of the modules called before ``start`` handed back by ``replay``)."""
+        outputs of the modules called before ``start`` handed back by ``replay``); the buffers
+        are put back to ``saved`` after the pass."""
         bnet = self.bnet
-        buffers = [b.detach().clone() for b in bnet.buffers()]
         total = torch.zeros(2, dtype=torch.float64, device=bnet.device)
 
         def nll() -> torch.Tensor:
@@ -312,8 +325,8 @@ class GateTests:
         try:  # seeded by the replay, on this fit's generators only, the same on both sides
             total[0] -= replay.run(nll, start=start)
         finally:
-            for b, old in zip(bnet.buffers(), buffers, strict=True):
-                b.copy_(old)
+            if saved:
+                torch._foreach_copy_(list(bnet.buffers()), saved)
         total[1] = self.count
         if self.reduce is not None:
             self.reduce(total)

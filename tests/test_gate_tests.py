@@ -370,7 +370,7 @@ def test_the_gates_of_several_layers_are_held_and_proposed_as_one_layer_at_a_tim
     tests.epoch = 1
     assert tests.holding
     seen = {}
-    tests._test = lambda proposals, logits, bounds, beta: seen.update(proposals=proposals)
+    tests._test = lambda proposals, old, stepped, bounds, beta: seen.update(proposals=proposals)
     before = tests.before_step()
     assert all(torch.equal(b, p) for b, p in zip(before, gates, strict=True))
     natural.step()
