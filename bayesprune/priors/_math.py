@@ -3,7 +3,9 @@ r"""Closed-form pieces shared by the priors (private): KL divergences, gate esti
 Everything here works on tensors alone (no layer, no Pyro):
 
 * :func:`kl_normal`, :func:`kl_bernoulli`, :func:`kl_lognormal_gamma`,
-  :func:`kl_lognormal_invgamma`: the analytic KL terms of the variational factors;
+  :func:`kl_lognormal_invgamma`: the analytic KL terms of the variational factors
+  (:func:`kl_bernoulli_logs`: the Bernoulli KL given :math:`\log\gamma` and
+  :math:`\log(1-\gamma)`, numbers or one per gate, which :func:`bernoulli_logs` computes);
 * :func:`hard_concrete` and :func:`trapezoid_gate`: exact Bernoulli draws of the node / weight
   gates with two gradient estimators for their logits;
 * :func:`gauss_hermite`: the quadrature rule of the horseshoe's posterior-mean node scale.
