@@ -176,17 +176,18 @@ class GateTests:
         self.holding = any(bool((h > value).any()) for h in self.held_until)
 
     @torch.no_grad()
-    def before_step(self) -> list[torch.Tensor]:
-        """The logits before the natural step (views of one copy of all of them)."""
-        return self._split(self._flat(self.gates))
+    def before_step(self) -> torch.Tensor:
+        """The logits before the natural step: one copy of all of them, concatenated (what
+        :meth:`after_step` takes)."""
+        return self._flat(self.gates)
 
     @torch.no_grad()
-    def after_step(self, natural, logits: list[torch.Tensor]) -> None:
+    def after_step(self, natural, old: torch.Tensor) -> None:
         """Hold the held gates, then test every sign change the natural step proposed (one
         device sync when it proposed none). All gates at once: a few operators whatever the
-        number of layers, on the gates concatenated."""
+        number of layers, on the gates concatenated. ``old`` is :meth:`before_step`'s copy."""
         start = time.perf_counter()
-        old, new = self._flat(logits), self._flat(self.gates)
+        new = self._flat(self.gates)
         if self.holding:
             held = self._flat(self.held_until) > self.epoch
             new = torch.where(held, old, new)

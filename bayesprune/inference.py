@@ -63,8 +63,7 @@ from .gate_tests import GateTests
 from .layers import BayesianLayer
 from .module import BayesianModule
 from .natural import BernoulliNaturalGradient
-from .priors import SpikeAndSlab
-from .priors.gates_kl import gates_kl
+from .priors.gates_kl import gates_kl, gates_only
 
 __all__ = ["FitResult", "LocalReparamELBO", "fit", "model_kl"]
 
@@ -193,14 +192,8 @@ class LocalReparamELBO(pyro.infer.ELBO):
 def _gates_only(layer: BayesianLayer) -> bool:
     """Whether the layer's KL is the Bernoulli KL of its gate logits alone (point-weight node
     spike-and-slab, the default)."""
-    prior = layer.prior
-    return (
-        type(layer).kl is BayesianLayer.kl  # (a layer class with a KL of its own keeps it)
-        and isinstance(prior, SpikeAndSlab)
-        and type(prior).kl is SpikeAndSlab.kl
-        and prior.level == "node"
-        and prior.point_weights
-    )
+    # (a layer class with a KL of its own keeps it)
+    return type(layer).kl is BayesianLayer.kl and gates_only(layer.prior)
 
 
 def model_kl(bnet: BayesianModule) -> torch.Tensor:

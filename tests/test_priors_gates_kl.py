@@ -59,3 +59,13 @@ def test_one_prior_for_all_layers_and_no_layers() -> None:
     torch.testing.assert_close(gates_kl(layers), expected)
     with pytest.raises(ValueError, match="at least one layer"):
         gates_kl([])
+
+
+@pytest.mark.parametrize(
+    "prior",
+    [bp.priors.Gaussian(), bp.priors.GroupHorseshoe(), bp.priors.SpikeAndSlab(level="weight")],
+)
+def test_layers_whose_kl_is_not_their_gates_alone_are_refused(prior) -> None:
+    bnet = bp.bayesianize(torch.nn.Sequential(torch.nn.Linear(4, 3)), prior=prior)
+    with pytest.raises(ValueError, match=r"gates alone.*use layer\.kl\(\)"):
+        gates_kl(list(bnet.bayesian_layers.values()))

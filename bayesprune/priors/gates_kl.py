@@ -36,11 +36,25 @@ from typing import TYPE_CHECKING
 import torch
 
 from ._math import kl_bernoulli_logs
+from .base import Prior
+from .spike_slab import SpikeAndSlab
 
 if TYPE_CHECKING:
     from ..layers import BayesianLayer
 
-__all__ = ["gates_kl"]
+__all__ = ["gates_kl", "gates_only"]
+
+
+def gates_only(prior: Prior) -> bool:
+    """Whether a layer's KL under ``prior`` is the Bernoulli KL of its gate logits alone: a
+    :class:`~bayesprune.priors.SpikeAndSlab` (whose ``kl`` no subclass replaces) at node level
+    with point weights, the default prior."""
+    return (
+        isinstance(prior, SpikeAndSlab)
+        and type(prior).kl is SpikeAndSlab.kl
+        and prior.level == "node"
+        and prior.point_weights
+    )
 
 
 def gates_kl(layers: Sequence[BayesianLayer]) -> torch.Tensor:
@@ -49,6 +63,12 @@ def gates_kl(layers: Sequence[BayesianLayer]) -> torch.Tensor:
     level with point weights, whose KL is that of its gates alone)."""
     if not layers:
         raise ValueError("gates_kl needs at least one layer")
+    other = [type(layer.prior).__name__ for layer in layers if not gates_only(layer.prior)]
+    if other:
+        raise ValueError(
+            f"gates_kl takes layers whose KL is that of their gates alone (node-level "
+            f"SpikeAndSlab with point weights); got priors {other}: use layer.kl() for those"
+        )
     logits = [layer.gate_logit.reshape(-1) for layer in layers]
     flat = logits[0] if len(logits) == 1 else torch.cat(logits)
     priors = tuple(
