@@ -42,9 +42,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._predictive import batched_draws, draws_per_example, inputs_of
-from ._utils import check_seed, modes_kept, param_effect
-from .data import input_errors, input_tensor, label_errors, output_tensor
+from ._predictive import predictive
+from ._utils import param_effect
+from .data import input_tensor, label_errors, output_tensor
 from .io import FORMAT, write_module
 from .layers import BayesianLayer, set_mode
 from .priors import Prior
@@ -623,75 +623,11 @@ class BayesianModule(nn.Module):
         return self._predictive(x, num_samples, seed, batch_size, self._regression)
 
     def _predictive(self, x, num_samples: int, seed: int | None, batch_size: int | None, reduce):
-        """``reduce`` of the ``[num_samples, examples, ...]`` outputs, chunk by chunk of ``x`` (a
-        batch, or an iterable of batches), concatenated."""
-        if batch_size is None:
+        """:func:`bayesprune._predictive.predictive` with ``predict``'s default rows per pass."""
+        rows = batch_size
+        if rows is None:
             rows = PREDICT_ROWS_GPU if self.device.type == "cuda" else PREDICT_ROWS
-        else:
-            rows = batch_size
-        if isinstance(rows, bool) or not isinstance(rows, numbers.Integral) or rows < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        rows = int(rows)
-        if isinstance(x, list | tuple) and x and torch.is_tensor(x[0]):
-            x = inputs_of(x)  # one batch of a loader, (x, y) or (x,)
-        if not torch.is_tensor(x) and not hasattr(x, "__array__") and isinstance(x, Iterable):
-            parts = [self._predictive(inputs_of(b), num_samples, seed, rows, reduce) for b in x]
-            if not parts:
-                raise ValueError("predict got an empty iterable of batches")
-            return _cat(parts)
-        self._check_batch(x)
-        if len(x) == 0:
-            raise ValueError(
-                f"predict got a batch of 0 examples (inputs of shape {tuple(x.shape)}): pass at "
-                "least one example"
-            )
-        # chunks go to the device one at a time, so that device memory stays bounded too
-        per_example = seed is None and draws_per_example(self, x[:1].to(self.device))
-        # examples per chunk: with batched draws, each example takes up to num_samples rows
-        step = max(1, rows // num_samples) if per_example else rows
-        parts = [
-            reduce(
-                self._sample_outputs(
-                    x[i : i + step].to(self.device), num_samples, seed, rows, per_example
-                )
-            )
-            for i in range(0, len(x), step)
-        ]
-        return _cat(parts)
-
-    def _sample_outputs(
-        self,
-        x: torch.Tensor,
-        num_samples: int,
-        seed: int | None,
-        rows: int,
-        per_example: bool,
-    ) -> torch.Tensor:
-        """``[num_samples, len(x), ...]`` outputs: batched draws (``per_example``, at most ``rows``
-        rows per pass), one pass per draw, or the guide's draws of ``seed``."""
-        exact = {layer: layer.exact_draws for layer in self.bayesian_layers.values()}
-        for layer in exact:
-            layer.exact_draws = True
-        try:
-            with modes_kept(self):
-                self.eval()
-                fix = "inputs of the shape the wrapped network expects, with the batch first"
-                with (
-                    self.mode("sample"),
-                    input_errors(type(self.net).__name__, "inputs", x.shape, fix),
-                ):
-                    if seed is not None:
-                        return torch.stack(
-                            [self._frozen_pass(x, s) for s in _draw_seeds(seed, num_samples)]
-                        )
-                    if not per_example:
-                        return torch.stack(
-                            [output_tensor(self.net(x), self.net) for _ in range(num_samples)]
-                        )
-                    return batched_draws(self.net, x, num_samples, rows)
-        finally:
-            for layer, value in exact.items():
-                layer.exact_draws = value
+        return predictive(self, x, num_samples, seed, rows, reduce)
 
     def _frozen_pass(self, x: torch.Tensor, seed: int) -> torch.Tensor:
         """One forward pass with a whole posterior draw from the guide, reproducible from ``seed``
@@ -736,18 +672,3 @@ class BayesianModule(nn.Module):
 
     def extra_repr(self) -> str:
         return f"likelihood={self.likelihood!r}, num_data={self.num_data}"
-
-
-def _cat(parts: list) -> Any:
-    """Predictions of consecutive chunks, concatenated (field by field for regression)."""
-    if len(parts) == 1:
-        return parts[0]
-    if isinstance(parts[0], RegressionPrediction):
-        return RegressionPrediction(*(torch.cat(f) for f in zip(*parts, strict=True)))
-    return torch.cat(parts)
-
-
-def _draw_seeds(seed: int, num_samples: int) -> list[int]:
-    """``num_samples`` seeds derived from ``seed``: the posterior draws of ``predict(seed=...)``."""
-    gen = torch.Generator().manual_seed(check_seed(seed))
-    return torch.randint(2**62, (num_samples,), generator=gen).tolist()

@@ -2,9 +2,10 @@ r"""The spike-and-slab prior: a Bernoulli gate per node (or per weight) over a s
 
 :class:`SpikeAndSlab` owns the gates: their Bernoulli factors, the gate draws of the fast path,
 their KL and their Pyro sites. What an included node's weights follow is the *slab*, a small
-strategy object per ``slab`` option (Gaussian, group lasso, group horseshoe) with the slab's own
-latent variables, its KL given inclusion and its sample sites. :func:`theory_inclusion` is the
-layer-wise prior inclusion of ``prior_inclusion="theory"``.
+strategy object per ``slab`` option (Gaussian, group lasso, group horseshoe;
+:mod:`bayesprune.priors._slabs`) with the slab's own latent variables, its KL given inclusion
+and its sample sites. :func:`theory_inclusion` is the layer-wise prior inclusion of
+``prior_inclusion="theory"``.
 
 Example
 -------
@@ -34,17 +35,14 @@ from ._math import (
     bernoulli_logs,
     hard_concrete,
     kl_bernoulli_logs,
-    kl_lognormal_gamma,
     kl_normal,
     log_sigmoid,
     trapezoid_gate,
 )
+from ._slabs import GaussianSlab, GroupLassoSlab, HorseshoeSlab, Slab, slab_sd
 from ._weights import (
     bias_kl,
     guide_weight_sites,
-    node_kl,
-    node_view,
-    row_stats,
     site_prefix,
     weight_sites,
 )
@@ -76,180 +74,6 @@ def theory_inclusion(num_nodes: int, group_size: int) -> float:
     if num_nodes < 1 or group_size < 1:
         raise ValueError("num_nodes and group_size must be positive")
     return float(math.exp(-(math.log(num_nodes) + 0.1 * math.log(group_size))))
-
-
-def _slab_sd(slab_scale: float | str, layer: BayesianLayer) -> float:
-    r"""Slab scale :math:`\sigma_0` of a layer: ``slab_scale``, or He's :math:`\sqrt{2 / \text{fan-in}}`."""
-    if slab_scale == "he":
-        return math.sqrt(2.0 / layer.weight_loc[0].numel())
-    return float(slab_scale)
-
-
-# --------------------------------------------------------------------------------------------
-# slabs: what an included node's weights follow
-# --------------------------------------------------------------------------------------------
-class _Slab:
-    r"""A node-level slab :math:`p_{\text{slab}}(w_j)` and its variational factor.
-
-    The gates are :class:`SpikeAndSlab`'s; a slab adds its own latents (registered by
-    :meth:`setup`, named in ``parameter_names``), the node scale they put on the fast path, and its
-    part of the KL: :math:`q_j\, \mathrm{KL}(q(w_j \mid z_j{=}1) \| p_{\text{slab}})` plus the KL
-    of its own latents.
-    """
-
-    #: the layer parameters :meth:`setup` registers, in registration order
-    parameter_names: tuple[str, ...] = ()
-    #: whether the base weights are the standardised ``beta`` of a scale mixture
-    noncentred = False
-
-    def setup(self, layer: BayesianLayer) -> None:
-        """Register the slab's own variational parameters (none by default)."""
-
-    def base_scale(self, layer: BayesianLayer) -> float:
-        raise NotImplementedError
-
-    def init_weight_loc(self, layer: BayesianLayer, weight: torch.Tensor) -> torch.Tensor:
-        return weight
-
-    def init_bias_loc(self, layer: BayesianLayer, bias: torch.Tensor) -> torch.Tensor:
-        return bias
-
-    def sample_scale(self, layer: BayesianLayer, batch: int | None) -> torch.Tensor | None:
-        """A draw of the node scales that multiply the gates on the fast path (``None`` = 1)."""
-        return None
-
-    def mean_scale(self, layer: BayesianLayer) -> torch.Tensor | None:
-        """Posterior-mean node scale (``None`` = 1)."""
-        return None
-
-    def kl(self, layer: BayesianLayer, kl_z: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-        """The layer's KL given the gates' Bernoulli KL ``kl_z`` and inclusion ``q`` per node."""
-        raise NotImplementedError
-
-    def model_sites(self, layer: BayesianLayer, path: str):
-        """Prior sites of the slab's latents and of the weights: (weight, bias, scale or None)."""
-        raise NotImplementedError
-
-    def guide_sites(self, layer: BayesianLayer, path: str, z: torch.Tensor):
-        """Guide sites given the gate draw ``z``: (weight, bias, scale or None)."""
-        raise NotImplementedError
-
-
-@dataclass(frozen=True)
-class _GaussianSlab(_Slab):
-    r""":math:`w_j \sim \mathcal N(0, \sigma_0^2 I)`."""
-
-    slab_scale: float | str
-
-    def base_scale(self, layer):
-        return _slab_sd(self.slab_scale, layer)
-
-    def kl(self, layer, kl_z, q):
-        return (kl_z + q * node_kl(layer, _slab_sd(self.slab_scale, layer))).sum()
-
-    def model_sites(self, layer, path):
-        w, b = weight_sites(layer, path, _slab_sd(self.slab_scale, layer))
-        return w, b, None
-
-    def guide_sites(self, layer, path, z):
-        s0 = _slab_sd(self.slab_scale, layer)
-        w, b = guide_weight_sites(layer, path, gate=z, pseudo_scale=s0)
-        return w, b, None
-
-
-@dataclass(frozen=True)
-class _GroupLassoSlab(_Slab):
-    r""":math:`w_j \mid \tau_j^2 \sim \mathcal N(0, \sigma_0^2 \tau_j^2 I)`,
-    :math:`\tau_j^2 \sim \mathrm{Gamma}((m_j + 1)/2, \text{rate } \lambda^2/2)`,
-    :math:`q(\tau_j^2) = \mathrm{LogNormal}(\nu_j, \psi_j^2)`."""
-
-    slab_scale: float | str
-    lasso_rate: float | None
-
-    parameter_names = ("tau2_loc", "tau2_log_scale")
-
-    def _rate2(self, layer: BayesianLayer) -> float:
-        return (layer.group_size + 1.0) if self.lasso_rate is None else self.lasso_rate**2
-
-    def setup(self, layer):
-        n = layer.weight_loc.shape[0]
-        layer.tau2_loc = torch.nn.Parameter(layer.weight_loc.new_zeros(n))
-        layer.tau2_log_scale = torch.nn.Parameter(layer.weight_loc.new_full((n,), math.log(0.1)))
-
-    def base_scale(self, layer):
-        return _slab_sd(self.slab_scale, layer)
-
-    def kl(self, layer, kl_z, q):
-        nu, log_psi = layer.tau2_loc, layer.tau2_log_scale
-        inv_tau2 = torch.exp(-nu + 0.5 * torch.exp(2 * log_psi))  # E[1/tau^2]
-        s0 = _slab_sd(self.slab_scale, layer)
-        c = inv_tau2 / s0**2
-        half_sq, ls_sum = row_stats(layer)
-        kl_w = c * half_sq - ls_sum + layer.group_size * (0.5 * (nu - 1) + math.log(s0))
-        shape = (layer.group_size + 1) / 2
-        kl_tau = kl_lognormal_gamma(nu, log_psi, shape, self._rate2(layer) / 2)
-        return (kl_z + q * kl_w + kl_tau).sum()
-
-    def model_sites(self, layer, path):
-        n = layer.weight_loc.shape[0]
-        conc = layer.weight_loc.new_full((n,), (layer.group_size + 1) / 2)
-        rate = layer.weight_loc.new_full((n,), self._rate2(layer) / 2)
-        tau2 = pyro.sample(f"{site_prefix(path)}tau2", dist.Gamma(conc, rate).to_event(1))
-        s0 = _slab_sd(self.slab_scale, layer)
-        w, b = weight_sites(layer, path, s0 * torch.sqrt(tau2))
-        return w, b, None
-
-    def guide_sites(self, layer, path, z):
-        tau2 = pyro.sample(
-            f"{site_prefix(path)}tau2",
-            dist.LogNormal(layer.tau2_loc, torch.exp(layer.tau2_log_scale)).to_event(1),
-        )
-        s0 = _slab_sd(self.slab_scale, layer)
-        w, b = guide_weight_sites(layer, path, gate=z, pseudo_scale=s0 * torch.sqrt(tau2))
-        return w, b, None
-
-
-@dataclass(frozen=True)
-class _HorseshoeSlab(_Slab):
-    r"""Node output :math:`z_j \tilde s_j (\beta_j^\top x)`, :math:`\beta \sim \mathcal N(0, 1)`:
-    the standardised weights under the group horseshoe's node scales (not gated)."""
-
-    scales: HalfCauchyScale
-
-    parameter_names = HalfCauchyScale.parameter_names
-    noncentred = True
-
-    def setup(self, layer):
-        self.scales.setup(layer)
-
-    def base_scale(self, layer):
-        return 1.0
-
-    def init_weight_loc(self, layer, weight):
-        return weight / node_view(layer, self.scales.mean(layer), w=True)
-
-    def init_bias_loc(self, layer, bias):
-        return bias / self.scales.mean(layer)
-
-    def sample_scale(self, layer, batch):
-        return self.scales.sample(layer, batch)
-
-    def mean_scale(self, layer):
-        return self.scales.mean(layer)
-
-    def kl(self, layer, kl_z, q):
-        # beta ~ N(0, 1) pseudo-prior, scales are not gated
-        return (kl_z + q * node_kl(layer, 1.0)).sum() + self.scales.kl(layer)
-
-    def model_sites(self, layer, path):
-        s = self.scales.model_sites(layer, path)
-        w, b = weight_sites(layer, path, 1.0)
-        return w, b, s
-
-    def guide_sites(self, layer, path, z):
-        s = self.scales.guide_sites(layer, path)
-        w, b = guide_weight_sites(layer, path, gate=z, pseudo_scale=1.0)
-        return w, b, s
 
 
 # --------------------------------------------------------------------------------------------
@@ -546,15 +370,15 @@ class SpikeAndSlab(Prior):
         return self.weights == "point"
 
     @cached_property
-    def _slab(self) -> _Slab:
+    def _slab(self) -> Slab:
         """The slab strategy of the ``slab`` option."""
         if self.slab == "group_lasso":
-            return _GroupLassoSlab(self.slab_scale, self.lasso_rate)
+            return GroupLassoSlab(self.slab_scale, self.lasso_rate)
         if self.slab == "horseshoe":
             # slab width c of the horseshoe slab; "he" means the GroupHorseshoe default c = 2
             c = 2.0 if self.slab_scale == "he" else float(self.slab_scale)
-            return _HorseshoeSlab(HalfCauchyScale(global_scale=self.global_scale, slab_width=c))
-        return _GaussianSlab(self.slab_scale)
+            return HorseshoeSlab(HalfCauchyScale(global_scale=self.global_scale, slab_width=c))
+        return GaussianSlab(self.slab_scale)
 
     # -- hyperparameters per layer ----------------------------------------------------------
     @property
@@ -663,7 +487,7 @@ class SpikeAndSlab(Prior):
         kl_z = self.kl_gates(layer, layer.gate_logit)
         q = torch.sigmoid(layer.gate_logit)
         if self.level == "weight":
-            s0 = _slab_sd(self.slab_scale, layer)
+            s0 = slab_sd(self.slab_scale, layer)
             kl_w = q * kl_normal(layer.weight_loc, layer.weight_log_sd, s0)
             kb = bias_kl(layer, s0)
             total = kl_z.sum() + kl_w.sum()
@@ -680,7 +504,7 @@ class SpikeAndSlab(Prior):
             f"{site_prefix(path)}gate", dist.Bernoulli(logits=logits).to_event(len(shape))
         )
         if self.level == "weight":
-            w, b = weight_sites(layer, path, _slab_sd(self.slab_scale, layer))
+            w, b = weight_sites(layer, path, slab_sd(self.slab_scale, layer))
             return z * w, b, None
         if self.point_weights:  # the weights are parameters of the model, not sample sites
             return layer.weight_loc, layer.bias_loc, z
@@ -691,7 +515,7 @@ class SpikeAndSlab(Prior):
         q = torch.sigmoid(layer.gate_logit)
         z = pyro.sample(f"{site_prefix(path)}gate", dist.Bernoulli(q).to_event(q.dim()))
         if self.level == "weight":
-            s0 = _slab_sd(self.slab_scale, layer)
+            s0 = slab_sd(self.slab_scale, layer)
             w, b = guide_weight_sites(layer, path, gate=z, pseudo_scale=s0, gate_is_per_weight=True)
             return z * w, b, None
         if self.point_weights:
