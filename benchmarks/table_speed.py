@@ -86,11 +86,16 @@ def step_table(payload: dict, name: str) -> list[str]:
         row = cells[method]
         lines.append(f"| {method} | " + " | ".join(row.get(m, "–") for m in models) + " |")
     provenance = composite_origin(payload, payload["rows"], name)
+    counts = {r.get("peak_steps", 1) for r in payload["rows"] if r.get("peak_ratio") is not None}
+    most = max(counts, default=1)
+    of = "the peak memory of one step" if most == 1 else f"the highest peak memory of {most} steps"
+    if len(counts) > 1:  # rows measured before several steps were taken: one step each
+        of += " (of one step in the older rows)"
     lines += [
         "",
         "*Ratio to the deterministic step of the same run (ms per step; ops: ATen operators "
-        "dispatched per step, `--ops`; mem: peak memory of the step with parameters and "
-        f"optimiser state, `--memory`; same ratios). {provenance}*",
+        f"dispatched per step, `--ops`; mem: {of}, with parameters and optimiser state, "
+        f"`--memory`; same ratios). {provenance}*",
     ]
     return lines
 
