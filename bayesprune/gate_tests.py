@@ -43,6 +43,10 @@ its node multiplier), which the switch cannot change, as far as its memory budge
 layers' outputs, and those of the few other modules that cost more to compute again, such as
 max-pooling), and seeds the random generators around every module call from its place in the
 pass. The numbers are those of the whole pass; a test of a gate near the output costs little.
+With every tested gate at a bound, a draw of those layers' node multipliers is decided (a gate
+at :math:`+\infty` is on in every draw): they are drawn without random numbers
+(:attr:`~bayesprune.layers.BayesianLayer.gates_decided`; the same values), where the replay
+seeds the generators around that draw alone, so that every other draw stays as it was.
 A switch taken clears the gate's summed gradient too, so that a gate switched off drifts from
 its bound toward the natural step's target (the prior inclusion, moved by the evidence): PIPs of
 switched-off nodes can end between the bound and the prior inclusion (the column "PIPs in
@@ -248,14 +252,20 @@ class GateTests:
         torch._foreach_copy_(self.gates, self._split(median))
         # every pass leaves the buffers (BatchNorm's statistics) as they are now
         saved = [b.detach().clone() for b in self.bnet.buffers()]
-        with self.replay as replay:
-            copied = len(replay.copied)
-            current = self._nll(replay, saved)
-            replay.commit()
-            if len(replay.copied) > copied:  # an output changed in place: record it again
+        try:
+            with self.replay as replay:
+                for layer in self.layers:  # every gate at +-inf: no random numbers to draw them
+                    layer.gates_decided = replay.multiplier_seeded(layer)
+                copied = len(replay.copied)
                 current = self._nll(replay, saved)
                 replay.commit()
-            tested = self._test_each(proposals, bounds, beta, current, replay, saved)
+                if len(replay.copied) > copied:  # an output changed in place: record it again
+                    current = self._nll(replay, saved)
+                    replay.commit()
+                tested = self._test_each(proposals, bounds, beta, current, replay, saved)
+        finally:
+            for layer in self.layers:
+                layer.gates_decided = False
         if len(set(bounds)) == 1:
             bound = bounds[0]
         else:

@@ -93,6 +93,10 @@ class BayesianLayer(PyroModule):
 
     #: the plain layer type this class replaces
     plain_type: type[nn.Module] = nn.Module
+    #: every gate logit of this layer is at +inf or -inf, so that a draw of its node multiplier
+    #: is decided without random numbers (set by :mod:`bayesprune.gate_tests` on the instances
+    #: while it evaluates the median-probability model; read by the priors' ``node_multiplier``)
+    gates_decided: bool = False
 
     def __init__(
         self,

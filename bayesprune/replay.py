@@ -245,6 +245,13 @@ class ForwardReplay:
             else:
                 module.__dict__.pop("forward", None)
 
+    def multiplier_seeded(self, module: nn.Module) -> bool:
+        """Whether the passes (while entered) seed the generators right before ``module``'s node
+        multiplier is drawn and again right after the call, with nothing else drawn between: a
+        Bayesian layer with the standard forward and node gates, its forward not replaced on the
+        instance. Drawing that multiplier differently then changes no other draw of the pass."""
+        return _splits_at_gate(module) and id(module) not in self.own_forwards
+
     # -- passes --------------------------------------------------------------------------------
     def run(self, fn: Callable[[], Any], *, start: nn.Module | None = None) -> Any:
         """Run ``fn`` (a forward pass of the network), handing back the recorded outputs of the

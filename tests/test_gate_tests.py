@@ -275,6 +275,63 @@ def test_the_replayed_passes_decide_as_whole_passes(monkeypatch) -> None:
     assert all(torch.equal(a, b) for a, b in zip(gates, whole_gates, strict=True))
 
 
+@pytest.mark.parametrize("net", ["residual", "mlp"])
+def test_the_multipliers_drawn_without_random_numbers_decide_as_the_random_draws(
+    monkeypatch, net: str
+) -> None:
+    """The tests draw the node multipliers of their median model (every gate at +-inf) without
+    random numbers (``BayesianLayer.gates_decided``): the same fit, bit for bit, as with the
+    random draws, on a net with BatchNorm, an in-place ReLU and a residual addition, and on an
+    MLP with dropout after its gated layers; the flags are down once the tests are done."""
+    import bayesprune.priors.spike_slab as spike_slab
+    from bayesprune.replay import ForwardReplay
+
+    decided = {"calls": 0}
+    real = spike_slab.decided_gate
+
+    def spy(logit, batch=None):
+        decided["calls"] += 1
+        assert torch.isinf(logit).all()  # the precondition
+        return real(logit, batch)
+
+    monkeypatch.setattr(spike_slab, "decided_gate", spy)
+
+    def fitted(seeded: bool):
+        with monkeypatch.context() as m:
+            if not seeded:
+                m.setattr(ForwardReplay, "multiplier_seeded", lambda self, module: False)
+            torch.manual_seed(0)
+            if net == "residual":
+                x = torch.randn(256, 1, 8, 8)
+                y = (x[:, 0, :4].mean((1, 2)) > 0).long()
+                model = _residual_net()
+            else:
+                x = torch.randn(256, 6)
+                y = (x[:, 0] + x[:, 1] > 0).long()
+                model = torch.nn.Sequential(
+                    torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Dropout(0.2),
+                    torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Dropout(0.2),
+                    torch.nn.Linear(16, 2),
+                )  # fmt: skip
+            loader = torch.utils.data.DataLoader(
+                torch.utils.data.TensorDataset(x, y), batch_size=64, shuffle=True
+            )
+            bnet = bp.bayesianize(model)
+            result = bp.fit(bnet, loader, epochs=30, lr=1e-2, progress=False, seed=0)
+        assert not any(layer.gates_decided for layer in bnet.bayesian_layers.values())
+        tests = {k: v for k, v in result.gate_tests.items() if k != "seconds"}
+        return tests, bnet.state_dict()
+
+    decided_tests, decided_state = fitted(True)
+    assert decided["calls"] > 0 and decided_tests["tests"] > 10
+    calls = decided["calls"]
+    random_tests, random_state = fitted(False)
+    assert decided["calls"] == calls  # none without the flags
+    assert decided_tests == random_tests
+    assert decided_state.keys() == random_state.keys()
+    assert all(torch.equal(decided_state[k], random_state[k]) for k in decided_state)
+
+
 def _residual_net() -> torch.nn.Module:
     class Block(torch.nn.Module):
         def __init__(self) -> None:

@@ -25,6 +25,8 @@ from bayesprune.priors import (
     theory_inclusion,
 )
 from bayesprune.priors._math import (
+    decided_gate,
+    hard_concrete,
     kl_bernoulli,
     kl_lognormal_gamma,
     kl_lognormal_invgamma,
@@ -436,6 +438,22 @@ def test_trapezoid_gate_gradient_is_the_trapezoid_rule(batch) -> None:
     # the draw is Bernoulli(q): frequencies over many examples
     zs = trapezoid_gate(logit.detach(), 20_000)
     torch.testing.assert_close(zs.mean(0), q, atol=0.015, rtol=0)
+
+
+@pytest.mark.parametrize("batch", [None, 5])
+def test_a_decided_gate_is_the_draw_of_both_estimators_at_infinite_logits(batch) -> None:
+    """Logits at +-inf (the gate tests' median model): the same 0. and 1. as a random draw of
+    either estimator, contiguous, without drawing from the generator; a finite logit differs."""
+    logit = torch.tensor([math.inf, -math.inf, math.inf, -math.inf])
+    torch.manual_seed(0)
+    state = torch.random.get_rng_state()
+    z = decided_gate(logit, batch)
+    assert torch.equal(torch.random.get_rng_state(), state)  # nothing drawn
+    assert z.is_contiguous() and z.shape == ((4,) if batch is None else (batch, 4))
+    for _ in range(3):
+        assert torch.equal(z, trapezoid_gate(logit, batch))
+        assert torch.equal(z, hard_concrete(logit, 0.5, batch))
+    assert not torch.equal(decided_gate(torch.zeros(400), 2), trapezoid_gate(torch.zeros(400), 2))
 
 
 @pytest.mark.parametrize(

@@ -240,6 +240,28 @@ def test_an_instance_forward_is_kept_and_replays_do_not_nest() -> None:
     assert "forward" in head.__dict__ and not hasattr(head.__dict__["forward"], "_replay")
 
 
+@torch.no_grad()
+def test_only_layers_whose_multiplier_is_seeded_alone_are_named() -> None:
+    """The gate tests draw the multipliers of these layers without random numbers: not those of
+    a layer whose forward is replaced on the instance (it may draw after its multiplier), nor of
+    an attention layer (its forward draws its multiplier, then dropout)."""
+    bnet, x = _bnet()
+    layers = bnet.bayesian_layers
+    layers["head"].forward = lambda inp: BayesianLayer.forward(layers["head"], inp)
+    with ForwardReplay(bnet.net, device=x.device) as replay:
+        assert replay.multiplier_seeded(layers["stem"]) and replay.multiplier_seeded(
+            layers["block1.conv1"]
+        )
+        assert not replay.multiplier_seeded(layers["head"])
+    encoder = bp.bayesianize(
+        nn.TransformerEncoderLayer(d_model=8, nhead=2, dim_feedforward=16, batch_first=True)
+    )
+    with ForwardReplay(encoder.net, device=x.device) as replay:
+        assert not replay.multiplier_seeded(encoder.bayesian_layers["self_attn"])
+        assert replay.multiplier_seeded(encoder.bayesian_layers["linear1"])
+        assert not replay.multiplier_seeded(nn.Linear(2, 2))
+
+
 class _BN(nn.BatchNorm2d):
     """A BatchNorm that says when its forward computes (its hooks run on handed-back calls too),
     and that costs more per byte than the layers (a ReLU does not)."""

@@ -7,7 +7,8 @@ Everything here works on tensors alone (no layer, no Pyro):
   (:func:`kl_bernoulli_logs`: the Bernoulli KL given :math:`\log\gamma` and
   :math:`\log(1-\gamma)`, numbers or one per gate, which :func:`bernoulli_logs` computes);
 * :func:`hard_concrete` and :func:`trapezoid_gate`: exact Bernoulli draws of the node / weight
-  gates with two gradient estimators for their logits;
+  gates with two gradient estimators for their logits (:func:`decided_gate`: their draw where
+  every logit is infinite, without random numbers);
 * :func:`gauss_hermite`: the quadrature rule of the horseshoe's posterior-mean node scale.
 """
 
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "bernoulli_logs",
+    "decided_gate",
     "gauss_hermite",
     "hard_concrete",
     "kl_bernoulli",
@@ -164,6 +166,23 @@ def trapezoid_gate(logit: torch.Tensor, batch: int | None = None) -> torch.Tenso
     there).
     """
     return _TrapezoidGate.apply(logit, batch)
+
+
+def decided_gate(logit: torch.Tensor, batch: int | None = None) -> torch.Tensor:
+    r"""The draw of :func:`trapezoid_gate` and :func:`hard_concrete` where every logit is
+    :math:`\pm\infty`, without random numbers: :math:`q = \sigma(\theta)` is then exactly 1 or 0,
+    so that every draw is :math:`\mathbb 1[\theta > 0]`, the same values (``[batch, *logit.shape]``
+    with a ``batch``, contiguous) as theirs, with no gradient. It draws nothing from the random
+    generator, unlike them: a caller whose later draws must stay as they were reseeds first.
+
+    >>> import torch
+    >>> from bayesprune.priors._math import decided_gate, trapezoid_gate
+    >>> logit = torch.tensor([float("inf"), -float("inf"), float("inf")])
+    >>> torch.equal(decided_gate(logit, 4), trapezoid_gate(logit, 4))
+    True
+    """
+    z = (logit > 0).to(logit.dtype)
+    return z if batch is None else z.expand(batch, *z.shape).contiguous()
 
 
 class _TrapezoidGate(torch.autograd.Function):

@@ -33,6 +33,7 @@ import torch
 from ._checks import check_positive, check_probability
 from ._math import (
     bernoulli_logs,
+    decided_gate,
     hard_concrete,
     kl_bernoulli_logs,
     kl_normal,
@@ -475,6 +476,8 @@ class SpikeAndSlab(Prior):
     def node_multiplier(self, layer, batch=None):
         if self.level != "node":
             return None
+        if layer.gates_decided and self.point_weights:  # (point weights: the gates alone)
+            return decided_gate(layer.gate_logit, batch)
         z = self._gate(layer.gate_logit, batch)
         s = self._slab.sample_scale(layer, batch)
         return z if s is None else z * s
