@@ -509,6 +509,10 @@ def restore_batchnorm(swapped: list[tuple[nn.Module, str, nn.Module]]) -> None:
 
 
 # -- starting processes ----------------------------------------------------------------------------
+#: the most seconds a process of :func:`launch` waits, after its result, for its peers' teardown
+RELEASE_SECONDS = 60.0
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -523,10 +527,13 @@ def _child(
     threads: int | None,
     job: bytes,
     results: Any,
+    release: Any,
 ) -> None:
     """One process of :func:`launch`: join the group, run ``fn(*args)`` (pickled in ``job``),
-    send what it returned (or the exception it raised) to the parent through ``results``, a
-    queue between this call's own processes (no file is written or read)."""
+    tear the group down, send what it returned (or the exception it raised) to the parent
+    through ``results``, a queue between this call's own processes (no file is written or read),
+    and wait for ``release`` (an event the parent sets once every process has sent its result)
+    before it ends."""
     fn, args = pickle.loads(job)
     os.environ.update(
         RANK=str(index), WORLD_SIZE=str(world), LOCAL_RANK=str(index),
@@ -538,21 +545,25 @@ def _child(
         backend, init_method=f"tcp://127.0.0.1:{port}", rank=index, world_size=world
     )
     try:
-        out = fn(*args)
+        payload = pickle.dumps(fn(*args))
         # every process done with its collectives before any tears its group down (a process
         # that destroyed its group while a peer still closed its connections aborted once in
         # about 40 runs of the tests, "terminate called without an active exception")
         dist.barrier()
-        results.put((index, True, pickle.dumps(out)))
     except BaseException as exc:
         try:
             payload = pickle.dumps(exc)
         except Exception:  # an exception that does not pickle: its text
             payload = pickle.dumps(RuntimeError(f"{type(exc).__name__}: {exc}"))
         results.put((index, False, payload))
-        raise
-    finally:
         dist.destroy_process_group()
+        raise
+    dist.destroy_process_group()
+    results.put((index, True, payload))
+    # and none ends while a peer still tears its group down (process 0's end takes the group's
+    # store with it; with the barrier alone, one run of the whole suite still aborted so): the
+    # parent sets ``release`` once every process has sent its result, after every teardown
+    release.wait(timeout=RELEASE_SECONDS)
 
 
 def launch(
@@ -585,10 +596,11 @@ def launch(
             "start the processes yourself with torchrun and call fit inside them (see "
             "bayesprune.distributed)"
         ) from exc
-    results = torch.multiprocessing.get_context("spawn").SimpleQueue()
+    spawn = torch.multiprocessing.get_context("spawn")
+    results, release = spawn.SimpleQueue(), spawn.Event()
     context = torch.multiprocessing.start_processes(
         _child,
-        args=(nprocs, _free_port(), backend, threads, job, results),
+        args=(nprocs, _free_port(), backend, threads, job, results, release),
         nprocs=nprocs,
         join=False,
         start_method="spawn",
@@ -600,6 +612,8 @@ def launch(
         while not results.empty():
             index, ok, payload = results.get()
             (returned if ok else failed)[index] = pickle.loads(payload)
+        if len(returned) + len(failed) == nprocs:  # every group torn down: the processes may end
+            release.set()
 
     try:
         while True:
