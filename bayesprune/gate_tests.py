@@ -251,7 +251,8 @@ class GateTests:
         median = torch.where(old >= 0, math.inf, -math.inf)  # the median model before the step
         torch._foreach_copy_(self.gates, self._split(median))
         # every pass leaves the buffers (BatchNorm's statistics) as they are now
-        saved = [b.detach().clone() for b in self.bnet.buffers()]
+        buffers = list(self.bnet.buffers())
+        saved = (buffers, [b.detach().clone() for b in buffers])
         try:
             with self.replay as replay:
                 for layer in self.layers:  # every gate at +-inf: no random numbers to draw them
@@ -323,10 +324,10 @@ class GateTests:
         before, after = torch.stack((before, after)).tolist()  # one read of the device
         return after - before
 
-    def _nll(self, replay: ForwardReplay, saved: list, *, start=None) -> float:
+    def _nll(self, replay: ForwardReplay, saved: tuple, *, start=None) -> float:
         """NLL (nats, full-data scale) of the network as it is on the test examples (the
         outputs of the modules called before ``start`` handed back by ``replay``); the buffers
-        are put back to ``saved`` after the pass."""
+        are put back after the pass (``saved``: the buffers and their values before)."""
         bnet = self.bnet
         total = torch.zeros(2, dtype=torch.float64, device=bnet.device)
 
@@ -336,8 +337,9 @@ class GateTests:
         try:  # seeded by the replay, on this fit's generators only, the same on both sides
             total[0] -= replay.run(nll, start=start)
         finally:
-            if saved:
-                torch._foreach_copy_(list(bnet.buffers()), saved)
+            buffers, values = saved
+            if buffers:
+                torch._foreach_copy_(buffers, values)
         total[1] = self.count
         if self.reduce is not None:
             self.reduce(total)

@@ -362,7 +362,7 @@ class ForwardReplay:
 
     def _wrap(self, module: nn.Module) -> Callable[..., Any]:
         # an instance forward (a user's patch, an accelerate hook) is called as it is
-        splits = _splits_at_gate(module) and id(module) not in self.own_forwards
+        splits = self.multiplier_seeded(module)
         compute = module.forward_pre_gate if splits else module.forward
 
         def wrapped(*args: Any, **kwargs: Any) -> Any:

@@ -284,7 +284,7 @@ def test_the_multipliers_drawn_without_random_numbers_decide_as_the_random_draws
     random draws, on a net with BatchNorm, an in-place ReLU and a residual addition, and on an
     MLP with dropout after its gated layers; the flags are down once the tests are done."""
     import bayesprune.priors.spike_slab as spike_slab
-    from bayesprune.replay import ForwardReplay
+    from bayesprune.layers import BayesianLayer
 
     decided = {"calls": 0}
     real = spike_slab.decided_gate
@@ -298,8 +298,10 @@ def test_the_multipliers_drawn_without_random_numbers_decide_as_the_random_draws
 
     def fitted(seeded: bool):
         with monkeypatch.context() as m:
-            if not seeded:
-                m.setattr(ForwardReplay, "multiplier_seeded", lambda self, module: False)
+            if not seeded:  # the flags never go up: every multiplier drawn at random
+                m.setattr(
+                    BayesianLayer, "gates_decided", property(lambda s: False, lambda s, v: None)
+                )
             torch.manual_seed(0)
             if net == "residual":
                 x = torch.randn(256, 1, 8, 8)
